@@ -1,0 +1,526 @@
+"""Merge methods: pure functions on tensors, plus the registry that names them.
+
+Semantics follow mergekit 0.1.5 (``mergekit/merge_methods/generalized_task_arithmetic.py``,
+``sparsify.py``, ``linear.py``, ``slerp.py``, ``model_stock.py``), so a recipe found here means the
+same thing when taken to mergekit. Where we differ, it is on purpose and named:
+
+* Random masks (DARE, DELLA) draw from a ``torch.Generator`` seeded per (recipe seed, tensor name,
+  source index) instead of torch's global RNG, so one recipe reproduces the same model bit for bit
+  (on one device type). mergekit's masks cannot be reproduced; they agree in distribution.
+* Magnitude selection (TIES, breadcrumbs) compares against a threshold read from the sorted
+  magnitudes instead of scattering an argsort. This keeps the same elements except among exact
+  ties in |delta| at the threshold, where mergekit's pick is itself arbitrary; the sorted
+  magnitudes depend only on the sources, so the engine computes them once, not once per candidate.
+
+Every method is reached through :class:`TensorInputs`, which hands out the base, the sources and
+the derived per-source quantities (task vectors, sorted magnitudes, DELLA ranks, generators). A
+standalone call computes those on the fly; the engine passes a cached view.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+Tensor = torch.Tensor
+
+# --------------------------------------------------------------------------------------------
+# Inputs of one tensor merge
+# --------------------------------------------------------------------------------------------
+
+
+def tensor_seed(seed: int, tensor_name: str, source_index: int) -> int:
+    """A 63-bit seed that depends on the recipe seed, the tensor and the source, nothing else.
+
+    Hashing (rather than ``seed + index``) keeps masks of different tensors independent and the
+    same tensor's mask stable when other tensors are added or reordered.
+    """
+    digest = hashlib.blake2b(f"{seed}\0{tensor_name}\0{source_index}".encode(), digest_size=8)
+    return int.from_bytes(digest.digest(), "little") & ((1 << 63) - 1)
+
+
+@dataclass
+class TensorInputs:
+    """Everything a method may read to merge one tensor.
+
+    ``sources`` are the non-base inputs in recipe order (for ``linear`` the base, when given, is
+    appended as the last source, as mergekit does). Derived quantities are computed lazily and
+    memoised in ``cache`` (a dict the caller may keep across calls: the engine keeps one per
+    tensor so task vectors and sort statistics are computed once per run, not per candidate).
+    """
+
+    name: str
+    base: Tensor | None
+    sources: Sequence[Tensor]
+    seed: int = 0
+    cache: dict[tuple[str, int], Tensor] = field(default_factory=dict)
+
+    def _memo(self, kind: str, k: int, make: Callable[[], Tensor]) -> Tensor:
+        key = (kind, k)
+        if key not in self.cache:
+            self.cache[key] = make()
+        return self.cache[key]
+
+    def delta(self, k: int) -> Tensor:
+        """Task vector of source k: ``source_k - base``."""
+        assert self.base is not None
+        return self._memo("delta", k, lambda: self.sources[k] - self.base)
+
+    def sorted_abs(self, k: int) -> Tensor:
+        """|delta_k| flattened and sorted ascending, in float32 (float64 inputs stay float64)."""
+        return self._memo("sorted_abs", k, lambda: _work(self.delta(k)).abs().flatten().sort().values)
+
+    def abs_sum(self, k: int) -> Tensor:
+        """L1 norm of delta_k, the target of ``rescale``."""
+        return self._memo("abs_sum", k, lambda: _work(self.delta(k)).abs().sum())
+
+    def della_rank(self, k: int) -> Tensor:
+        """Per-row magnitude rank of delta_k normalised to [0, 1] (DELLA's keep-probability ramp)."""
+        return self._memo("della_rank", k, lambda: della_rank_norm(self.delta(k)))
+
+    def generator(self, k: int) -> torch.Generator:
+        """A fresh generator for source k's random mask, seeded per tensor and source."""
+        device = (self.base if self.base is not None else self.sources[k]).device
+        gen = torch.Generator(device=device)
+        gen.manual_seed(tensor_seed(self.seed, self.name, k))
+        return gen
+
+
+def _work(t: Tensor) -> Tensor:
+    """Sorting/statistics dtype: float32, or float64 when the tensor already is."""
+    return t if t.dtype == torch.float64 else t.float()
+
+
+# --------------------------------------------------------------------------------------------
+# Sparsification masks (each returns a float mask of delta's shape and the work dtype)
+# --------------------------------------------------------------------------------------------
+
+
+def magnitude_mask(delta: Tensor, density: float, sorted_abs: Tensor | None = None) -> Tensor:
+    """Keep the ``k = max(1, int(density * n))`` largest |delta| (TIES "trim")."""
+    n = delta.numel()
+    if sorted_abs is None:
+        sorted_abs = _work(delta).abs().flatten().sort().values
+    k = max(1, int(density * n))
+    threshold = sorted_abs[n - k]
+    return (_work(delta).abs() >= threshold).to(_work(delta).dtype)
+
+
+def magnitude_outliers_mask(
+    delta: Tensor, density: float, gamma: float, sorted_abs: Tensor | None = None
+) -> Tensor:
+    """Model Breadcrumbs: drop the top ``gamma`` fraction by |delta|, then the smallest.
+
+    Kept: ranks ``[n_bot, n_bot + target)`` in ascending magnitude, with ``target =
+    int(density * n)``, ``n_bot = max(0, n - target - int(gamma * n))``.
+    """
+    n = delta.numel()
+    target = int(density * n)
+    if target <= 0:
+        return torch.zeros_like(_work(delta))
+    n_bot = max(0, n - target - int(gamma * n))
+    if sorted_abs is None:
+        sorted_abs = _work(delta).abs().flatten().sort().values
+    lo, hi = sorted_abs[n_bot], sorted_abs[n_bot + target - 1]
+    mag = _work(delta).abs()
+    return ((mag >= lo) & (mag <= hi)).to(mag.dtype)
+
+
+def bernoulli_mask(delta: Tensor, density: float, generator: torch.Generator) -> Tensor:
+    """DARE: keep each entry independently with probability ``density``."""
+    u = torch.rand(delta.shape, generator=generator, device=delta.device, dtype=_work(delta).dtype)
+    return (u < density).to(u.dtype)
+
+
+def della_rank_norm(delta: Tensor) -> Tensor:
+    """Rank of |delta| along dim 1, scaled to [0, 1] (1-D tensors are one row), as mergekit."""
+    rows = _work(delta) if delta.dim() >= 2 else _work(delta)[None]
+    ranks = rows.abs().argsort(dim=1).argsort(dim=1).to(rows.dtype)
+    width = rows.shape[1] - 1
+    return (ranks / width if width > 0 else torch.zeros_like(ranks)).reshape(delta.shape)
+
+
+def della_mask(
+    delta: Tensor,
+    density: float,
+    epsilon: float,
+    generator: torch.Generator,
+    rank_norm: Tensor | None = None,
+) -> Tensor:
+    """DELLA MagPrune: keep with probability ``density - eps + 2 eps * rank_norm`` per row."""
+    if density + epsilon >= 1 or density - epsilon <= 0:
+        raise ValueError(
+            f"della needs 0 < density - epsilon and density + epsilon < 1, "
+            f"got density={density}, epsilon={epsilon}"
+        )
+    if rank_norm is None:
+        rank_norm = della_rank_norm(delta)
+    probs = (density - epsilon) + rank_norm * (2 * epsilon)
+    u = torch.rand(delta.shape, generator=generator, device=delta.device, dtype=probs.dtype)
+    return (u < probs).to(probs.dtype)
+
+
+def rescale_l1(masked: Tensor, l1_before: Tensor, eps: float = 1e-7) -> Tensor:
+    """Scale kept entries so the L1 norm matches the unmasked delta (mergekit's ``rescale``)."""
+    after = masked.abs().sum()
+    if l1_before < eps or after < eps:
+        return masked
+    return masked * (l1_before / after)
+
+
+# --------------------------------------------------------------------------------------------
+# The methods
+# --------------------------------------------------------------------------------------------
+
+SPARSIFIERS = ("magnitude", "random", "magnitude_outliers", "della_magprune")
+
+
+def sparsified_delta(
+    inputs: TensorInputs,
+    k: int,
+    method: str | None,
+    density: float,
+    rescale: bool,
+    gamma: float = 0.01,
+    epsilon: float = 0.15,
+) -> Tensor:
+    """delta_k after sparsification (and optional L1 rescale), in delta's dtype."""
+    delta = inputs.delta(k)
+    if method is None or density >= 1:
+        return delta
+    if density <= 0 and method in ("magnitude", "della_magprune"):
+        return torch.zeros_like(delta)
+    if method == "magnitude":
+        mask = magnitude_mask(delta, density, inputs.sorted_abs(k))
+    elif method == "magnitude_outliers":
+        mask = magnitude_outliers_mask(delta, density, gamma, inputs.sorted_abs(k))
+    elif method == "random":
+        mask = bernoulli_mask(delta, density, inputs.generator(k))
+    elif method == "della_magprune":
+        mask = della_mask(delta, density, epsilon, inputs.generator(k), inputs.della_rank(k))
+    else:
+        raise ValueError(f"unknown sparsification {method!r}; known: {', '.join(SPARSIFIERS)}")
+    masked = _work(delta) * mask
+    if rescale:
+        masked = rescale_l1(masked, inputs.abs_sum(k))
+    return masked.to(delta.dtype)
+
+
+def generalized_task_arithmetic(
+    inputs: TensorInputs,
+    *,
+    weights: Sequence[float],
+    densities: Sequence[float],
+    sparsify: str | None,
+    consensus: bool,
+    normalize: bool,
+    rescale: bool,
+    lambda_: float = 1.0,
+    gammas: Sequence[float] | None = None,
+    epsilons: Sequence[float] | None = None,
+    int8_mask: bool = False,
+    out: Tensor | None = None,
+) -> Tensor:
+    """theta = base + lambda * [sum_k m_k w_k s(delta_k)] / [normalize ? sum_k w_k m_k : 1].
+
+    ``s`` is the sparsifier (with optional L1 rescale); with ``consensus`` the TIES sign election
+    picks ``sign = sgn(sum_k w_k s(delta_k))`` (zero counts as +) and ``m_k = [sgn(w_k s(delta_k))
+    == sign]``; without it ``m_k = 1`` and the divisor is ``sum_k w_k`` (|.| < 1e-8 -> 1).
+    ``int8_mask`` only changes the mask's storage dtype, as in mergekit.
+    """
+    base = inputs.base
+    assert base is not None
+    n = len(inputs.sources)
+    if n == 0:
+        return _into(out, base, base.dtype)
+    gammas = gammas or [0.01] * n
+    epsilons = epsilons or [0.15] * n
+    if not consensus and sparsify is None:
+        # Plain task arithmetic: no per-source scratch, one fused pass per source.
+        return _task_arithmetic(inputs, weights, normalize, lambda_, out)
+
+    deltas = torch.stack(
+        [
+            sparsified_delta(inputs, k, sparsify, densities[k], rescale, gammas[k], epsilons[k])
+            for k in range(n)
+        ]
+    )
+    w = torch.tensor(list(weights), dtype=deltas.dtype, device=deltas.device)
+    w = w.reshape((n,) + (1,) * base.dim())
+    deltas.mul_(w)
+    if consensus:
+        mask_dtype = torch.int8 if int8_mask else deltas.dtype
+        sign = deltas.sign().to(mask_dtype)
+        majority = (deltas.sum(dim=0) >= 0).to(mask_dtype) * 2 - 1
+        mask = sign == majority
+        mixed = (deltas * mask).sum(dim=0)
+        divisor = (w * mask).sum(dim=0)
+        divisor[divisor == 0] = 1
+    else:
+        mixed = deltas.sum(dim=0)
+        divisor = w.sum(dim=0)
+        divisor[divisor.abs() < 1e-8] = 1
+    if normalize:
+        mixed /= divisor
+    if lambda_ != 1:
+        mixed *= lambda_
+    return _into(out, base + mixed, base.dtype)
+
+
+def _task_arithmetic(
+    inputs: TensorInputs,
+    weights: Sequence[float],
+    normalize: bool,
+    lambda_: float,
+    out: Tensor | None,
+) -> Tensor:
+    """base + lambda * sum_k w_k delta_k / (normalize ? sum w : 1), streamed into ``out``."""
+    total = float(sum(weights))
+    scale = lambda_ / (total if normalize and abs(total) >= 1e-8 else 1.0)
+    base = inputs.base
+    assert base is not None
+    result = out if out is not None else torch.empty_like(base)
+    result.copy_(base)
+    for k, w in enumerate(weights):
+        if w != 0:
+            result.add_(inputs.delta(k), alpha=w * scale)
+    return result
+
+
+def linear(
+    tensors: Sequence[Tensor],
+    weights: Sequence[float],
+    normalize: bool = True,
+    out: Tensor | None = None,
+) -> Tensor:
+    """theta = sum_k w_k theta_k, divided by sum_k w_k when ``normalize`` (mergekit default).
+
+    Accumulates in float32 (float64 stays float64) and casts back, as mergekit does; a one-hot
+    weight therefore returns that tensor exactly (0 + 1 * x = x in every float format).
+    """
+    first = tensors[0]
+    if not first.is_floating_point():
+        raise TypeError(f"linear merging needs floating-point tensors, got {first.dtype}")
+    dtype = torch.float64 if first.dtype == torch.float64 else torch.float32
+    acc = torch.zeros(first.shape, dtype=dtype, device=first.device)
+    for tensor, w in zip(tensors, weights):
+        if w != 0:
+            acc.add_(tensor.to(dtype), alpha=w)
+    if normalize:
+        acc.div_(sum(weights))
+    return _into(out, acc, first.dtype)
+
+
+def slerp(t: float, v0: Tensor, v1: Tensor, dot_threshold: float = 0.9995, eps: float = 1e-8,
+          out: Tensor | None = None) -> Tensor:
+    """Spherical interpolation per output row (mergekit >= 0.1.5 treats dim 0 as a batch).
+
+    For each row: Omega = arccos(<v0/|v0|, v1/|v1|>); result = sin((1-t) Omega)/sin Omega * v0 +
+    sin(t Omega)/sin Omega * v1, falling back to (1-t) v0 + t v1 when |cos Omega| > threshold.
+    Computed in float32 (float64 stays float64).
+    """
+    dtype = torch.float64 if v0.dtype == torch.float64 else torch.float32
+    if v0.dim() == 0:
+        return _into(out, (1 - t) * v0.to(dtype) + t * v1.to(dtype), v0.dtype)
+    a = v0.reshape(v0.shape[0], -1).to(dtype)
+    b = v1.reshape(v1.shape[0], -1).to(dtype)
+    if a.shape[1] == 0:
+        return _into(out, ((1 - t) * a + t * b).reshape(v0.shape), v0.dtype)
+    na = torch.linalg.vector_norm(a, dim=1, keepdim=True)
+    nb = torch.linalg.vector_norm(b, dim=1, keepdim=True)
+    na = torch.where(na > eps, na, 1)
+    nb = torch.where(nb > eps, nb, 1)
+    dot = ((a / na) * (b / nb)).sum(dim=1, keepdim=True).clamp(-1, 1)
+    lin = dot.abs() > dot_threshold
+    theta = torch.acos(torch.where(lin, 0, dot))
+    sin_theta = torch.sin(theta)
+    ca = torch.where(lin, 1 - t, torch.sin((1 - t) * theta) / sin_theta)
+    cb = torch.where(lin, t, torch.sin(t * theta) / sin_theta)
+    return _into(out, (ca * a + cb * b).reshape(v0.shape), v0.dtype)
+
+
+def model_stock(base: Tensor, sources: Sequence[Tensor], filter_wise: bool = False,
+                out: Tensor | None = None) -> Tensor:
+    """Model Stock: theta = t * mean(sources) + (1 - t) * base, t = N cos / (1 + (N - 1) cos).
+
+    cos is the mean pairwise cosine between the sources' offsets from the base (per row with
+    ``filter_wise``); at the singularity 1 + (N-1) cos ~ 0 the base is kept.
+    """
+    shape = base.shape
+    if filter_wise:
+        w0 = base if base.dim() > 1 else base[None]
+        ws = [s if s.dim() > 1 else s[None] for s in sources]
+    else:
+        w0 = base.reshape(-1)
+        ws = [s.reshape(-1) for s in sources]
+    offsets = [w - w0 for w in ws]
+    cosines = []
+    for i, oa in enumerate(offsets):
+        for ob in offsets[i + 1:]:
+            norms = (torch.norm(oa, dim=-1) * torch.norm(ob, dim=-1)).clamp(min=1e-6)
+            cosines.append(((oa * ob).sum(dim=-1) / norms).clamp(-1, 1))
+    cos = torch.stack(cosines).mean(dim=0).unsqueeze(-1)
+    n = len(ws)
+    denom = 1 + (n - 1) * cos
+    singular = denom.abs() < 1e-6
+    t = torch.where(singular, torch.zeros_like(cos), n * cos / torch.where(singular, 1, denom))
+    average = sum(ws) / n
+    return _into(out, (t * average + (1 - t) * w0).reshape(shape), base.dtype)
+
+
+def _into(out: Tensor | None, value: Tensor, dtype: torch.dtype) -> Tensor:
+    """Write ``value`` into ``out`` (casting to out's dtype), else return it cast to ``dtype``."""
+    if out is None:
+        return value.to(dtype)
+    out.copy_(value)
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# Registry
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ParamSpec:
+    """One recipe parameter: scope ``shared`` (one value) or ``source`` (one per non-base input)."""
+
+    name: str
+    type: type
+    scope: str  # "shared" | "source"
+    default: Any = None  # None: required
+    low: float | None = None
+    high: float | None = None
+    doc: str = ""
+
+    @property
+    def required(self) -> bool:
+        return self.default is None
+
+
+MergeFn = Callable[[TensorInputs, Mapping[str, Any], Sequence[Mapping[str, Any]], Tensor | None], Tensor]
+
+
+@dataclass(frozen=True)
+class MergeMethod:
+    """A named merge method: its parameters, its contract on inputs, and its tensor kernel.
+
+    ``fn(inputs, shared, per_source, out)`` merges one tensor. ``base`` is "required", "optional"
+    (linear: an extra weighted input) or "ignored"; counts include the base when it is an input.
+    """
+
+    name: str
+    params: tuple[ParamSpec, ...]
+    fn: MergeFn
+    base: str = "required"
+    min_inputs: int = 1
+    max_inputs: int | None = None
+    reference: str = ""
+
+    def param(self, name: str) -> ParamSpec | None:
+        return next((p for p in self.params if p.name == name), None)
+
+
+METHODS: dict[str, MergeMethod] = {}
+
+
+def register(method: MergeMethod) -> MergeMethod:
+    if method.name in METHODS:
+        raise ValueError(f"merge method {method.name!r} is already registered")
+    METHODS[method.name] = method
+    return method
+
+
+def get_method(name: str) -> MergeMethod:
+    try:
+        return METHODS[name]
+    except KeyError:
+        raise KeyError(
+            f"unknown merge method {name!r}; known: {', '.join(sorted(METHODS))}"
+        ) from None
+
+
+_WEIGHT = ParamSpec("weight", float, "source", doc="scale of this model's task vector")
+_DENSITY = ParamSpec("density", float, "source", 1.0, 0.0, 1.0, "fraction of the task vector kept")
+_GAMMA = ParamSpec("gamma", float, "source", 0.01, 0.0, 1.0, "fraction of largest |delta| dropped")
+_EPSILON = ParamSpec("epsilon", float, "source", 0.15, 0.0, 1.0, "half-width of DELLA's ramp")
+_LAMBDA = ParamSpec("lambda", float, "shared", 1.0, doc="scale of the merged task vector")
+_INT8 = ParamSpec("int8_mask", bool, "shared", False, doc="store sign masks as int8 (memory)")
+
+
+def _gta(name: str, sparsify: str | None, consensus: bool, normalize: bool, rescale: bool,
+         reference: str) -> MergeMethod:
+    params = [_INT8, ParamSpec("normalize", bool, "shared", normalize, doc="divide by sum of weights"),
+              ParamSpec("rescale", bool, "shared", rescale, doc="restore L1 norm after masking"),
+              _LAMBDA, _WEIGHT, _DENSITY]
+    if sparsify == "magnitude_outliers":
+        params.append(_GAMMA)
+    if sparsify == "della_magprune":
+        params.append(_EPSILON)
+
+    def fn(inputs: TensorInputs, shared: Mapping[str, Any],
+           per_source: Sequence[Mapping[str, Any]], out: Tensor | None) -> Tensor:
+        return generalized_task_arithmetic(
+            inputs,
+            weights=[p["weight"] for p in per_source],
+            densities=[p["density"] for p in per_source],
+            sparsify=sparsify,
+            consensus=consensus,
+            normalize=shared["normalize"],
+            rescale=shared["rescale"],
+            lambda_=shared["lambda"],
+            gammas=[p.get("gamma", 0.01) for p in per_source],
+            epsilons=[p.get("epsilon", 0.15) for p in per_source],
+            int8_mask=shared["int8_mask"],
+            out=out,
+        )
+
+    return MergeMethod(name, tuple(params), fn, base="required", min_inputs=1, reference=reference)
+
+
+for _m in (
+    _gta("task_arithmetic", None, False, False, False, "https://arxiv.org/abs/2212.04089"),
+    _gta("ties", "magnitude", True, True, False, "https://arxiv.org/abs/2306.01708"),
+    _gta("dare_ties", "random", True, False, True, "https://arxiv.org/abs/2311.03099"),
+    _gta("dare_linear", "random", False, False, True, "https://arxiv.org/abs/2311.03099"),
+    _gta("breadcrumbs", "magnitude_outliers", False, False, False, "https://arxiv.org/abs/2312.06795"),
+    _gta("breadcrumbs_ties", "magnitude_outliers", True, False, False,
+         "https://arxiv.org/abs/2312.06795"),
+    _gta("della", "della_magprune", True, True, True, "https://arxiv.org/abs/2406.11617"),
+    _gta("della_linear", "della_magprune", False, False, True, "https://arxiv.org/abs/2406.11617"),
+):
+    register(_m)
+
+register(MergeMethod(
+    "linear",
+    (ParamSpec("weight", float, "source", doc="this model's share"),
+     ParamSpec("normalize", bool, "shared", True, doc="divide by sum of weights")),
+    lambda inputs, shared, per_source, out: linear(
+        inputs.sources, [p["weight"] for p in per_source], shared["normalize"], out),
+    base="optional",
+    min_inputs=1,
+    reference="https://arxiv.org/abs/2203.05482",
+))
+register(MergeMethod(
+    "slerp",
+    (ParamSpec("t", float, "shared", None, 0.0, 1.0, "0 = base, 1 = the other model"),),
+    lambda inputs, shared, per_source, out: slerp(shared["t"], inputs.base, inputs.sources[0], out=out),
+    base="required",
+    min_inputs=2,
+    max_inputs=2,
+    reference="https://en.wikipedia.org/wiki/Slerp",
+))
+register(MergeMethod(
+    "model_stock",
+    (ParamSpec("filter_wise", bool, "shared", False, doc="one interpolation ratio per row"),),
+    lambda inputs, shared, per_source, out: model_stock(
+        inputs.base, inputs.sources, shared["filter_wise"], out=out),
+    base="required",
+    min_inputs=3,
+    reference="https://arxiv.org/abs/2403.19522",
+))
+del _m
