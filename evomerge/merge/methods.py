@@ -20,7 +20,7 @@ standalone call computes those on the fly; the engine passes a cached view.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Hashable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -51,16 +51,20 @@ class TensorInputs:
     appended as the last source, as mergekit does). Derived quantities are computed lazily and
     memoised in ``cache`` (a dict the caller may keep across calls: the engine keeps one per
     tensor so task vectors and sort statistics are computed once per run, not per candidate).
+    Cache entries are keyed by ``base_key`` and ``source_keys`` (model identities) when given, so
+    recipes that reorder or change models never read another pair's task vector.
     """
 
     name: str
     base: Tensor | None
     sources: Sequence[Tensor]
     seed: int = 0
-    cache: dict[tuple[str, int], Tensor] = field(default_factory=dict)
+    cache: dict[tuple, Tensor] = field(default_factory=dict)
+    source_keys: Sequence[Hashable] | None = None
+    base_key: Hashable = None
 
     def _memo(self, kind: str, k: int, make: Callable[[], Tensor]) -> Tensor:
-        key = (kind, k)
+        key = (kind, self.base_key, self.source_keys[k] if self.source_keys is not None else k)
         if key not in self.cache:
             self.cache[key] = make()
         return self.cache[key]
@@ -306,12 +310,17 @@ def linear(
     if not first.is_floating_point():
         raise TypeError(f"linear merging needs floating-point tensors, got {first.dtype}")
     dtype = torch.float64 if first.dtype == torch.float64 else torch.float32
-    acc = torch.zeros(first.shape, dtype=dtype, device=first.device)
-    for tensor, w in zip(tensors, weights):
+    # Accumulate straight into ``out`` when it already has the work dtype: no scratch at all.
+    acc = out if out is not None and out.dtype == dtype else torch.empty(
+        first.shape, dtype=dtype, device=first.device)
+    torch.mul(first.to(dtype), weights[0], out=acc)
+    for tensor, w in zip(tensors[1:], weights[1:]):
         if w != 0:
             acc.add_(tensor.to(dtype), alpha=w)
     if normalize:
         acc.div_(sum(weights))
+    if acc is out:
+        return out
     return _into(out, acc, first.dtype)
 
 
