@@ -1,0 +1,178 @@
+"""The ``evomerge`` command line (console script ``evomerge = evomerge.cli:app``).
+
+Commands are thin: they parse arguments, call the library, and print. Heavy imports (torch,
+transformers) happen inside the commands so that ``evomerge --help`` stays fast.
+"""
+
+from __future__ import annotations
+
+import time
+from enum import Enum
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from evomerge import __version__
+
+console = Console()
+err_console = Console(stderr=True)
+
+app = typer.Typer(
+    name="evomerge",
+    help=(
+        "[bold]evomerge[/bold]: find good merge recipes for a set of fine-tuned models.\n\n"
+        "Build the offline toy zoo with [green]evomerge zoo build toy[/green], "
+        "then merge it with [green]evomerge merge experiments/toy_merge.yaml --out merged/toy[/green]."
+    ),
+    rich_markup_mode="rich",
+    no_args_is_help=True,
+    add_completion=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+
+
+def _version_callback(value: bool) -> None:
+    if value:
+        console.print(f"evomerge {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def main(
+    version: bool = typer.Option(
+        False,
+        "--version",
+        "-V",
+        help="Print the evomerge version and exit.",
+        callback=_version_callback,
+        is_eager=True,
+    ),
+) -> None:
+    """[bold]evomerge[/bold]: find good merge recipes for a set of fine-tuned models."""
+
+
+# =============================================================================================
+# evomerge zoo ...  — offline model zoos (small real experts trained on this machine)
+# =============================================================================================
+
+zoo_app = typer.Typer(
+    help="Build the offline model zoos that experiments and tests use (no downloads).",
+    rich_markup_mode="rich",
+    no_args_is_help=True,
+)
+app.add_typer(zoo_app, name="zoo")
+
+
+class ZooName(str, Enum):
+    toy = "toy"
+
+
+class ToyZooSize(str, Enum):
+    small = "small"
+    tiny = "tiny"
+
+
+_ZOO_BUILD_HELP = (
+    "Build (or reuse) an offline model zoo and print each model's loss on each task.\n\n"
+    "The [bold]toy[/bold] zoo trains a tiny Llama-architecture base on a mix of three generated "
+    "sequence tasks ([italic]copy[/italic], [italic]reverse[/italic] and [italic]sort[/italic] a "
+    "string of symbols), then fine-tunes one expert per task from it. Each model is saved as a "
+    "Hugging Face directory (safetensors + tokenizer) under OUT, beside a "
+    "[bold]zoo.json[/bold] manifest.\n\n"
+    "A second run with the same seed and size reuses the built models."
+)
+
+
+@zoo_app.command("build", help=_ZOO_BUILD_HELP)
+def zoo_build(
+    name: ZooName = typer.Argument(
+        ...,
+        help="Which zoo. [bold]toy[/bold]: a tiny Llama base plus three experts "
+        "(expert_copy, expert_reverse, expert_sort).",
+        show_default=False,
+    ),
+    out: Optional[Path] = typer.Option(
+        None,
+        "--out",
+        "-o",
+        help="Directory to build into. \\[default: models/NAME]",
+        show_default=False,
+    ),
+    seed: int = typer.Option(0, "--seed", help="Seed of the whole build; same seed, same weights."),
+    size: ToyZooSize = typer.Option(
+        ToyZooSize.small,
+        "--size",
+        help="[bold]small[/bold]: 4 layers x 64 wide, under a minute on 2 CPU cores. "
+        "[bold]tiny[/bold]: 2 layers x 32 wide, a few seconds (for tests).",
+    ),
+    force: bool = typer.Option(
+        False, "--force", help="Rebuild even if OUT already holds this seed and size."
+    ),
+    eval_items: int = typer.Option(
+        256, "--eval-items", min=1, help="Held-out examples per task for the loss table."
+    ),
+) -> None:
+    """Build (or reuse) an offline model zoo and print each model's loss on each task."""
+    from evomerge.zoo.toy import build_toy_zoo, loss_table, toy_zoo_is_built
+
+    out_dir = out if out is not None else Path("models") / name.value
+    cached = not force and toy_zoo_is_built(out_dir, seed=seed, size=size.value)
+    started = time.perf_counter()
+    try:
+        paths = build_toy_zoo(out_dir, seed=seed, size=size.value, force=force)
+    except OSError as exc:
+        err_console.print(f"[red]error:[/red] could not build the toy zoo in {out_dir}: {exc}")
+        raise typer.Exit(1) from exc
+    elapsed = time.perf_counter() - started
+
+    if cached:
+        console.print(
+            f"Reused the {name.value} zoo in [bold]{out_dir}[/bold] (size {size.value}, seed {seed}); "
+            "pass --force to rebuild."
+        )
+    else:
+        console.print(
+            f"Built the {name.value} zoo in [bold]{out_dir}[/bold] "
+            f"(size {size.value}, seed {seed}) in {elapsed:.1f} s."
+        )
+    for model_name, path in paths.items():
+        console.print(f"  {model_name:<16} {path}")
+
+    losses = loss_table(paths, n=eval_items)
+    _print_loss_table(losses, eval_items)
+
+
+def _print_loss_table(losses: dict[str, dict[str, float]], n: int) -> None:
+    tasks = list(next(iter(losses.values())))
+    best = {task: min(row[task] for row in losses.values()) for task in tasks}
+    table = Table(
+        title="Loss per answer token (nats; lower is better)",
+        caption=f"{n} held-out examples per task; best per task in green",
+        title_justify="left",
+        caption_justify="left",
+    )
+    table.add_column("model")
+    for task in tasks:
+        table.add_column(task, justify="right")
+    for model_name, row in losses.items():
+        cells = [
+            f"[bold green]{row[t]:.3f}[/bold green]" if row[t] == best[t] else f"{row[t]:.3f}"
+            for t in tasks
+        ]
+        table.add_row(model_name, *cells)
+    console.print(table)
+
+
+# =============================================================================================
+# evomerge merge CONFIG.yaml --out DIR
+#
+# Reserved for the merge command, which is written separately (it applies a mergekit-format
+# YAML with the library in evomerge/merge/). Register it here with `@app.command("merge")`.
+# =============================================================================================
+
+
+if __name__ == "__main__":
+    app()
