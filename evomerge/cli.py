@@ -168,10 +168,72 @@ def _print_loss_table(losses: dict[str, dict[str, float]], n: int) -> None:
 
 # =============================================================================================
 # evomerge merge CONFIG.yaml --out DIR
-#
-# Reserved for the merge command, which is written separately (it applies a mergekit-format
-# YAML with the library in evomerge/merge/). Register it here with `@app.command("merge")`.
 # =============================================================================================
+
+_MERGE_HELP = (
+    "Merge models as a mergekit-format YAML config says, and write a Hugging Face directory.\n\n"
+    "CONFIG uses mergekit's [bold]models:[/bold] form: merge_method, base_model, models (each with "
+    "its parameters), global parameters, dtype/out_dtype. Methods: linear, task_arithmetic, "
+    "ties, dare_linear, dare_ties, della, della_linear, breadcrumbs, breadcrumbs_ties, slerp, "
+    "model_stock. Model paths are local directories, relative to the current directory.\n\n"
+    "OUT receives config, safetensors shards, the base model's tokenizer and recipe.yaml; it is "
+    "written to a temporary sibling and renamed, so an interrupted merge leaves nothing behind."
+)
+
+
+@app.command("merge", help=_MERGE_HELP)
+def merge(
+    config: Path = typer.Argument(..., help="mergekit-format merge YAML.", show_default=False),
+    out: Path = typer.Option(..., "--out", "-o", help="Output model directory.",
+                             show_default=False),
+    device: str = typer.Option("cpu", "--device", help="Where to merge: cpu, cuda, cuda:1 ..."),
+    shard_size: str = typer.Option("5GB", "--shard-size", help="Largest safetensors shard."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace OUT if it exists."),
+) -> None:
+    """Merge models as a mergekit-format YAML config says."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn
+
+    from evomerge.merge.engine import Merger
+    from evomerge.merge.io import CheckpointError, export_model, parse_size
+    from evomerge.recipe import RecipeError, MergeRecipe
+
+    started = time.perf_counter()
+    try:
+        recipe = MergeRecipe.from_yaml(config)
+        parse_size(shard_size)
+        if out.exists() and not overwrite:
+            raise CheckpointError(f"{out}: already exists; pass --overwrite to replace it")
+        columns = ("{task.description}", BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+        with Progress(*columns, console=console, transient=True) as bar:
+            def track(items, what):
+                items = list(items)
+                return bar.track(items, total=len(items), description=what)
+
+            merger = Merger.for_recipe(recipe, device=device,
+                                       progress=lambda m: track(m, "loading models"))
+            state = merger.build(recipe, progress=lambda names: track(names, "merging tensors"))
+        out_dtype = _torch_dtype(recipe.out_dtype)
+        export_model(state, out, base_dir=_tokenizer_source(recipe), recipe_yaml=recipe.to_yaml(),
+                     max_shard_size=shard_size, dtype=out_dtype, overwrite=overwrite,
+                     progress=True)
+    except (RecipeError, CheckpointError, ValueError) as exc:
+        err_console.print(f"[red]error:[/red] {exc}")
+        raise typer.Exit(2) from None
+    console.print(
+        f"Merged {len(merger.names)} tensors with [bold]{recipe.merge_method}[/bold] into "
+        f"[bold]{out}[/bold] in {time.perf_counter() - started:.1f} s."
+    )
+
+
+def _torch_dtype(name: str | None):
+    import torch
+
+    return getattr(torch, name) if name else None
+
+
+def _tokenizer_source(recipe) -> Path:
+    """Config and tokenizer come from the base model (else the first model), as in mergekit."""
+    return Path(recipe.base_model or recipe.models[0].model)
 
 
 if __name__ == "__main__":

@@ -108,7 +108,18 @@ class Merger:
 
     @classmethod
     def for_recipe(cls, recipe: MergeRecipe, **kwargs) -> "Merger":
-        """A Merger over exactly the models a recipe reads, in the recipe's dtype."""
+        """A Merger over exactly the models a recipe reads, in the recipe's dtype.
+
+        Model references that are not directories are reported together, by recipe field,
+        before anything is loaded.
+        """
+        fields = [("base_model", recipe.base_model)] if recipe.base_model else []
+        fields += [(f"models[{i}].model", e.model) for i, e in enumerate(recipe.models)]
+        missing = [f"{field}: {ref} is not a directory" for field, ref in fields
+                   if not Path(ref).expanduser().is_dir()]
+        if missing:
+            raise RecipeError("models not found (evomerge reads local Hugging Face directories "
+                              "only; download them first):\n  " + "\n  ".join(missing))
         kwargs.setdefault("dtype", recipe.dtype)
         return cls(recipe.model_paths(), **kwargs)
 
