@@ -86,6 +86,8 @@ _MAX_HEADER_BYTES = 100 * 1024 * 1024
 # How many tensor names one problem line lists before it summarises the rest.
 _MAX_LISTED = 20
 _OWNER_FILE = ".evomerge-export-owner"
+# Temp dirs of exports running in this process (threads), which stale-cleanup must not delete.
+_ACTIVE_TMP: set[Path] = set()
 
 _SAFETENSORS_DTYPES: dict[str, torch.dtype] = {
     code: getattr(torch, name)
@@ -222,7 +224,9 @@ def _read_json(file: Path) -> Any:
     try:
         return json.loads(file.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise CheckpointError(f"{file}: cannot read JSON ({exc}); fix or regenerate the file") from exc
+        raise CheckpointError(
+            f"{file}: cannot read JSON ({exc}); fix or regenerate the file"
+        ) from exc
 
 
 def _read_index(index: Path) -> dict[str, str]:
@@ -317,7 +321,7 @@ def _header_entry(file: Path, name: str, entry: Any, data_len: int) -> TensorMet
 
 
 def _torch_load(file: Path, **kwargs: Any) -> dict[str, torch.Tensor]:
-    """``torch.load`` restricted to tensors (``weights_only=True``); refusals become CheckpointError."""
+    """``torch.load(weights_only=True)``: tensors only; refusals become CheckpointError."""
     logger.warning(
         "%s: pickle checkpoint; loading with torch.load(weights_only=True), which refuses "
         "anything but tensors. Convert it to safetensors to skip this path.",
@@ -494,7 +498,8 @@ def _compare(info: ModelInfo, ref: ModelInfo) -> list[str]:
         for n in shared
         if info.tensors[n].dtype != ref.tensors[n].dtype
     ]
-    return problems + _capped(shapes, "shape mismatches", p) + _capped(dtypes, "dtype mismatches", p)
+    problems += _capped(shapes, "shape mismatches", p)
+    return problems + _capped(dtypes, "dtype mismatches", p)
 
 
 def check_compatible(paths: Sequence[PathLike]) -> list[ModelInfo]:
@@ -797,7 +802,7 @@ def _owner_is_dead(tmp: Path) -> bool:
         return True
     except PermissionError:
         return False
-    return pid == os.getpid()
+    return pid == os.getpid() and tmp not in _ACTIVE_TMP
 
 
 def _clean_stale(out_dir: Path) -> None:
@@ -888,14 +893,16 @@ def export_model(
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     _clean_stale(out_dir)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+    _ACTIVE_TMP.add(tmp)
     try:
-        _write_text(tmp / _OWNER_FILE, json.dumps({"host": socket.gethostname(), "pid": os.getpid()}))
+        owner = {"host": socket.gethostname(), "pid": os.getpid()}
+        _write_text(tmp / _OWNER_FILE, json.dumps(owner))
         _write_shards(tmp, state_dict, shards, clones, dtype, progress)
         if base is not None:
             _write_config(tmp, base, _written_float_dtype(state_dict, names, dtype))
             _copy_sidecars(tmp, base)
         if recipe_yaml is not None:
-            _write_text(tmp / RECIPE, recipe_yaml if recipe_yaml.endswith("\n") else recipe_yaml + "\n")
+            _write_text(tmp / RECIPE, recipe_yaml.rstrip("\n") + "\n")
         (tmp / _OWNER_FILE).unlink()
         os.chmod(tmp, 0o755)  # mkdtemp makes 0700; a published model dir should be readable
         _fsync_path(tmp)
@@ -903,5 +910,7 @@ def export_model(
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    finally:
+        _ACTIVE_TMP.discard(tmp)
     return out_dir
 
