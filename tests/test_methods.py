@@ -578,6 +578,43 @@ def test_della_rescale_keeps_l1_in_the_merge():
 
 
 # ============================================================================================
+# Every task-vector method: writing into ``out``, dtypes
+# ============================================================================================
+
+GTA_METHODS = sorted(MERGEKIT_GTA_DEFAULTS)
+
+
+def _per_source(name, n):
+    extra = {"gamma": 0.1} if name.startswith("breadcrumbs") else {}
+    extra |= {"epsilon": 0.1} if name.startswith("della") else {}
+    return [{"weight": 0.5 + k, "density": 0.5, **extra} for k in range(n)]
+
+
+@pytest.mark.parametrize("name", GTA_METHODS)
+def test_task_vector_methods_write_into_out(name):
+    inputs = _big_inputs(n=64, sources=2)
+    expected = call(name, inputs, gta_shared(name), _per_source(name, 2))
+    out = torch.full((64,), float("nan"), dtype=F64)
+    result = call(name, _big_inputs(n=64, sources=2), gta_shared(name), _per_source(name, 2), out)
+    assert result is out
+    assert torch.equal(out, expected)
+    # an out of another dtype receives the cast result
+    out16 = torch.zeros(64, dtype=torch.bfloat16)
+    result = call(name, _big_inputs(n=64, sources=2), gta_shared(name), _per_source(name, 2), out16)
+    assert result is out16 and torch.equal(out16, expected.to(torch.bfloat16))
+
+
+@pytest.mark.parametrize("name", GTA_METHODS)
+def test_task_vector_methods_keep_bfloat16(name):
+    inputs = _big_inputs(n=64, sources=2)
+    low = TensorInputs("w", inputs.base.to(torch.bfloat16),
+                       [s.to(torch.bfloat16) for s in inputs.sources], seed=inputs.seed)
+    result = call(name, low, gta_shared(name), _per_source(name, 2))
+    assert result.dtype == torch.bfloat16
+    assert torch.isfinite(result).all()
+
+
+# ============================================================================================
 # breadcrumbs (breadcrumbs, breadcrumbs_ties)
 # ============================================================================================
 
