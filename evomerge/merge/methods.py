@@ -43,6 +43,26 @@ def tensor_seed(seed: int, tensor_name: str, source_index: int) -> int:
     return int.from_bytes(digest.digest(), "little") & ((1 << 63) - 1)
 
 
+class Workspace:
+    """Reusable flat scratch buffers, viewed to each tensor's shape.
+
+    Freshly allocated large CPU tensors are page-faulted in on every allocation (glibc maps them
+    anew), which costs as much as the arithmetic itself; a candidate build therefore reuses a
+    few buffers sized to the largest tensor: O(largest tensor) scratch, whatever the model.
+    """
+
+    def __init__(self) -> None:
+        self._buffers: dict[tuple, Tensor] = {}
+
+    def get(self, slot: int, like: Tensor, dtype: torch.dtype | None = None) -> Tensor:
+        dtype = dtype or like.dtype
+        key = (slot, dtype, like.device)
+        buf = self._buffers.get(key)
+        if buf is None or buf.numel() < like.numel():
+            buf = self._buffers[key] = torch.empty(like.numel(), dtype=dtype, device=like.device)
+        return buf[: like.numel()].view(like.shape)
+
+
 @dataclass
 class TensorInputs:
     """Everything a method may read to merge one tensor.
@@ -62,6 +82,7 @@ class TensorInputs:
     cache: dict[tuple, Tensor] = field(default_factory=dict)
     source_keys: Sequence[Hashable] | None = None
     base_key: Hashable = None
+    workspace: Workspace = field(default_factory=Workspace)
 
     def _memo(self, kind: str, k: int, make: Callable[[], Tensor]) -> Tensor:
         key = (kind, self.base_key, self.source_keys[k] if self.source_keys is not None else k)
@@ -80,7 +101,7 @@ class TensorInputs:
 
     def abs_sum(self, k: int) -> Tensor:
         """L1 norm of delta_k, the target of ``rescale``."""
-        return self._memo("abs_sum", k, lambda: _work(self.delta(k)).abs().sum())
+        return self._memo("abs_sum", k, lambda: torch.linalg.vector_norm(_work(self.delta(k)), 1))
 
     def della_rank(self, k: int) -> Tensor:
         """Per-row magnitude rank of delta_k normalised to [0, 1] (DELLA's keep-probability ramp)."""
@@ -100,23 +121,27 @@ def _work(t: Tensor) -> Tensor:
 
 
 # --------------------------------------------------------------------------------------------
-# Sparsification masks (each returns a float mask of delta's shape and the work dtype)
+# Sparsification: keep-masks of delta's shape (1.0 keep, 0.0 drop), written into ``out``
 # --------------------------------------------------------------------------------------------
+# Masks are float, not bool: float compare-and-multiply with ``out=`` runs several times faster
+# on CPU than ``torch.where`` on a bool mask, and the engine reuses the buffers across tensors.
 
 
-def magnitude_mask(delta: Tensor, density: float, sorted_abs: Tensor | None = None) -> Tensor:
+def magnitude_mask(delta: Tensor, density: float, sorted_abs: Tensor | None = None,
+                   out: Tensor | None = None) -> Tensor:
     """Keep the ``k = max(1, int(density * n))`` largest |delta| (TIES "trim")."""
     n = delta.numel()
     if sorted_abs is None:
         sorted_abs = _work(delta).abs().flatten().sort().values
     k = max(1, int(density * n))
-    threshold = sorted_abs[n - k]
-    return (_work(delta).abs() >= threshold).to(_work(delta).dtype)
+    out = _buffer(out, delta)
+    torch.abs(delta, out=out)
+    return torch.ge(out, sorted_abs[n - k], out=out)
 
 
-def magnitude_outliers_mask(
-    delta: Tensor, density: float, gamma: float, sorted_abs: Tensor | None = None
-) -> Tensor:
+def magnitude_outliers_mask(delta: Tensor, density: float, gamma: float,
+                            sorted_abs: Tensor | None = None, out: Tensor | None = None,
+                            scratch: Tensor | None = None) -> Tensor:
     """Model Breadcrumbs: drop the top ``gamma`` fraction by |delta|, then the smallest.
 
     Kept: ranks ``[n_bot, n_bot + target)`` in ascending magnitude, with ``target =
@@ -124,20 +149,25 @@ def magnitude_outliers_mask(
     """
     n = delta.numel()
     target = int(density * n)
+    out = _buffer(out, delta)
     if target <= 0:
-        return torch.zeros_like(_work(delta))
+        return out.zero_()
     n_bot = max(0, n - target - int(gamma * n))
     if sorted_abs is None:
         sorted_abs = _work(delta).abs().flatten().sort().values
-    lo, hi = sorted_abs[n_bot], sorted_abs[n_bot + target - 1]
-    mag = _work(delta).abs()
-    return ((mag >= lo) & (mag <= hi)).to(mag.dtype)
+    scratch = _buffer(scratch, delta)
+    torch.abs(delta, out=out)
+    torch.ge(out, sorted_abs[n_bot], out=scratch)
+    torch.le(out, sorted_abs[n_bot + target - 1], out=out)
+    return out.mul_(scratch)
 
 
-def bernoulli_mask(delta: Tensor, density: float, generator: torch.Generator) -> Tensor:
+def bernoulli_mask(delta: Tensor, density: float, generator: torch.Generator,
+                   out: Tensor | None = None) -> Tensor:
     """DARE: keep each entry independently with probability ``density``."""
-    u = torch.rand(delta.shape, generator=generator, device=delta.device, dtype=_work(delta).dtype)
-    return (u < density).to(u.dtype)
+    out = _buffer(out, delta)
+    torch.rand(delta.shape, generator=generator, out=out)
+    return torch.lt(out, density, out=out)
 
 
 def della_rank_norm(delta: Tensor) -> Tensor:
@@ -148,13 +178,9 @@ def della_rank_norm(delta: Tensor) -> Tensor:
     return (ranks / width if width > 0 else torch.zeros_like(ranks)).reshape(delta.shape)
 
 
-def della_mask(
-    delta: Tensor,
-    density: float,
-    epsilon: float,
-    generator: torch.Generator,
-    rank_norm: Tensor | None = None,
-) -> Tensor:
+def della_mask(delta: Tensor, density: float, epsilon: float, generator: torch.Generator,
+               rank_norm: Tensor | None = None, out: Tensor | None = None,
+               scratch: Tensor | None = None) -> Tensor:
     """DELLA MagPrune: keep with probability ``density - eps + 2 eps * rank_norm`` per row."""
     if density + epsilon >= 1 or density - epsilon <= 0:
         raise ValueError(
@@ -163,17 +189,24 @@ def della_mask(
         )
     if rank_norm is None:
         rank_norm = della_rank_norm(delta)
-    probs = (density - epsilon) + rank_norm * (2 * epsilon)
-    u = torch.rand(delta.shape, generator=generator, device=delta.device, dtype=probs.dtype)
-    return (u < probs).to(probs.dtype)
+    out, scratch = _buffer(out, delta), _buffer(scratch, delta)
+    torch.rand(delta.shape, generator=generator, out=out)
+    # u < (density - eps) + 2 eps r, as (u - density + eps) < 2 eps r
+    torch.mul(rank_norm, 2 * epsilon, out=scratch)
+    return torch.lt(out.sub_(density - epsilon), scratch, out=out)
 
 
-def rescale_l1(masked: Tensor, l1_before: Tensor, eps: float = 1e-7) -> Tensor:
-    """Scale kept entries so the L1 norm matches the unmasked delta (mergekit's ``rescale``)."""
-    after = masked.abs().sum()
+def _buffer(out: Tensor | None, delta: Tensor) -> Tensor:
+    return out if out is not None else torch.empty(delta.shape, dtype=_work(delta).dtype,
+                                                   device=delta.device)
+
+
+def l1_rescale_factor(kept: Tensor, l1_before: Tensor, eps: float = 1e-7) -> float:
+    """||delta||_1 / ||delta * mask||_1, or 1 when either is ~0 (mergekit's ``rescale``)."""
+    after = torch.linalg.vector_norm(_work(kept), 1)
     if l1_before < eps or after < eps:
-        return masked
-    return masked * (l1_before / after)
+        return 1.0
+    return float(l1_before / after)
 
 
 # --------------------------------------------------------------------------------------------
@@ -191,27 +224,33 @@ def sparsified_delta(
     rescale: bool,
     gamma: float = 0.01,
     epsilon: float = 0.15,
-) -> Tensor:
-    """delta_k after sparsification (and optional L1 rescale), in delta's dtype."""
+) -> tuple[Tensor, float]:
+    """(delta_k with dropped entries zeroed, its L1 rescale factor), in delta's dtype.
+
+    The factor is returned rather than applied so callers fold it into the source weight (one
+    pass instead of two). The result may live in ``inputs.workspace`` slot 0: use it before the
+    next call.
+    """
     delta = inputs.delta(k)
     if method is None or density >= 1:
-        return delta
+        return delta, 1.0
     if density <= 0 and method in ("magnitude", "della_magprune"):
-        return torch.zeros_like(delta)
+        return torch.zeros_like(delta), 1.0
+    ws = inputs.workspace
+    mask, scratch = ws.get(1, delta, _work(delta).dtype), ws.get(2, delta, _work(delta).dtype)
     if method == "magnitude":
-        mask = magnitude_mask(delta, density, inputs.sorted_abs(k))
+        magnitude_mask(delta, density, inputs.sorted_abs(k), out=mask)
     elif method == "magnitude_outliers":
-        mask = magnitude_outliers_mask(delta, density, gamma, inputs.sorted_abs(k))
+        magnitude_outliers_mask(delta, density, gamma, inputs.sorted_abs(k), mask, scratch)
     elif method == "random":
-        mask = bernoulli_mask(delta, density, inputs.generator(k))
+        bernoulli_mask(delta, density, inputs.generator(k), out=mask)
     elif method == "della_magprune":
-        mask = della_mask(delta, density, epsilon, inputs.generator(k), inputs.della_rank(k))
+        della_mask(delta, density, epsilon, inputs.generator(k), inputs.della_rank(k), mask,
+                   scratch)
     else:
         raise ValueError(f"unknown sparsification {method!r}; known: {', '.join(SPARSIFIERS)}")
-    masked = _work(delta) * mask
-    if rescale:
-        masked = rescale_l1(masked, inputs.abs_sum(k))
-    return masked.to(delta.dtype)
+    kept = torch.mul(delta, mask, out=ws.get(0, delta))
+    return kept, (l1_rescale_factor(kept, inputs.abs_sum(k)) if rescale else 1.0)
 
 
 def generalized_task_arithmetic(
@@ -226,73 +265,59 @@ def generalized_task_arithmetic(
     lambda_: float = 1.0,
     gammas: Sequence[float] | None = None,
     epsilons: Sequence[float] | None = None,
-    int8_mask: bool = False,
     out: Tensor | None = None,
 ) -> Tensor:
-    """theta = base + lambda * [sum_k m_k w_k s(delta_k)] / [normalize ? sum_k w_k m_k : 1].
+    """theta = base + lambda * [sum_k m_k u_k] / [normalize ? sum_k w_k m_k : 1].
 
-    ``s`` is the sparsifier (with optional L1 rescale); with ``consensus`` the TIES sign election
-    picks ``sign = sgn(sum_k w_k s(delta_k))`` (zero counts as +) and ``m_k = [sgn(w_k s(delta_k))
-    == sign]``; without it ``m_k = 1`` and the divisor is ``sum_k w_k`` (|.| < 1e-8 -> 1).
-    ``int8_mask`` only changes the mask's storage dtype, as in mergekit.
+    ``u_k = w_k * s(delta_k)`` with ``s`` the sparsifier (and optional L1 rescale). With
+    ``consensus`` (TIES sign election) ``sign = sgn(sum_k u_k)`` (zero counts as +) and ``m_k =
+    [sgn(u_k) == sign]``; without it ``m_k = 1`` and the divisor is ``sum_k w_k`` (|.| < 1e-8 ->
+    1). mergekit stacks all u_k; here the sums are streamed over sources: the entries that
+    agree with the elected sign are exactly the positive (or negative) ones, so the result is
+    ``P ? sum_k max(u_k, 0) : sum_k min(u_k, 0)`` with ``P = [sum_k u_k >= 0]``, which needs a
+    fixed number of accumulators whatever the number of sources.
     """
     base = inputs.base
     assert base is not None
     n = len(inputs.sources)
-    if n == 0:
-        return _into(out, base, base.dtype)
     gammas = gammas or [0.01] * n
     epsilons = epsilons or [0.15] * n
-    if not consensus and sparsify is None:
-        # Plain task arithmetic: no per-source scratch, one fused pass per source.
-        return _task_arithmetic(inputs, weights, normalize, lambda_, out)
+    acc = out if out is not None and out.dtype == base.dtype else torch.empty_like(base)
+    if not consensus:
+        total = float(sum(weights))
+        scale = lambda_ / (total if normalize and abs(total) >= 1e-8 else 1.0)
+        acc.copy_(base)
+        for k, w in enumerate(weights):
+            if w != 0:
+                kept, factor = sparsified_delta(
+                    inputs, k, sparsify, densities[k], rescale, gammas[k], epsilons[k])
+                acc.add_(kept, alpha=w * factor * scale)
+        return acc if acc is out else _into(out, acc, base.dtype)
 
-    deltas = torch.stack(
-        [
-            sparsified_delta(inputs, k, sparsify, densities[k], rescale, gammas[k], epsilons[k])
-            for k in range(n)
-        ]
-    )
-    w = torch.tensor(list(weights), dtype=deltas.dtype, device=deltas.device)
-    w = w.reshape((n,) + (1,) * base.dim())
-    deltas.mul_(w)
-    if consensus:
-        mask_dtype = torch.int8 if int8_mask else deltas.dtype
-        sign = deltas.sign().to(mask_dtype)
-        majority = (deltas.sum(dim=0) >= 0).to(mask_dtype) * 2 - 1
-        mask = sign == majority
-        mixed = (deltas * mask).sum(dim=0)
-        divisor = (w * mask).sum(dim=0)
-        divisor[divisor == 0] = 1
-    else:
-        mixed = deltas.sum(dim=0)
-        divisor = w.sum(dim=0)
-        divisor[divisor.abs() < 1e-8] = 1
-    if normalize:
-        mixed /= divisor
-    if lambda_ != 1:
-        mixed *= lambda_
-    return _into(out, base + mixed, base.dtype)
-
-
-def _task_arithmetic(
-    inputs: TensorInputs,
-    weights: Sequence[float],
-    normalize: bool,
-    lambda_: float,
-    out: Tensor | None,
-) -> Tensor:
-    """base + lambda * sum_k w_k delta_k / (normalize ? sum w : 1), streamed into ``out``."""
-    total = float(sum(weights))
-    scale = lambda_ / (total if normalize and abs(total) >= 1e-8 else 1.0)
-    base = inputs.base
-    assert base is not None
-    result = out if out is not None else torch.empty_like(base)
-    result.copy_(base)
+    ws = inputs.workspace
+    total, pos = ws.get(3, base).zero_(), ws.get(4, base).zero_()
+    pos_w = ws.get(5, base).zero_() if normalize else None
+    neg_w = ws.get(6, base).zero_() if normalize else None
+    tmp = ws.get(7, base)
     for k, w in enumerate(weights):
-        if w != 0:
-            result.add_(inputs.delta(k), alpha=w * scale)
-    return result
+        kept, factor = sparsified_delta(inputs, k, sparsify, densities[k], rescale, gammas[k],
+                                        epsilons[k])
+        u = kept.mul_(w * factor) if kept is not inputs.delta(k) else torch.mul(
+            kept, w * factor, out=ws.get(0, base))
+        total.add_(u)
+        pos.add_(torch.clamp(u, min=0, out=tmp))
+        if normalize:
+            pos_w.add_(torch.gt(u, 0, out=tmp), alpha=w)
+            neg_w.add_(torch.lt(u, 0, out=tmp), alpha=w)
+    elected = total >= 0  # the positive sign wins (ties count as +)
+    mixed = torch.where(elected, pos, total.sub_(pos), out=total)  # total - pos = negative part
+    if normalize:
+        divisor = torch.where(elected, pos_w, neg_w, out=pos_w)
+        mixed.div_(divisor.masked_fill_(divisor == 0, 1))
+    if lambda_ != 1:
+        mixed.mul_(lambda_)
+    torch.add(base, mixed, out=acc)
+    return acc if acc is out else _into(out, acc, base.dtype)
 
 
 def linear(
@@ -458,7 +483,9 @@ _DENSITY = ParamSpec("density", float, "source", 1.0, 0.0, 1.0, "fraction of the
 _GAMMA = ParamSpec("gamma", float, "source", 0.01, 0.0, 1.0, "fraction of largest |delta| dropped")
 _EPSILON = ParamSpec("epsilon", float, "source", 0.15, 0.0, 1.0, "half-width of DELLA's ramp")
 _LAMBDA = ParamSpec("lambda", float, "shared", 1.0, doc="scale of the merged task vector")
-_INT8 = ParamSpec("int8_mask", bool, "shared", False, doc="store sign masks as int8 (memory)")
+# Accepted for mergekit compatibility; it only shrinks mergekit's stacked sign masks, which the
+# streamed sign election here never materialises.
+_INT8 = ParamSpec("int8_mask", bool, "shared", False, doc="mergekit memory option (no effect)")
 
 
 def _gta(name: str, sparsify: str | None, consensus: bool, normalize: bool, rescale: bool,
@@ -484,7 +511,6 @@ def _gta(name: str, sparsify: str | None, consensus: bool, normalize: bool, resc
             lambda_=shared["lambda"],
             gammas=[p.get("gamma", 0.01) for p in per_source],
             epsilons=[p.get("epsilon", 0.15) for p in per_source],
-            int8_mask=shared["int8_mask"],
             out=out,
         )
 
