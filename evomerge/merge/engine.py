@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from evomerge.merge.io import check_compatible, load_state_dict
-from evomerge.merge.methods import TensorInputs
+from evomerge.merge.methods import TensorInputs, Workspace
 from evomerge.recipe import MergeRecipe, RecipeError
 
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
@@ -47,10 +47,10 @@ def layer_group(tensor_name: str) -> LayerGroup:
     if match:
         index = int(match.group(1))
         return LayerGroup(f"layers.{index}", index)
+    if any(key in tensor_name for key in _HEAD):  # before embed: NeoX's head is "embed_out"
+        return LayerGroup("head")
     if any(key in tensor_name for key in _EMBED):
         return LayerGroup("embed")
-    if any(key in tensor_name for key in _HEAD) or tensor_name == "output.weight":
-        return LayerGroup("head")
     if "norm" in tensor_name or "ln_f" in tensor_name:
         return LayerGroup("final_norm")
     return LayerGroup("other")
@@ -105,6 +105,7 @@ class Merger:
         self.num_layers = 1 + max((g.layer for g in self.groups.values() if g.layer is not None),
                                   default=-1)
         self._cache: dict[str, dict] = {name: {} for name in self.names}
+        self._workspace = Workspace()
 
     @classmethod
     def for_recipe(cls, recipe: MergeRecipe, **kwargs) -> "Merger":
@@ -168,6 +169,7 @@ class Merger:
                     cache=self._cache[name] if self.cache_enabled else {},
                     source_keys=source_keys,
                     base_key=base_key,
+                    workspace=self._workspace,
                 )
                 method.fn(inputs, shared, per_source, targets[name])
         return targets
