@@ -214,3 +214,16 @@ def test_build_on_cuda_matches_cpu(zoo):
     gpu = Merger(zoo, device="cuda").build(r)
     for name, value in cpu.items():
         torch.testing.assert_close(gpu[name].cpu(), value, rtol=1e-5, atol=1e-6)
+
+
+def test_checkpoints_in_different_dtypes_merge_when_a_dtype_is_given(zoo, tmp_path):
+    half = transformers.LlamaForCausalLM.from_pretrained(zoo[1], dtype=torch.bfloat16)
+    half.save_pretrained(tmp_path / "bf16")
+    with pytest.raises(IncompatibleModelsError, match="dtype"):
+        Merger([zoo[0], str(tmp_path / "bf16")])
+    merger = Merger([zoo[0], str(tmp_path / "bf16")], dtype="float32")
+    out = merger.build(recipe("task_arithmetic", zoo[0], [str(tmp_path / "bf16")],
+                              source_params={"weight": 1.0}))
+    expected = load_state_dict(tmp_path / "bf16", dtype=torch.float32)
+    assert all(torch.equal(out[n], expected[n]) or torch.allclose(out[n], expected[n], atol=1e-6)
+               for n in expected)

@@ -77,7 +77,7 @@ class Merger:
     models: every checkpoint a recipe may name (local HF directories); the first is the default
         base. Compatibility (architecture, names, shapes, dtypes) is checked before loading.
     device: where tensors live and merges run (``"cuda"`` on a GPU machine).
-    dtype: load and merge in this dtype (default: the checkpoints' own).
+    dtype: load and merge in this dtype (default: the checkpoints' own, which must then agree).
     cache: keep recipe-independent derived tensors (task vectors, sort statistics) across builds.
         Costs up to two extra copies of each source for TIES-like methods; turn off when memory
         is tighter than time.
@@ -90,7 +90,8 @@ class Merger:
             raise ValueError("Merger needs at least one model")
         if isinstance(dtype, str):
             dtype = _DTYPES[dtype]
-        self.infos = check_compatible(list(models))
+        # Checkpoints stored in different dtypes merge fine once cast to one explicit dtype.
+        self.infos = check_compatible(list(models), check_dtypes=dtype is None)
         self.device = torch.device(device)
         self.dtype = dtype
         self.cache_enabled = cache

@@ -470,7 +470,7 @@ def _capped(lines: list[str], what: str, where: Path) -> list[str]:
     return lines[:_MAX_LISTED] + [f"{where}: ... and {len(lines) - _MAX_LISTED} more {what}"]
 
 
-def _compare(info: ModelInfo, ref: ModelInfo) -> list[str]:
+def _compare(info: ModelInfo, ref: ModelInfo, check_dtypes: bool = True) -> list[str]:
     """Every way ``info`` differs from the reference model ``ref``, one line per problem."""
     problems: list[str] = []
     p = info.path
@@ -496,18 +496,19 @@ def _compare(info: ModelInfo, ref: ModelInfo) -> list[str]:
         f"{p}: tensor {n!r} has dtype {info.tensors[n].dtype}, "
         f"expected {ref.tensors[n].dtype} as in {ref.path}"
         for n in shared
-        if info.tensors[n].dtype != ref.tensors[n].dtype
+        if check_dtypes and info.tensors[n].dtype != ref.tensors[n].dtype
     ]
     problems += _capped(shapes, "shape mismatches", p)
     return problems + _capped(dtypes, "dtype mismatches", p)
 
 
-def check_compatible(paths: Sequence[PathLike]) -> list[ModelInfo]:
+def check_compatible(paths: Sequence[PathLike], *, check_dtypes: bool = True) -> list[ModelInfo]:
     """Check that the checkpoints can be merged; returns their infos in order.
 
     Every model is compared with the first (or, if the first cannot be read, the first that can):
     architecture (when both configs name one), tensor names, shapes and dtypes. Unreadable paths
-    count as problems too. Only headers are read, and all problems across all models are raised
+    count as problems too. ``check_dtypes=False`` tolerates dtype differences, for callers that
+    cast every model to one dtype on load. Only headers are read, and all problems across all models are raised
     together as one :class:`IncompatibleModelsError`.
     """
     if not paths:
@@ -522,7 +523,7 @@ def check_compatible(paths: Sequence[PathLike]) -> list[ModelInfo]:
     if infos:
         ref = infos[0]
         for info in infos[1:]:
-            problems.extend(_compare(info, ref))
+            problems.extend(_compare(info, ref, check_dtypes))
     if problems:
         raise IncompatibleModelsError(problems)
     return infos
