@@ -17,8 +17,10 @@ compares every output tensor with ``Merger.build`` of the same config.
 from __future__ import annotations
 
 import math
+import random
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -65,7 +67,15 @@ def mergekit_merge(config: dict, out: Path, seed: int = 1234) -> dict[str, torch
         device="cpu", copy_tokenizer=False, write_model_card=False, quiet=True, random_seed=seed,
         lazy_unpickle=False,
     )  # fmt: skip
-    run_merge(MergeConfiguration.model_validate(config), str(out), options=options)
+    # random_seed makes mergekit's DARE/DELLA masks (torch's global RNG) reproducible; it seeds
+    # python, numpy and torch globally, so put their states back for the tests that follow.
+    states = random.getstate(), np.random.get_state(), torch.get_rng_state()
+    try:
+        run_merge(MergeConfiguration.model_validate(config), str(out), options=options)
+    finally:
+        random.setstate(states[0])
+        np.random.set_state(states[1])
+        torch.set_rng_state(states[2])
     return load_weights(out)
 
 
