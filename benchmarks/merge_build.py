@@ -152,14 +152,15 @@ def timed(fn: Callable[[], Any]) -> float:
     return time.perf_counter() - start
 
 
-def median_time(fn: Callable[[], Any], repeats: int, before: Callable[[], Any] | None = None
-                ) -> float:
+def median_times(fn: Callable[[], Any], repeats: int, before: Callable[[], Any] | None = None
+                 ) -> list[float]:
+    """Wall times of ``repeats`` calls of ``fn`` (``before`` runs untimed ahead of each)."""
     times = []
     for _ in range(repeats):
         if before is not None:
             before()
         times.append(timed(fn))
-    return statistics.median(times)
+    return times
 
 
 def state_bytes(state: dict[str, torch.Tensor]) -> int:
@@ -184,7 +185,7 @@ def memcpy_time(src: dict[str, torch.Tensor], dst: dict[str, torch.Tensor], repe
             dst[name].copy_(t)
 
     copy()  # warm-up: faults in the destination pages
-    return median_time(copy, repeats)
+    return statistics.median(median_times(copy, repeats))
 
 
 # ---- mergekit -----------------------------------------------------------------------------
@@ -231,6 +232,13 @@ def load_output(out_dir: Path) -> dict[str, torch.Tensor]:
 
 def _finite(x: float | None) -> float | None:
     return x if x is not None and math.isfinite(x) else None
+
+
+def _loadavg() -> float | None:
+    try:
+        return os.getloadavg()[0]
+    except (AttributeError, OSError):
+        return None
 
 
 def machine_info() -> dict[str, Any]:
@@ -292,6 +300,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     log(f"model: Llama-shaped, {params:,} params ({params / 1e6:.1f}M), fp32, base + {N_SOURCES} "
         f"sources; torch {torch.__version__}, {torch.get_num_threads()} threads")
 
+    load_before = _loadavg()
+    if load_before is not None and load_before > (os.cpu_count() or 1):
+        log(f"warning: 1-min load average {load_before:.1f} > {os.cpu_count()} cores: other "
+            "processes share the CPU, timings will be noisy")
     tmp = Path(tempfile.mkdtemp(prefix="evomerge-bench-"))
     try:
         t0 = time.perf_counter()
@@ -305,10 +317,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         log(f"Merger load: {load_s:.2f} s ({model_bytes / 1e6:.0f} MB per model)")
 
         target = merger.allocate()
-        copy_s = memcpy_time(merger.state(base_dir), target, max(3, args.repeats))
-        memcpy_gbps = 2 * model_bytes / copy_s / 1e9
-        log(f"memcpy reference: {copy_s * 1e3:.1f} ms per model copy = {memcpy_gbps:.2f} GB/s "
-            "(read + write)")
+        # The memcpy reference is taken at the start and again before every method (this machine
+        # may be shared: a drifting load then moves both sides of the ratio); its median is used.
+        copy_times = [memcpy_time(merger.state(base_dir), target, max(3, args.repeats))]
+        log(f"memcpy reference: {copy_times[0] * 1e3:.1f} ms per model copy = "
+            f"{2 * model_bytes / copy_times[0] / 1e9:.2f} GB/s (read + write)")
 
         results: dict[str, dict[str, Any]] = {}
         for method in methods:
@@ -319,21 +332,28 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
             merger.clear_cache()
             gc.collect()
+            copy_times.append(memcpy_time(merger.state(base_dir), target, max(3, args.repeats)))
             first = timed(lambda: merger.build(recipe, into=target))
 
             def poison() -> None:
                 for t in target.values():
                     t.fill_(float("nan"))
 
-            build_s = median_time(lambda: merger.build(recipe, into=target), args.repeats,
-                                  before=poison)
+            build_times = median_times(lambda: merger.build(recipe, into=target), args.repeats,
+                                       before=poison)
+            build_s = statistics.median(build_times)
+            # ratio_to_memcpy is recomputed against the run's median memcpy at the end; the log
+            # line uses the memcpy measured just before this method.
+            memcpy_gbps = 2 * model_bytes / copy_times[-1] / 1e9
             fresh = merger.build(recipe)
             diff_fresh = max_abs_diff(target, fresh)
             del fresh
             gbps = (bytes_read + bytes_written) / build_s / 1e9
             entry: dict[str, Any] = {
-                "build_s": build_s, "first_build_s": first, "GBps": gbps,
-                "ratio_to_memcpy": gbps / memcpy_gbps, "speedup_vs_mergekit": None,
+                "build_s": build_s, "first_build_s": first, "build_times_s": build_times,
+                "GBps": gbps,
+                "ratio_to_memcpy": gbps / memcpy_gbps, "memcpy_GBps_adjacent": memcpy_gbps,
+                "speedup_vs_mergekit": None,
                 "mergekit_s": None, "models_read": n_read, "bytes_read": bytes_read,
                 "bytes_written": bytes_written, "max_abs_diff_vs_fresh_build": diff_fresh,
                 "mergekit_max_abs_diff": None,
@@ -360,6 +380,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
+    memcpy_gbps = 2 * model_bytes / statistics.median(copy_times) / 1e9
+    for entry in results.values():
+        entry["ratio_to_memcpy"] = entry["GBps"] / memcpy_gbps
+
     return {
         "model": {"params": params, "dtype": "float32", "sources": N_SOURCES,
                   "bytes": model_bytes, "quick": args.quick,
@@ -367,7 +391,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                       "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
                       "num_attention_heads", "num_key_value_heads")}},
         "memcpy_GBps": memcpy_gbps,
-        "memcpy_s": copy_s,
+        "memcpy_s": statistics.median(copy_times),
+        "memcpy_s_all": copy_times,
+        "loadavg_1min": {"start": load_before, "end": _loadavg()},
         "load_s": load_s,
         "repeats": args.repeats,
         "mergekit": use_mergekit,
@@ -401,13 +427,18 @@ def markdown_section(result: dict[str, Any], command: str) -> str:
         f"- Machine: {mach['cpu']}, {mach['cores']} cores ({mach['torch_threads']} torch threads), "
         f"torch {mach['torch']}, transformers {mach.get('transformers', '?')}, "
         f"mergekit {mach.get('mergekit', 'n/a') if result['mergekit'] else 'not run'}, "
-        f"Python {mach['python']}; {mach['date']}",
+        f"Python {mach['python']}; {mach['date']}; 1-min load average "
+        f"{_num(result['loadavg_1min']['start'], '.1f')} at start, "
+        f"{_num(result['loadavg_1min']['end'], '.1f')} at end"
+        + (" (the machine was shared with other work: timings are noisy)"
+           if (result["loadavg_1min"]["start"] or 0) > 0.5 * (mach["cores"] or 1) else ""),
         f"- Command: `{command}`",
         f"- Model: synthetic Llama ({', '.join(f'{k}={v}' for k, v in m['config'].items())}, "
         f"untied head) = {m['params']:,} params, {m['dtype']}, {m['bytes'] / 1e6:.0f} MB per "
         f"model; base + {m['sources']} sources (source = base + 0.002 randn).",
         f"- One `Merger` over all 4 models: load {result['load_s']:.2f} s (once per run, not "
-        f"per candidate). memcpy reference (preallocated `dst.copy_(src)` over one model): "
+        f"per candidate). memcpy reference (preallocated `dst.copy_(src)` over one model's "
+        f"tensors, median over the start of the run and before every method): "
         f"{result['memcpy_s'] * 1e3:.1f} ms = **{result['memcpy_GBps']:.2f} GB/s** (read + write).",
         f"- `build_s`: median of {result['repeats']} in-place builds into one pre-allocated model "
         "(warm engine cache); `first_build_s`: the warm-up build from an empty cache (computes "
@@ -517,6 +548,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--profile", action="store_true",
                    help="also profile one warm build per method (torch.profiler + cProfile, stderr)")
     p.add_argument("--seed", type=int, default=0, help="seed of the synthetic weights")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch.set_num_threads(N) first (default: torch's own choice)")
     args = p.parse_args(argv)
     if args.repeats < 1:
         p.error("--repeats must be >= 1")
@@ -536,6 +569,8 @@ def stdout_to_stderr(enabled: bool) -> Iterator[None]:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     command = "python benchmarks/merge_build.py " + shlex.join(
         sys.argv[1:] if argv is None else argv)
     with stdout_to_stderr(args.json):
