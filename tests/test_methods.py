@@ -358,6 +358,18 @@ def test_ties_by_hand():
                        TIES_BASE + t64(5, -6, 2, 3))
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_ties_by_hand_in_checkpoint_dtypes(dtype):
+    # the same example as above, without normalize (every value is exact in bf16/fp16):
+    # 10 + (5, -6, 2, 3) = (15, 4, 12, 13)
+    base = TIES_BASE.to(dtype)
+    inputs = TensorInputs("w", base, [(TIES_BASE + d).to(dtype) for d in TIES_DELTAS])
+    result = call("ties", inputs, gta_shared("ties", normalize=False),
+                  [{"weight": w, "density": d} for w, d in zip([1, 1, 2], [0.5, 0.5, 0.75])])
+    assert result.dtype == dtype
+    assert torch.equal(result, torch.tensor([15, 4, 12, 13], dtype=dtype))
+
+
 def test_ties_int8_mask_changes_nothing_but_storage():
     assert torch.allclose(ties([1, 1, 2], [0.5, 0.5, 0.75], int8_mask=True),
                           TIES_BASE + t64(5 / 3, -3, 2, 1.5), atol=1e-14)
@@ -694,21 +706,24 @@ def test_slerp_nearly_collinear_rows_fall_back_to_lerp():
     assert torch.equal(slerp(0.5, t64(1, 2)[None], t64(-1, -2)[None]), t64(0, 0)[None])
 
 
-def test_slerp_treats_each_row_independently():
-    v0 = t64(1, 0, 2, 0).reshape(2, 2)
-    v1 = t64(0, 1, 4, 0).reshape(2, 2)
-    # row 0 orthogonal unit rows -> (1, 1)/sqrt(2); row 1 collinear (2,0),(4,0) -> lerp (3, 0)
-    expected = t64(1 / math.sqrt(2), 1 / math.sqrt(2), 3, 0).reshape(2, 2)
+def test_slerp_takes_the_whole_tensor_as_one_vector():
+    # mergekit 0.1.5's slerp kernel batches over *tensors* (TensorBatch is [output, *weight]), so
+    # one Omega serves the whole flattened tensor; a row that is collinear on its own is not lerped.
+    v0 = t64(1, 0, 1, 0).reshape(2, 2)
+    v1 = t64(0, 1, 1, 0).reshape(2, 2)
+    # flattened: |a| = |b| = sqrt(2), cos = 1/2 -> Omega = pi/3;
+    # t = 0.5: sin(pi/6) / sin(pi/3) = (1/2) / (sqrt(3)/2) = 1/sqrt(3) for both -> (a + b)/sqrt(3)
+    expected = t64(1, 1, 2, 0).reshape(2, 2) / math.sqrt(3)
     assert torch.allclose(slerp(0.5, v0, v1), expected, atol=1e-15)
+    # (row by row, row 1 would have been lerped to (1, 0))
 
 
-def test_slerp_of_a_vector_works_per_element_as_in_mergekit():
-    # mergekit 0.1.5 batches over dim 0, so a 1-D tensor is n one-element rows. Nonzero pairs are
-    # collinear (+) or antipodal (-) -> lerp: (1+3)/2 = 2, (2-4)/2 = -1
-    assert torch.equal(slerp(0.5, t64(1, 2), t64(3, -4)), t64(2, -1))
-    # A zero element has its norm replaced by 1, so its "cosine" is 0: Omega = pi/2 and the other
-    # element is scaled by sin(pi/4) = 0.7071 (mergekit's slerp gives the same)
-    assert torch.allclose(slerp(0.5, t64(1, 0), t64(0, 1)), t64(1, 1) / math.sqrt(2), atol=1e-15)
+def test_slerp_of_a_vector_by_hand():
+    # a = (1, 2), b = (3, -4): cos = (3 - 8) / (sqrt(5) * 5) = -1/sqrt(5)
+    # t = 0.5: both coefficients sin(Omega/2)/sin(Omega) = 1 / (2 cos(Omega/2)),
+    # cos(Omega/2) = sqrt((1 + cos) / 2)
+    c = 1 / (2 * math.sqrt((1 - 1 / math.sqrt(5)) / 2))
+    assert torch.allclose(slerp(0.5, t64(1, 2), t64(3, -4)), c * t64(4, -2), atol=1e-14)
 
 
 def test_slerp_keeps_dtype_and_writes_out_via_registry():
@@ -767,3 +782,86 @@ def test_model_stock_three_sources():
     # three equal offsets: cos = 1 -> t = 3 / (1 + 2) = 1 -> the mean (the common point)
     same = [t64(1, 2, 3)] * 3
     assert torch.allclose(model_stock(base, same), t64(1, 2, 3), atol=1e-14)
+
+
+# ============================================================================================
+# Cross-check against mergekit 0.1.5's own kernels (deterministic methods)
+# ============================================================================================
+
+
+@pytest.fixture(scope="module")
+def mergekit_methods():
+    registry = pytest.importorskip("mergekit.merge_methods.registry")
+    base = pytest.importorskip("mergekit.merge_methods.base")
+    return registry, base
+
+
+def _random_case(shape=(4, 6), sources=3, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    base = torch.randn(*shape, generator=gen, dtype=F64)
+    return base, [base + torch.randn(*shape, generator=gen, dtype=F64) for _ in range(sources)]
+
+
+CROSS_CASES = [
+    ("task_arithmetic", {"lambda": 0.8}, {"weight": [0.5, -0.3, 1.2]}),
+    ("task_arithmetic", {"normalize": True}, {"weight": [0.5, 0.3, 1.2]}),
+    ("ties", {}, {"weight": [1.0, 0.5, 2.0], "density": [0.5, 0.3, 0.7]}),
+    ("ties", {"normalize": False, "lambda": 1.5}, {"weight": [1.0, 0.5, 2.0],
+                                                    "density": [0.5, 0.3, 0.7]}),
+    ("ties", {"rescale": True}, {"weight": [1.0, 0.5, 2.0], "density": [0.5, 0.3, 0.7]}),
+    ("breadcrumbs", {}, {"weight": [1.0, 0.5, 2.0], "density": [0.5, 0.8, 0.6],
+                         "gamma": [0.1, 0.05, 0.2]}),
+    ("breadcrumbs_ties", {"normalize": True}, {"weight": [1.0, 0.5, 2.0],
+                                              "density": [0.5, 0.8, 0.6],
+                                              "gamma": [0.1, 0.05, 0.2]}),
+]
+
+
+@pytest.mark.parametrize("name,shared,per", CROSS_CASES)
+def test_task_vector_methods_agree_with_mergekit(mergekit_methods, name, shared, per):
+    registry, mk = mergekit_methods
+    base, sources = _random_case()
+    group = mk.TensorGroup.from_tensors([base] + sources, base_index=0, name="w")
+    expected = registry.get(name)([group], parameters={**shared, **per})[0]
+    per_source = [{k: v[i] for k, v in per.items()} for i in range(len(sources))]
+    for p in METHODS[name].params:  # defaults for what the case leaves out
+        if p.scope == "source":
+            for d in per_source:
+                d.setdefault(p.name, p.default)
+    got = call(name, TensorInputs("w", base, sources), gta_shared(name, **shared), per_source)
+    assert torch.allclose(got, expected, atol=1e-12)
+
+
+def test_linear_agrees_with_mergekit(mergekit_methods):
+    registry, mk = mergekit_methods
+    _, sources = _random_case()
+    for normalize in (True, False):
+        expected = registry.get("linear")([mk.TensorGroup.from_tensors(sources)],
+                                          parameters={"weight": [1.0, 2.0, 0.5],
+                                                      "normalize": normalize})[0]
+        got = call("linear", TensorInputs("w", None, sources), {"normalize": normalize},
+                   [{"weight": w} for w in (1.0, 2.0, 0.5)])
+        assert torch.allclose(got, expected, atol=1e-12)
+
+
+@pytest.mark.parametrize("t", [0.0, 0.3, 0.5, 1.0])
+def test_slerp_agrees_with_mergekit(mergekit_methods, t):
+    registry, mk = mergekit_methods
+    base, (other,) = _random_case(shape=(5, 7), sources=1)
+    other[1] = 3 * base[1]  # a collinear row does not make the tensor collinear
+    for v1 in (other, 3 * base):  # ... but a collinear tensor is lerped
+        group = mk.TensorGroup.from_tensors([base, v1], base_index=0, name="w")
+        expected = registry.get("slerp")([group], parameters={"t": t})[0]
+        got = call("slerp", TensorInputs("w", base, [v1]), {"t": t}, [{}])
+        assert torch.allclose(got, expected, atol=1e-12)
+
+
+@pytest.mark.parametrize("filter_wise", [False, True])
+def test_model_stock_agrees_with_mergekit(mergekit_methods, filter_wise):
+    registry, mk = mergekit_methods
+    base, sources = _random_case()
+    group = mk.TensorGroup.from_tensors([base] + sources, base_index=0, name="w")
+    expected = registry.get("model_stock")([group], parameters={"filter_wise": filter_wise})[0]
+    got = call("model_stock", TensorInputs("w", base, sources), {"filter_wise": filter_wise},
+               [{}, {}, {}])
+    assert torch.allclose(got, expected, atol=1e-12)
