@@ -25,7 +25,8 @@ app = typer.Typer(
     help=(
         "[bold]evomerge[/bold]: find good merge recipes for a set of fine-tuned models.\n\n"
         "Build the offline toy zoo with [green]evomerge zoo build toy[/green], "
-        "then merge it with [green]evomerge merge experiments/toy_merge.yaml --out merged/toy[/green]."
+        "then merge it with "
+        "[green]evomerge merge experiments/toy_merge.yaml --out merged/toy[/green]."
     ),
     rich_markup_mode="rich",
     no_args_is_help=True,
@@ -130,8 +131,8 @@ def zoo_build(
 
     if cached:
         console.print(
-            f"Reused the {name.value} zoo in [bold]{out_dir}[/bold] (size {size.value}, seed {seed}); "
-            "pass --force to rebuild."
+            f"Reused the {name.value} zoo in [bold]{out_dir}[/bold] "
+            f"(size {size.value}, seed {seed}); pass --force to rebuild."
         )
     else:
         console.print(
@@ -149,8 +150,8 @@ def _print_loss_table(losses: dict[str, dict[str, float]], n: int) -> None:
     tasks = list(next(iter(losses.values())))
     best = {task: min(row[task] for row in losses.values()) for task in tasks}
     table = Table(
-        title="Loss per answer token (nats; lower is better)",
-        caption=f"{n} held-out examples per task; best per task in green",
+        title="Answer-token loss (nats, lower = better)",
+        caption=f"{n} held-out items per task; best in green",
         title_justify="left",
         caption_justify="left",
     )
@@ -191,6 +192,7 @@ def merge(
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace OUT if it exists."),
 ) -> None:
     """Merge models as a mergekit-format YAML config says."""
+    from rich.markup import escape
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn
 
     from evomerge.merge.engine import Merger
@@ -217,7 +219,7 @@ def merge(
                      max_shard_size=shard_size, dtype=out_dtype, overwrite=overwrite,
                      progress=True)
     except (RecipeError, CheckpointError, ValueError) as exc:
-        err_console.print(f"[red]error:[/red] {exc}")
+        err_console.print(f"[red]error:[/red] {escape(str(exc))}", soft_wrap=True)
         raise typer.Exit(2) from None
     console.print(
         f"Merged {len(merger.names)} tensors with [bold]{recipe.merge_method}[/bold] into "

@@ -141,9 +141,10 @@ def test_incomplete_directory_is_not_taken_for_a_built_zoo(tiny_zoo, tmp_path):
 @pytest.mark.slow
 def test_same_seed_gives_bit_identical_tensors_and_force_rebuilds(tiny_zoo, tmp_path):
     paths, _ = tiny_zoo
-    rng_before = torch.get_rng_state()
+    rng_before, threads_before = torch.get_rng_state(), torch.get_num_threads()
     other = build_toy_zoo(tmp_path / "zoo", seed=0, size="tiny", progress=False)
-    assert torch.equal(torch.get_rng_state(), rng_before)  # the global RNG is left alone
+    assert torch.equal(torch.get_rng_state(), rng_before)  # the caller's RNG is left alone
+    assert torch.get_num_threads() == threads_before  # and so is its thread count
     for name in MODEL_NAMES:
         a, b = _tensors(paths[name]), _tensors(other[name])
         assert a.keys() == b.keys()

@@ -56,6 +56,11 @@ VOCAB: tuple[str, ...] = (PAD, BOS, EOS, UNK, *TASKS, SEP, *SYMBOLS)
 # model about positions it was not trained on.
 MIN_LEN, MAX_LEN = 2, 8
 
+#: torch intra-op threads used while training. Pinned: with these tiny matrices more threads buy
+#: nothing (and cost 2-3x when the cores are shared), and float reductions split differently
+#: across threads, so the trained weights would otherwise depend on the machine's core count.
+BUILD_THREADS = 1
+
 #: Default seed of the evaluation sample in :func:`task_loss` (training draws from ``seed``).
 EVAL_SEED = 1_000_003
 
@@ -148,7 +153,7 @@ def task_example(task: str, symbols: str | list[str]) -> tuple[str, str]:
 def _sample_batch(
     tokenizer, tasks: tuple[str, ...], n: int, gen: torch.Generator
 ) -> dict[str, torch.Tensor]:
-    """``n`` examples (task drawn uniformly from ``tasks``) as padded ids with answer-only labels."""
+    """``n`` examples (tasks drawn uniformly) as right-padded ids with answer-only labels."""
     sep_id = tokenizer.convert_tokens_to_ids(SEP)
     eos_id = tokenizer.eos_token_id
     pad_id = tokenizer.pad_token_id
@@ -218,7 +223,7 @@ def _new_model(size: ToySize, tokenizer):
 
 
 def _train(model, tokenizer, tasks, *, steps, lr, batch_size, gen, progress, label) -> float:
-    """``steps`` Adam steps on batches drawn from ``tasks``; returns the mean loss of the last 10."""
+    """``steps`` Adam steps on batches from ``tasks``; returns the mean loss of the last 10."""
     opt = torch.optim.Adam(model.parameters(), lr=lr)
     model.train()
     recent: list[float] = []
@@ -272,6 +277,7 @@ def _expected_manifest(seed: int, size: str) -> dict:
         "seed": seed,
         "size": size,
         "hyperparameters": asdict(TOY_SIZES[size]),
+        "torch_threads": BUILD_THREADS,
         "tasks": list(TASKS),
         "models": {name: name for name in _model_names()},
         "experts": {task: expert_name(task) for task in TASKS},
@@ -302,6 +308,17 @@ def _write_json_atomic(path: Path, data: dict) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+@contextmanager
+def _torch_threads(n: int):
+    """Run the body with ``n`` torch intra-op threads, then restore the caller's setting."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 @contextmanager
@@ -344,11 +361,12 @@ def build_toy_zoo(
     """Train the toy zoo into ``out_dir`` (or reuse it) and return ``{model name: directory}``.
 
     Names: ``base``, ``expert_copy``, ``expert_reverse``, ``expert_sort``. The build is a pure
-    function of ``(seed, size)`` on a given torch build and thread count: the same arguments give
-    bit-identical tensors. If ``out_dir/zoo.json`` records the same seed, size and
-    hyper-parameters and every model directory is complete, nothing is retrained (unless
-    ``force``). The manifest is written last, so an interrupted build is redone, not reused.
-    The global torch RNG state is left untouched.
+    function of ``(seed, size)`` for a given torch build (training runs on ``BUILD_THREADS``
+    threads whatever the machine): the same arguments give bit-identical tensors. If
+    ``out_dir/zoo.json`` records the same seed, size and hyper-parameters and every model
+    directory is complete, nothing is retrained (unless ``force``). The manifest is written last,
+    so an interrupted build is redone, not reused. The caller's global torch RNG state and thread
+    count are left untouched.
     """
     if size not in TOY_SIZES:
         raise ValueError(f"unknown toy zoo size {size!r}; expected one of {', '.join(TOY_SIZES)}")
@@ -364,7 +382,11 @@ def build_toy_zoo(
     tokenizer = make_tokenizer()
     started = time.perf_counter()
     train_loss: dict[str, float] = {}
-    with torch.random.fork_rng(devices=[]), _progress(progress) as bar:
+    with (
+        torch.random.fork_rng(devices=[]),
+        _torch_threads(BUILD_THREADS),
+        _progress(progress) as bar,
+    ):
         torch.manual_seed(seed)
         gen = torch.Generator().manual_seed(seed)
         base = _new_model(hp, tokenizer)
@@ -390,7 +412,6 @@ def build_toy_zoo(
         "train_loss": train_loss,
         "build_seconds": round(time.perf_counter() - started, 2),
         "torch": torch.__version__,
-        "torch_threads": torch.get_num_threads(),
     }
     _write_json_atomic(out / MANIFEST, manifest)
     return paths
