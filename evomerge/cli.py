@@ -106,7 +106,7 @@ def zoo_build(
     size: ToyZooSize = typer.Option(
         ToyZooSize.small,
         "--size",
-        help="[bold]small[/bold]: 4 layers x 64 wide, under a minute on 2 CPU cores. "
+        help="[bold]small[/bold]: 4 layers x 64 wide, 30-60 s on 2 CPU cores. "
         "[bold]tiny[/bold]: 2 layers x 32 wide, a few seconds (for tests).",
     ),
     force: bool = typer.Option(

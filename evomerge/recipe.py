@@ -13,7 +13,7 @@ Recipes are frozen values: everything that crosses a process boundary is a recip
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, Union
 
@@ -180,31 +180,35 @@ class MergeRecipe(BaseModel):
 # ---- setting evaluation (mergekit's evaluate_setting) ---------------------------------------
 
 
-def evaluate_setting(setting: Setting | None, tensor_name: str, t: float) -> Any:
+def evaluate_setting(setting: Setting | None, tensor_name: str, t: float,
+                     convert: Callable[[Any], Any] = lambda v: v) -> Any:
     """The value of a setting for one tensor, or None when no filter matches.
 
-    Numeric lists interpolate linearly at ``t * (len - 1)``; lists of bools/strings pick
-    ``values[int(t * (len - 1))]``; conditionals take the first matching filter.
+    Values pass through ``convert`` (the parameter's type) first, as mergekit validates them, so
+    a YAML gradient of "1e-3" strings interpolates like numbers. Numeric lists interpolate
+    linearly at ``t * (len - 1)``; lists of bools/strings pick ``values[int(t * (len - 1))]``;
+    conditionals take the first matching filter.
     """
     if setting is None:
         return None
     if isinstance(setting, Conditional):
         setting = [setting]
     if isinstance(setting, (bool, int, float, str)):
-        return setting
+        return convert(setting)
     if not setting:
         return None
     if all(isinstance(v, (bool, int, float, str)) for v in setting):
-        if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in setting):
-            return setting[int(t * (len(setting) - 1))]
-        scaled = t * (len(setting) - 1)
+        values = [convert(v) for v in setting]
+        if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values):
+            return values[int(t * (len(values) - 1))]
+        scaled = t * (len(values) - 1)
         i0 = int(scaled)
-        i1 = min(len(setting) - 1, i0 + 1)
+        i1 = min(len(values) - 1, i0 + 1)
         frac = scaled - i0
-        return (1 - frac) * setting[i0] + frac * setting[i1]
+        return (1 - frac) * values[i0] + frac * values[i1]
     for cond in setting:
         if cond.filter is None or cond.filter == "*" or (tensor_name and cond.filter in tensor_name):
-            return evaluate_setting(cond.value, tensor_name, t)
+            return evaluate_setting(cond.value, tensor_name, t, convert)
     return None
 
 
@@ -212,9 +216,9 @@ def _resolve_param(spec: ParamSpec, scopes: list[dict[str, Setting] | None], ten
                    t: float, owner: str) -> Any:
     for scope in scopes:
         if scope and spec.name in scope:
-            value = evaluate_setting(scope[spec.name], tensor_name, t)
+            value = evaluate_setting(scope[spec.name], tensor_name, t, spec.type)
             if value is not None:
-                return spec.type(value)
+                return value
     if spec.required:
         raise RecipeError(f"{owner}: parameter '{spec.name}' has no value for tensor {tensor_name}")
     return spec.default
@@ -286,6 +290,9 @@ def validate_recipe(recipe: MergeRecipe) -> list[str]:
         problems += _check_params(entry.parameters, "source", f"models[{i}].parameters", method)
     if problems:
         return problems
+    for spec in method.params:
+        if spec.scope == "shared" and spec.required and spec.name not in (recipe.parameters or {}):
+            problems.append(f"parameters.{spec.name}: required by {method.name}")
     required = [p.name for p in method.params if p.scope == "source" and p.required]
     for i, entry in enumerate(recipe.source_entries()):
         for name in required:

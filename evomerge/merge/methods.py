@@ -20,6 +20,7 @@ standalone call computes those on the fly; the engine passes a cached view.
 from __future__ import annotations
 
 import hashlib
+import math
 from collections.abc import Callable, Hashable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -134,7 +135,7 @@ def magnitude_mask(delta: Tensor, density: float, sorted_abs: Tensor | None = No
     if sorted_abs is None:
         sorted_abs = _work(delta).abs().flatten().sort().values
     k = max(1, int(density * n))
-    out = _buffer(out, delta)
+    out = out if out is not None else torch.empty_like(delta)
     torch.abs(delta, out=out)
     return torch.ge(out, sorted_abs[n - k], out=out)
 
@@ -149,13 +150,13 @@ def magnitude_outliers_mask(delta: Tensor, density: float, gamma: float,
     """
     n = delta.numel()
     target = int(density * n)
-    out = _buffer(out, delta)
+    out = out if out is not None else torch.empty_like(delta)
     if target <= 0:
         return out.zero_()
     n_bot = max(0, n - target - int(gamma * n))
     if sorted_abs is None:
         sorted_abs = _work(delta).abs().flatten().sort().values
-    scratch = _buffer(scratch, delta)
+    scratch = scratch if scratch is not None else torch.empty_like(delta)
     torch.abs(delta, out=out)
     torch.ge(out, sorted_abs[n_bot], out=scratch)
     torch.le(out, sorted_abs[n_bot + target - 1], out=out)
@@ -197,8 +198,7 @@ def della_mask(delta: Tensor, density: float, epsilon: float, generator: torch.G
 
 
 def _buffer(out: Tensor | None, delta: Tensor) -> Tensor:
-    return out if out is not None else torch.empty(delta.shape, dtype=_work(delta).dtype,
-                                                   device=delta.device)
+    return out if out is not None else torch.empty_like(delta, dtype=_work(delta).dtype)
 
 
 def l1_rescale_factor(kept: Tensor, l1_before: Tensor, eps: float = 1e-7) -> float:
@@ -237,7 +237,9 @@ def sparsified_delta(
     if density <= 0 and method in ("magnitude", "della_magprune"):
         return torch.zeros_like(delta), 1.0
     ws = inputs.workspace
-    mask, scratch = ws.get(1, delta, _work(delta).dtype), ws.get(2, delta, _work(delta).dtype)
+    # magnitude masks compare |delta| in delta's own dtype (exact); random ones draw in float32
+    mask_dtype = delta.dtype if method.startswith("magnitude") else _work(delta).dtype
+    mask, scratch = ws.get(1, delta, mask_dtype), ws.get(2, delta, mask_dtype)
     if method == "magnitude":
         magnitude_mask(delta, density, inputs.sorted_abs(k), out=mask)
     elif method == "magnitude_outliers":
@@ -351,30 +353,26 @@ def linear(
 
 def slerp(t: float, v0: Tensor, v1: Tensor, dot_threshold: float = 0.9995, eps: float = 1e-8,
           out: Tensor | None = None) -> Tensor:
-    """Spherical interpolation per output row (mergekit >= 0.1.5 treats dim 0 as a batch).
+    """Spherical interpolation of two tensors, each taken as one flattened vector (mergekit).
 
-    For each row: Omega = arccos(<v0/|v0|, v1/|v1|>); result = sin((1-t) Omega)/sin Omega * v0 +
+    Omega = arccos(<v0/|v0|, v1/|v1|>); result = sin((1-t) Omega)/sin Omega * v0 +
     sin(t Omega)/sin Omega * v1, falling back to (1-t) v0 + t v1 when |cos Omega| > threshold.
     Computed in float32 (float64 stays float64).
     """
     dtype = torch.float64 if v0.dtype == torch.float64 else torch.float32
-    if v0.dim() == 0:
-        return _into(out, (1 - t) * v0.to(dtype) + t * v1.to(dtype), v0.dtype)
-    a = v0.reshape(v0.shape[0], -1).to(dtype)
-    b = v1.reshape(v1.shape[0], -1).to(dtype)
-    if a.shape[1] == 0:
-        return _into(out, ((1 - t) * a + t * b).reshape(v0.shape), v0.dtype)
-    na = torch.linalg.vector_norm(a, dim=1, keepdim=True)
-    nb = torch.linalg.vector_norm(b, dim=1, keepdim=True)
-    na = torch.where(na > eps, na, 1)
-    nb = torch.where(nb > eps, nb, 1)
-    dot = ((a / na) * (b / nb)).sum(dim=1, keepdim=True).clamp(-1, 1)
-    lin = dot.abs() > dot_threshold
-    theta = torch.acos(torch.where(lin, 0, dot))
-    sin_theta = torch.sin(theta)
-    ca = torch.where(lin, 1 - t, torch.sin((1 - t) * theta) / sin_theta)
-    cb = torch.where(lin, t, torch.sin(t * theta) / sin_theta)
-    return _into(out, (ca * a + cb * b).reshape(v0.shape), v0.dtype)
+    a, b = v0.to(dtype).flatten(), v1.to(dtype).flatten()
+    ca, cb = 1 - t, t
+    if a.numel():
+        na, nb = float(torch.linalg.vector_norm(a)), float(torch.linalg.vector_norm(b))
+        # normalise before multiplying so the raw dot product cannot overflow
+        dot = float(torch.dot(a / (na if na > eps else 1), b / (nb if nb > eps else 1)))
+        dot = min(1.0, max(-1.0, dot))
+        if abs(dot) <= dot_threshold:
+            theta = math.acos(dot)
+            ca = math.sin((1 - t) * theta) / math.sin(theta)
+            cb = math.sin(t * theta) / math.sin(theta)
+    result = torch.mul(a, ca).add_(b, alpha=cb)
+    return _into(out, result.reshape(v0.shape), v0.dtype)
 
 
 def model_stock(base: Tensor, sources: Sequence[Tensor], filter_wise: bool = False,

@@ -83,12 +83,12 @@ class ToySize:
 
 
 TOY_SIZES: dict[str, ToySize] = {
-    # ~0.2M parameters; a couple of minutes at most on 2 CPU cores.
+    # 268k parameters; 30-60 s on 2 CPU cores (one torch thread), depending on load.
     "small": ToySize(
         hidden_size=64, num_layers=4, num_heads=4, intermediate_size=256,
         batch_size=64, base_steps=400, base_lr=3e-3, expert_steps=48, expert_lr=1e-3,
     ),
-    # ~30k parameters; a few seconds. For tests.
+    # 23k parameters; a few seconds. For tests.
     "tiny": ToySize(
         hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64,
         batch_size=32, base_steps=60, base_lr=3e-3, expert_steps=24, expert_lr=3e-3,
