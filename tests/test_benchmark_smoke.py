@@ -80,6 +80,7 @@ def test_numbers_are_consistent_and_builds_are_real(result):
     if result["mergekit"]:
         # linear is deterministic and simple: evomerge and mergekit agree to rounding.
         assert result["methods"]["linear"]["mergekit_max_abs_diff"] < 1e-6
+        assert result["methods"]["linear"]["mergekit_mismatched"] == 0
         assert result["methods"]["dare_ties"]["mergekit_max_abs_diff"] is None  # random masks
 
 
