@@ -296,7 +296,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         ALL_METHODS)
     unknown = [m for m in methods if m not in ALL_METHODS]
     if unknown:
-        raise SystemExit(f"unknown method(s): {', '.join(unknown)}; known: {', '.join(ALL_METHODS)}")
+        raise SystemExit(f"unknown method(s): {', '.join(unknown)}; "
+                         f"known: {', '.join(ALL_METHODS)}")
     use_mergekit = not args.no_mergekit and mergekit_available()
     if not args.no_mergekit and not use_mergekit:
         log("mergekit is not importable: skipping the mergekit comparison")
@@ -459,7 +460,8 @@ def markdown_section(result: dict[str, Any], command: str) -> str:
         " density 0.5 (DELLA epsilon 0.1); slerp: base + source1, t = 0.5; model_stock: base + 3.",
         "",
         "| method | models read | build_s | first_build_s | GB/s | x memcpy | mergekit s | speedup "
-        "| >= 0.5x memcpy | faster than mergekit | vs mergekit: elements not close (max abs diff) |",
+        "| >= 0.5x memcpy | faster than mergekit "
+        "| vs mergekit: elements not close (max abs diff) |",
         "|---|---:|---:|---:|---:|---:|---:|---:|---|---|---:|",
     ]
     contended = []
@@ -478,7 +480,8 @@ def markdown_section(result: dict[str, Any], command: str) -> str:
             flag = " †"
             contended.append(name)
         lines.append(
-            f"| {name}{flag} | {e['models_read']} | {e['build_s']:.3f} | {e['first_build_s']:.3f} | "
+            f"| {name}{flag} | {e['models_read']} | {e['build_s']:.3f} | "
+            f"{e['first_build_s']:.3f} | "
             f"{e['GBps']:.2f} | {e['ratio_to_memcpy']:.2f} | {_num(e['mergekit_s'], '.2f')} | "
             f"{_num(sp, '.1f') + ('x' if sp is not None else '')} | {bw} | {mk} | {diff_s} |")
     met_bw = [n for n, e in result["methods"].items() if targets(n, e)[0] == "met"]
@@ -510,7 +513,8 @@ def markdown_section(result: dict[str, Any], command: str) -> str:
         "draw different random masks by design). A few mismatches for ties/breadcrumbs are "
         "expected: evomerge keeps every element tied in |delta| at the magnitude threshold where "
         "mergekit's argsort keeps an arbitrary subset (evomerge/merge/methods.py says so); any "
-        "other mismatch is a difference in semantics or precision. Every timed build started from a NaN-filled target and matched a fresh "
+        "other mismatch is a difference in semantics or precision. Every timed build started "
+        "from a NaN-filled target and matched a fresh "
         "`Merger.build` exactly (max abs diff "
         + _num(max((e["max_abs_diff_vs_fresh_build"] for e in result["methods"].values()),
                    default=None), ".1e") + ").",
@@ -570,7 +574,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--write-results", action="store_true",
                    help=f"same as --out-md {RESULTS_MD.relative_to(ROOT)}")
     p.add_argument("--profile", action="store_true",
-                   help="also profile one warm build per method (torch.profiler + cProfile, stderr)")
+                   help="also profile one warm build per method (torch.profiler + cProfile, "
+                        "on stderr)")
     p.add_argument("--seed", type=int, default=0, help="seed of the synthetic weights")
     p.add_argument("--from-json", type=Path, default=None,
                    help="skip the run: re-render the markdown (and --json) from a saved --json "
