@@ -1,0 +1,84 @@
+"""The fitness interface: ``evaluate(model) -> EvalResult(objectives, item_scores)``.
+
+Objectives are derived from per-item scores (1.0 right, 0.0 wrong, or a graded score), which are
+returned too: the store keeps them with the trial, and later M2N2's resource competition and IRT
+reduction need them. A fitness also owns the model object that the merge engine writes each
+candidate into, so a worker allocates it once and never re-instantiates it.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import numpy as np
+import torch
+
+Direction = Literal["maximize", "minimize"]
+Split = Literal["search", "heldout"]
+
+
+@dataclass(frozen=True)
+class Objective:
+    name: str
+    direction: Direction = "maximize"
+
+
+@dataclass
+class EvalResult:
+    """Objective values by name, and per-item scores by task (1-D float arrays)."""
+
+    objectives: dict[str, float]
+    item_scores: dict[str, np.ndarray] = field(default_factory=dict)
+
+    def values(self, objectives: list[Objective]) -> list[float]:
+        """Objective values in the given order (what a strategy is told)."""
+        return [float(self.objectives[o.name]) for o in objectives]
+
+
+class Fitness(ABC):
+    """Scores models of one architecture on one or more tasks.
+
+    ``base_model`` is the directory of the base checkpoint: the fitness reads its config to
+    allocate :meth:`new_model`. Data are loaded and prepared once per fitness object (once per
+    worker), never per candidate.
+    """
+
+    objectives: list[Objective]
+
+    @abstractmethod
+    def new_model(self) -> torch.nn.Module:
+        """A model with the checkpoints' tensor names, for ``Merger.build(recipe, into=...)``."""
+
+    @abstractmethod
+    def evaluate(self, model: torch.nn.Module, split: Split = "search") -> EvalResult:
+        """Score ``model`` on the ``search`` items (seen by the search) or the ``heldout`` ones."""
+
+
+FITNESSES: dict[str, Callable[..., Fitness]] = {}
+
+
+def register(name: str) -> Callable[[type[Fitness]], type[Fitness]]:
+    """Class decorator: make a fitness available to experiments by name."""
+    def wrap(cls: type[Fitness]) -> type[Fitness]:
+        if name in FITNESSES:
+            raise ValueError(f"fitness {name!r} is already registered")
+        FITNESSES[name] = cls
+        return cls
+    return wrap
+
+
+def make_fitness(name: str, **options: Any) -> Fitness:
+    _load_builtin()
+    try:
+        cls = FITNESSES[name]
+    except KeyError:
+        raise KeyError(f"unknown fitness {name!r}; known: {', '.join(sorted(FITNESSES))}") from None
+    return cls(**options)
+
+
+def _load_builtin() -> None:
+    """Import the built-in fitness modules so their ``@register`` runs."""
+    import evomerge.fitness.digits  # noqa: F401
