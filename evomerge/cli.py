@@ -238,5 +238,100 @@ def _tokenizer_source(recipe) -> Path:
     return Path(recipe.base_model or recipe.models[0].model)
 
 
+# =============================================================================================
+# evomerge run | resume | dashboard
+# =============================================================================================
+
+_RUN_HELP = (
+    "Run a merge search described by an experiment YAML.\n\n"
+    "The experiment names the models (base + sources), a search space (a catalog name from "
+    "search_spaces/ or an inline mapping), a fitness, a strategy (cmaes, nsga2, optuna, random) "
+    "and a budget of evaluations. Every candidate is recorded in an Optuna study "
+    "(default sqlite at runs/NAME/study.db) before it is evaluated; the run directory receives "
+    "summary.json, best_recipe.yaml (mergekit format), the exported best model and PNG plots.\n\n"
+    "Killed runs continue with [green]evomerge resume runs/NAME[/green]."
+)
+
+
+def _fail(exc: BaseException, code: int = 2) -> None:
+    from rich.markup import escape
+
+    err_console.print(f"[red]error:[/red] {escape(str(exc))}", soft_wrap=True)
+    raise typer.Exit(code)
+
+
+def _run(experiment, resume: bool) -> None:
+    from evomerge.experiment import ExperimentError
+    from evomerge.merge.io import CheckpointError
+    from evomerge.report import print_summary
+
+    try:
+        summary = experiment.run(resume=resume)
+    except (ExperimentError, CheckpointError) as exc:
+        _fail(exc)
+    except RuntimeError as exc:
+        _fail(exc, 1)
+    print_summary(summary, console)
+    console.print(f"Run directory: [bold]{experiment.run_path}[/bold]")
+
+
+@app.command("run", help=_RUN_HELP)
+def run(
+    experiment_file: Path = typer.Argument(..., metavar="EXPERIMENT.yaml", show_default=False,
+                                           help="Experiment YAML."),
+    budget: Optional[int] = typer.Option(None, "--budget", help="Override the budget."),
+    seed: Optional[int] = typer.Option(None, "--seed", help="Override the seed."),
+    run_dir: Optional[Path] = typer.Option(None, "--run-dir",
+                                           help="Where to write the run [default: runs/NAME]."),
+) -> None:
+    """Run a merge search described by an experiment YAML."""
+    from evomerge.experiment import Experiment, ExperimentError
+
+    try:
+        experiment = Experiment.from_yaml(experiment_file, budget=budget, seed=seed,
+                                          run_dir=str(run_dir) if run_dir else None)
+    except ExperimentError as exc:
+        _fail(exc)
+    _run(experiment, resume=False)
+
+
+@app.command("resume")
+def resume(run_dir: Path = typer.Argument(..., metavar="RUN_DIR", show_default=False,
+                                          help="A run directory, e.g. runs/digits_cmaes.")) -> None:
+    """Continue a run that was interrupted: replay the stored trials into the seeded strategy
+    and evaluate only what is missing; the run ends with exactly the budgeted trials."""
+    from evomerge.experiment import Experiment, ExperimentError
+
+    try:
+        experiment = Experiment.from_yaml(run_dir / "experiment.yaml")
+    except ExperimentError as exc:
+        _fail(exc)
+    _run(experiment, resume=True)
+
+
+@app.command("dashboard")
+def dashboard(
+    run_dir: Path = typer.Argument(..., metavar="RUN_DIR", show_default=False),
+    host: str = typer.Option("127.0.0.1", "--host",
+                             help="Interface to bind; the default serves this machine only."),
+    port: int = typer.Option(8080, "--port"),
+) -> None:
+    """Serve optuna-dashboard for a run's study (trials, parameters, Pareto front)."""
+    from evomerge.experiment import Experiment, ExperimentError
+    from evomerge.store import open_storage, storage_url
+
+    try:
+        experiment = Experiment.from_yaml(run_dir / "experiment.yaml")
+    except ExperimentError as exc:
+        _fail(exc)
+    try:
+        from optuna_dashboard import run_server
+    except ImportError:
+        _fail(RuntimeError("optuna-dashboard is not installed: pip install optuna-dashboard"))
+    url = storage_url(experiment.storage, experiment.run_path)
+    console.print(f"optuna-dashboard for {url} on http://{host}:{port}/dashboard/")
+    run_server(open_storage(url), host=host, port=port)
+
+
 if __name__ == "__main__":
     app()

@@ -1,0 +1,209 @@
+"""The driver: ask a generation, enqueue it, let the executor evaluate it, tell the strategy.
+
+Resume is replay (DESIGN decision 3): the strategy is re-created from the experiment with its
+seed and walked through the stored generations: for each, it is asked again (a deterministic
+strategy asks the same points; a mismatch is an error, never silently mixed), the slots that
+already have a finished trial are told from the store, and only the missing ones are enqueued.
+Trials left RUNNING by a killed process are marked FAIL("interrupted") and their slot is
+enqueued again, so a run always ends with exactly ``budget`` evaluated slots.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+from optuna.trial import TrialState
+
+from evomerge.experiment import Experiment, ExperimentError
+from evomerge.execution.local import LocalExecutor
+from evomerge.search import Strategy, make_strategy
+from evomerge.store import Slot, Store, slot_of, storage_url, x_of
+
+
+class Plan:
+    """Everything derived from an experiment before any compute: space, strategy, store args."""
+
+    def __init__(self, experiment: Experiment) -> None:
+        from evomerge.fitness.base import FITNESSES
+        from evomerge.merge.engine import layer_group
+        from evomerge.merge.io import check_compatible
+        from evomerge.spaces import load_space
+
+        missing = experiment.models.missing()
+        if missing:
+            raise ExperimentError("models not found (build them first, e.g. `evomerge zoo build "
+                                  "digits`):\n  " + "\n  ".join(missing))
+        self.experiment = experiment = experiment.resolved()
+        models = experiment.models
+        self.paths = ([models.base] if models.base else []) + list(models.sources.values())
+        infos = check_compatible(self.paths)
+        names = list(infos[0].tensors)
+        groups = [layer_group(n) for n in names]
+        num_layers = 1 + max((g.layer for g in groups if g.layer is not None), default=-1)
+        non_layer = [n for n, g in zip(names, groups) if g.layer is None]
+        try:
+            space = load_space(experiment.space)
+            self.space = space.bind(models.base, list(models.sources.values()), num_layers,
+                                    non_layer)
+        except (ValueError, KeyError, FileNotFoundError) as exc:
+            raise ExperimentError(f"space: {exc}") from None
+        self.objectives = _objectives(FITNESSES[experiment.fitness.name], experiment)
+        directions = [o.direction for o in self.objectives]
+        self.strategy_kwargs = dict(lower=self.space.lower, upper=self.space.upper,
+                                    directions=directions, seed=experiment.seed,
+                                    **experiment.strategy.options)
+        strategy = self.new_strategy()
+        if experiment.budget < strategy.popsize:
+            raise ExperimentError(f"budget: {experiment.budget} is smaller than one generation "
+                                  f"(strategy.popsize = {strategy.popsize})")
+        self.store_args = dict(url=storage_url(experiment.storage, experiment.run_path),
+                               study_name=experiment.name, directions=directions,
+                               lower=list(map(float, self.space.lower)),
+                               upper=list(map(float, self.space.upper)),
+                               objective_names=[o.name for o in self.objectives])
+
+    def new_strategy(self) -> Strategy:
+        try:
+            return make_strategy(self.experiment.strategy.name, **self.strategy_kwargs)
+        except TypeError as exc:
+            raise ExperimentError(f"strategy: {exc}") from None
+        except ValueError as exc:
+            raise ExperimentError(f"strategy: {exc}") from None
+
+
+def _objectives(fitness_cls: Any, experiment: Experiment) -> list:
+    """A fitness's objectives without loading data: construct it cheaply if it allows, else
+    from its class attribute."""
+    fitness = fitness_cls(base_model=experiment.models.base or next(
+        iter(experiment.models.sources.values())), **experiment.fitness.options)
+    return list(fitness.objectives)
+
+
+def run_experiment(experiment: Experiment, *, resume: bool = False, progress: bool = True,
+                   on_trial: Callable[[int, int], None] | None = None) -> dict[str, Any]:
+    """Run or resume a search end to end; writes the run directory and returns the summary."""
+    from evomerge import report
+
+    started = time.perf_counter()
+    try:
+        plan = Plan(experiment)
+    except (TypeError, KeyError) as exc:
+        raise ExperimentError(str(exc)) from None
+    run_dir = plan.experiment.run_path
+    run_dir.mkdir(parents=True, exist_ok=True)
+    store = Store(**plan.store_args)
+    existing = store.trials()
+    if existing and not resume:
+        raise ExperimentError(f"{run_dir} already holds {len(existing)} trials of this study: "
+                              f"continue it with `evomerge resume {run_dir}`, or remove it")
+    report.write_provenance(run_dir, plan.experiment, resumed=resume)
+    if resume:
+        store.fail_interrupted()
+    store.set_finished(False)
+    executor = LocalExecutor(plan.experiment, plan.store_args, plan.experiment.executor.workers)
+    budget = plan.experiment.budget
+    with report.progress_bar(budget, enabled=progress) as bar:
+        try:
+            _search(plan, store, executor, bar, on_trial)
+        finally:
+            executor.close(store)
+    summary = report.finish_run(plan, store, executor.evaluator,
+                                wall_s=time.perf_counter() - started)
+    return summary
+
+
+def _search(plan: Plan, store: Store, executor: LocalExecutor, bar: Any,
+            on_trial: Callable[[int, int], None] | None) -> None:
+    experiment = plan.experiment
+    budget, dim = experiment.budget, plan.space.dim
+    strategy = plan.new_strategy()
+    stored = store.slots()  # read once: what a previous (killed) run left
+    done = sum(t.state.is_finished() for t in stored.values())
+    best = _Best(plan.objectives)
+    for t in stored.values():
+        best.add(t)
+    generation = 0
+    while generation * strategy.popsize < budget:
+        candidates = strategy.ask()
+        size = min(len(candidates), budget - generation * strategy.popsize)
+        ids = []
+        for i, cand in enumerate(candidates[:size]):
+            trial = stored.get(Slot(generation, i))
+            if trial is not None:
+                if not np.allclose(x_of(trial, dim), cand.x, rtol=0, atol=1e-12):
+                    raise ExperimentError(
+                        f"resume: trial {trial.number} (generation {generation}, candidate {i}) "
+                        "does not match what the strategy asks now; the experiment (seed, space, "
+                        "strategy options) must be the one the run started with")
+                ids.append(trial._trial_id)
+            else:
+                ids.append(store.enqueue(cand.x, Slot(generation, i),
+                                         plan.space.decode(cand.x).to_dict()))
+        pending = {tid for tid in ids if not store.get(tid).state.is_finished()}
+
+        def generation_done() -> bool:
+            pending.difference_update(
+                [tid for tid in list(pending) if store.get(tid).state.is_finished()])
+            return not pending
+
+        def tick() -> None:
+            finished = done + size - len(pending)
+            bar.update(finished, best.text())
+            if on_trial:
+                on_trial(finished, budget)
+
+        bar.update(done, best.text())
+        executor.run(store, generation_done, tick)
+        if not generation_done():
+            raise RuntimeError(f"generation {generation} did not complete")
+        trials = [store.get(tid) for tid in ids]
+        done += sum(1 for t in trials if stored.get(slot_of(t)) is None
+                    or not stored[slot_of(t)].state.is_finished())
+        for t in trials:
+            best.add(t)
+        bar.update(done, best.text())
+        _check_failures(trials, store, experiment.max_fail_share, strategy.popsize)
+        if size == len(candidates):
+            strategy.tell(candidates, [list(t.values) if t.state == TrialState.COMPLETE else None
+                                       for t in trials])
+        generation += 1
+
+
+class _Best:
+    """Best-so-far for the progress bar, tracked locally (no store scan per trial)."""
+
+    def __init__(self, objectives: list) -> None:
+        self.objectives = objectives
+        self.value: float | None = None
+        self.front = 0
+
+    def add(self, trial: Any) -> None:
+        if trial.state != TrialState.COMPLETE:
+            return
+        if len(self.objectives) == 1:
+            v = trial.values[0]
+            better = max if self.objectives[0].direction == "maximize" else min
+            self.value = v if self.value is None else better(self.value, v)
+
+    def text(self) -> str:
+        if len(self.objectives) > 1:
+            return f"{len(self.objectives)} objectives"
+        return "-" if self.value is None else f"{self.objectives[0].name} {self.value:.4f}"
+
+
+def _check_failures(generation: list, store: Store, share: float, popsize: int) -> None:
+    """Stop the run when more than ``share`` of the finished candidates failed."""
+    from evomerge.store import RESULT
+
+    finished = [t for t in store.slots().values() if t.state.is_finished()] if any(
+        t.state == TrialState.FAIL for t in generation) else None
+    if not finished:
+        return
+    failed = [t for t in finished if t.state == TrialState.FAIL]
+    if len(finished) >= popsize and len(failed) > share * len(finished):
+        reason = failed[-1].user_attrs.get(RESULT, {}).get("error", "?").splitlines()[0]
+        raise RuntimeError(f"{len(failed)} of {len(finished)} candidates failed (more than "
+                           f"max_fail_share = {share}); last error: {reason}")

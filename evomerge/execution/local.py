@@ -1,0 +1,84 @@
+"""Local execution: evaluate in the driver process, or in N worker processes on this machine.
+
+Both paths use the store as the queue. In-process, the driver drains the queue itself after
+enqueuing a generation. With ``workers: N``, N spawned processes each load the sources once and
+run :func:`evomerge.execution.worker.worker_loop`; the driver only waits for the generation's
+trials to finish, as it will for Ray actors and SLURM array tasks.
+"""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import time
+from collections.abc import Callable
+from typing import Any
+
+from evomerge.execution.worker import Evaluator, drain, worker_loop
+from evomerge.store import Store
+
+
+def evaluator_for(experiment: Any) -> Evaluator:
+    models = experiment.models
+    paths = ([models.base] if models.base else []) + list(models.sources.values())
+    return Evaluator(paths, experiment.fitness.name, experiment.fitness.options, models.base)
+
+
+def _worker_main(experiment_data: dict, store_args: dict) -> None:
+    from evomerge.experiment import Experiment
+
+    experiment = Experiment.model_validate(experiment_data)
+    store = Store(**store_args)
+    worker_loop(store, evaluator_for(experiment))
+
+
+class LocalExecutor:
+    """Runs the enqueued trials of a generation to completion."""
+
+    def __init__(self, experiment: Any, store_args: dict, workers: int = 0) -> None:
+        self.experiment = experiment
+        self.store_args = store_args
+        self.workers = workers
+        self._evaluator: Evaluator | None = None
+        self._procs: list[mp.Process] = []
+
+    @property
+    def evaluator(self) -> Evaluator:
+        """The driver's own evaluator (in-process trials, source and held-out scores)."""
+        if self._evaluator is None:
+            self._evaluator = evaluator_for(self.experiment)
+        return self._evaluator
+
+    def run(self, store: Store, done: Callable[[], bool], tick: Callable[[], None]) -> None:
+        """Return once ``done()``; ``tick()`` after each finished trial / poll."""
+        if self.workers == 0:
+            drain(store, self.evaluator, on_done=tick)
+            return
+        self._start()
+        while not done():
+            if not any(p.is_alive() for p in self._procs):
+                codes = [p.exitcode for p in self._procs]
+                raise RuntimeError(f"all {self.workers} worker processes exited (codes {codes}) "
+                                   "with trials still queued; see their output above")
+            time.sleep(0.05)
+            tick()
+
+    def _start(self) -> None:
+        if self._procs:
+            return
+        ctx = mp.get_context("spawn")  # fresh interpreters: no forked torch/SQLite state
+        data = self.experiment.model_dump(mode="json")
+        for _ in range(self.workers):
+            proc = ctx.Process(target=_worker_main, args=(data, self.store_args), daemon=True)
+            proc.start()
+            self._procs.append(proc)
+
+    def close(self, store: Store) -> None:
+        """Tell workers the study is finished and wait for them."""
+        if not self._procs:
+            return
+        store.set_finished(True)
+        for proc in self._procs:
+            proc.join(timeout=30)
+            if proc.is_alive():
+                proc.terminate()
+        self._procs = []

@@ -1,0 +1,146 @@
+"""Experiment: one YAML file = one runnable search (models + space + fitness + strategy + store).
+
+Everything is validated before any compute: unknown keys and names, bounds, a budget smaller than
+one generation — each as one error naming the field. Model paths are resolved against the current
+directory (as ``evomerge merge`` does) and stored absolute in the run directory, so ``evomerge
+resume`` works from anywhere.
+
+    from evomerge.experiment import Experiment
+    summary = Experiment.from_yaml("experiments/digits_cmaes.yaml").run()
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+
+class ExperimentError(ValueError):
+    """An experiment that cannot run; the message names the field."""
+
+
+class Models(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+    base: str | None = None
+    sources: dict[str, str]
+
+    @field_validator("sources")
+    @classmethod
+    def _some_sources(cls, v: dict[str, str]) -> dict[str, str]:
+        if not v:
+            raise ValueError("at least one source model is needed")
+        return v
+
+    def resolved(self) -> "Models":
+        absolute = lambda p: str(Path(p).expanduser().absolute())  # noqa: E731
+        return Models(base=absolute(self.base) if self.base else None,
+                      sources={k: absolute(p) for k, p in self.sources.items()})
+
+    def missing(self) -> list[str]:
+        fields = [("models.base", self.base)] if self.base else []
+        fields += [(f"models.sources.{k}", p) for k, p in self.sources.items()]
+        return [f"{field}: {path} is not a directory" for field, path in fields
+                if not Path(path).expanduser().is_dir()]
+
+
+class Named(BaseModel):
+    """``{name: ..., <options>}``: a registry name plus the options passed to its constructor."""
+
+    model_config = ConfigDict(frozen=True, extra="allow")
+    name: str
+
+    @property
+    def options(self) -> dict[str, Any]:
+        return dict(self.model_extra or {})
+
+
+class Executor(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+    kind: Literal["local"] = "local"
+    workers: int = Field(0, ge=0, description="0: evaluate in the driver process; N: N processes")
+
+
+class Experiment(BaseModel):
+    """A search. ``budget`` counts evaluated candidates (failed ones included)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+    name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
+    models: Models
+    space: str | dict[str, Any]
+    fitness: Named
+    strategy: Named
+    budget: int = Field(gt=0)
+    seed: int = 0
+    executor: Executor = Executor()
+    storage: str | None = None
+    run_dir: str | None = None
+    export: bool = True
+    max_fail_share: float = Field(0.5, gt=0, le=1)
+
+    @model_validator(mode="after")
+    def _names_exist(self) -> "Experiment":
+        from evomerge.fitness.base import FITNESSES, _load_builtin
+        from evomerge.search import STRATEGIES
+
+        _load_builtin()
+        problems = []
+        if self.strategy.name not in STRATEGIES:
+            problems.append(f"strategy.name: unknown strategy {self.strategy.name!r}; known: "
+                            f"{', '.join(sorted(STRATEGIES))}")
+        if self.fitness.name not in FITNESSES:
+            problems.append(f"fitness.name: unknown fitness {self.fitness.name!r}; known: "
+                            f"{', '.join(sorted(FITNESSES))}")
+        if problems:
+            raise ValueError("\n".join(problems))
+        return self
+
+    # ---- loading -------------------------------------------------------------------------
+
+    @classmethod
+    def from_dict(cls, data: Any, *, where: str = "experiment", **overrides: Any) -> "Experiment":
+        if not isinstance(data, dict):
+            raise ExperimentError(f"{where}: expected a mapping of experiment fields")
+        data = {**data, **{k: v for k, v in overrides.items() if v is not None}}
+        try:
+            return cls.model_validate(data)
+        except ValidationError as exc:
+            lines = []
+            for err in exc.errors():
+                loc = ".".join(str(p) for p in err["loc"])
+                for msg in err["msg"].removeprefix("Value error, ").split("\n"):
+                    lines.append(f"  {loc + ': ' if loc else ''}{msg}")
+            raise ExperimentError(f"{where}: invalid experiment:\n" + "\n".join(lines)) from None
+
+    @classmethod
+    def from_yaml(cls, path: str | Path, **overrides: Any) -> "Experiment":
+        path = Path(path)
+        if not path.is_file():
+            raise ExperimentError(f"{path}: no such experiment file")
+        try:
+            data = yaml.safe_load(path.read_text())
+        except yaml.YAMLError as exc:
+            raise ExperimentError(f"{path}: not valid YAML: {exc}") from None
+        return cls.from_dict(data, where=str(path), **overrides)
+
+    def resolved(self) -> "Experiment":
+        """Model paths absolute, run_dir fixed: what the run directory records."""
+        return self.model_copy(update={"models": self.models.resolved(),
+                                       "run_dir": str(self.run_path)})
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.model_dump(mode="json", exclude_none=True), sort_keys=False)
+
+    @property
+    def run_path(self) -> Path:
+        return Path(self.run_dir or Path("runs") / self.name).absolute()
+
+    # ---- running -------------------------------------------------------------------------
+
+    def run(self, *, resume: bool = False, progress: bool = True) -> dict[str, Any]:
+        """Run (or, with ``resume``, continue) the search; returns ``summary.json``'s content."""
+        from evomerge.execution.driver import run_experiment
+
+        return run_experiment(self, resume=resume, progress=progress)

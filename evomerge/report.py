@@ -1,0 +1,238 @@
+"""What a run leaves behind: progress, provenance, summary.json, best recipe and model, plots.
+
+Every file is written atomically (temporary file + rename) so a run killed while reporting never
+leaves a truncated summary; a resumed run rewrites them all.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from optuna.trial import FrozenTrial, TrialState
+
+from evomerge.store import INTERRUPTED, META, RESULT, Store
+
+SUMMARY = "summary.json"
+BEST_RECIPE = "best_recipe.yaml"
+BEST_MODEL = "best_model"
+
+
+def write_atomic(path: Path, text: str) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    with os.fdopen(fd, "w") as fh:
+        fh.write(text)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
+def write_provenance(run_dir: Path, experiment: Any, *, resumed: bool) -> None:
+    """The resolved experiment (what ``resume`` reads) and the versions that ran it."""
+    import evomerge
+
+    write_atomic(run_dir / "experiment.yaml", experiment.to_yaml())
+    versions = {}
+    for pkg in ("torch", "transformers", "safetensors", "optuna", "cma", "pymoo", "numpy",
+                "scikit-learn"):
+        try:
+            versions[pkg] = metadata.version(pkg)
+        except metadata.PackageNotFoundError:
+            continue
+    path = run_dir / "provenance.json"
+    history = json.loads(path.read_text())["starts"] if path.exists() else []
+    history.append({"time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "resumed": resumed,
+                    "argv": sys.argv})
+    write_atomic(path, json.dumps({
+        "evomerge": evomerge.__version__, "python": platform.python_version(),
+        "platform": platform.platform(), "seed": experiment.seed, "packages": versions,
+        "starts": history}, indent=2))
+
+
+class _Bar:
+    def __init__(self, progress: Any, task: Any) -> None:
+        self.progress, self.task = progress, task
+
+    def update(self, done: int, best: str) -> None:
+        if self.progress is not None:
+            self.progress.update(self.task, completed=done, best=best)
+
+
+@contextmanager
+def progress_bar(budget: int, *, enabled: bool = True) -> Iterator[_Bar]:
+    """trials done/budget, best so far, elapsed and ETA."""
+    if not enabled:
+        yield _Bar(None, None)
+        return
+    from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn,
+                               TimeElapsedColumn, TimeRemainingColumn)
+
+    columns = (TextColumn("trials"), BarColumn(), MofNCompleteColumn(),
+               TextColumn("best {task.fields[best]}"), TimeElapsedColumn(), TextColumn("ETA"),
+               TimeRemainingColumn())
+    with Progress(*columns) as progress:
+        task = progress.add_task("search", total=budget, best="-")
+        yield _Bar(progress, task)
+
+
+# ---- the summary -----------------------------------------------------------------------------
+
+
+def _finished(store: Store) -> list[FrozenTrial]:
+    return [t for t in store.trials() if t.state.is_finished()
+            and t.user_attrs.get(RESULT, {}).get("error") != INTERRUPTED]
+
+
+def _score(trial: FrozenTrial, objectives: list) -> float:
+    """Mean of the objectives, signed so that larger is better (picks one Pareto point)."""
+    return float(np.mean([v if o.direction == "maximize" else -v
+                          for v, o in zip(trial.values, objectives)]))
+
+
+def finish_run(plan: Any, store: Store, evaluator: Any, *, wall_s: float) -> dict[str, Any]:
+    """Score best and sources on both splits, export the best, plot, write summary.json."""
+    from evomerge.merge.io import export_model
+    from evomerge.recipe import MergeRecipe
+
+    experiment, objectives = plan.experiment, plan.objectives
+    run_dir = experiment.run_path
+    trials = _finished(store)
+    complete = [t for t in trials if t.state == TrialState.COMPLETE]
+    pareto = store.best_trials()
+    if not pareto:
+        raise RuntimeError(f"no candidate of {experiment.name} completed; see the failed trials "
+                           f"with `evomerge dashboard {run_dir}`")
+    best = max(pareto, key=lambda t: _score(t, objectives))
+    recipe = MergeRecipe.from_dict(best.user_attrs[META]["recipe"])
+    write_atomic(run_dir / BEST_RECIPE, recipe.to_yaml())
+
+    names = [o.name for o in objectives]
+
+    def objs(result: Any) -> dict[str, float]:
+        return {n: float(result.objectives[n]) for n in names}
+
+    sources = {name: objs(evaluator.evaluate_source(path, "search"))
+               for name, path in experiment.models.sources.items()}
+    final = {name: objs(evaluator.evaluate_source(path, "heldout"))
+             for name, path in experiment.models.sources.items()}
+    heldout, _ = evaluator.evaluate(recipe, "heldout")
+    final = {"best": objs(heldout), **final}
+    if experiment.export:
+        state = {n: p.detach() for n, p in evaluator.model.state_dict().items()}
+        export_model(state, run_dir / BEST_MODEL, base_dir=experiment.models.base,
+                     recipe_yaml=recipe.to_yaml(), overwrite=True)
+    summary = {
+        "experiment": experiment.name,
+        "strategy": experiment.strategy.name,
+        "n_trials": len(trials),
+        "n_failed": sum(t.state == TrialState.FAIL for t in trials),
+        "wall_s": round(wall_s, 3),
+        "budget": experiment.budget,
+        "objectives": [{"name": o.name, "direction": o.direction} for o in objectives],
+        "best": {"trial": best.number, "objectives": dict(zip(names, best.values)),
+                 "recipe": recipe.to_dict()},
+        "pareto": [{"trial": t.number, "objectives": dict(zip(names, t.values))}
+                   for t in sorted(pareto, key=lambda t: t.number)],
+        "sources": sources,
+        "final": final,
+        "timing": _timings(complete),
+        "storage": store.url,
+    }
+    write_atomic(run_dir / SUMMARY, json.dumps(summary, indent=2))
+    plot_run(run_dir, complete, pareto, objectives, sources)
+    return summary
+
+
+def _timings(trials: list[FrozenTrial]) -> dict[str, float]:
+    out = {}
+    for key in ("build_s", "eval_s"):
+        vals = [t.user_attrs[RESULT][key] for t in trials if key in t.user_attrs.get(RESULT, {})]
+        if vals:
+            out[f"mean_{key}"] = round(float(np.mean(vals)), 6)
+    return out
+
+
+# ---- plots -----------------------------------------------------------------------------------
+
+
+def plot_run(run_dir: Path, trials: list[FrozenTrial], pareto: list[FrozenTrial],
+             objectives: list, sources: dict[str, dict[str, float]]) -> list[Path]:
+    """convergence.png (every objective per trial, best so far); pareto.png for 2+ objectives."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    written = []
+    trials = sorted(trials, key=lambda t: t.number)
+    fig, axes = plt.subplots(1, len(objectives), figsize=(5 * len(objectives), 3.6), squeeze=False)
+    for k, (ax, obj) in enumerate(zip(axes[0], objectives)):
+        xs = np.arange(1, len(trials) + 1)
+        ys = np.array([t.values[k] for t in trials])
+        running = (np.maximum if obj.direction == "maximize" else np.minimum).accumulate(ys)
+        ax.scatter(xs, ys, s=8, alpha=0.5, label="candidate")
+        ax.plot(xs, running, color="C3", label="best so far")
+        for j, (name, vals) in enumerate(sources.items()):
+            ax.axhline(vals[obj.name], ls="--", lw=0.8, color=f"C{j + 4}", label=name)
+        ax.set_xlabel("evaluation")
+        ax.set_ylabel(obj.name)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    written.append(_save(fig, run_dir / "convergence.png"))
+    if len(objectives) >= 2:
+        fig, ax = plt.subplots(figsize=(5, 4.5))
+        ax.scatter([t.values[0] for t in trials], [t.values[1] for t in trials], s=8, alpha=0.4,
+                   label="candidates")
+        front = sorted(pareto, key=lambda t: t.values[0])
+        ax.plot([t.values[0] for t in front], [t.values[1] for t in front], "o-", color="C3",
+                label="Pareto front")
+        for j, (name, vals) in enumerate(sources.items()):
+            ax.scatter([vals[objectives[0].name]], [vals[objectives[1].name]], marker="*", s=120,
+                       color=f"C{j + 4}", label=name)
+        ax.set_xlabel(objectives[0].name)
+        ax.set_ylabel(objectives[1].name)
+        ax.legend(fontsize=7)
+        fig.tight_layout()
+        written.append(_save(fig, run_dir / "pareto.png"))
+    plt.close("all")
+    return written
+
+
+def _save(fig: Any, path: Path) -> Path:
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    fig.savefig(tmp, dpi=110)
+    os.replace(tmp, path)
+    return path
+
+
+def print_summary(summary: dict[str, Any], console: Any) -> None:
+    """The final table: best vs every source, per objective, on search and held-out items."""
+    from rich.table import Table
+
+    names = [o["name"] for o in summary["objectives"]]
+    table = Table(title=f"{summary['experiment']}: {summary['n_trials']} trials "
+                        f"({summary['n_failed']} failed) in {summary['wall_s']:.1f} s",
+                  title_justify="left")
+    table.add_column("model")
+    for n in names:
+        table.add_column(f"{n} (search)", justify="right")
+        table.add_column(f"{n} (held-out)", justify="right")
+    rows = {"best": summary["best"]["objectives"], **summary["sources"]}
+    for model, search in rows.items():
+        heldout = summary["final"][model]
+        cells = []
+        for n in names:
+            cells += [f"{search[n]:.4f}", f"{heldout[n]:.4f}"]
+        label = f"[bold]best (trial {summary['best']['trial']})[/bold]" if model == "best" else model
+        table.add_row(label, *cells)
+    console.print(table)
