@@ -13,7 +13,7 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import numpy as np
 
@@ -36,8 +36,11 @@ class Strategy(ABC):
     ``tell`` receives one entry per candidate, in the order asked: a list of objective values in
     ``directions`` order, or ``None`` for a failed evaluation (the strategy then applies
     :meth:`penalty`). Strategies that work in generations (CMA-ES, NSGA-II) expect a whole
-    generation per ``tell``.
+    generation per ``tell``; a driver that stops at an exact evaluation budget evaluates only the
+    first candidates of its last generation and simply never tells that partial generation.
     """
+
+    name: ClassVar[str] = ""  # the registry name, set by :func:`register`
 
     def __init__(self, lower: Sequence[float], upper: Sequence[float],
                  directions: Sequence[Direction], *, seed: int = 0, popsize: int | None = None,
@@ -53,7 +56,11 @@ class Strategy(ABC):
         self.directions = list(directions)
         if not self.directions or any(d not in ("maximize", "minimize") for d in self.directions):
             raise ValueError(f"directions: each must be 'maximize' or 'minimize', got {directions}")
-        self.seed = seed
+        if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or not (
+                0 <= seed < 2**32):
+            raise ValueError(f"seed: must be an integer in [0, 2**32), got {seed!r} (a fixed seed "
+                             "is what makes a run replayable)")
+        self.seed = int(seed)
         self.generation = 0
 
     @property
@@ -81,7 +88,18 @@ class Strategy(ABC):
         return list(worst) if worst is not None else [0.0] * len(self.directions)
 
     def _note_values(self, values: Sequence[Sequence[float] | None]) -> list[list[float]]:
-        """Fill failures with the penalty and track the worst value per objective."""
+        """Fill failures with the penalty and track the worst value per objective.
+
+        A value counts as failed when it is ``None`` or has a non-finite entry (NaN, inf). The
+        penalty is taken after the whole batch is noted, so it is the same whatever the order of
+        failures within the batch.
+        """
+        n_obj = len(self.directions)
+        values = [None if v is None else [float(a) for a in np.atleast_1d(v)] for v in values]
+        for i, v in enumerate(values):
+            if v is not None and len(v) != n_obj:
+                raise ValueError(f"values[{i}]: {len(v)} objective value(s) for {n_obj} "
+                                 f"direction(s) {self.directions}")
         filled = []
         for v in values:
             if v is not None and all(np.isfinite(v)):
@@ -94,6 +112,19 @@ class Strategy(ABC):
         return filled
 
 
+    def _check_tell(self, candidates: Sequence[Candidate],
+                    values: Sequence[Sequence[float] | None]) -> None:
+        if len(candidates) != len(values):
+            raise ValueError(f"{self.name} tell: {len(candidates)} candidates but {len(values)} "
+                             "values (give one entry per candidate, None for a failure)")
+
+    def _reject_options(self, options: dict[str, Any], known: Sequence[str]) -> None:
+        """Raise for option names the strategy does not know (typos must not pass silently)."""
+        if options:
+            raise ValueError(f"{self.name} options: unknown {', '.join(sorted(options))}; "
+                             f"known: popsize, {', '.join(known)}")
+
+
 STRATEGIES: dict[str, Callable[..., Strategy]] = {}
 
 
@@ -102,6 +133,7 @@ def register(name: str) -> Callable[[type[Strategy]], type[Strategy]]:
     def wrap(cls: type[Strategy]) -> type[Strategy]:
         if name in STRATEGIES:
             raise ValueError(f"strategy {name!r} is already registered")
+        cls.name = name
         STRATEGIES[name] = cls
         return cls
     return wrap

@@ -1,0 +1,166 @@
+"""``optuna``: any Optuna sampler, by name, as an ask/tell strategy.
+
+The strategy owns a private in-memory Optuna study: it is the sampler's working memory, not the
+run's record (the store is a separate study the driver writes). Each coordinate is a
+``FloatDistribution(lower[i], upper[i])`` named ``x0 .. x{d-1}``; ``ask(n)`` calls
+``study.ask(distributions)`` n times, ``tell`` calls ``study.tell(trial, values)``. A failed
+evaluation is told as the penalty values (the worst seen so far), not as a FAIL state: samplers
+treat failed trials in their own ways and this keeps every sampler on one, replayable path.
+
+Options (experiment YAML ``strategy.options``):
+
+``sampler``          ``tpe`` (default; Optuna's default sampler), ``cmaes`` (CmaEsSampler, needs
+                     the ``cmaes`` package; single objective), ``nsgaii``, ``gp`` (GPSampler,
+                     needs torch and scipy), ``random``, ``qmc`` (QMCSampler, scrambled Sobol').
+``sampler_options``  keyword arguments for the sampler's constructor (e.g.
+                     ``{n_startup_trials: 5}`` for tpe/gp, ``{multivariate: true}`` for tpe,
+                     ``{restart_strategy: ipop}`` for cmaes); ``seed`` is refused (it is the
+                     strategy's ``seed``).
+``popsize``          candidates per ``ask()``; default 8, except ``nsgaii`` (its
+                     ``population_size``, Optuna's default 50) and ``cmaes`` (its ``popsize``,
+                     ``4 + floor(3 ln d)`` as in the cmaes package): asking exactly one sampler
+                     generation per ``ask()`` keeps the driver's generations aligned with the
+                     sampler's.
+
+Defaults the wrapper adds: every sampler gets ``seed=seed``; ``qmc`` gets ``scramble=True``
+(Optuna's default ``False`` ignores the seed and starts at the lower corner of the box).
+
+Determinism: all six samplers ask identical candidates for the same seed and the same tell
+sequence, in one process and across fresh strategies, also when other code uses the global
+``np.random``, ``random`` or ``torch`` RNGs in between (each sampler owns its
+``RandomState``; checked in the tests). ``gp`` fits its Gaussian process with torch and L-BFGS:
+bit-for-bit replay assumes the same machine, library versions and torch thread count, since
+floating-point reductions are ordered differently with other thread counts. ``ask(n)`` with
+several pending trials is deterministic too (TPE's constant liar, NSGA-II's generation
+bookkeeping and CmaEs' popsize all depend only on the trial sequence).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import warnings
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import numpy as np
+
+from evomerge.search.base import Candidate, Direction, Strategy, register
+
+SAMPLERS = {
+    "tpe": "TPESampler",
+    "cmaes": "CmaEsSampler",
+    "nsgaii": "NSGAIISampler",
+    "gp": "GPSampler",
+    "random": "RandomSampler",
+    "qmc": "QMCSampler",
+}
+
+
+@contextlib.contextmanager
+def _quiet_optuna() -> Iterator[None]:
+    """Silence Optuna's INFO lines ("Trial 3 finished ...") for the private study: the store's
+    study reports the same trials. Warnings still show."""
+    import optuna
+
+    level = optuna.logging.get_verbosity()
+    optuna.logging.set_verbosity(max(level, optuna.logging.WARNING))
+    try:
+        yield
+    finally:
+        optuna.logging.set_verbosity(level)
+
+
+@register("optuna")
+class OptunaStrategy(Strategy):
+    """An Optuna sampler over the box; see the module docstring for options."""
+
+    def __init__(self, lower: Sequence[float], upper: Sequence[float],
+                 directions: Sequence[Direction], *, seed: int = 0, popsize: int | None = None,
+                 sampler: str = "tpe", sampler_options: dict[str, Any] | None = None,
+                 **options: Any) -> None:
+        super().__init__(lower, upper, directions, seed=seed, popsize=popsize)
+        self._reject_options(options, ("sampler", "sampler_options"))
+        import optuna
+        from optuna.distributions import FloatDistribution
+
+        if sampler not in SAMPLERS:
+            raise ValueError(f"sampler: unknown {sampler!r}; known: {', '.join(SAMPLERS)}")
+        kwargs = dict(sampler_options or {})
+        if "seed" in kwargs:
+            raise ValueError("sampler_options: seed is the strategy's own `seed`; remove it here")
+        if sampler == "cmaes" and len(self.directions) != 1:
+            raise ValueError(f"directions: Optuna's CmaEsSampler optimises one objective, got "
+                             f"{self.directions}; use sampler nsgaii, tpe or gp")
+        if popsize is not None and (isinstance(popsize, bool) or not isinstance(
+                popsize, (int, np.integer)) or popsize < 1):
+            raise ValueError(f"popsize: a positive integer, got {popsize!r}")
+
+        # Align the strategy's generation with the sampler's own population, where it has one.
+        if sampler == "nsgaii":
+            size = kwargs.get("population_size", popsize or 50)
+            if popsize is not None and size != popsize:
+                raise ValueError(f"popsize {popsize} and sampler_options.population_size {size} "
+                                 "differ; give one of them")
+            kwargs["population_size"] = popsize = int(size)
+        elif sampler == "cmaes":
+            size = kwargs.get("popsize") or popsize or 4 + int(math.floor(3 * math.log(self.dim)))
+            if popsize is not None and size != popsize:
+                raise ValueError(f"popsize {popsize} and sampler_options.popsize {size} differ; "
+                                 "give one of them")
+            kwargs["popsize"] = popsize = int(size)
+        elif sampler == "qmc":
+            kwargs.setdefault("scramble", True)
+        self._popsize = int(popsize or 8)
+        self.sampler_name = sampler
+
+        cls = getattr(optuna.samplers, SAMPLERS[sampler])
+        with warnings.catch_warnings():
+            # The user chose the sampler by name; "experimental" is not news to them.
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            try:
+                self._sampler = cls(seed=self.seed, **kwargs)
+            except TypeError as e:
+                raise ValueError(f"sampler_options for {sampler} ({SAMPLERS[sampler]}): {e}") \
+                    from None
+        with _quiet_optuna():
+            self._study = optuna.create_study(
+                storage=optuna.storages.InMemoryStorage(), sampler=self._sampler,
+                directions=self.directions, study_name="evomerge-strategy")
+        self._distributions = {f"x{i}": FloatDistribution(float(lo), float(hi))
+                               for i, (lo, hi) in enumerate(zip(self.lower, self.upper))}
+        self._pending: dict[int, Any] = {}  # optuna trial number -> Trial
+
+    @property
+    def popsize(self) -> int:
+        return self._popsize
+
+    def ask(self, n: int | None = None) -> list[Candidate]:
+        n = self._popsize if n is None else n
+        if n < 1:
+            raise ValueError(f"optuna ask: n must be >= 1, got {n}")
+        out = []
+        with _quiet_optuna():
+            for i in range(n):
+                trial = self._study.ask(self._distributions)
+                self._pending[trial.number] = trial
+                x = np.array([trial.params[name] for name in self._distributions], dtype=float)
+                out.append(Candidate(x=np.clip(x, self.lower, self.upper),
+                                     generation=self.generation, index=i,
+                                     meta={"optuna_trial": trial.number}))
+        self.generation += 1
+        return out
+
+    def tell(self, candidates: Sequence[Candidate],
+             values: Sequence[Sequence[float] | None]) -> None:
+        """Tell any asked candidates (a whole ``ask`` batch or part of it), in any grouping."""
+        self._check_tell(candidates, values)
+        numbers = [c.meta.get("optuna_trial") for c in candidates]
+        missing = [k for k in numbers if k not in self._pending]
+        if missing or len(set(numbers)) != len(numbers):
+            raise ValueError(f"optuna tell: candidates {missing} were not asked or were already "
+                             "told (meta['optuna_trial'] identifies them)")
+        filled = self._note_values(values)
+        with _quiet_optuna():
+            for k, v in zip(numbers, filled):
+                self._study.tell(self._pending.pop(k), v)
