@@ -69,6 +69,7 @@ app.add_typer(zoo_app, name="zoo")
 
 class ZooName(str, Enum):
     toy = "toy"
+    digits = "digits"
 
 
 class ToyZooSize(str, Enum):
@@ -77,12 +78,16 @@ class ToyZooSize(str, Enum):
 
 
 _ZOO_BUILD_HELP = (
-    "Build (or reuse) an offline model zoo and print each model's loss on each task.\n\n"
+    "Build (or reuse) an offline model zoo and print each model's scores on each task.\n\n"
     "The [bold]toy[/bold] zoo trains a tiny Llama-architecture base on a mix of three generated "
     "sequence tasks ([italic]copy[/italic], [italic]reverse[/italic] and [italic]sort[/italic] a "
     "string of symbols), then fine-tunes one expert per task from it. Each model is saved as a "
     "Hugging Face directory (safetensors + tokenizer) under OUT, beside a "
     "[bold]zoo.json[/bold] manifest.\n\n"
+    "The [bold]digits[/bold] zoo trains a small MLP base on scikit-learn's bundled 8x8 digits "
+    "(all ten classes, briefly), then two experts from it on the classes 0-4 and 5-9 only; "
+    "it prints each model's held-out accuracy on all digits, 0-4 and 5-9. A few seconds; "
+    "--size and --eval-items apply to the toy zoo only.\n\n"
     "A second run with the same seed and size reuses the built models."
 )
 
@@ -92,7 +97,8 @@ def zoo_build(
     name: ZooName = typer.Argument(
         ...,
         help="Which zoo. [bold]toy[/bold]: a tiny Llama base plus three experts "
-        "(expert_copy, expert_reverse, expert_sort).",
+        "(expert_copy, expert_reverse, expert_sort). [bold]digits[/bold]: an MLP base plus "
+        "two experts (expert_0_4, expert_5_9).",
         show_default=False,
     ),
     out: Optional[Path] = typer.Option(
@@ -106,7 +112,7 @@ def zoo_build(
     size: ToyZooSize = typer.Option(
         ToyZooSize.small,
         "--size",
-        help="[bold]small[/bold]: 4 layers x 64 wide, 30-60 s on 2 CPU cores. "
+        help="Toy zoo only. [bold]small[/bold]: 4 layers x 64 wide, 30-60 s on 2 CPU cores. "
         "[bold]tiny[/bold]: 2 layers x 32 wide, a few seconds (for tests).",
     ),
     force: bool = typer.Option(
@@ -120,6 +126,9 @@ def zoo_build(
     from evomerge.zoo.toy import build_toy_zoo, loss_table, toy_zoo_is_built
 
     out_dir = out if out is not None else Path("models") / name.value
+    if name is ZooName.digits:
+        _zoo_build_digits(out_dir, seed=seed, force=force)
+        return
     cached = not force and toy_zoo_is_built(out_dir, seed=seed, size=size.value)
     started = time.perf_counter()
     try:
@@ -144,6 +153,56 @@ def zoo_build(
 
     losses = loss_table(paths, n=eval_items)
     _print_loss_table(losses, eval_items)
+
+
+def _zoo_build_digits(out_dir: Path, *, seed: int, force: bool) -> None:
+    from evomerge.zoo.digits import (
+        accuracy_table,
+        build_digits_zoo,
+        digits_splits,
+        digits_zoo_is_built,
+    )
+
+    cached = not force and digits_zoo_is_built(out_dir, seed=seed)
+    started = time.perf_counter()
+    try:
+        paths = build_digits_zoo(out_dir, seed=seed, force=force)
+    except OSError as exc:
+        err_console.print(f"[red]error:[/red] could not build the digits zoo in {out_dir}: {exc}")
+        raise typer.Exit(1) from exc
+    elapsed = time.perf_counter() - started
+    if cached:
+        console.print(
+            f"Reused the digits zoo in [bold]{out_dir}[/bold] (seed {seed}); "
+            "pass --force to rebuild."
+        )
+    else:
+        console.print(
+            f"Built the digits zoo in [bold]{out_dir}[/bold] (seed {seed}) in {elapsed:.1f} s."
+        )
+    for model_name, path in paths.items():
+        console.print(f"  {model_name:<16} {path}")
+
+    acc = accuracy_table(paths, split="heldout")
+    subsets = list(next(iter(acc.values())))
+    best = {s: max(row[s] for row in acc.values()) for s in subsets}
+    n = len(digits_splits()["heldout"][1])
+    table = Table(
+        title="Held-out accuracy (higher = better)",
+        caption=f"{n} held-out images; best in green",
+        title_justify="left",
+        caption_justify="left",
+    )
+    table.add_column("model")
+    for subset in subsets:
+        table.add_column(subset if subset == "all" else f"digits {subset}", justify="right")
+    for model_name, row in acc.items():
+        cells = [
+            f"[bold green]{row[s]:.3f}[/bold green]" if row[s] == best[s] else f"{row[s]:.3f}"
+            for s in subsets
+        ]
+        table.add_row(model_name, *cells)
+    console.print(table)
 
 
 def _print_loss_table(losses: dict[str, dict[str, float]], n: int) -> None:

@@ -118,7 +118,7 @@ class DigitsFitness(Fitness):
                 f"base_model: cannot read {cfg_file} ({exc}); pass a digits zoo model directory "
                 "(evomerge zoo build digits)"
             ) from exc
-        sizes = DigitsMLP.from_config(self.config).layer_sizes
+        sizes = DigitsMLP.from_config(self.config, init=False).layer_sizes
         if sizes[0] != NUM_FEATURES or sizes[-1] != NUM_CLASSES:
             raise ValueError(
                 f"base_model: {cfg_file} has layer_sizes {list(sizes)}; a digits model maps "
@@ -138,7 +138,8 @@ class DigitsFitness(Fitness):
             ]
 
     def new_model(self) -> DigitsMLP:
-        return DigitsMLP.from_config(self.config).to(self.device).eval()
+        """A zero-filled model of the base's shape on ``device`` (no RNG draws), in eval mode."""
+        return DigitsMLP.from_config(self.config, init=False).to(self.device).eval()
 
     def num_items(self, split: str = "search") -> int:
         """How many images ``split`` has (the length of ``item_scores["digits"]``)."""

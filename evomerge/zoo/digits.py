@@ -148,13 +148,26 @@ class DigitsMLP(nn.Module):
 
     Tensor names are ``layers.{i}.weight`` / ``layers.{i}.bias``, so the merge engine puts each
     Linear in its own layer group ``layers.{i}``. ``forward`` returns logits.
+
+    ``init=True`` initialises the weights as ``nn.Linear`` does (from torch's global RNG);
+    ``init=False`` zero-fills them without touching any RNG, for models whose weights are about
+    to be overwritten (loading, merge targets).
     """
 
-    def __init__(self, layer_sizes: Sequence[int] = DIGITS_HP.layer_sizes) -> None:
+    def __init__(self, layer_sizes: Sequence[int] = DIGITS_HP.layer_sizes, *,
+                 init: bool = True) -> None:
         super().__init__()
         sizes = _check_layer_sizes(list(layer_sizes), "DigitsMLP")
         self.layer_sizes = sizes
-        self.layers = nn.ModuleList(nn.Linear(a, b) for a, b in zip(sizes[:-1], sizes[1:]))
+        device = None if init else "meta"  # meta: no RNG draws, no memory
+        self.layers = nn.ModuleList(
+            nn.Linear(a, b, device=device) for a, b in zip(sizes[:-1], sizes[1:])
+        )
+        if not init:
+            self.to_empty(device="cpu")
+            with torch.no_grad():
+                for p in self.parameters():
+                    p.zero_()
 
     @property
     def config(self) -> dict[str, Any]:
@@ -169,8 +182,9 @@ class DigitsMLP(nn.Module):
         return x
 
     @classmethod
-    def from_config(cls, config: Mapping[str, Any]) -> "DigitsMLP":
-        """A freshly initialised model from a config dict (see :func:`digits_config`)."""
+    def from_config(cls, config: Mapping[str, Any], *, init: bool = True) -> "DigitsMLP":
+        """A new model from a config dict (see :func:`digits_config`); ``init`` as in the
+        constructor."""
         if not isinstance(config, Mapping):
             raise ValueError(f"config: expected a mapping, got {type(config).__name__}")
         archs = config.get("architectures")
@@ -181,7 +195,7 @@ class DigitsMLP(nn.Module):
                 f"config: model_type {config.get('model_type')!r} / architectures {archs!r} is "
                 f"not a digits MLP (expected model_type {MODEL_TYPE!r})"
             )
-        return cls(_check_layer_sizes(config.get("layer_sizes"), "config"))
+        return cls(_check_layer_sizes(config.get("layer_sizes"), "config"), init=init)
 
     @classmethod
     def from_pretrained(
@@ -204,7 +218,7 @@ class DigitsMLP(nn.Module):
                 f"{root}: {', '.join(unsafe)} is not safetensors; digits models load from "
                 "safetensors only"
             )
-        model = cls.from_config(config)
+        model = cls.from_config(config, init=False)
         model.load_state_dict(load_state_dict(root), strict=True)
         return model.to(device).eval()
 
