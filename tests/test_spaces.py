@@ -226,6 +226,24 @@ def test_layer_gradient_deep_models_within_rounding(layers):
         assert abs(shared["t"] - x[i]) <= tolerance, name
 
 
+def test_decode_model_with_only_blocks_uses_a_plain_gradient():
+    # an MLP whose tensors are all ``layers.{i}.*`` (the digits zoo) has no non-block value
+    names = [f"layers.{i}.{p}" for i in range(3) for p in ("weight", "bias")]
+    bound = load_space("dare_ties_layerwise").bind(BASE, [A, B], 3, [], tensor_names=names)
+    assert bound.dim == 2 * 2 * 3
+    assert bound.names[:3] == ("density[expert_a][layers.0]", "density[expert_a][layers.1]",
+                               "density[expert_a][layers.2]")
+    x = np.linspace(0.1, 0.9, 12)
+    recipe = bound.decode(x)
+    assert recipe.models[0].parameters["density"] == pytest.approx(list(x[:3]))
+    for name in names:
+        i = layer_group(name).layer
+        _, (pa, pb) = values_for(recipe, name, 3)
+        assert (pa["density"], pb["density"], pa["weight"], pb["weight"]) == (
+            x[i], x[3 + i], x[6 + i], x[9 + i]), name
+    assert np.array_equal(bound.encode(recipe), x)
+
+
 def test_decode_model_without_blocks_uses_a_scalar():
     sp = load_space("slerp_layerwise")
     bound = sp.bind(BASE, [A], 0, ["fc1.weight", "fc2.weight"])
