@@ -1,4 +1,4 @@
-"""The digits zoo: real class-half experts, deterministic, cached, mergeable into something better."""
+"""The digits zoo: class-half experts, deterministic, cached, mergeable into a better model."""
 
 from __future__ import annotations
 
