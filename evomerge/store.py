@@ -16,6 +16,7 @@ from __future__ import annotations
 import base64
 import math
 import time
+import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -48,7 +49,9 @@ def open_storage(url: str) -> optuna.storages.BaseStorage:
 
         return optuna.storages.JournalStorage(JournalFileBackend(url.removeprefix("journal://")))
     engine_kwargs = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else {}
-    return optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs)
+    # get_storage adds Optuna's trial cache in front of the database; the study and our direct
+    # storage calls must share that one object or the cache misses trials we create.
+    return optuna.storages.get_storage(optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs))
 
 
 @dataclass(frozen=True)
@@ -90,7 +93,9 @@ class Store:
                              f"{[d.name.lower() for d in self.study.directions]}, "
                              f"the experiment asks for {list(directions)}")
         if objective_names:
-            self.study.set_metric_names(list(objective_names))
+            with warnings.catch_warnings():  # experimental since Optuna 3.2, stable in practice
+                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                self.study.set_metric_names(list(objective_names))
         self.distributions = {f"x{i}": FloatDistribution(float(lo), float(hi))
                               for i, (lo, hi) in enumerate(zip(lower, upper))}
 

@@ -30,7 +30,7 @@ class Plan:
         from evomerge.fitness.base import FITNESSES
         from evomerge.merge.engine import layer_group
         from evomerge.merge.io import check_compatible
-        from evomerge.spaces import load_space
+        from evomerge.spaces import SearchSpace, load_space
 
         missing = experiment.models.missing()
         if missing:
@@ -45,7 +45,8 @@ class Plan:
         num_layers = 1 + max((g.layer for g in groups if g.layer is not None), default=-1)
         non_layer = [n for n, g in zip(names, groups) if g.layer is None]
         try:
-            space = load_space(experiment.space)
+            space = (SearchSpace.from_dict(experiment.space, where="space")
+                     if isinstance(experiment.space, dict) else load_space(experiment.space))
             self.space = space.bind(models.base, list(models.sources.values()), num_layers,
                                     non_layer)
         except (ValueError, KeyError, FileNotFoundError) as exc:
