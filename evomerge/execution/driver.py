@@ -76,10 +76,12 @@ class Plan:
 
 
 def _objectives(fitness_cls: Any, experiment: Experiment) -> list:
-    """A fitness's objectives without loading data: construct it cheaply if it allows, else
-    from its class attribute."""
-    fitness = fitness_cls(base_model=experiment.models.base or next(
-        iter(experiment.models.sources.values())), **experiment.fitness.options)
+    """The fitness's objectives, validating its options before any compute."""
+    try:
+        fitness = fitness_cls(base_model=experiment.models.base or next(
+            iter(experiment.models.sources.values())), **experiment.fitness.options)
+    except (TypeError, ValueError) as exc:
+        raise ExperimentError(f"fitness: {exc}") from None
     return list(fitness.objectives)
 
 
