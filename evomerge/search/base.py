@@ -140,8 +140,11 @@ def register(name: str) -> Callable[[type[Strategy]], type[Strategy]]:
 
 
 def make_strategy(name: str, **kwargs: Any) -> Strategy:
+    """Build a registered strategy: ``make_strategy("cmaes", lower=..., upper=...,
+    directions=[...], seed=0, popsize=None, **options)``."""
     try:
         cls = STRATEGIES[name]
     except KeyError:
-        raise KeyError(f"unknown strategy {name!r}; known: {', '.join(sorted(STRATEGIES))}") from None
+        known = ", ".join(sorted(STRATEGIES))
+        raise KeyError(f"unknown strategy {name!r}; known: {known}") from None
     return cls(**kwargs)

@@ -14,8 +14,10 @@ Options (experiment YAML ``strategy.options``):
                      needs torch and scipy), ``random``, ``qmc`` (QMCSampler, scrambled Sobol').
 ``sampler_options``  keyword arguments for the sampler's constructor (e.g.
                      ``{n_startup_trials: 5}`` for tpe/gp, ``{multivariate: true}`` for tpe,
-                     ``{restart_strategy: ipop}`` for cmaes); ``seed`` is refused (it is the
-                     strategy's ``seed``).
+                     ``{use_separable_cma: true}`` for cmaes); ``seed`` is refused (it is the
+                     strategy's ``seed``). Optuna 5 deprecates CmaEsSampler's ``x0``,
+                     ``sigma0`` and ``restart_strategy`` (the last already does nothing): the
+                     ``cmaes`` strategy (pycma) has those.
 ``popsize``          candidates per ``ask()``; default 8, except ``nsgaii`` (its
                      ``population_size``, Optuna's default 50) and ``cmaes`` (its ``popsize``,
                      ``4 + floor(3 ln d)`` as in the cmaes package): asking exactly one sampler
