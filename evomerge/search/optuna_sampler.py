@@ -25,14 +25,18 @@ Options (experiment YAML ``strategy.options``):
                      sampler's.
 
 Defaults the wrapper adds: every sampler gets ``seed=seed``; ``qmc`` gets ``scramble=True``
-(Optuna's default ``False`` ignores the seed and starts at the lower corner of the box).
+(Optuna's default ``False`` ignores the seed and starts at the lower corner of the box). Every
+other default is Optuna's; note that Optuna 5's TPE is multivariate for one objective and
+independent for several, and uses the constant liar for pending trials, by default.
 
 Determinism: all six samplers ask identical candidates for the same seed and the same tell
 sequence, in one process and across fresh strategies, also when other code uses the global
 ``np.random``, ``random`` or ``torch`` RNGs in between (each sampler owns its
-``RandomState``; checked in the tests). ``gp`` fits its Gaussian process with torch and L-BFGS:
-bit-for-bit replay assumes the same machine, library versions and torch thread count, since
-floating-point reductions are ordered differently with other thread counts. ``ask(n)`` with
+``RandomState``; checked in the tests). ``gp`` fits its Gaussian process with torch and L-BFGS-B:
+bit-for-bit replay assumes the same library versions and CPU kind (1 and 2 torch threads gave
+identical points in a check here, but torch/BLAS reductions are not guaranteed to round the same
+on other builds or hardware). ``gp`` costs ~0.3-0.7 s per candidate on 2 CPU cores at tens of
+trials (sequential L-BFGS-B without the ``greenlet`` package, which Optuna logs once). ``ask(n)`` with
 several pending trials is deterministic too (TPE's constant liar, NSGA-II's generation
 bookkeeping and CmaEs' popsize all depend only on the trial sequence).
 """
