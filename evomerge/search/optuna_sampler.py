@@ -35,10 +35,10 @@ sequence, in one process and across fresh strategies, also when other code uses 
 ``RandomState``; checked in the tests). ``gp`` fits its Gaussian process with torch and L-BFGS-B:
 bit-for-bit replay assumes the same library versions and CPU kind (1 and 2 torch threads gave
 identical points in a check here, but torch/BLAS reductions are not guaranteed to round the same
-on other builds or hardware). ``gp`` costs ~0.3-0.7 s per candidate on 2 CPU cores at tens of
-trials (sequential L-BFGS-B without the ``greenlet`` package, which Optuna logs once). ``ask(n)`` with
-several pending trials is deterministic too (TPE's constant liar, NSGA-II's generation
-bookkeeping and CmaEs' popsize all depend only on the trial sequence).
+on other builds or hardware). ``gp`` costs ~0.2-0.7 s per candidate on 2 CPU cores at tens of
+trials (sequential L-BFGS-B without the ``greenlet`` package, which Optuna logs once).
+``ask(n)`` with several pending trials is deterministic too (TPE's constant liar, NSGA-II's
+generation bookkeeping and CmaEs' popsize all depend only on the trial sequence).
 """
 
 from __future__ import annotations
