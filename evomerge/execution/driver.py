@@ -128,10 +128,11 @@ def _search(plan: Plan, store: Store, executor: LocalExecutor, bar: Any,
     best = _Best(plan.objectives)
     for t in stored.values():
         best.add(t)
-    generation = 0
-    while generation * strategy.popsize < budget:
-        candidates = strategy.ask()
-        size = min(len(candidates), budget - generation * strategy.popsize)
+    generation = asked = 0
+    while asked < budget:
+        candidates = strategy.ask()  # may be fewer than popsize (pymoo drops duplicates)
+        size = min(len(candidates), budget - asked)
+        asked += size
         ids = []
         for i, cand in enumerate(candidates[:size]):
             trial = stored.get(Slot(generation, i))
