@@ -525,19 +525,11 @@ def markdown_section(result: dict[str, Any], command: str) -> str:
 
 def write_markdown(path: Path, section: str) -> None:
     """Replace this benchmark's section between its markers; keep everything else in the file."""
-    text = path.read_text() if path.exists() else (
-        "# Benchmark results\n\nEach benchmark under `benchmarks/` owns one section below, between "
-        "its own `<!-- name:start -->` / `<!-- name:end -->` markers, and rewrites only that.\n")
-    if START in text and END in text:
-        head, rest = text.split(START, 1)
-        tail = rest.split(END, 1)[1]
-        text = head + section + tail
-    else:
-        text = text.rstrip("\n") + "\n\n" + section + "\n"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    if str(Path(__file__).resolve().parent) not in sys.path:
+        sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from _results import write_section
+
+    write_section(path, section, START, END)
 
 
 def text_table(result: dict[str, Any]) -> str:

@@ -1,0 +1,30 @@
+"""Shared by the benchmark scripts: rewrite one benchmark's section of a markdown file.
+
+Each benchmark owns the text between its ``<!-- name:start -->`` / ``<!-- name:end -->`` markers
+in ``benchmarks/RESULTS.md`` and rewrites only that; everything else in the file is kept.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+HEADER = ("# Benchmark results\n\nEach benchmark under `benchmarks/` owns one section below, between "
+          "its own `<!-- name:start -->` / `<!-- name:end -->` markers, and rewrites only that.\n")
+
+
+def write_section(path: Path, section: str, start: str, end: str) -> None:
+    """Replace the text from ``start`` to ``end`` (markers included; ``section`` must carry
+    them) with ``section``, or append it if the file has no such markers; atomic write."""
+    path = Path(path)
+    text = path.read_text() if path.exists() else HEADER
+    if start in text and end in text:
+        head, rest = text.split(start, 1)
+        tail = rest.split(end, 1)[1]
+        text = head + section + tail
+    else:
+        text = text.rstrip("\n") + "\n\n" + section + "\n"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)

@@ -1,0 +1,732 @@
+#!/usr/bin/env python
+"""Search-overhead benchmark: what evomerge's loop costs per trial beyond bare Optuna.
+
+A synthetic 50-dimensional objective (a shifted sphere, maximise ``-||x - c||^2`` over
+``[0, 1]^50``) replaces the merge and the model evaluation, so every millisecond measured is search
+and bookkeeping. Per storage kind (in-memory, SQLite file, journal file; each in a fresh temp dir)
+three loops evaluate the same number ``n`` of candidates:
+
+* ``bare_cma_ms_per_trial``: a bare ``cma.CMAEvolutionStrategy`` ask/tell loop (the popsize and
+  sigma0 of evomerge's ``cmaes`` defaults), no storage at all. Measured once (it has no storage).
+* ``bare_optuna_ms_per_trial``: the same cma loop, and every candidate recorded in Optuna on that
+  storage the cheapest way that still stores its 50 coordinates as Optuna params:
+  ``study.enqueue_trial(params)``, ``trial = study.ask(fixed_distributions)`` (50
+  ``FloatDistribution``), ``study.tell(trial, value)``.
+* ``evomerge_ms_per_trial``: evomerge's own loop, unmodified: a :class:`evomerge.store.Store`
+  on that storage, the driver's generation loop (``evomerge.execution.driver._search``) with the
+  ``cmaes`` strategy, and the in-process worker (``evomerge.execution.worker.process_one``: pop,
+  ``MergeRecipe.from_dict``, evaluate, ``Store.finish``). Only the plan is a stand-in: the
+  "space" decodes ``x`` into a real 50-number task-arithmetic ``MergeRecipe`` (two sources, a
+  25-value weight gradient each), and the "evaluator" reads ``x`` back from that recipe and
+  returns the objective, its timings and a 64-item 0/1 score vector (as a real fitness does).
+  Every trial is enqueued, popped (params written) and finished through ``Store``.
+
+``ratio_vs_bare_optuna = evomerge_ms_per_trial / bare_optuna_ms_per_trial``; the issue's target is
+<= 1.10 on every storage. Timed: the loop only (study/Store creation excluded on both sides).
+Each pair is run ``--repeats`` times, alternating which goes first; the fastest run of each is
+reported (other processes on a shared machine only ever add time), every sample is kept in the
+JSON. After the timed runs every evomerge trial is checked: COMPLETE, 50 params, its value equal
+to the objective at its params, and its result attribute present.
+
+A separate, untimed pass counts storage calls per trial for both Optuna paths (the storage API
+methods called, plus SQL statements and commits for SQLite, log appends/reads for the journal):
+``calls_per_trial``. ``--profile STORAGE`` adds cProfile listings of both loops on stderr.
+
+Usage::
+
+    python benchmarks/search_overhead.py                       # table on stderr
+    python benchmarks/search_overhead.py --quick --json        # small n, one JSON object on stdout
+    python benchmarks/search_overhead.py --json --write-results   # rewrite benchmarks/RESULTS.md
+    python benchmarks/search_overhead.py --storages sqlite --profile sqlite
+
+Progress goes to stderr; with ``--json`` stdout carries exactly one JSON object.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import cProfile
+import datetime as _dt
+import gc
+import io
+import json
+import math
+import os
+import platform
+import pstats
+import shlex
+import shutil
+import sys
+import tempfile
+import time
+import warnings
+from collections import Counter
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS_MD = ROOT / "benchmarks" / "RESULTS.md"
+START, END = "<!-- search_overhead:start -->", "<!-- search_overhead:end -->"
+
+DIM = 50
+STORAGES = ("memory", "sqlite", "journal")
+N_FULL = {"memory": 2000, "sqlite": 300, "journal": 300}
+N_QUICK = {"memory": 150, "sqlite": 30, "journal": 30}
+N_COUNT = 60  # trials of the untimed call-counting pass (4 generations of 15)
+TARGET_RATIO = 1.10
+SEED = 1  # cma seed (evomerge's cmaes with seed s >= 1 asks what bare cma with seed s asks)
+CENTER = np.random.default_rng(12345).uniform(0.2, 0.8, DIM)  # optimum of the shifted sphere
+OBJECTIVE = "neg_sq_dist"
+N_ITEMS = 64  # per-item 0/1 scores stored with each evomerge trial, as a real fitness returns
+
+
+def log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def objective(x: np.ndarray) -> float:
+    return -float(np.sum((np.asarray(x, dtype=float) - CENTER) ** 2))
+
+
+def item_scores(x: np.ndarray) -> np.ndarray:
+    """A deterministic 0/1 vector standing in for per-item correctness."""
+    return (np.abs(np.resize(np.asarray(x), N_ITEMS) - np.resize(CENTER, N_ITEMS)) < 0.1
+            ).astype(np.float32)
+
+
+# ---- the strategy's defaults --------------------------------------------------------------
+
+
+def cmaes_defaults() -> tuple[int, float]:
+    """(popsize, sigma0) of evomerge's ``cmaes`` strategy at this dimension, from the strategy."""
+    from evomerge.search import make_strategy
+
+    s = make_strategy("cmaes", lower=[0.0] * DIM, upper=[1.0] * DIM, directions=["maximize"],
+                      seed=SEED)
+    return s.popsize, s.sigma0
+
+
+def new_es(popsize: int, sigma0: float):
+    import cma
+
+    return cma.CMAEvolutionStrategy(np.full(DIM, 0.5), sigma0, {
+        "bounds": [0.0, 1.0], "popsize": popsize, "seed": SEED, "verbose": -9, "verb_log": 0,
+        "verb_disp": 0, "signals_filename": ""})
+
+
+def generations(n: int, popsize: int) -> Iterator[int]:
+    """Candidates evaluated per generation for ``n`` evaluations (the last may be partial, as
+    the driver's exact budget does; a partial generation is never told)."""
+    done = 0
+    while done < n:
+        yield min(popsize, n - done)
+        done += popsize
+
+
+# ---- (a) bare cma -------------------------------------------------------------------------
+
+
+def run_bare_cma(n: int, popsize: int, sigma0: float) -> float:
+    es = new_es(popsize, sigma0)
+    started = time.perf_counter()
+    for k in generations(n, popsize):
+        xs = es.ask()
+        values = [objective(x) for x in xs[:k]]
+        if k == popsize:
+            es.tell(xs, [-v for v in values])
+    return time.perf_counter() - started
+
+
+# ---- storages -----------------------------------------------------------------------------
+
+
+def storage_url(kind: str, tmp: Path) -> str:
+    if kind == "memory":
+        return "memory"
+    if kind == "sqlite":
+        return f"sqlite:///{tmp / 'study.db'}"
+    if kind == "journal":
+        return f"journal://{(tmp / 'journal.log').absolute()}"
+    raise ValueError(kind)
+
+
+# ---- (b) bare Optuna ----------------------------------------------------------------------
+
+
+def bare_optuna_setup(url: str):
+    import optuna
+    from optuna.distributions import FloatDistribution
+
+    from evomerge.store import open_storage
+
+    storage = open_storage(url)  # the same storage object evomerge opens (Optuna's own caching)
+    study = optuna.create_study(storage=storage, study_name="bare", direction="maximize")
+    dists = {f"x{i}": FloatDistribution(0.0, 1.0) for i in range(DIM)}
+    return storage, study, dists
+
+
+def bare_optuna_loop(study, dists, n: int, popsize: int, sigma0: float) -> None:
+    es = new_es(popsize, sigma0)
+    names = list(dists)
+    for k in generations(n, popsize):
+        xs = es.ask()
+        values = []
+        for x in xs[:k]:
+            study.enqueue_trial({name: float(v) for name, v in zip(names, x)})
+            trial = study.ask(dists)
+            params = trial.params  # one copy (each ``trial.params`` deep-copies them all)
+            value = objective(np.array([params[name] for name in names]))
+            study.tell(trial, value)
+            values.append(value)
+        if k == popsize:
+            es.tell(xs, [-v for v in values])
+
+
+# ---- (c) evomerge -------------------------------------------------------------------------
+
+
+class _Space:
+    """Stand-in for a bound SearchSpace: decode ``x`` into a real 50-number MergeRecipe."""
+
+    dim = DIM
+    lower = np.zeros(DIM)
+    upper = np.ones(DIM)
+
+    def decode(self, x: np.ndarray):
+        from evomerge.recipe import MergeRecipe
+
+        half = DIM // 2
+        return MergeRecipe.from_dict({
+            "merge_method": "task_arithmetic", "base_model": "/bench/base", "dtype": "float32",
+            "models": [{"model": "/bench/s1", "parameters": {"weight": [float(v) for v in x[:half]]}},
+                       {"model": "/bench/s2", "parameters": {"weight": [float(v) for v in x[half:]]}}]})
+
+
+class _Evaluator:
+    """Stand-in for the worker's Evaluator: the objective of the ``x`` carried by the recipe."""
+
+    def __init__(self) -> None:
+        from evomerge.fitness.base import Objective
+
+        self.objectives = [Objective(OBJECTIVE, "maximize")]
+
+    def evaluate(self, recipe, split: str = "search"):
+        from evomerge.fitness.base import EvalResult
+
+        started = time.perf_counter()
+        x = np.array([v for e in recipe.models for v in e.parameters["weight"]], dtype=float)
+        value = objective(x)
+        return (EvalResult({OBJECTIVE: value}, {"sphere": item_scores(x)}),
+                {"build_s": 0.0, "eval_s": time.perf_counter() - started})
+
+
+class _Executor:
+    """The in-process executor's ``run`` (LocalExecutor with workers=0): drain the queue with
+    the real worker step, ``process_one``."""
+
+    def __init__(self) -> None:
+        self.evaluator = _Evaluator()
+
+    def run(self, store, done: Callable[[], bool], tick: Callable[[], None]) -> None:
+        from evomerge.execution.worker import drain
+
+        drain(store, self.evaluator, on_done=tick)
+
+    def close(self, store) -> None:
+        pass
+
+
+class _Bar:
+    def update(self, *args: Any, **kwargs: Any) -> None:
+        pass
+
+
+def _plan(n: int):
+    """What ``_search`` reads from a Plan: experiment.budget / max_fail_share, space.dim /
+    decode, objectives, new_strategy()."""
+    from evomerge.fitness.base import Objective
+    from evomerge.search import make_strategy
+
+    return SimpleNamespace(
+        experiment=SimpleNamespace(budget=n, max_fail_share=0.5),
+        space=_Space(),
+        objectives=[Objective(OBJECTIVE, "maximize")],
+        new_strategy=lambda: make_strategy("cmaes", lower=[0.0] * DIM, upper=[1.0] * DIM,
+                                           directions=["maximize"], seed=SEED),
+    )
+
+
+def evomerge_setup(url: str):
+    from evomerge.store import Store
+
+    store = Store(url, "evomerge", ["maximize"], [0.0] * DIM, [1.0] * DIM,
+                  objective_names=[OBJECTIVE])
+    return store
+
+
+def evomerge_loop(store, n: int) -> None:
+    """``run_experiment`` minus provenance/report: the same store calls around ``_search``."""
+    from evomerge.execution.driver import _search
+
+    store.trials()  # run_experiment's "existing trials" check
+    store.set_finished(False)
+    executor = _Executor()
+    try:
+        _search(_plan(n), store, executor, _Bar(), None)
+    finally:
+        executor.close(store)
+
+
+def check_evomerge(store, n: int) -> dict[str, Any]:
+    """Untimed: every trial went through the store for real."""
+    from optuna.trial import TrialState
+
+    from evomerge.store import RESULT, x_of
+
+    trials = store.trials()
+    complete = [t for t in trials if t.state == TrialState.COMPLETE]
+    bad_value = sum(1 for t in complete if not math.isclose(
+        t.values[0], objective(x_of(t, DIM)), rel_tol=1e-9, abs_tol=1e-12))
+    ok = (len(trials) == n and len(complete) == n and bad_value == 0
+          and all(len(t.params) == DIM for t in complete)
+          and all(RESULT in t.user_attrs and "item_scores" in t.user_attrs[RESULT]
+                  for t in complete))
+    best = max((t.values[0] for t in complete), default=float("nan"))
+    return {"trials": len(trials), "complete": len(complete), "value_mismatches": bad_value,
+            "ok": ok, "best": best}
+
+
+# ---- call counting (untimed) --------------------------------------------------------------
+
+
+_STORAGE_API = ("create_new_trial", "set_trial_param", "set_trial_state_values",
+                "set_trial_user_attr", "set_trial_system_attr", "get_trial", "get_all_trials",
+                "get_trial_id_from_study_id_trial_number", "get_study_user_attrs",
+                "get_study_system_attrs", "set_study_user_attr", "get_study_directions",
+                "get_n_trials", "get_best_trial", "get_trial_params", "get_trial_user_attrs",
+                "get_trial_system_attrs", "get_trial_number_from_id")
+
+
+@contextlib.contextmanager
+def counting(storage) -> Iterator[Counter]:
+    """Count storage API calls (by method) and the backend's own round trips: SQL statements and
+    commits (SQLite), log appends and reads (journal)."""
+    counts: Counter = Counter()
+    patched: list[tuple[Any, str]] = []
+
+    def wrap(obj: Any, name: str, key: str) -> None:
+        fn = getattr(obj, name)
+
+        def counted(*args: Any, **kwargs: Any) -> Any:
+            counts[key] += 1
+            return fn(*args, **kwargs)
+
+        setattr(obj, name, counted)
+        patched.append((obj, name))
+
+    for name in _STORAGE_API:
+        if hasattr(storage, name):
+            wrap(storage, name, f"api.{name}")
+    backend = getattr(storage, "_backend", None)
+    engine = getattr(backend, "engine", None)
+    listeners = []
+    if engine is not None:
+        from sqlalchemy import event
+
+        def on_sql(*_: Any, **__: Any) -> None:
+            counts["sql.statements"] += 1
+
+        def on_commit(*_: Any, **__: Any) -> None:
+            counts["sql.commits"] += 1
+
+        listeners = [(engine, "before_cursor_execute", on_sql), (engine, "commit", on_commit)]
+        for target, ev, fn in listeners:
+            event.listen(target, ev, fn)
+    elif backend is not None and hasattr(backend, "append_logs"):
+        wrap(backend, "append_logs", "journal.appends")
+        wrap(backend, "read_logs", "journal.reads")
+    try:
+        yield counts
+    finally:
+        for obj, name in patched:
+            with contextlib.suppress(AttributeError):
+                delattr(obj, name)
+        if listeners:
+            from sqlalchemy import event
+
+            for target, ev, fn in listeners:
+                event.remove(target, ev, fn)
+
+
+def count_calls(kind: str, n: int, popsize: int, sigma0: float) -> dict[str, dict[str, float]]:
+    out = {}
+    with tempfile.TemporaryDirectory(prefix="evomerge-search-bench-") as tmp:
+        storage, study, dists = bare_optuna_setup(storage_url(kind, Path(tmp)))
+        with counting(storage) as c:
+            bare_optuna_loop(study, dists, n, popsize, sigma0)
+        out["bare_optuna"] = {k: v / n for k, v in sorted(c.items())}
+    with tempfile.TemporaryDirectory(prefix="evomerge-search-bench-") as tmp:
+        store = evomerge_setup(storage_url(kind, Path(tmp)))
+        with counting(store.storage) as c:
+            evomerge_loop(store, n)
+        out["evomerge"] = {k: v / n for k, v in sorted(c.items())}
+    return out
+
+
+# ---- timing -------------------------------------------------------------------------------
+
+
+def time_bare_optuna(kind: str, n: int, popsize: int, sigma0: float) -> tuple[float, float]:
+    """(wall s, CPU s) of the bare Optuna loop."""
+    tmp = Path(tempfile.mkdtemp(prefix="evomerge-search-bench-"))
+    try:
+        _, study, dists = bare_optuna_setup(storage_url(kind, tmp))
+        gc.collect()
+        cpu, started = time.process_time(), time.perf_counter()
+        bare_optuna_loop(study, dists, n, popsize, sigma0)
+        elapsed, cpu = time.perf_counter() - started, time.process_time() - cpu
+        assert len(study.get_trials(deepcopy=False)) == n
+        return elapsed, cpu
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def time_evomerge(kind: str, n: int) -> tuple[float, float, dict[str, Any]]:
+    """(wall s, CPU s, checks) of the evomerge loop."""
+    tmp = Path(tempfile.mkdtemp(prefix="evomerge-search-bench-"))
+    try:
+        store = evomerge_setup(storage_url(kind, tmp))
+        gc.collect()
+        cpu, started = time.process_time(), time.perf_counter()
+        evomerge_loop(store, n)
+        elapsed, cpu = time.perf_counter() - started, time.process_time() - cpu
+        return elapsed, cpu, check_evomerge(store, n)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def profile_both(kind: str, n: int, popsize: int, sigma0: float, top: int = 30) -> None:
+    for name in ("bare_optuna", "evomerge"):
+        with tempfile.TemporaryDirectory(prefix="evomerge-search-bench-") as tmp:
+            url = storage_url(kind, Path(tmp))
+            if name == "bare_optuna":
+                _, study, dists = bare_optuna_setup(url)
+                run = lambda: bare_optuna_loop(study, dists, n, popsize, sigma0)  # noqa: E731
+            else:
+                store = evomerge_setup(url)
+                run = lambda: evomerge_loop(store, n)  # noqa: E731
+            pr = cProfile.Profile()
+            pr.enable()
+            run()
+            pr.disable()
+            for sort in ("cumulative", "tottime"):
+                buf = io.StringIO()
+                pstats.Stats(pr, stream=buf).sort_stats(sort).print_stats(top)
+                log(f"\n=== cProfile: {name} on {kind}, n={n}, sorted by {sort} ===\n"
+                    f"{buf.getvalue()}")
+
+
+# ---- the benchmark ------------------------------------------------------------------------
+
+
+def _loadavg() -> float | None:
+    try:
+        return os.getloadavg()[0]
+    except (AttributeError, OSError):
+        return None
+
+
+def machine_info() -> dict[str, Any]:
+    cpu = platform.processor() or platform.machine()
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    info: dict[str, Any] = {"cpu": cpu, "cores": os.cpu_count(),
+                            "python": platform.python_version(),
+                            "date": _dt.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z")}
+    from importlib.metadata import version
+
+    for pkg in ("optuna", "cma", "sqlalchemy", "numpy"):
+        with contextlib.suppress(Exception):
+            info[pkg] = version(pkg)
+    return info
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
+    kinds = [k.strip() for k in args.storages.split(",") if k.strip()]
+    unknown = [k for k in kinds if k not in STORAGES]
+    if unknown:
+        raise SystemExit(f"unknown storage(s): {', '.join(unknown)}; known: {', '.join(STORAGES)}")
+    ns = dict(N_QUICK if args.quick else N_FULL)
+    for spec in args.n or []:
+        kind, _, value = spec.partition("=")
+        if kind not in STORAGES or not value.isdigit() or int(value) < 1:
+            raise SystemExit(f"--n: expected STORAGE=N with STORAGE in {STORAGES}, got {spec!r}")
+        ns[kind] = int(value)
+    repeats = args.repeats if args.repeats is not None else (1 if args.quick else 2)
+    popsize, sigma0 = cmaes_defaults()
+    load_start = _loadavg()
+    log(f"dim {DIM}, cmaes popsize {popsize}, sigma0 {sigma0}; storages {kinds}; n {ns}; "
+        f"repeats {repeats}; 1-min load average {load_start}")
+    if load_start is not None and load_start > 0.5 * (os.cpu_count() or 1):
+        log(f"warning: 1-min load average {load_start:.1f} on {os.cpu_count()} cores: other "
+            "processes share the CPU, timings will be noisy")
+
+    # Import everything up front so no loop pays a first import.
+    import cma  # noqa: F401
+
+    import evomerge.execution.driver  # noqa: F401
+    import evomerge.execution.worker  # noqa: F401
+
+    n_cma = max(ns[k] for k in kinds)
+    cma_s = [run_bare_cma(n_cma, popsize, sigma0) for _ in range(max(repeats, 3))]
+    bare_cma_ms = min(cma_s) / n_cma * 1e3
+    log(f"bare cma: {bare_cma_ms:.4f} ms/trial (n={n_cma}, best of {len(cma_s)})")
+
+    storages: dict[str, dict[str, Any]] = {}
+    for kind in kinds:
+        n = ns[kind]
+        bare, evo, bare_cpu, evo_cpu, checks = [], [], [], [], []
+        for r in range(repeats):
+            order = ("bare", "evo") if r % 2 == 0 else ("evo", "bare")
+            for which in order:
+                if which == "bare":
+                    secs, cpu = time_bare_optuna(kind, n, popsize, sigma0)
+                    bare.append(secs / n * 1e3)
+                    bare_cpu.append(cpu / n * 1e3)
+                    log(f"{kind:>8} [{r + 1}/{repeats}] bare optuna: {bare[-1]:.3f} ms/trial "
+                        f"(CPU {bare_cpu[-1]:.3f}; load {_num(_loadavg(), '.1f')})")
+                else:
+                    secs, cpu, check = time_evomerge(kind, n)
+                    evo.append(secs / n * 1e3)
+                    evo_cpu.append(cpu / n * 1e3)
+                    checks.append(check)
+                    log(f"{kind:>8} [{r + 1}/{repeats}] evomerge:    {evo[-1]:.3f} ms/trial "
+                        f"(CPU {evo_cpu[-1]:.3f}; load {_num(_loadavg(), '.1f')}; checks "
+                        f"{'ok' if check['ok'] else 'FAILED: ' + str(check)})")
+                    if not check["ok"]:
+                        raise SystemExit(f"evomerge run on {kind} failed its checks: {check}")
+        entry: dict[str, Any] = {
+            "n": n,
+            "evomerge_ms_per_trial": min(evo),
+            "bare_optuna_ms_per_trial": min(bare),
+            "ratio_vs_bare_optuna": min(evo) / min(bare),
+            "extra_ms_per_trial": min(evo) - min(bare),
+            "evomerge_cpu_ms_per_trial": min(evo_cpu),
+            "bare_optuna_cpu_ms_per_trial": min(bare_cpu),
+            "cpu_ratio_vs_bare_optuna": min(evo_cpu) / min(bare_cpu),
+            "evomerge_ms_samples": evo,
+            "bare_optuna_ms_samples": bare,
+            "target_met": min(evo) / min(bare) <= TARGET_RATIO,
+            "checks": checks[-1],
+        }
+        if not args.no_count:
+            cn = min(N_COUNT, n)
+            entry["calls_per_trial"] = count_calls(kind, cn, popsize, sigma0)
+            entry["calls_counted_over_n"] = cn
+        log(f"{kind:>8}: evomerge {entry['evomerge_ms_per_trial']:.3f} ms/trial vs bare optuna "
+            f"{entry['bare_optuna_ms_per_trial']:.3f} -> ratio {entry['ratio_vs_bare_optuna']:.3f} "
+            f"({'met' if entry['target_met'] else 'MISSED'} <= {TARGET_RATIO})")
+        storages[kind] = entry
+        if args.profile == kind:
+            profile_both(kind, n, popsize, sigma0)
+    if args.profile and args.profile not in kinds:
+        profile_both(args.profile, ns[args.profile], popsize, sigma0)
+
+    return {
+        "dim": DIM,
+        "objective": "maximise -||x - c||^2 over [0, 1]^50 (c fixed, in [0.2, 0.8]^50)",
+        "popsize": popsize,
+        "sigma0": sigma0,
+        "repeats": repeats,
+        "quick": args.quick,
+        "target_ratio": TARGET_RATIO,
+        "bare_cma_ms_per_trial": bare_cma_ms,
+        "bare_cma_n": n_cma,
+        "storages": storages,
+        "loadavg_1min": {"start": load_start, "end": _loadavg()},
+        "machine": machine_info(),
+    }
+
+
+# ---- reporting ----------------------------------------------------------------------------
+
+
+def _num(x: float | None, fmt: str) -> str:
+    return "—" if x is None else format(x, fmt)
+
+
+def _calls(entry: dict[str, Any], path: str) -> dict[str, float]:
+    return entry.get("calls_per_trial", {}).get(path, {})
+
+
+def _roundtrips(kind: str, calls: dict[str, float]) -> str:
+    if not calls:
+        return "—"
+    if kind == "sqlite":
+        return f"{calls.get('sql.statements', 0):.1f} SQL / {calls.get('sql.commits', 0):.1f} commits"
+    if kind == "journal":
+        return (f"{calls.get('journal.appends', 0):.1f} appends / "
+                f"{calls.get('journal.reads', 0):.1f} reads")
+    return f"{sum(v for k, v in calls.items() if k.startswith('api.')):.1f} storage calls"
+
+
+def text_table(result: dict[str, Any]) -> str:
+    rows = [f"bare cma: {result['bare_cma_ms_per_trial']:.4f} ms/trial",
+            f"{'storage':>8} {'n':>5} {'bare_optuna':>11} {'evomerge':>9} {'ratio':>6} "
+            f"{'cpu_ratio':>9} target"]
+    for kind, e in result["storages"].items():
+        rows.append(f"{kind:>8} {e['n']:>5} {e['bare_optuna_ms_per_trial']:11.3f} "
+                    f"{e['evomerge_ms_per_trial']:9.3f} {e['ratio_vs_bare_optuna']:6.3f} "
+                    f"{e['cpu_ratio_vs_bare_optuna']:9.3f} "
+                    f"{'met' if e['target_met'] else 'MISSED'}")
+    return "\n".join(rows)
+
+
+def markdown_section(result: dict[str, Any], command: str) -> str:
+    mach, load = result["machine"], result["loadavg_1min"]
+    lines = [
+        START,
+        "## Search overhead (benchmarks/search_overhead.py)",
+        "",
+        f"- Machine: {mach['cpu']}, {mach['cores']} cores, Python {mach['python']}, optuna "
+        f"{mach.get('optuna', '?')}, cma {mach.get('cma', '?')}, SQLAlchemy "
+        f"{mach.get('sqlalchemy', '?')}; {mach['date']}; 1-min load average "
+        f"{_num(load['start'], '.2f')} at start, {_num(load['end'], '.2f')} at end"
+        + (" (the machine was shared with other work)"
+           if (load["start"] or 0) > 0.5 * (mach["cores"] or 1) else ""),
+        f"- Command: `{command}`",
+        f"- Objective: {result['objective']}, {result['dim']} params; cmaes defaults popsize "
+        f"{result['popsize']}, sigma0 {result['sigma0']}. Per storage, best of "
+        f"{result['repeats']} runs of each loop (alternating order), fresh study in a temp dir "
+        "each run; the loop is timed, study creation is not.",
+        "- bare Optuna: per candidate `study.enqueue_trial(params)`, `study.ask(50 "
+        "FloatDistributions)`, `study.tell(trial, value)` (candidates from the same bare cma "
+        "loop). evomerge: `Store` + the driver's `_search` + the worker's `process_one` with "
+        "the cmaes strategy; only the merge and the model evaluation are replaced by the "
+        "objective (a stand-in space decodes x into a real 50-number `MergeRecipe`).",
+        f"- bare `cma` ask/tell, no storage: **{result['bare_cma_ms_per_trial']:.4f} ms/trial** "
+        f"(n = {result['bare_cma_n']}).",
+        "",
+        "| storage | n | bare Optuna ms/trial | evomerge ms/trial | ratio | extra ms/trial "
+        "| CPU ms/trial bare / evomerge (ratio) | <= 1.10x bare Optuna "
+        "| round trips/trial: bare Optuna | evomerge |",
+        "|---|---:|---:|---:|---:|---:|---:|---|---|---|",
+    ]
+    for kind, e in result["storages"].items():
+        lines.append(
+            f"| {kind} | {e['n']} | {e['bare_optuna_ms_per_trial']:.2f} | "
+            f"{e['evomerge_ms_per_trial']:.2f} | {e['ratio_vs_bare_optuna']:.3f} | "
+            f"{e['extra_ms_per_trial']:+.2f} | {e['bare_optuna_cpu_ms_per_trial']:.2f} / "
+            f"{e['evomerge_cpu_ms_per_trial']:.2f} ({e['cpu_ratio_vs_bare_optuna']:.3f}) | "
+            f"{'met' if e['target_met'] else '**missed**'} | "
+            f"{_roundtrips(kind, _calls(e, 'bare_optuna'))} | "
+            f"{_roundtrips(kind, _calls(e, 'evomerge'))} |")
+    lines += ["", "Storage API calls per trial (untimed counting pass over "
+              + ", ".join(f"{k} {e.get('calls_counted_over_n', '—')}"
+                          for k, e in result["storages"].items()) + " trials):", "",
+              "| storage | call | bare Optuna | evomerge |", "|---|---|---:|---:|"]
+    for kind, e in result["storages"].items():
+        b, v = _calls(e, "bare_optuna"), _calls(e, "evomerge")
+        for key in sorted(set(b) | set(v)):
+            if key.startswith("api."):
+                lines.append(f"| {kind} | `{key[4:]}` | {b.get(key, 0):.2f} | {v.get(key, 0):.2f} |")
+    if result.get("notes"):
+        lines += ["", *result["notes"]]
+    lines.append(END)
+    return "\n".join(lines)
+
+
+def _json_safe(obj: Any) -> Any:
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: _json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_json_safe(v) for v in obj]
+    return obj
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true",
+                   help=f"small n ({N_QUICK}) instead of {N_FULL}, one repeat")
+    p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
+    p.add_argument("--storages", default=",".join(STORAGES),
+                   help=f"comma-separated subset of {','.join(STORAGES)}")
+    p.add_argument("--n", action="append", metavar="STORAGE=N",
+                   help="override the number of evaluations for one storage (repeatable)")
+    p.add_argument("--repeats", type=int, default=None,
+                   help="timed runs of each loop per storage, best taken (default 2; 1 quick)")
+    p.add_argument("--no-count", action="store_true", help="skip the call-counting pass")
+    p.add_argument("--profile", choices=STORAGES, default=None,
+                   help="also cProfile both loops on this storage (stderr)")
+    p.add_argument("--out-md", type=Path, default=None,
+                   help="(re)write this benchmark's section of this markdown file")
+    p.add_argument("--write-results", action="store_true",
+                   help=f"same as --out-md {RESULTS_MD.relative_to(ROOT)}")
+    p.add_argument("--note", action="append", default=[],
+                   help="a line of text added under the table (repeatable)")
+    p.add_argument("--from-json", type=Path, default=None,
+                   help="skip the run: re-render the markdown (and --json) from a saved --json "
+                        "output")
+    args = p.parse_args(argv)
+    if args.repeats is not None and args.repeats < 1:
+        p.error("--repeats must be >= 1")
+    if args.write_results and args.out_md is None:
+        args.out_md = RESULTS_MD
+    return args
+
+
+@contextlib.contextmanager
+def stdout_to_stderr(enabled: bool) -> Iterator[None]:
+    if not enabled:
+        yield
+        return
+    with contextlib.redirect_stdout(sys.stderr):
+        yield
+
+
+def write_markdown(path: Path, section: str) -> None:
+    if str(Path(__file__).resolve().parent) not in sys.path:
+        sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from _results import write_section
+
+    write_section(path, section, START, END)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    command = "python benchmarks/search_overhead.py " + shlex.join(
+        sys.argv[1:] if argv is None else argv)
+    with stdout_to_stderr(args.json):
+        if args.from_json is not None:
+            result = json.loads(args.from_json.read_text())
+        else:
+            result = run(args)
+            result["command"] = command.strip()
+        if args.note:
+            result["notes"] = list(result.get("notes", [])) + args.note
+        log("\n" + text_table(result))
+        if args.out_md is not None:
+            write_markdown(args.out_md, markdown_section(result, result.get("command", "?")))
+            log(f"wrote {args.out_md}")
+    if args.json:
+        print(json.dumps(_json_safe(result), indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
