@@ -14,10 +14,12 @@ The store knows nothing of merging: it moves vectors, plain dicts and numbers.
 from __future__ import annotations
 
 import base64
+import fcntl
 import math
 import time
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -32,6 +34,7 @@ optuna.logging.set_verbosity(optuna.logging.WARNING)
 META = "evomerge"  # user attribute set at enqueue: generation, index, recipe
 RESULT = "result"  # user attribute set on finish: timings, item scores, error
 INTERRUPTED = "interrupted"
+OWNER = "evomerge:owner"  # system attribute: the worker ("host:pid") running a trial
 
 
 def storage_url(url: str | None, run_dir: Path) -> str:
@@ -96,6 +99,8 @@ class Store:
             with warnings.catch_warnings():  # experimental since Optuna 3.2, stable in practice
                 warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
                 self.study.set_metric_names(list(objective_names))
+        self._lock_path = (Path(url.removeprefix("sqlite:///")).with_suffix(".claim.lock")
+                           if url.startswith("sqlite:///") else None)
         self.distributions = {f"x{i}": FloatDistribution(float(lo), float(hi))
                               for i, (lo, hi) in enumerate(zip(lower, upper))}
 
@@ -134,12 +139,14 @@ class Store:
                 best[slot] = t
         return best
 
-    def fail_interrupted(self) -> list[FrozenTrial]:
+    def fail_interrupted(self, owner: str | None = None) -> list[FrozenTrial]:
         """Mark RUNNING trials left by a dead process as FAIL(interrupted); returns them.
 
-        Call only when no worker is alive (resume): a live worker's trial would be lost.
+        With ``owner``, only the trials that worker claimed (see :meth:`pop`); without, every
+        RUNNING trial, which is right only when no worker is alive (resume).
         """
-        stale = self.trials(states=(TrialState.RUNNING,))
+        stale = [t for t in self.trials(states=(TrialState.RUNNING,))
+                 if owner is None or t.system_attrs.get(OWNER) == owner]
         for t in stale:
             self.storage.set_trial_user_attr(t._trial_id, RESULT, {"error": INTERRUPTED})
             self.storage.set_trial_state_values(t._trial_id, TrialState.FAIL)
@@ -154,21 +161,49 @@ class Store:
 
     # ---- worker side ---------------------------------------------------------------------
 
-    def pop(self) -> FrozenTrial | None:
+    def pop(self, owner: str | None = None) -> FrozenTrial | None:
         """Claim one WAITING trial (atomically) and write its parameters; None if the queue is
-        empty. Never creates a trial: a missing candidate must not be invented by a worker."""
+        empty. Never creates a trial: a missing candidate must not be invented by a worker.
+
+        ``owner`` (a worker's "host:pid") is recorded so the trial can be given back if that
+        worker dies; the in-process executor skips it (one storage write less per trial).
+        """
+        with self._claim_lock():
+            claimed = self._claim()
+        if claimed is None:
+            return None
+        if owner is not None:
+            self.storage.set_trial_system_attr(claimed, OWNER, owner)
+        trial = optuna.trial.Trial(self.study, claimed)
+        for name, dist in self.distributions.items():
+            trial.suggest_float(name, dist.low, dist.high)
+        return self.storage.get_trial(claimed)
+
+    def _claim(self) -> int | None:
         for t in self.storage.get_all_trials(self.study._study_id, deepcopy=False,
                                              states=(TrialState.WAITING,)):
             try:
-                if not self.storage.set_trial_state_values(t._trial_id, TrialState.RUNNING):
-                    continue
+                if self.storage.set_trial_state_values(t._trial_id, TrialState.RUNNING):
+                    return t._trial_id
             except optuna.exceptions.UpdateFinishedTrialError:
                 continue
-            trial = optuna.trial.Trial(self.study, t._trial_id)
-            for name, dist in self.distributions.items():
-                trial.suggest_float(name, dist.low, dist.high)
-            return self.storage.get_trial(t._trial_id)
         return None
+
+    @contextmanager
+    def _claim_lock(self) -> Iterator[None]:
+        """Serialise claims on SQLite, whose deferred transactions let two processes both move
+        one WAITING trial to RUNNING (seen here with 2 workers). SQLite is single-node, so an
+        advisory lock file beside the database covers every writer. Other backends claim
+        atomically on their own (PostgreSQL row locks, the journal's replay)."""
+        if self._lock_path is None:
+            yield
+            return
+        with open(self._lock_path, "a") as fh:
+            fcntl.flock(fh, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(fh, fcntl.LOCK_UN)
 
     def finish(self, trial: FrozenTrial, values: Sequence[float] | None, *,
                timings: Mapping[str, float] | None = None,

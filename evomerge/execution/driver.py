@@ -20,7 +20,8 @@ from optuna.trial import TrialState
 from evomerge.experiment import Experiment, ExperimentError
 from evomerge.execution.local import LocalExecutor
 from evomerge.search import Strategy, make_strategy
-from evomerge.store import Slot, Store, slot_of, storage_url, x_of
+from evomerge.store import (INTERRUPTED, META, RESULT, Slot, Store, slot_of, storage_url,
+                            x_of)
 
 
 class Plan:
@@ -160,10 +161,16 @@ def _search(plan: Plan, store: Store, executor: LocalExecutor, bar: Any,
                 on_trial(finished, budget)
 
         bar.update(done, best.text())
-        executor.run(store, generation_done, tick)
-        if not generation_done():
-            raise RuntimeError(f"generation {generation} did not complete")
-        trials = [store.get(tid) for tid in ids]
+        while True:
+            executor.run(store, generation_done, tick)
+            trials = [store.get(tid) for tid in ids]
+            lost = [k for k, t in enumerate(trials) if _interrupted(t)]
+            if not lost:  # a dead worker's trial comes back: evaluate its slot again
+                break
+            for k in lost:
+                ids[k] = store.enqueue(candidates[k].x, Slot(generation, k),
+                                       trials[k].user_attrs[META].get("recipe"))
+                pending.add(ids[k])
         done += sum(1 for t in trials if stored.get(slot_of(t)) is None
                     or not stored[slot_of(t)].state.is_finished())
         for t in trials:
@@ -198,10 +205,13 @@ class _Best:
         return "-" if self.value is None else f"{self.objectives[0].name} {self.value:.4f}"
 
 
+def _interrupted(trial: Any) -> bool:
+    return trial.state == TrialState.FAIL and trial.user_attrs.get(RESULT, {}).get(
+        "error") == INTERRUPTED
+
+
 def _check_failures(generation: list, store: Store, share: float, popsize: int) -> None:
     """Stop the run when more than ``share`` of the finished candidates failed."""
-    from evomerge.store import RESULT
-
     finished = [t for t in store.slots().values() if t.state.is_finished()] if any(
         t.state == TrialState.FAIL for t in generation) else None
     if not finished:

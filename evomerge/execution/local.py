@@ -13,7 +13,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from evomerge.execution.worker import Evaluator, drain, worker_loop
+from evomerge.execution.worker import Evaluator, drain, worker_id, worker_loop
 from evomerge.store import Store
 
 
@@ -40,6 +40,7 @@ class LocalExecutor:
         self.workers = workers
         self._evaluator: Evaluator | None = None
         self._procs: list[mp.Process] = []
+        self._deaths = 0
 
     @property
     def evaluator(self) -> Evaluator:
@@ -55,22 +56,35 @@ class LocalExecutor:
             return
         self._start()
         while not done():
-            if not any(p.is_alive() for p in self._procs):
-                codes = [p.exitcode for p in self._procs]
-                raise RuntimeError(f"all {self.workers} worker processes exited (codes {codes}) "
-                                   "with trials still queued; see their output above")
+            self._replace_dead(store)
             time.sleep(0.05)
             tick()
+
+    def _replace_dead(self, store: Store) -> None:
+        """A worker that died gives its running trial back (FAIL "interrupted", which the driver
+        enqueues again) and is replaced; repeated deaths end the run instead of looping."""
+        for k, proc in enumerate(self._procs):
+            if proc.is_alive():
+                continue
+            store.fail_interrupted(owner=worker_id(proc.pid))
+            self._deaths += 1
+            if self._deaths > 3 * self.workers:
+                raise RuntimeError(f"{self._deaths} worker processes died (last exit code "
+                                   f"{proc.exitcode}); see their output above")
+            self._procs[k] = self._spawn()
 
     def _start(self) -> None:
         if self._procs:
             return
+        self._procs = [self._spawn() for _ in range(self.workers)]
+
+    def _spawn(self) -> mp.Process:
         ctx = mp.get_context("spawn")  # fresh interpreters: no forked torch/SQLite state
-        data = self.experiment.model_dump(mode="json")
-        for _ in range(self.workers):
-            proc = ctx.Process(target=_worker_main, args=(data, self.store_args), daemon=True)
-            proc.start()
-            self._procs.append(proc)
+        proc = ctx.Process(target=_worker_main,
+                           args=(self.experiment.model_dump(mode="json"), self.store_args),
+                           daemon=True)
+        proc.start()
+        return proc
 
     def close(self, store: Store) -> None:
         """Tell workers the study is finished and wait for them."""

@@ -8,6 +8,8 @@ the recipe stored with each trial), so a worker can start anywhere the storage U
 from __future__ import annotations
 
 import math
+import os
+import socket
 import time
 import traceback
 from collections.abc import Callable, Mapping
@@ -54,13 +56,18 @@ class Evaluator:
         return self.fitness.evaluate(self.model, split)
 
 
-def process_one(store: Store, evaluator: Evaluator) -> bool:
+def worker_id(pid: int | None = None) -> str:
+    """How a worker process is named in the store: ``host:pid``."""
+    return f"{socket.gethostname()}:{pid or os.getpid()}"
+
+
+def process_one(store: Store, evaluator: Evaluator, owner: str | None = None) -> bool:
     """Pop and evaluate one trial; False when the queue is empty.
 
     A build or evaluation that raises (including out-of-memory) or yields a non-finite value is
     recorded as a FAIL trial with its reason; the caller's strategy then sees a penalty.
     """
-    trial = store.pop()
+    trial = store.pop(owner)
     if trial is None:
         return False
     meta = trial.user_attrs[META]
@@ -91,9 +98,9 @@ def drain(store: Store, evaluator: Evaluator, on_done: Callable[[], None] | None
 
 def worker_loop(store: Store, evaluator: Evaluator, poll_s: float = 0.05) -> int:
     """Serve the queue until the driver marks the study finished and the queue is empty."""
-    count = 0
+    count, owner = 0, worker_id()
     while True:
-        if process_one(store, evaluator):
+        if process_one(store, evaluator, owner):
             count += 1
             continue
         if store.is_finished():
