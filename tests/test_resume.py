@@ -1,0 +1,190 @@
+"""Resume after a real ``kill -9`` (DESIGN decision 3, issue 4 item 5).
+
+A real ``evomerge run`` subprocess is SIGKILLed at chosen moments, then ``evomerge resume``
+finishes it; chains of kills also kill the resumes themselves. The kill points: the first trial,
+mid-generation (a trial RUNNING), a generation boundary, the last generation, after the last trial
+(while the summary is being written), and right after the first generation was enqueued (only
+WAITING trials). Each resumed run must end with exactly ``budget`` counted trials (finished and not
+marked interrupted), every slot (generation, index) evaluated once, and -- the digits fitness
+being deterministic -- the very trajectory (every slot's ``x`` and values), best value and best
+recipe of an uninterrupted run with the same seed, for CMA-ES and NSGA-II.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from evomerge.cli import app
+from run_helpers import (
+    assert_exactly_budget,
+    build_zoo,
+    by_slot,
+    cli,
+    experiment_data,
+    is_interrupted,
+    kill_group,
+    load_trials,
+    run_cli,
+    run_in_process,
+    start,
+    state_counts,
+    wait_until,
+    write_experiment,
+)
+
+pytestmark = pytest.mark.slow
+
+POPSIZE = {"cmaes": 8, "nsga2": 16}  # as in experiments/digits_*.yaml
+BUDGET = {"cmaes": 40, "nsga2": 48}  # 5 and 3 generations
+NAME = {"cmaes": "digits_cmaes", "nsga2": "digits_nsga2"}
+
+
+@pytest.fixture(scope="module")
+def zoo(tmp_path_factory):
+    return build_zoo(tmp_path_factory.mktemp("zoo") / "digits")
+
+
+@pytest.fixture(scope="module")
+def reference(zoo, tmp_path_factory):
+    """Uninterrupted in-process runs, one per strategy, computed on first use:
+    ``kind -> (run_dir, summary, {slot: (x, values)})``."""
+    cache: dict[str, tuple[Path, dict, dict]] = {}
+
+    def get(kind: str) -> tuple[Path, dict, dict]:
+        if kind not in cache:
+            run_dir = tmp_path_factory.mktemp(f"reference_{kind}") / "run"
+            summary = run_in_process(experiment_data(kind, zoo, run_dir, budget=BUDGET[kind]))
+            cache[kind] = run_dir, summary, by_slot(load_trials(run_dir, NAME[kind]))
+        return cache[kind]
+
+    return get
+
+
+@dataclass(frozen=True)
+class Kills:
+    """A chain of kills: ``evomerge run`` is SIGKILLed when ``points[0](state counts)`` first
+    holds, then each ``evomerge resume`` at the next point, and a last resume runs to the end.
+    With ``group`` the driver's workers are killed with it (the machine went down)."""
+
+    kind: str
+    points: tuple[Callable[[Counter], bool], ...]
+    workers: int = 0
+    group: bool = False
+
+
+def _complete(n: int, running: bool = False) -> Callable[[Counter], bool]:
+    """At least ``n`` trials complete (and, with ``running``, one being evaluated: the kill
+    lands mid-trial and leaves it RUNNING)."""
+    return lambda c: c["COMPLETE"] >= n and (not running or c["RUNNING"] >= 1)
+
+
+KILLS = {
+    # cmaes, popsize 8, budget 40: generations end at 8, 16, 24, 32, 40 trials.
+    "cmaes-first-trial,generation-boundary": Kills("cmaes", (_complete(1), _complete(16))),
+    "cmaes-mid-generation,last-generation,after-last-trial": Kills(
+        "cmaes", (_complete(12, running=True), _complete(37, running=True), _complete(40))),
+    # nsga2, popsize 16, budget 48.
+    "nsga2-mid-generation": Kills("nsga2", (_complete(20, running=True),)),
+    # One worker process: it needs seconds to start, so the first generation sits enqueued
+    # (WAITING, nothing popped) long enough to kill the driver and its worker right there.
+    "cmaes-only-waiting": Kills("cmaes", (lambda c: c == Counter(WAITING=8),), workers=1,
+                                group=True),
+}
+
+
+def _kill_when(args: list[str], run_dir: Path, log: Path, group: bool,
+               when: Callable[[Counter], bool]) -> Counter:
+    proc = start(args, log)
+    try:
+        wait_until(lambda: when(state_counts(run_dir)), timeout=90, proc=proc, log=log,
+                   what="the kill point")
+        if group:
+            os.killpg(proc.pid, signal.SIGKILL)
+        else:
+            os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
+        assert proc.returncode == -signal.SIGKILL
+    finally:
+        kill_group(proc)
+    return state_counts(run_dir)
+
+
+@pytest.mark.parametrize("chain", list(KILLS))
+def test_kill_9_then_resume_matches_an_uninterrupted_run(chain, zoo, reference, tmp_path):
+    kills = KILLS[chain]
+    kind, budget, popsize = kills.kind, BUDGET[kills.kind], POPSIZE[kills.kind]
+    run_dir = tmp_path / "run"
+    exp = write_experiment(tmp_path / "exp.yaml", experiment_data(
+        kind, zoo, run_dir, budget=budget, workers=kills.workers))
+
+    running_at_kills = 0
+    for i, when in enumerate(kills.points):
+        args = cli("run", exp) if i == 0 else cli("resume", run_dir)
+        landed = _kill_when(args, run_dir, tmp_path / f"{i}.log", kills.group, when)
+        print(f"{chain}: kill {i} landed on {dict(landed)}")
+        assert when(landed)  # nothing moved after the kill
+        assert not (run_dir / "summary.json").exists()
+        running_at_kills += landed["RUNNING"]
+
+    result = run_cli(cli("resume", run_dir))
+    assert result.returncode == 0, result.stdout + result.stderr
+
+    trials = load_trials(run_dir, NAME[kind])
+    # (a), (b): exactly the budget, each slot once, nothing left queued.
+    assert_exactly_budget(trials, budget, popsize)
+    # Trials left RUNNING by the kills are marked FAIL(interrupted), never counted.
+    interrupted = [t for t in trials if is_interrupted(t)]
+    assert len(interrupted) == running_at_kills
+    assert all(t.state.name == "FAIL" for t in interrupted)
+    # (c): the same trajectory, best value and best recipe as the uninterrupted run.
+    _, ref_summary, ref_slots = reference(kind)
+    assert by_slot(trials) == ref_slots
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["best"]["objectives"] == ref_summary["best"]["objectives"]
+    assert summary["best"]["recipe"] == ref_summary["best"]["recipe"]
+    if kind == "nsga2":
+        front = sorted(tuple(p["objectives"].values()) for p in summary["pareto"])
+        assert front == sorted(tuple(p["objectives"].values()) for p in ref_summary["pareto"])
+    # (d): the summary counts the budget, interrupted trials excluded.
+    assert summary["n_trials"] == budget
+    assert summary["n_failed"] == 0
+    assert summary["budget"] == budget
+
+
+def test_resume_of_a_complete_run_evaluates_nothing_and_rewrites_the_summary(reference):
+    from evomerge.experiment import Experiment
+
+    run_dir, ref_summary, _ = reference("cmaes")
+    before = [(t.number, t.state, t.values) for t in load_trials(run_dir, NAME["cmaes"])]
+    (run_dir / "summary.json").unlink()
+
+    summary = Experiment.from_yaml(run_dir / "experiment.yaml").run(resume=True, progress=False)
+
+    after = [(t.number, t.state, t.values) for t in load_trials(run_dir, NAME["cmaes"])]
+    assert after == before
+    written = json.loads((run_dir / "summary.json").read_text())
+    assert written["n_trials"] == summary["n_trials"] == BUDGET["cmaes"]
+    assert written["best"] == ref_summary["best"]
+
+
+def test_run_refuses_a_run_dir_that_holds_trials_and_points_to_resume(reference, tmp_path):
+    run_dir, _, _ = reference("cmaes")
+    before = len(load_trials(run_dir, NAME["cmaes"]))
+    summary_before = (run_dir / "summary.json").read_bytes()
+
+    result = CliRunner().invoke(app, ["run", str(run_dir / "experiment.yaml")])
+
+    assert result.exit_code == 2, result.output
+    assert "evomerge resume" in result.output
+    assert str(run_dir) in result.output.replace("\n", "")
+    assert len(load_trials(run_dir, NAME["cmaes"])) == before
+    assert (run_dir / "summary.json").read_bytes() == summary_before
