@@ -9,6 +9,7 @@ read the finished study with Optuna.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -35,7 +36,8 @@ INTERRUPTED = "interrupted"
 
 
 def build_zoo(out: Path) -> dict[str, Path]:
-    """The digits zoo (about 2 s), built in this process; ``{name: absolute directory}``."""
+    """The digits zoo (about 2 s), built in this process, or reused if ``out`` holds it (the
+    test modules share one per session); ``{name: absolute directory}``."""
     from evomerge.zoo.digits import build_digits_zoo
 
     return {k: Path(v).absolute() for k, v in build_digits_zoo(out, seed=0, progress=False).items()}
@@ -161,6 +163,72 @@ def state_counts(run_dir: Path) -> Counter:
         return Counter()
 
 
+def running_trials(run_dir: Path, owner_key: str) -> list[tuple[int, int, str | None]]:
+    """``(trial_id, number of params written, owner system attribute or None)`` of each RUNNING
+    trial, read-only."""
+    path = db_path(run_dir)
+    if not path.exists():
+        return []
+    query = ("SELECT t.trial_id, (SELECT COUNT(*) FROM trial_params p WHERE p.trial_id = "
+             "t.trial_id), (SELECT a.value_json FROM trial_system_attributes a WHERE "
+             "a.trial_id = t.trial_id AND a.key = ?) FROM trials t WHERE t.state = 'RUNNING'")
+    try:
+        con = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=1)
+        try:
+            rows = con.execute(query, (owner_key,)).fetchall()
+        finally:
+            con.close()
+    except sqlite3.OperationalError:
+        return []
+    return [(tid, n, None if owner is None else json.loads(owner)) for tid, n, owner in rows]
+
+
+def wait_for_exit(proc: subprocess.Popen, run_dir: Path, *, stall_s: float, timeout: float,
+                  what: str) -> None:
+    """Wait for ``proc`` to exit; fail if the study's trial states stop changing for
+    ``stall_s`` seconds (a hang) or ``timeout`` passes."""
+    deadline = time.monotonic() + timeout
+    last, since = state_counts(run_dir), time.monotonic()
+    while proc.poll() is None:
+        now = time.monotonic()
+        counts = state_counts(run_dir)
+        if counts != last:
+            last, since = counts, now
+        elif now - since > stall_s:
+            raise AssertionError(f"{what}: the run hangs, its trials stuck at {dict(counts)} for "
+                                 f"{stall_s} s")
+        if now > deadline:
+            raise AssertionError(f"{what}: the run did not end within {timeout} s "
+                                 f"(trials {dict(counts)})")
+        time.sleep(0.1)
+
+
+def duplicated_slots(run_dir: Path) -> list[tuple[int, int]]:
+    """Slots that hold more than one trial not marked interrupted (in any state: a slot enqueued
+    twice is already a double evaluation in the making), read-only."""
+    path = db_path(run_dir)
+    if not path.exists():
+        return []
+    query = ("SELECT m.value_json, r.value_json FROM trial_user_attributes m "
+             "LEFT JOIN trial_user_attributes r ON r.trial_id = m.trial_id AND r.key = ? "
+             "WHERE m.key = ?")
+    try:
+        con = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=1)
+        try:
+            rows = con.execute(query, (RESULT, META)).fetchall()
+        finally:
+            con.close()
+    except sqlite3.OperationalError:
+        return []
+    seen: Counter = Counter()
+    for meta, result in rows:
+        if result is not None and json.loads(result).get("error") == INTERRUPTED:
+            continue
+        meta = json.loads(meta)
+        seen[int(meta["generation"]), int(meta["index"])] += 1
+    return sorted(s for s, n in seen.items() if n > 1)
+
+
 def load_trials(run_dir: Path, study_name: str) -> list[FrozenTrial]:
     study = optuna.load_study(study_name=study_name, storage=f"sqlite:///{db_path(run_dir)}")
     return study.get_trials(deepcopy=False)
@@ -182,15 +250,20 @@ def counted(trials: list[FrozenTrial]) -> list[FrozenTrial]:
 
 
 def assert_exactly_budget(trials: list[FrozenTrial], budget: int, popsize: int) -> None:
-    """(a) exactly ``budget`` counted trials; (b) each slot counted once, and the slots are the
-    first ``budget`` of the run (generation * popsize + index < budget); nothing left queued."""
+    """(a) exactly ``budget`` counted trials; (b) each slot counted once, the slots of each
+    generation contiguous from 0 (full generations of ``popsize`` but the last); nothing left
+    queued or failed."""
     done = counted(trials)
     slots = Counter(slot(t) for t in done)
     twice = {s: n for s, n in slots.items() if n > 1}
     assert not twice, f"slots evaluated more than once (slot: count): {twice}"
     assert len(done) == budget, (f"{len(done)} counted trials, budget {budget}; states "
                                  f"{Counter(t.state.name for t in trials)}")
-    assert sorted(g * popsize + i for g, i in slots) == list(range(budget))
+    sizes = Counter(g for g, _ in slots)
+    assert sorted(sizes) == list(range(len(sizes))), f"generations {sorted(sizes)}"
+    for g, n in sizes.items():
+        assert {i for gg, i in slots if gg == g} == set(range(n)), f"generation {g}"
+        assert n == popsize or g == len(sizes) - 1, f"generation {g} has {n} slots"
     left = [t.number for t in trials if not t.state.is_finished()]
     assert not left, f"trials left WAITING/RUNNING after the run: {left}"
     for t in trials:

@@ -24,7 +24,7 @@ BUDGET = 8
 
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory):
-    zoo = build_zoo(tmp_path_factory.mktemp("zoo") / "digits")
+    zoo = build_zoo(tmp_path_factory.getbasetemp() / "digits-zoo")
     run_dir = tmp_path_factory.mktemp("dashboard") / "run"
     run_in_process(experiment_data("cmaes", zoo, run_dir, budget=BUDGET))
     return run_dir

@@ -17,6 +17,7 @@ from pathlib import Path
 import psutil
 import pytest
 
+from evomerge.store import OWNER
 from run_helpers import (
     assert_exactly_budget,
     build_zoo,
@@ -27,8 +28,10 @@ from run_helpers import (
     kill_group,
     load_trials,
     run_in_process,
+    running_trials,
     start,
     state_counts,
+    wait_for_exit,
     wait_until,
     worker_pids,
     write_experiment,
@@ -36,14 +39,15 @@ from run_helpers import (
 
 pytestmark = pytest.mark.slow
 
-NAME, POPSIZE, BUDGET = "digits_cmaes", 8, 32
-RECOVERY_S = 20  # how long a run may take to get over a dead worker (it needs ~2 s unharmed)
+NAME, POPSIZE, BUDGET = "digits_cmaes", 8, 24
+STALL_S = 12  # a run whose trials do not move for this long hangs (a worker restarts in ~3 s)
+DIM = 6  # per-layer weights of two sources, three layers
 ORPHAN_S = 5  # how long workers may outlive their killed driver
 
 
 @pytest.fixture(scope="module")
 def zoo(tmp_path_factory):
-    return build_zoo(tmp_path_factory.mktemp("zoo") / "digits")
+    return build_zoo(tmp_path_factory.getbasetemp() / "digits-zoo")
 
 
 @pytest.fixture(scope="module")
@@ -86,39 +90,70 @@ def test_two_workers_reproduce_the_in_process_run(zoo, reference, tmp_path):
     assert most_running == 2, "the two workers never evaluated at the same time"
 
 
-def test_run_completes_after_a_worker_is_killed(zoo, reference, tmp_path):
-    """``kill -9`` of one of two workers while it evaluates a trial. The run must notice the
-    dead worker (its process exit), mark its trial FAIL(interrupted), evaluate that slot again
-    (re-enqueued, by a live or a replacement worker) and finish by itself, within
-    ``RECOVERY_S``, with exactly ``budget`` counted trials and the in-process run's trajectory.
+def _finish_and_check(proc, run_dir: Path, log: Path, reference, what: str) -> None:
+    wait_for_exit(proc, run_dir, stall_s=STALL_S, timeout=120, what=what)
+    assert proc.returncode == 0, log.read_text(errors="replace")[-3000:]
+    trials = load_trials(run_dir, NAME)
+    assert_exactly_budget(trials, BUDGET, POPSIZE)
+    assert by_slot(trials) == reference[1]
 
-    (A run that only recovers on ``evomerge resume`` -- the trial left RUNNING forever, the
-    driver waiting for it -- fails here with "the run hangs after a worker was killed".)
+
+def test_run_completes_after_a_worker_is_killed(zoo, reference, tmp_path):
+    """``kill -9`` of one of two workers while it evaluates a trial (claimed, parameters
+    written). The run must notice the dead worker (its process exit), mark its trial
+    FAIL(interrupted), evaluate that slot again (re-enqueued, by a live or a replacement worker)
+    and finish by itself with exactly ``budget`` counted trials and the in-process run's
+    trajectory. (A run that only recovers on ``evomerge resume`` -- the trial left RUNNING
+    forever, the driver waiting for it -- fails here with "the run hangs".)
     """
     proc, run_dir, log = _start_run(zoo, tmp_path)
     try:
-        # Both workers busy: whichever is killed holds a RUNNING trial.
-        wait_until(lambda: (lambda c: c["COMPLETE"] >= 4 and c["RUNNING"] == 2)(
-            state_counts(run_dir)), timeout=90, proc=proc, log=log, what="two RUNNING trials")
+        def both_evaluating() -> bool:
+            running = running_trials(run_dir, OWNER)
+            return (state_counts(run_dir)["COMPLETE"] >= 4 and len(running) == 2
+                    and all(n == DIM and owner for _, n, owner in running))
+
+        wait_until(both_evaluating, timeout=90, proc=proc, log=log, what="two trials evaluating")
         victims = worker_pids(proc.pid)
         assert len(victims) == 2, victims
         os.kill(victims[0], signal.SIGKILL)
-        at_kill = state_counts(run_dir)
-        try:
-            proc.wait(timeout=RECOVERY_S)
-        except Exception:  # noqa: BLE001 - still running: report where it hangs
-            stuck = state_counts(run_dir)
-            raise AssertionError(
-                f"the run hangs after a worker was killed: states at the kill {dict(at_kill)}, "
-                f"{RECOVERY_S} s later {dict(stuck)} (the dead worker's trial is never "
-                "re-queued and the driver waits for it forever)") from None
-        assert proc.returncode == 0, log.read_text(errors="replace")[-3000:]
+        _finish_and_check(proc, run_dir, log, reference, "after a worker was killed")
     finally:
         kill_group(proc)
-    trials = load_trials(run_dir, NAME)
-    assert_exactly_budget(trials, BUDGET, POPSIZE)
-    assert sum(is_interrupted(t) for t in trials) == 1
-    assert by_slot(trials) == reference[1]
+    assert sum(is_interrupted(t) for t in load_trials(run_dir, NAME)) == 1
+
+
+def test_run_completes_when_a_worker_dies_just_after_claiming_a_trial(zoo, reference,
+                                                                       tmp_path):
+    """KNOWN BUG: fails on the current code.
+
+    ``Store.pop`` claims a trial (WAITING -> RUNNING) and only then, in a separate storage
+    write, records its owner (``evomerge:owner`` = "host:pid"). A worker killed between the two
+    leaves a RUNNING trial with no owner; ``LocalExecutor._replace_dead`` gives back only the
+    trials owned by the dead worker (``Store.fail_interrupted(owner=...)``), so that trial stays
+    RUNNING forever and the driver waits for it forever (the replacement workers idle).
+
+    The test waits for a RUNNING trial without an owner and kills both workers at once (the
+    claimer is one of them). Should the window be closed (owner written before the claim), it
+    never appears and the test kills both workers at a later moment instead: either way the run
+    must finish with exactly ``budget`` trials.
+    """
+    proc, run_dir, log = _start_run(zoo, tmp_path)
+    try:
+        def claimed_without_owner() -> bool:
+            running = running_trials(run_dir, OWNER)
+            return any(owner is None for _, _, owner in running) or (
+                state_counts(run_dir)["COMPLETE"] >= 12 and len(running) >= 1)
+
+        wait_until(claimed_without_owner, interval=0.0005, timeout=90, proc=proc, log=log,
+                   what="a claimed trial")
+        for pid in worker_pids(proc.pid):
+            os.kill(pid, signal.SIGKILL)
+        landed = running_trials(run_dir, OWNER)
+        _finish_and_check(proc, run_dir, log, reference,
+                          f"both workers killed with RUNNING trials (id, params, owner) {landed}")
+    finally:
+        kill_group(proc)
 
 
 def test_killing_the_driver_stops_its_workers(zoo, tmp_path):
@@ -134,8 +169,8 @@ def test_killing_the_driver_stops_its_workers(zoo, tmp_path):
     """
     proc, run_dir, log = _start_run(zoo, tmp_path)
     try:
-        wait_until(lambda: state_counts(run_dir)["COMPLETE"] >= 4, timeout=90, proc=proc,
-                   log=log, what="four complete trials")
+        wait_until(lambda: state_counts(run_dir)["COMPLETE"] >= 1, timeout=90, proc=proc,
+                   log=log, what="a complete trial")
         workers = [psutil.Process(pid) for pid in worker_pids(proc.pid)]
         assert len(workers) == 2
         os.kill(proc.pid, signal.SIGKILL)
