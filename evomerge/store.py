@@ -65,6 +65,18 @@ class Slot:
     index: int
 
 
+@dataclass(frozen=True)
+class Claim:
+    """A trial a worker holds: the live Optuna trial and the metadata it was enqueued with."""
+
+    trial: optuna.trial.Trial
+    meta: dict[str, Any]
+
+    @property
+    def number(self) -> int:
+        return self.trial.number
+
+
 def encode_scores(scores: np.ndarray) -> dict[str, Any]:
     """Per-item scores compactly: 0/1 vectors as packed bits (base64), else rounded floats."""
     arr = np.asarray(scores, dtype=np.float32).ravel()
@@ -161,7 +173,7 @@ class Store:
 
     # ---- worker side ---------------------------------------------------------------------
 
-    def pop(self, owner: str | None = None) -> FrozenTrial | None:
+    def pop(self, owner: str | None = None) -> Claim | None:
         """Claim one WAITING trial (atomically) and write its parameters; None if the queue is
         empty. Never creates a trial: a missing candidate must not be invented by a worker.
 
@@ -169,22 +181,23 @@ class Store:
         worker dies; the in-process executor skips it (one storage write less per trial).
         """
         with self._claim_lock():
-            claimed = self._claim()
-        if claimed is None:
+            waiting = self._claim()
+        if waiting is None:
             return None
         if owner is not None:
-            self.storage.set_trial_system_attr(claimed, OWNER, owner)
-        trial = optuna.trial.Trial(self.study, claimed)
+            self.storage.set_trial_system_attr(waiting._trial_id, OWNER, owner)
+        trial = optuna.trial.Trial(self.study, waiting._trial_id)
         for name, dist in self.distributions.items():
             trial.suggest_float(name, dist.low, dist.high)
-        return self.storage.get_trial(claimed)
+        return Claim(trial, dict(waiting.user_attrs[META]))
 
-    def _claim(self) -> int | None:
+    def _claim(self) -> FrozenTrial | None:
+        """Move the first WAITING trial to RUNNING; its (pre-claim) snapshot, or None."""
         for t in self.storage.get_all_trials(self.study._study_id, deepcopy=False,
                                              states=(TrialState.WAITING,)):
             try:
                 if self.storage.set_trial_state_values(t._trial_id, TrialState.RUNNING):
-                    return t._trial_id
+                    return t
             except optuna.exceptions.UpdateFinishedTrialError:
                 continue
         return None
@@ -205,7 +218,7 @@ class Store:
             finally:
                 fcntl.flock(fh, fcntl.LOCK_UN)
 
-    def finish(self, trial: FrozenTrial, values: Sequence[float] | None, *,
+    def finish(self, claim: Claim, values: Sequence[float] | None, *,
                timings: Mapping[str, float] | None = None,
                item_scores: Mapping[str, np.ndarray] | None = None,
                error: str | None = None) -> None:
@@ -217,11 +230,11 @@ class Store:
         if not ok:
             result["error"] = error or f"non-finite objective values {list(values or [])}"
         result["finished_at"] = time.time()
-        self.storage.set_trial_user_attr(trial._trial_id, RESULT, result)
+        self.storage.set_trial_user_attr(claim.trial._trial_id, RESULT, result)
         if ok:
-            self.study.tell(trial.number, list(values))
+            self.study.tell(claim.trial, list(values))
         else:
-            self.study.tell(trial.number, state=TrialState.FAIL)
+            self.study.tell(claim.trial, state=TrialState.FAIL)
 
     # ---- reading -------------------------------------------------------------------------
 

@@ -134,7 +134,7 @@ def _search(plan: Plan, store: Store, executor: LocalExecutor, bar: Any,
         candidates = strategy.ask()  # may be fewer than popsize (pymoo drops duplicates)
         size = min(len(candidates), budget - asked)
         asked += size
-        ids = []
+        ids, finished = [], {}  # trial ids per slot; finished trials by id
         for i, cand in enumerate(candidates[:size]):
             trial = stored.get(Slot(generation, i))
             if trial is not None:
@@ -144,35 +144,43 @@ def _search(plan: Plan, store: Store, executor: LocalExecutor, bar: Any,
                         "does not match what the strategy asks now; the experiment (seed, space, "
                         "strategy options) must be the one the run started with")
                 ids.append(trial._trial_id)
+                if trial.state.is_finished():
+                    finished[trial._trial_id] = trial
             else:
                 ids.append(store.enqueue(cand.x, Slot(generation, i),
                                          plan.space.decode(cand.x).to_dict()))
-        pending = {tid for tid in ids if not store.get(tid).state.is_finished()}
+        already = len(finished)
 
         def generation_done() -> bool:
-            pending.difference_update(
-                [tid for tid in list(pending) if store.get(tid).state.is_finished()])
-            return not pending
+            for tid in ids:
+                if tid not in finished:
+                    trial = store.get(tid)
+                    if not trial.state.is_finished():
+                        return False
+                    finished[tid] = trial
+            return True
 
-        def tick() -> None:
-            finished = done + size - len(pending)
-            bar.update(finished, best.text())
+        evaluated = [0]  # in-process: trials this driver drained; workers: seen via polling
+
+        def tick(step: int = 0) -> None:
+            evaluated[0] += step
+            count = done + max(len(finished) - already, evaluated[0])
+            bar.update(count, best.text())
             if on_trial:
-                on_trial(finished, budget)
+                on_trial(count, budget)
 
         bar.update(done, best.text())
         while True:
             executor.run(store, generation_done, tick)
-            trials = [store.get(tid) for tid in ids]
-            lost = [k for k, t in enumerate(trials) if _interrupted(t)]
+            generation_done()
+            lost = [k for k, tid in enumerate(ids) if _interrupted(finished[tid])]
             if not lost:  # a dead worker's trial comes back: evaluate its slot again
                 break
             for k in lost:
-                ids[k] = store.enqueue(candidates[k].x, Slot(generation, k),
-                                       trials[k].user_attrs[META].get("recipe"))
-                pending.add(ids[k])
-        done += sum(1 for t in trials if stored.get(slot_of(t)) is None
-                    or not stored[slot_of(t)].state.is_finished())
+                recipe = finished.pop(ids[k]).user_attrs[META].get("recipe")
+                ids[k] = store.enqueue(candidates[k].x, Slot(generation, k), recipe)
+        trials = [finished[tid] for tid in ids]
+        done += len(trials) - already
         for t in trials:
             best.add(t)
         bar.update(done, best.text())

@@ -49,10 +49,11 @@ class LocalExecutor:
             self._evaluator = evaluator_for(self.experiment)
         return self._evaluator
 
-    def run(self, store: Store, done: Callable[[], bool], tick: Callable[[], None]) -> None:
-        """Return once ``done()``; ``tick()`` after each finished trial / poll."""
+    def run(self, store: Store, done: Callable[[], bool], tick: Callable[..., None]) -> None:
+        """Return once ``done()``; ``tick(1)`` after each trial evaluated here, ``tick()`` after
+        each poll of the workers' progress."""
         if self.workers == 0:
-            drain(store, self.evaluator, on_done=tick)
+            drain(store, self.evaluator, on_done=lambda: tick(1))
             return
         self._start()
         while not done():

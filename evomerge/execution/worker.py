@@ -20,7 +20,7 @@ import torch
 from evomerge.fitness.base import EvalResult, Fitness, Objective, make_fitness
 from evomerge.merge.engine import Merger
 from evomerge.recipe import MergeRecipe
-from evomerge.store import META, Store
+from evomerge.store import Store
 
 
 class Evaluator:
@@ -67,22 +67,21 @@ def process_one(store: Store, evaluator: Evaluator, owner: str | None = None) ->
     A build or evaluation that raises (including out-of-memory) or yields a non-finite value is
     recorded as a FAIL trial with its reason; the caller's strategy then sees a penalty.
     """
-    trial = store.pop(owner)
-    if trial is None:
+    claim = store.pop(owner)
+    if claim is None:
         return False
-    meta = trial.user_attrs[META]
     try:
-        recipe = MergeRecipe.from_dict(meta["recipe"])
+        recipe = MergeRecipe.from_dict(claim.meta["recipe"])
         result, timings = evaluator.evaluate(recipe)
         values = result.values(evaluator.objectives)
     except Exception as exc:  # noqa: BLE001 - any failure of a candidate is data, not a crash
         if isinstance(exc, torch.cuda.OutOfMemoryError):
             torch.cuda.empty_cache()
         reason = f"{type(exc).__name__}: {exc}\n{traceback.format_exc(limit=3)}"
-        store.finish(trial, None, error=reason)
+        store.finish(claim, None, error=reason)
         return True
     error = None if all(math.isfinite(v) for v in values) else f"non-finite objectives {values}"
-    store.finish(trial, values, timings=timings, item_scores=result.item_scores, error=error)
+    store.finish(claim, values, timings=timings, item_scores=result.item_scores, error=error)
     return True
 
 
