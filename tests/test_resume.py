@@ -221,7 +221,8 @@ def test_resume_refuses_a_run_whose_driver_is_alive(zoo, tmp_path):
                    log=tmp_path / "run.log", what="eight complete trials")
         second = start(cli("resume", run_dir), tmp_path / "resume.log")
         deadline, twice = time.monotonic() + 60, []
-        while second.poll() is None and time.monotonic() < deadline and not twice:
+        while (second.poll() is None and live.poll() is None and not twice
+               and time.monotonic() < deadline):
             twice = duplicated_slots(run_dir)
             time.sleep(0.05)
         twice = twice or duplicated_slots(run_dir)

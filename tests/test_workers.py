@@ -41,7 +41,6 @@ pytestmark = pytest.mark.slow
 
 NAME, POPSIZE, BUDGET = "digits_cmaes", 8, 24
 STALL_S = 12  # a run whose trials do not move for this long hangs (a worker restarts in ~3 s)
-DIM = 6  # per-layer weights of two sources, three layers
 ORPHAN_S = 5  # how long workers may outlive their killed driver
 
 
@@ -106,12 +105,13 @@ def test_run_completes_after_a_worker_is_killed(zoo, reference, tmp_path):
     trajectory. (A run that only recovers on ``evomerge resume`` -- the trial left RUNNING
     forever, the driver waiting for it -- fails here with "the run hangs".)
     """
+    dim = len(next(iter(reference[1].values()))[0])  # parameters per trial
     proc, run_dir, log = _start_run(zoo, tmp_path)
     try:
         def both_evaluating() -> bool:
             running = running_trials(run_dir, OWNER)
             return (state_counts(run_dir)["COMPLETE"] >= 4 and len(running) == 2
-                    and all(n == DIM and owner for _, n, owner in running))
+                    and all(n == dim and owner for _, n, owner in running))
 
         wait_until(both_evaluating, timeout=90, proc=proc, log=log, what="two trials evaluating")
         victims = worker_pids(proc.pid)
