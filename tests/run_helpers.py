@@ -183,6 +183,24 @@ def running_trials(run_dir: Path, owner_key: str) -> list[tuple[int, int, str | 
     return [(tid, n, None if owner is None else json.loads(owner)) for tid, n, owner in rows]
 
 
+def owners(run_dir: Path, owner_key: str) -> set[str]:
+    """Every value of the system attribute ``owner_key`` in the study (the workers that claimed
+    a trial), read-only."""
+    path = db_path(run_dir)
+    if not path.exists():
+        return set()
+    try:
+        con = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=1)
+        try:
+            rows = con.execute("SELECT DISTINCT value_json FROM trial_system_attributes "
+                               "WHERE key = ?", (owner_key,)).fetchall()
+        finally:
+            con.close()
+    except sqlite3.OperationalError:
+        return set()
+    return {json.loads(v) for (v,) in rows}
+
+
 def wait_for_exit(proc: subprocess.Popen, run_dir: Path, *, stall_s: float, timeout: float,
                   what: str) -> None:
     """Wait for ``proc`` to exit; fail if the study's trial states stop changing for
