@@ -181,22 +181,31 @@ class Store:
         worker dies; the in-process executor skips it (one storage write less per trial).
         """
         with self._claim_lock():
-            waiting = self._claim()
+            waiting = self._claim(owner)
         if waiting is None:
             return None
-        if owner is not None:
-            self.storage.set_trial_system_attr(waiting._trial_id, OWNER, owner)
         trial = optuna.trial.Trial(self.study, waiting._trial_id)
         for name, dist in self.distributions.items():
             trial.suggest_float(name, dist.low, dist.high)
         return Claim(trial, dict(waiting.user_attrs[META]))
 
-    def _claim(self) -> FrozenTrial | None:
-        """Move the first WAITING trial to RUNNING; its (pre-claim) snapshot, or None."""
+    def _claim(self, owner: str | None) -> FrozenTrial | None:
+        """Move the first WAITING trial to RUNNING; its (pre-claim) snapshot, or None.
+
+        Under the SQLite claim lock the owner is written *before* the state changes, so a worker
+        killed at any point leaves either a WAITING trial (claimed by the next worker) or a
+        RUNNING one that names it. Without the lock (PostgreSQL, journal) two workers may race
+        for one trial, so the owner is written after the claim succeeds.
+        """
+        locked = self._lock_path is not None
         for t in self.storage.get_all_trials(self.study._study_id, deepcopy=False,
                                              states=(TrialState.WAITING,)):
             try:
+                if owner is not None and locked:
+                    self.storage.set_trial_system_attr(t._trial_id, OWNER, owner)
                 if self.storage.set_trial_state_values(t._trial_id, TrialState.RUNNING):
+                    if owner is not None and not locked:
+                        self.storage.set_trial_system_attr(t._trial_id, OWNER, owner)
                     return t
             except optuna.exceptions.UpdateFinishedTrialError:
                 continue

@@ -10,7 +10,12 @@ enqueued again, so a run always ends with exactly ``budget`` evaluated slots.
 
 from __future__ import annotations
 
+import fcntl
+import os
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
 from collections.abc import Callable
 from typing import Any
 
@@ -98,6 +103,39 @@ def run_experiment(experiment: Experiment, *, resume: bool = False, progress: bo
         raise ExperimentError(str(exc)) from None
     run_dir = plan.experiment.run_path
     run_dir.mkdir(parents=True, exist_ok=True)
+    with _driver_lock(run_dir):
+        return _run_locked(plan, resume, progress, on_trial, started)
+
+
+@contextmanager
+def _driver_lock(run_dir: Path) -> Iterator[None]:
+    """One driver per run directory. Resuming marks RUNNING trials as interrupted, which is only
+    right when their driver is dead: a live driver holds this lock (the kernel drops it when the
+    process dies, kill -9 included)."""
+    path = run_dir / "driver.lock"
+    with open(path, "a+") as fh:
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            fh.seek(0)
+            holder = fh.read().strip() or "?"
+            raise ExperimentError(f"{run_dir} is being run by another driver (pid {holder}); "
+                                  "wait for it to finish, or stop it before resuming") from None
+        fh.seek(0)
+        fh.truncate()
+        fh.write(str(os.getpid()))
+        fh.flush()
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def _run_locked(plan: Plan, resume: bool, progress: bool,
+                on_trial: Callable[[int, int], None] | None, started: float) -> dict[str, Any]:
+    from evomerge import report
+
+    run_dir = plan.experiment.run_path
     store = Store(**plan.store_args)
     existing = store.trials()
     if existing and not resume:

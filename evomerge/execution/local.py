@@ -9,6 +9,7 @@ trials to finish, as it will for Ray actors and SLURM array tasks.
 from __future__ import annotations
 
 import multiprocessing as mp
+import os
 import time
 from collections.abc import Callable
 from typing import Any
@@ -23,12 +24,12 @@ def evaluator_for(experiment: Any) -> Evaluator:
     return Evaluator(paths, experiment.fitness.name, experiment.fitness.options, models.base)
 
 
-def _worker_main(experiment_data: dict, store_args: dict) -> None:
+def _worker_main(experiment_data: dict, store_args: dict, parent: int) -> None:
     from evomerge.experiment import Experiment
 
     experiment = Experiment.model_validate(experiment_data)
     store = Store(**store_args)
-    worker_loop(store, evaluator_for(experiment))
+    worker_loop(store, evaluator_for(experiment), parent=parent)
 
 
 class LocalExecutor:
@@ -82,7 +83,8 @@ class LocalExecutor:
     def _spawn(self) -> mp.Process:
         ctx = mp.get_context("spawn")  # fresh interpreters: no forked torch/SQLite state
         proc = ctx.Process(target=_worker_main,
-                           args=(self.experiment.model_dump(mode="json"), self.store_args),
+                           args=(self.experiment.model_dump(mode="json"), self.store_args,
+                                 os.getpid()),
                            daemon=True)
         proc.start()
         return proc

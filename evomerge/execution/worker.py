@@ -95,13 +95,19 @@ def drain(store: Store, evaluator: Evaluator, on_done: Callable[[], None] | None
     return count
 
 
-def worker_loop(store: Store, evaluator: Evaluator, poll_s: float = 0.05) -> int:
-    """Serve the queue until the driver marks the study finished and the queue is empty."""
+def worker_loop(store: Store, evaluator: Evaluator, poll_s: float = 0.05,
+                parent: int | None = None) -> int:
+    """Serve the queue until the driver marks the study finished and the queue is empty.
+
+    With ``parent`` (the driver's pid) the worker also stops when its driver is gone, so a
+    killed driver leaves no orphan evaluating trials that its resume will re-queue.
+    """
     count, owner = 0, worker_id()
-    while True:
+    while parent is None or os.getppid() == parent:
         if process_one(store, evaluator, owner):
             count += 1
             continue
         if store.is_finished():
-            return count
+            break
         time.sleep(poll_s)
+    return count
