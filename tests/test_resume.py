@@ -202,14 +202,14 @@ def test_run_refuses_a_run_dir_that_holds_trials_and_points_to_resume(reference,
 
 
 def test_resume_refuses_a_run_whose_driver_is_alive(zoo, tmp_path):
-    """KNOWN BUG: fails on the current code.
+    """Regression test (failed at commit c6573f8).
 
     ``evomerge resume`` on a run whose driver is still running (a second terminal, a batch job
     requeued while the first still runs) must refuse (exit 2) and leave the live run alone.
-    Today nothing marks a run as driven: the second driver marks the live one's RUNNING trial
-    FAIL(interrupted), replays, and then both drivers enqueue and evaluate the same slots --
+    Nothing marked a run as driven: the second driver marked the live one's RUNNING trial
+    FAIL(interrupted), replayed, and then both drivers enqueued and evaluated the same slots --
     e.g. 416 counted trials for a budget of 240, every slot of the later generations twice --
-    or the live driver dies on "Trial#N has already finished and can not be updated".
+    or the live driver died on "Trial#N has already finished and can not be updated".
     """
     run_dir = tmp_path / "run"
     exp = write_experiment(tmp_path / "exp.yaml", experiment_data(
