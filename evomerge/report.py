@@ -112,7 +112,10 @@ def finish_run(plan: Any, store: Store, evaluator: Any, *, wall_s: float) -> dic
     if not pareto:
         raise RuntimeError(f"no candidate of {experiment.name} completed; see the failed trials "
                            f"with `evomerge dashboard {run_dir}`")
-    best = max(pareto, key=lambda t: _score(t, objectives))
+    # ties go to the earliest slot, so a resumed run (whose re-run slots get higher trial
+    # numbers) reports the same best as an uninterrupted one
+    best = max(pareto, key=lambda t: (_score(t, objectives),
+                                      -t.user_attrs[META]["generation"], -t.user_attrs[META]["index"]))
     recipe = MergeRecipe.from_dict(best.user_attrs[META]["recipe"])
     write_atomic(run_dir / BEST_RECIPE, recipe.to_yaml())
 
