@@ -17,6 +17,8 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from evomerge.config_io import format_errors, read_yaml
+
 
 class ExperimentError(ValueError):
     """An experiment that cannot run; the message names the field."""
@@ -107,22 +109,11 @@ class Experiment(BaseModel):
         try:
             return cls.model_validate(data)
         except ValidationError as exc:
-            lines = []
-            for err in exc.errors():
-                loc = ".".join(str(p) for p in err["loc"])
-                for msg in err["msg"].removeprefix("Value error, ").split("\n"):
-                    lines.append(f"  {loc + ': ' if loc else ''}{msg}")
-            raise ExperimentError(f"{where}: invalid experiment:\n" + "\n".join(lines)) from None
+            raise ExperimentError(f"{where}: invalid experiment:\n{format_errors(exc)}") from None
 
     @classmethod
     def from_yaml(cls, path: str | Path, **overrides: Any) -> "Experiment":
-        path = Path(path)
-        if not path.is_file():
-            raise ExperimentError(f"{path}: no such experiment file")
-        try:
-            data = yaml.safe_load(path.read_text())
-        except yaml.YAMLError as exc:
-            raise ExperimentError(f"{path}: not valid YAML: {exc}") from None
+        data = read_yaml(path, ExperimentError, "experiment")
         return cls.from_dict(data, where=str(path), **overrides)
 
     def resolved(self) -> "Experiment":

@@ -20,6 +20,7 @@ from typing import Any, Union
 import yaml
 from pydantic import BaseModel, ConfigDict, ValidationError, model_validator
 
+from evomerge.config_io import format_errors, read_yaml
 from evomerge.merge.methods import MergeMethod, ParamSpec, get_method, METHODS
 
 Scalar = Union[bool, int, float, str]
@@ -139,23 +140,19 @@ class MergeRecipe(BaseModel):
         try:
             return cls.model_validate(data)
         except ValidationError as exc:
-            raise RecipeError(f"{where}: invalid merge recipe:\n" + _format_errors(exc)) from None
+            raise RecipeError(f"{where}: invalid merge recipe:\n" + format_errors(exc)) from None
 
     @classmethod
     def from_yaml(cls, source: str | Path) -> "MergeRecipe":
         """Read a mergekit YAML config from a path or a YAML string (``yaml.safe_load``)."""
-        where = "recipe"
         if isinstance(source, Path) or (isinstance(source, str) and "\n" not in source
                                         and source.endswith((".yaml", ".yml"))):
-            path = Path(source)
-            if not path.is_file():
-                raise RecipeError(f"{path}: no such recipe file")
-            where, source = str(path), path.read_text()
+            return cls.from_dict(read_yaml(source, RecipeError, "recipe"), where=str(source))
         try:
             data = yaml.safe_load(source)
         except yaml.YAMLError as exc:
-            raise RecipeError(f"{where}: not valid YAML: {exc}") from None
-        return cls.from_dict(data, where=where)
+            raise RecipeError(f"recipe: not valid YAML: {exc}") from None
+        return cls.from_dict(data)
 
     def to_dict(self) -> dict[str, Any]:
         """Plain data in mergekit's layout (defaults and empty fields omitted)."""
@@ -308,15 +305,6 @@ def _as_number(text: str) -> float | str:
         return float(text)
     except ValueError:
         return text
-
-
-def _format_errors(exc: ValidationError) -> str:
-    lines = []
-    for err in exc.errors():
-        loc = ".".join(str(p) for p in err["loc"])
-        for msg in err["msg"].removeprefix("Value error, ").split("\n"):
-            lines.append(f"  {loc + ': ' if loc else ''}{msg}")
-    return "\n".join(lines)
 
 
 class _FlowListDumper(yaml.SafeDumper):

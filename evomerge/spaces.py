@@ -58,6 +58,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, ValidationError, field_validator, model_validator
 
 from evomerge.merge.methods import METHODS, MergeMethod, get_method
+from evomerge.config_io import format_errors, read_yaml
 from evomerge.recipe import (
     DTYPES,
     Conditional,
@@ -233,13 +234,7 @@ class SearchSpace(BaseModel):
 
     @classmethod
     def from_yaml(cls, path: str | Path) -> "SearchSpace":
-        path = Path(path)
-        if not path.is_file():
-            raise SpaceError(f"{path}: no such search-space file")
-        try:
-            data = yaml.safe_load(path.read_text())
-        except yaml.YAMLError as exc:
-            raise SpaceError(f"{path}: not valid YAML: {exc}") from None
+        data = read_yaml(path, SpaceError, "search-space")
         return cls.from_dict(data, where=str(path))
 
     def to_dict(self) -> dict[str, Any]:
@@ -326,16 +321,13 @@ def _check_space(space: SearchSpace) -> list[str]:
 
 def _format_errors(exc: ValidationError) -> str:
     """One line per problem, led by its field: ``params[0].bounds: ...``."""
-    lines = []
-    for err in exc.errors():
-        loc = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in err["loc"]).lstrip(".")
-        for msg in err["msg"].removeprefix("Value error, ").split("\n"):
-            head, sep, tail = msg.partition(": ")
-            if loc and sep and head in _AXIS_FIELDS:  # an Axis-level check naming its sub-field
-                lines.append(f"  {loc}.{head}: {tail}")
-            else:
-                lines.append(f"  {loc + ': ' if loc else ''}{msg}")
-    return "\n".join(lines)
+    def line(field: str, msg: str) -> str:
+        head, sep, tail = msg.partition(": ")
+        if field and sep and head in _AXIS_FIELDS:  # an Axis-level check naming its sub-field
+            return f"{field}.{head}: {tail}"
+        return f"{field}: {msg}" if field else msg
+
+    return format_errors(exc, line)
 
 
 _AXIS_FIELDS = frozenset(Axis.model_fields)

@@ -25,7 +25,7 @@ from optuna.trial import TrialState
 from evomerge.experiment import Experiment, ExperimentError
 from evomerge.execution.local import LocalExecutor
 from evomerge.search import Strategy, make_strategy
-from evomerge.store import (INTERRUPTED, META, RESULT, Slot, Store, slot_of, storage_url,
+from evomerge.store import (INTERRUPTED, META, RESULT, Slot, Store, storage_url,
                             x_of)
 
 
@@ -94,7 +94,6 @@ def _objectives(fitness_cls: Any, experiment: Experiment) -> list:
 def run_experiment(experiment: Experiment, *, resume: bool = False, progress: bool = True,
                    on_trial: Callable[[int, int], None] | None = None) -> dict[str, Any]:
     """Run or resume a search end to end; writes the run directory and returns the summary."""
-    from evomerge import report
 
     started = time.perf_counter()
     try:
