@@ -67,7 +67,12 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
-import numpy as np
+# One BLAS thread: cma's eigendecomposition is the same on both sides, and on a small shared
+# machine a second BLAS thread only adds noise (set before numpy is imported).
+for _var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
+    os.environ.setdefault(_var, "1")
+
+import numpy as np  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS_MD = ROOT / "benchmarks" / "RESULTS.md"
@@ -79,6 +84,7 @@ N_FULL = {"memory": 2000, "sqlite": 300, "journal": 300}
 N_QUICK = {"memory": 150, "sqlite": 30, "journal": 30}
 N_COUNT = 60  # trials of the untimed call-counting pass (4 generations of 15)
 TARGET_RATIO = 1.10
+TMP_DIR: str | None = None  # where the study files go (--tmp-dir); None = the system temp dir
 SEED = 1  # cma seed (evomerge's cmaes with seed s >= 1 asks what bare cma with seed s asks)
 CENTER = np.random.default_rng(12345).uniform(0.2, 0.8, DIM)  # optimum of the shifted sphere
 OBJECTIVE = "neg_sq_dist"
@@ -170,7 +176,9 @@ def bare_optuna_setup(url: str):
     return storage, study, dists
 
 
-def bare_optuna_loop(study, dists, n: int, popsize: int, sigma0: float) -> None:
+def bare_optuna_generations(study, dists, n: int, popsize: int, sigma0: float
+                            ) -> Iterator[int]:
+    """The bare loop, one generation per step (yields how many candidates it evaluated)."""
     es = new_es(popsize, sigma0)
     names = list(dists)
     for k in generations(n, popsize):
@@ -185,6 +193,12 @@ def bare_optuna_loop(study, dists, n: int, popsize: int, sigma0: float) -> None:
             values.append(value)
         if k == popsize:
             es.tell(xs, [-v for v in values])
+        yield k
+
+
+def bare_optuna_loop(study, dists, n: int, popsize: int, sigma0: float) -> None:
+    for _ in bare_optuna_generations(study, dists, n, popsize, sigma0):
+        pass
 
 
 # ---- (c) evomerge -------------------------------------------------------------------------
@@ -227,14 +241,18 @@ class _Evaluator:
 
 class _Executor:
     """The in-process executor's ``run`` (LocalExecutor with workers=0): drain the queue with
-    the real worker step, ``process_one``."""
+    the real worker step, ``process_one``. ``before``, if given, runs first in every ``run``
+    (the paired timing mode steps the bare loop there; its time is subtracted)."""
 
-    def __init__(self) -> None:
+    def __init__(self, before: Callable[[], None] | None = None) -> None:
         self.evaluator = _Evaluator()
+        self.before = before
 
     def run(self, store, done: Callable[[], bool], tick: Callable[[], None]) -> None:
         from evomerge.execution.worker import drain
 
+        if self.before is not None:
+            self.before()
         drain(store, self.evaluator, on_done=tick)
 
     def close(self, store) -> None:
@@ -269,13 +287,13 @@ def evomerge_setup(url: str):
     return store
 
 
-def evomerge_loop(store, n: int) -> None:
+def evomerge_loop(store, n: int, before_run: Callable[[], None] | None = None) -> None:
     """``run_experiment`` minus provenance/report: the same store calls around ``_search``."""
     from evomerge.execution.driver import _search
 
     store.trials()  # run_experiment's "existing trials" check
     store.set_finished(False)
-    executor = _Executor()
+    executor = _Executor(before_run)
     try:
         _search(_plan(n), store, executor, _Bar(), None)
     finally:
@@ -365,12 +383,12 @@ def counting(storage) -> Iterator[Counter]:
 
 def count_calls(kind: str, n: int, popsize: int, sigma0: float) -> dict[str, dict[str, float]]:
     out = {}
-    with tempfile.TemporaryDirectory(prefix="evomerge-search-bench-") as tmp:
+    with tempfile.TemporaryDirectory(prefix="evomerge-search-bench-", dir=TMP_DIR) as tmp:
         storage, study, dists = bare_optuna_setup(storage_url(kind, Path(tmp)))
         with counting(storage) as c:
             bare_optuna_loop(study, dists, n, popsize, sigma0)
         out["bare_optuna"] = {k: v / n for k, v in sorted(c.items())}
-    with tempfile.TemporaryDirectory(prefix="evomerge-search-bench-") as tmp:
+    with tempfile.TemporaryDirectory(prefix="evomerge-search-bench-", dir=TMP_DIR) as tmp:
         store = evomerge_setup(storage_url(kind, Path(tmp)))
         with counting(store.storage) as c:
             evomerge_loop(store, n)
@@ -383,7 +401,7 @@ def count_calls(kind: str, n: int, popsize: int, sigma0: float) -> dict[str, dic
 
 def time_bare_optuna(kind: str, n: int, popsize: int, sigma0: float) -> tuple[float, float]:
     """(wall s, CPU s) of the bare Optuna loop."""
-    tmp = Path(tempfile.mkdtemp(prefix="evomerge-search-bench-"))
+    tmp = Path(tempfile.mkdtemp(prefix="evomerge-search-bench-", dir=TMP_DIR))
     try:
         _, study, dists = bare_optuna_setup(storage_url(kind, tmp))
         gc.collect()
@@ -398,7 +416,7 @@ def time_bare_optuna(kind: str, n: int, popsize: int, sigma0: float) -> tuple[fl
 
 def time_evomerge(kind: str, n: int) -> tuple[float, float, dict[str, Any]]:
     """(wall s, CPU s, checks) of the evomerge loop."""
-    tmp = Path(tempfile.mkdtemp(prefix="evomerge-search-bench-"))
+    tmp = Path(tempfile.mkdtemp(prefix="evomerge-search-bench-", dir=TMP_DIR))
     try:
         store = evomerge_setup(storage_url(kind, tmp))
         gc.collect()
@@ -410,9 +428,98 @@ def time_evomerge(kind: str, n: int) -> tuple[float, float, dict[str, Any]]:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def profile_both(kind: str, n: int, popsize: int, sigma0: float, top: int = 30) -> None:
+def time_paired(kind: str, n: int, popsize: int, sigma0: float
+                ) -> tuple[float, float, float, float, dict[str, Any]]:
+    """Both loops interleaved generation by generation, so load from other processes hits both
+    alike: each time evomerge's driver hands a generation to the executor, one generation of the
+    bare loop runs first (timed separately, subtracted from evomerge's total). Returns (evomerge
+    wall s, evomerge CPU s, bare wall s, bare CPU s, checks)."""
+    tmp = Path(tempfile.mkdtemp(prefix="evomerge-search-bench-", dir=TMP_DIR))
+    try:
+        (tmp / "bare").mkdir()
+        (tmp / "evomerge").mkdir()
+        _, study, dists = bare_optuna_setup(storage_url(kind, tmp / "bare"))
+        store = evomerge_setup(storage_url(kind, tmp / "evomerge"))
+        steps = bare_optuna_generations(study, dists, n, popsize, sigma0)
+        bare = [0.0, 0.0]
+
+        def bare_step() -> None:
+            cpu, started = time.process_time(), time.perf_counter()
+            next(steps, None)
+            bare[0] += time.perf_counter() - started
+            bare[1] += time.process_time() - cpu
+
+        gc.collect()
+        cpu, started = time.process_time(), time.perf_counter()
+        evomerge_loop(store, n, before_run=bare_step)
+        wall, cpu = time.perf_counter() - started, time.process_time() - cpu
+        if next(steps, None) is not None:
+            raise RuntimeError("the bare loop has generations left: the pairing is off")
+        assert len(study.get_trials(deepcopy=False)) == n
+        return wall - bare[0], cpu - bare[1], bare[0], bare[1], check_evomerge(store, n)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+# (label, file suffix, function name): where a trial's time goes, for the profile summary.
+_ATTRIBUTION = (
+    ("evomerge Store.enqueue", "evomerge/store.py", "enqueue"),
+    ("evomerge Store.pop", "evomerge/store.py", "pop"),
+    ("evomerge Store.finish", "evomerge/store.py", "finish"),
+    ("evomerge Store.get", "evomerge/store.py", "get"),
+    ("evomerge Store.trials/slots", "evomerge/store.py", "trials"),
+    ("space.decode (stand-in, builds a MergeRecipe)", "search_overhead.py", "decode"),
+    ("MergeRecipe.from_dict (worker)", "evomerge/recipe.py", "from_dict"),
+    ("MergeRecipe.to_dict (driver)", "evomerge/recipe.py", "to_dict"),
+    ("encode_scores", "evomerge/store.py", "encode_scores"),
+    ("cmaes strategy ask", "evomerge/search/cmaes.py", "ask"),
+    ("cmaes strategy tell", "evomerge/search/cmaes.py", "tell"),
+    ("optuna Study.enqueue_trial", "optuna/study/study.py", "enqueue_trial"),
+    ("optuna Study.ask", "optuna/study/study.py", "ask"),
+    ("optuna Study.tell", "optuna/study/study.py", "tell"),
+    ("optuna Trial.__init__", "optuna/trial/_trial.py", "__init__"),
+    ("optuna Trial.suggest_float / _suggest", "optuna/trial/_trial.py", "_suggest"),
+    ("optuna Trial.params", "optuna/trial/_trial.py", "params"),
+    ("cma ask", "cma/evolution_strategy.py", "ask"),
+    ("cma tell", "cma/evolution_strategy.py", "tell"),
+    ("storage.create_new_trial", "optuna/storages/", "create_new_trial"),
+    ("storage.set_trial_param", "optuna/storages/", "set_trial_param"),
+    ("storage.set_trial_state_values", "optuna/storages/", "set_trial_state_values"),
+    ("storage.set_trial_user_attr", "optuna/storages/", "set_trial_user_attr"),
+    ("storage.get_trial", "optuna/storages/", "get_trial"),
+    ("storage.get_all_trials", "optuna/storages/", "get_all_trials"),
+    ("sqlite3 commit", "~", "<method 'commit' of 'sqlite3.Connection' objects>"),
+    ("sqlite3 execute", "~", "<method 'execute' of 'sqlite3.Cursor' objects>"),
+)
+
+
+def attribution(stats: pstats.Stats, n: int) -> dict[str, float]:
+    """Cumulative ms per trial of the functions in ``_ATTRIBUTION`` (outermost calls only: a
+    function's time is counted once even when it calls itself or its storage wrapper)."""
+    out: dict[str, float] = {}
+    raw = stats.stats  # type: ignore[attr-defined]
+    for label, suffix, func in _ATTRIBUTION:
+        keys = {k for k in raw if k[2] == func and (k[0].endswith(suffix) or suffix in k[0])}
+        # drop entries called only from another matching entry (wrapper -> backend)
+        total = 0.0
+        for k in keys:
+            callers = raw[k][4]
+            outer = {c: v for c, v in callers.items() if c not in keys}
+            if not callers:
+                total += raw[k][3]
+            elif outer:
+                # cumulative time attributed to the calls from outside the matched set
+                total += sum(v[3] for v in outer.values())
+        if total:
+            out[label] = total / n * 1e3
+    return out
+
+
+def profile_both(kind: str, n: int, popsize: int, sigma0: float, top: int = 30
+                 ) -> dict[str, dict[str, float]]:
+    summary = {}
     for name in ("bare_optuna", "evomerge"):
-        with tempfile.TemporaryDirectory(prefix="evomerge-search-bench-") as tmp:
+        with tempfile.TemporaryDirectory(prefix="evomerge-search-bench-", dir=TMP_DIR) as tmp:
             url = storage_url(kind, Path(tmp))
             if name == "bare_optuna":
                 _, study, dists = bare_optuna_setup(url)
@@ -421,14 +528,25 @@ def profile_both(kind: str, n: int, popsize: int, sigma0: float, top: int = 30) 
                 store = evomerge_setup(url)
                 run = lambda: evomerge_loop(store, n)  # noqa: E731
             pr = cProfile.Profile()
+            started = time.perf_counter()
             pr.enable()
             run()
             pr.disable()
+            wall = time.perf_counter() - started
             for sort in ("cumulative", "tottime"):
                 buf = io.StringIO()
                 pstats.Stats(pr, stream=buf).sort_stats(sort).print_stats(top)
                 log(f"\n=== cProfile: {name} on {kind}, n={n}, sorted by {sort} ===\n"
                     f"{buf.getvalue()}")
+            summary[name] = {"total (profiled)": wall / n * 1e3,
+                             **attribution(pstats.Stats(pr), n)}
+    labels = list(dict.fromkeys([*summary["bare_optuna"], *summary["evomerge"]]))
+    log(f"\n=== where a trial's time goes on {kind} (ms/trial, cumulative, under cProfile) ===")
+    log(f"{'':48} {'bare':>9} {'evomerge':>9}")
+    for label in labels:
+        b, e = summary["bare_optuna"].get(label), summary["evomerge"].get(label)
+        log(f"{label:48} {_num(b, '9.3f'):>9} {_num(e, '9.3f'):>9}")
+    return summary
 
 
 # ---- the benchmark ------------------------------------------------------------------------
@@ -456,11 +574,23 @@ def machine_info() -> dict[str, Any]:
     for pkg in ("optuna", "cma", "sqlalchemy", "numpy"):
         with contextlib.suppress(Exception):
             info[pkg] = version(pkg)
+    import subprocess
+
+    with contextlib.suppress(Exception):  # which evomerge code was measured
+        git = ["git", "-C", str(ROOT)]
+        info["commit"] = subprocess.run([*git, "rev-parse", "--short", "HEAD"], check=True,
+                                        capture_output=True, text=True).stdout.strip()
+        dirty = subprocess.run([*git, "status", "--porcelain", "--", "evomerge"], check=True,
+                               capture_output=True, text=True).stdout.split("\n")
+        info["evomerge_modified"] = [line[3:] for line in dirty if line.strip()]
     return info
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     import optuna
+
+    global TMP_DIR
+    TMP_DIR = str(args.tmp_dir) if args.tmp_dir else None
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
@@ -475,6 +605,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             raise SystemExit(f"--n: expected STORAGE=N with STORAGE in {STORAGES}, got {spec!r}")
         ns[kind] = int(value)
     repeats = args.repeats if args.repeats is not None else (1 if args.quick else 2)
+    machine = machine_info()  # at the start: the evomerge code imported below is what runs
     popsize, sigma0 = cmaes_defaults()
     load_start = _loadavg()
     log(f"dim {DIM}, cmaes popsize {popsize}, sigma0 {sigma0}; storages {kinds}; n {ns}; "
@@ -499,18 +630,25 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         n = ns[kind]
         bare, evo, bare_cpu, evo_cpu, checks = [], [], [], [], []
         for r in range(repeats):
-            order = ("bare", "evo") if r % 2 == 0 else ("evo", "bare")
+            if args.separate:
+                order = ("bare", "evo") if r % 2 == 0 else ("evo", "bare")
+            else:
+                order = ("paired",)
             for which in order:
-                if which == "bare":
-                    secs, cpu = time_bare_optuna(kind, n, popsize, sigma0)
-                    bare.append(secs / n * 1e3)
-                    bare_cpu.append(cpu / n * 1e3)
+                if which == "paired":
+                    e_s, e_cpu, b_s, b_cpu, check = time_paired(kind, n, popsize, sigma0)
+                elif which == "bare":
+                    b_s, b_cpu = time_bare_optuna(kind, n, popsize, sigma0)
+                else:
+                    e_s, e_cpu, check = time_evomerge(kind, n)
+                if which in ("paired", "bare"):
+                    bare.append(b_s / n * 1e3)
+                    bare_cpu.append(b_cpu / n * 1e3)
                     log(f"{kind:>8} [{r + 1}/{repeats}] bare optuna: {bare[-1]:.3f} ms/trial "
                         f"(CPU {bare_cpu[-1]:.3f}; load {_num(_loadavg(), '.1f')})")
-                else:
-                    secs, cpu, check = time_evomerge(kind, n)
-                    evo.append(secs / n * 1e3)
-                    evo_cpu.append(cpu / n * 1e3)
+                if which in ("paired", "evo"):
+                    evo.append(e_s / n * 1e3)
+                    evo_cpu.append(e_cpu / n * 1e3)
                     checks.append(check)
                     log(f"{kind:>8} [{r + 1}/{repeats}] evomerge:    {evo[-1]:.3f} ms/trial "
                         f"(CPU {evo_cpu[-1]:.3f}; load {_num(_loadavg(), '.1f')}; checks "
@@ -528,6 +666,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "cpu_ratio_vs_bare_optuna": min(evo_cpu) / min(bare_cpu),
             "evomerge_ms_samples": evo,
             "bare_optuna_ms_samples": bare,
+            "ratio_samples": [e / b for e, b in zip(evo, bare)],
             "target_met": min(evo) / min(bare) <= TARGET_RATIO,
             "checks": checks[-1],
         }
@@ -540,7 +679,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             f"({'met' if entry['target_met'] else 'MISSED'} <= {TARGET_RATIO})")
         storages[kind] = entry
         if args.profile == kind:
-            profile_both(kind, n, popsize, sigma0)
+            entry["profile_ms_per_trial"] = profile_both(kind, n, popsize, sigma0)
     if args.profile and args.profile not in kinds:
         profile_both(args.profile, ns[args.profile], popsize, sigma0)
 
@@ -550,13 +689,15 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "popsize": popsize,
         "sigma0": sigma0,
         "repeats": repeats,
+        "timing": "separate" if args.separate else "paired",
+        "tmp_dir": TMP_DIR or tempfile.gettempdir(),
         "quick": args.quick,
         "target_ratio": TARGET_RATIO,
         "bare_cma_ms_per_trial": bare_cma_ms,
         "bare_cma_n": n_cma,
         "storages": storages,
         "loadavg_1min": {"start": load_start, "end": _loadavg()},
-        "machine": machine_info(),
+        "machine": machine,
     }
 
 
@@ -602,15 +743,25 @@ def markdown_section(result: dict[str, Any], command: str) -> str:
         "",
         f"- Machine: {mach['cpu']}, {mach['cores']} cores, Python {mach['python']}, optuna "
         f"{mach.get('optuna', '?')}, cma {mach.get('cma', '?')}, SQLAlchemy "
-        f"{mach.get('sqlalchemy', '?')}; {mach['date']}; 1-min load average "
+        f"{mach.get('sqlalchemy', '?')}; evomerge at {mach.get('commit', '?')}"
+        + (f" (modified: {', '.join(mach['evomerge_modified'])})"
+           if mach.get("evomerge_modified") else "")
+        + f"; {mach['date']}; 1-min load average "
         f"{_num(load['start'], '.2f')} at start, {_num(load['end'], '.2f')} at end"
         + (" (the machine was shared with other work)"
            if (load["start"] or 0) > 0.5 * (mach["cores"] or 1) else ""),
         f"- Command: `{command}`",
         f"- Objective: {result['objective']}, {result['dim']} params; cmaes defaults popsize "
         f"{result['popsize']}, sigma0 {result['sigma0']}. Per storage, best of "
-        f"{result['repeats']} runs of each loop (alternating order), fresh study in a temp dir "
-        "each run; the loop is timed, study creation is not.",
+        f"{result['repeats']} runs of each loop, "
+        + ("interleaved generation by generation (each time the driver hands a generation to "
+           "the executor, one generation of the bare loop runs first, timed apart and "
+           "subtracted), so load from other processes hits both alike"
+           if result.get("timing", "paired") == "paired" else
+           "as separate runs in alternating order")
+        + f"; fresh studies in a temp dir under `{result.get('tmp_dir', '?')}` each run; the "
+        "loops are timed, study creation is not; "
+        "one BLAS thread. CPU = process time of the same runs.",
         "- bare Optuna: per candidate `study.enqueue_trial(params)`, `study.ask(50 "
         "FloatDistributions)`, `study.tell(trial, value)` (candidates from the same bare cma "
         "loop). evomerge: `Store` + the driver's `_search` + the worker's `process_one` with "
@@ -633,15 +784,20 @@ def markdown_section(result: dict[str, Any], command: str) -> str:
             f"{'met' if e['target_met'] else '**missed**'} | "
             f"{_roundtrips(kind, _calls(e, 'bare_optuna'))} | "
             f"{_roundtrips(kind, _calls(e, 'evomerge'))} |")
-    lines += ["", "Storage API calls per trial (untimed counting pass over "
-              + ", ".join(f"{k} {e.get('calls_counted_over_n', '—')}"
-                          for k, e in result["storages"].items()) + " trials):", "",
-              "| storage | call | bare Optuna | evomerge |", "|---|---|---:|---:|"]
-    for kind, e in result["storages"].items():
-        b, v = _calls(e, "bare_optuna"), _calls(e, "evomerge")
-        for key in sorted(set(b) | set(v)):
-            if key.startswith("api."):
-                lines.append(f"| {kind} | `{key[4:]}` | {b.get(key, 0):.2f} | {v.get(key, 0):.2f} |")
+    counted = {k: e for k, e in result["storages"].items() if e.get("calls_per_trial")}
+    if counted:
+        api = {k: {p: {c: v for c, v in _calls(e, p).items() if c.startswith("api.")}
+                   for p in ("bare_optuna", "evomerge")} for k, e in counted.items()}
+        keys = sorted({c for a in api.values() for calls in a.values() for c in calls})
+        lines += ["", "Storage API calls per trial, bare Optuna / evomerge (untimed counting pass "
+                  "over " + ", ".join(f"{k} {e['calls_counted_over_n']}"
+                                      for k, e in counted.items()) + " trials):", "",
+                  "| call | " + " | ".join(counted) + " |",
+                  "|---|" + "---:|" * len(counted)]
+        for key in keys:
+            lines.append(f"| `{key[4:]}` | " + " | ".join(
+                f"{a['bare_optuna'].get(key, 0):.2f} / {a['evomerge'].get(key, 0):.2f}"
+                for a in api.values()) + " |")
     if result.get("notes"):
         lines += ["", *result["notes"]]
     lines.append(END)
@@ -670,7 +826,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="override the number of evaluations for one storage (repeatable)")
     p.add_argument("--repeats", type=int, default=None,
                    help="timed runs of each loop per storage, best taken (default 2; 1 quick)")
+    p.add_argument("--separate", action="store_true",
+                   help="time the two loops in separate runs (alternating order) instead of "
+                        "interleaved generation by generation")
     p.add_argument("--no-count", action="store_true", help="skip the call-counting pass")
+    p.add_argument("--tmp-dir", type=Path, default=None,
+                   help="where the SQLite/journal files go (default: the system temp dir; "
+                        "e.g. /dev/shm to take disk sync latency out of the comparison)")
     p.add_argument("--profile", choices=STORAGES, default=None,
                    help="also cProfile both loops on this storage (stderr)")
     p.add_argument("--out-md", type=Path, default=None,
