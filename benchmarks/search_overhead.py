@@ -22,11 +22,13 @@ three loops evaluate the same number ``n`` of candidates:
   Every trial is enqueued, popped (params written) and finished through ``Store``.
 
 ``ratio_vs_bare_optuna = evomerge_ms_per_trial / bare_optuna_ms_per_trial``; the issue's target is
-<= 1.10 on every storage. Timed: the loop only (study/Store creation excluded on both sides).
-Each pair is run ``--repeats`` times, alternating which goes first; the fastest run of each is
-reported (other processes on a shared machine only ever add time), every sample is kept in the
-JSON. After the timed runs every evomerge trial is checked: COMPLETE, 50 params, its value equal
-to the objective at its params, and its result attribute present.
+<= 1.10 on every storage. Timed: the loops only (study/Store creation excluded on both sides).
+By default the two Optuna loops run interleaved: each time evomerge's driver hands a generation
+to the executor, one generation of the bare loop runs first, timed apart and subtracted, so load
+from other processes hits both alike (``--separate``: one after the other, alternating order).
+The fastest of ``--repeats`` runs is reported (other processes only ever add time); every sample
+is kept in the JSON, wall and CPU time both. After each run every evomerge trial is checked:
+COMPLETE, 50 params, its value equal to the objective at its params, its result attribute present.
 
 A separate, untimed pass counts storage calls per trial for both Optuna paths (the storage API
 methods called, plus SQL statements and commits for SQLite, log appends/reads for the journal):
