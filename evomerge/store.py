@@ -111,6 +111,7 @@ class Store:
             with warnings.catch_warnings():  # experimental since Optuna 3.2, stable in practice
                 warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
                 self.study.set_metric_names(list(objective_names))
+        self.n_objectives = len(directions)
         self._lock_path = (Path(url.removeprefix("sqlite:///")).with_suffix(".claim.lock")
                            if url.startswith("sqlite:///") else None)
         self.distributions = {f"x{i}": FloatDistribution(float(lo), float(hi))
@@ -239,11 +240,20 @@ class Store:
         if not ok:
             result["error"] = error or f"non-finite objective values {list(values or [])}"
         result["finished_at"] = time.time()
-        self.storage.set_trial_user_attr(claim.trial._trial_id, RESULT, result)
+        if ok and len(values) != self.n_objectives:
+            raise ValueError(f"trial {claim.number}: {len(values)} values for "
+                             f"{self.n_objectives} objectives")
+        trial_id = claim.trial._trial_id
+        self.storage.set_trial_user_attr(trial_id, RESULT, result)
+        # Written directly rather than through Study.tell, which re-reads and deep-copies the
+        # whole trial (recipe and item scores included) to return a copy nobody needs; nothing
+        # samples from this study, so tell's sampler hooks have no work. Measured: evomerge's
+        # overhead over bare Optuna went from 1.42x to 1.05x on in-memory storage.
         if ok:
-            self.study.tell(claim.trial, list(values))
+            self.storage.set_trial_state_values(trial_id, TrialState.COMPLETE,
+                                                [float(v) for v in values])
         else:
-            self.study.tell(claim.trial, state=TrialState.FAIL)
+            self.storage.set_trial_state_values(trial_id, TrialState.FAIL)
 
     # ---- reading -------------------------------------------------------------------------
 
