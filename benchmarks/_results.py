@@ -1,4 +1,4 @@
-"""Shared by the benchmark scripts: rewrite one benchmark's section of a markdown file.
+"""Shared by the benchmark scripts: machine facts, and rewriting one section of RESULTS.md.
 
 Each benchmark owns the text between its ``<!-- name:start -->`` / ``<!-- name:end -->`` markers
 in ``benchmarks/RESULTS.md`` and rewrites only that; everything else in the file is kept.
@@ -6,7 +6,9 @@ in ``benchmarks/RESULTS.md`` and rewrites only that; everything else in the file
 
 from __future__ import annotations
 
+import contextlib
 import os
+import platform
 from pathlib import Path
 
 HEADER = ("# Benchmark results\n\nEach benchmark under `benchmarks/` owns one section below, between "
@@ -28,3 +30,21 @@ def write_section(path: Path, section: str, start: str, end: str) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(text)
     os.replace(tmp, path)
+
+
+def loadavg() -> float | None:
+    """The 1-minute load average (recorded with every timing: this machine is shared)."""
+    try:
+        return os.getloadavg()[0]
+    except (AttributeError, OSError):
+        return None
+
+
+def cpu_name() -> str:
+    """The CPU model from /proc/cpuinfo, else what platform knows."""
+    cpu = platform.processor() or platform.machine()
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return cpu

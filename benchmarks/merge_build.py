@@ -48,6 +48,10 @@ from typing import Any
 
 import torch
 
+if str(Path(__file__).resolve().parent) not in sys.path:  # _results.py sits beside this script
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _results import cpu_name, loadavg  # noqa: E402
+
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS_MD = ROOT / "benchmarks" / "RESULTS.md"
 START, END = "<!-- merge_build:start -->", "<!-- merge_build:end -->"
@@ -241,20 +245,8 @@ def _finite(x: float | None) -> float | None:
     return x if x is not None and math.isfinite(x) else None
 
 
-def _loadavg() -> float | None:
-    try:
-        return os.getloadavg()[0]
-    except (AttributeError, OSError):
-        return None
-
-
 def machine_info() -> dict[str, Any]:
-    cpu = platform.processor() or platform.machine()
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
+    cpu = cpu_name()
     info = {"cpu": cpu, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
             "torch": torch.__version__, "python": platform.python_version(),
             "date": _dt.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z")}
@@ -308,7 +300,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     log(f"model: Llama-shaped, {params:,} params ({params / 1e6:.1f}M), fp32, base + {N_SOURCES} "
         f"sources; torch {torch.__version__}, {torch.get_num_threads()} threads")
 
-    load_before = _loadavg()
+    load_before = loadavg()
     if load_before is not None and load_before > (os.cpu_count() or 1):
         log(f"warning: 1-min load average {load_before:.1f} > {os.cpu_count()} cores: other "
             "processes share the CPU, timings will be noisy")
@@ -403,7 +395,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "memcpy_GBps": memcpy_gbps,
         "memcpy_s": statistics.median(copy_times),
         "memcpy_s_all": copy_times,
-        "loadavg_1min": {"start": load_before, "end": _loadavg()},
+        "loadavg_1min": {"start": load_before, "end": loadavg()},
         "load_s": load_s,
         "repeats": args.repeats,
         "mergekit": use_mergekit,

@@ -76,6 +76,10 @@ for _var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
 
 import numpy as np  # noqa: E402
 
+if str(Path(__file__).resolve().parent) not in sys.path:  # _results.py sits beside this script
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _results import cpu_name, loadavg  # noqa: E402
+
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS_MD = ROOT / "benchmarks" / "RESULTS.md"
 START, END = "<!-- search_overhead:start -->", "<!-- search_overhead:end -->"
@@ -554,20 +558,8 @@ def profile_both(kind: str, n: int, popsize: int, sigma0: float, top: int = 30
 # ---- the benchmark ------------------------------------------------------------------------
 
 
-def _loadavg() -> float | None:
-    try:
-        return os.getloadavg()[0]
-    except (AttributeError, OSError):
-        return None
-
-
 def machine_info() -> dict[str, Any]:
-    cpu = platform.processor() or platform.machine()
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
+    cpu = cpu_name()
     info: dict[str, Any] = {"cpu": cpu, "cores": os.cpu_count(),
                             "python": platform.python_version(),
                             "date": _dt.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z")}
@@ -609,7 +601,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     repeats = args.repeats if args.repeats is not None else (1 if args.quick else 2)
     machine = machine_info()  # at the start: the evomerge code imported below is what runs
     popsize, sigma0 = cmaes_defaults()
-    load_start = _loadavg()
+    load_start = loadavg()
     log(f"dim {DIM}, cmaes popsize {popsize}, sigma0 {sigma0}; storages {kinds}; n {ns}; "
         f"repeats {repeats}; 1-min load average {load_start}")
     if load_start is not None and load_start > 0.5 * (os.cpu_count() or 1):
@@ -647,13 +639,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                     bare.append(b_s / n * 1e3)
                     bare_cpu.append(b_cpu / n * 1e3)
                     log(f"{kind:>8} [{r + 1}/{repeats}] bare optuna: {bare[-1]:.3f} ms/trial "
-                        f"(CPU {bare_cpu[-1]:.3f}; load {_num(_loadavg(), '.1f')})")
+                        f"(CPU {bare_cpu[-1]:.3f}; load {_num(loadavg(), '.1f')})")
                 if which in ("paired", "evo"):
                     evo.append(e_s / n * 1e3)
                     evo_cpu.append(e_cpu / n * 1e3)
                     checks.append(check)
                     log(f"{kind:>8} [{r + 1}/{repeats}] evomerge:    {evo[-1]:.3f} ms/trial "
-                        f"(CPU {evo_cpu[-1]:.3f}; load {_num(_loadavg(), '.1f')}; checks "
+                        f"(CPU {evo_cpu[-1]:.3f}; load {_num(loadavg(), '.1f')}; checks "
                         f"{'ok' if check['ok'] else 'FAILED: ' + str(check)})")
                     if not check["ok"]:
                         raise SystemExit(f"evomerge run on {kind} failed its checks: {check}")
@@ -698,7 +690,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "bare_cma_ms_per_trial": bare_cma_ms,
         "bare_cma_n": n_cma,
         "storages": storages,
-        "loadavg_1min": {"start": load_start, "end": _loadavg()},
+        "loadavg_1min": {"start": load_start, "end": loadavg()},
         "machine": machine,
     }
 
