@@ -9,6 +9,8 @@ from __future__ import annotations
 import contextlib
 import os
 import platform
+import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 HEADER = ("# Benchmark results\n\nEach benchmark under `benchmarks/` owns one section below, between "
@@ -48,3 +50,13 @@ def cpu_name() -> str:
             if line.startswith("model name"):
                 return line.split(":", 1)[1].strip()
     return cpu
+
+
+@contextlib.contextmanager
+def stdout_to_stderr(enabled: bool) -> Iterator[None]:
+    """With ``--json``, everything but the one JSON object goes to stderr."""
+    if not enabled:
+        yield
+        return
+    with contextlib.redirect_stdout(sys.stderr):
+        yield

@@ -42,7 +42,7 @@ import statistics
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -50,7 +50,7 @@ import torch
 
 if str(Path(__file__).resolve().parent) not in sys.path:  # _results.py sits beside this script
     sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _results import cpu_name, loadavg  # noqa: E402
+from _results import cpu_name, loadavg, stdout_to_stderr  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS_MD = ROOT / "benchmarks" / "RESULTS.md"
@@ -517,8 +517,6 @@ def markdown_section(result: dict[str, Any], command: str) -> str:
 
 def write_markdown(path: Path, section: str) -> None:
     """Replace this benchmark's section between its markers; keep everything else in the file."""
-    if str(Path(__file__).resolve().parent) not in sys.path:
-        sys.path.insert(0, str(Path(__file__).resolve().parent))
     from _results import write_section
 
     write_section(path, section, START, END)
@@ -572,15 +570,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.write_results and args.out_md is None:
         args.out_md = RESULTS_MD
     return args
-
-
-@contextlib.contextmanager
-def stdout_to_stderr(enabled: bool) -> Iterator[None]:
-    if not enabled:
-        yield
-        return
-    with contextlib.redirect_stdout(sys.stderr):
-        yield
 
 
 def main(argv: list[str] | None = None) -> int:

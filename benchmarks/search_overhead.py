@@ -78,7 +78,7 @@ import numpy as np  # noqa: E402
 
 if str(Path(__file__).resolve().parent) not in sys.path:  # _results.py sits beside this script
     sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _results import cpu_name, loadavg  # noqa: E402
+from _results import cpu_name, loadavg, stdout_to_stderr  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS_MD = ROOT / "benchmarks" / "RESULTS.md"
@@ -846,18 +846,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-@contextlib.contextmanager
-def stdout_to_stderr(enabled: bool) -> Iterator[None]:
-    if not enabled:
-        yield
-        return
-    with contextlib.redirect_stdout(sys.stderr):
-        yield
-
-
 def write_markdown(path: Path, section: str) -> None:
-    if str(Path(__file__).resolve().parent) not in sys.path:
-        sys.path.insert(0, str(Path(__file__).resolve().parent))
     from _results import write_section
 
     write_section(path, section, START, END)

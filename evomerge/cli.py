@@ -251,7 +251,6 @@ def merge(
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace OUT if it exists."),
 ) -> None:
     """Merge models as a mergekit-format YAML config says."""
-    from rich.markup import escape
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn
 
     from evomerge.merge.engine import Merger
@@ -278,8 +277,7 @@ def merge(
                      max_shard_size=shard_size, dtype=out_dtype, overwrite=overwrite,
                      progress=True)
     except (RecipeError, CheckpointError, ValueError) as exc:
-        err_console.print(f"[red]error:[/red] {escape(str(exc))}", soft_wrap=True)
-        raise typer.Exit(2) from None
+        _fail(exc)
     console.print(
         f"Merged {len(merger.names)} tensors with [bold]{recipe.merge_method}[/bold] into "
         f"[bold]{out}[/bold] in {time.perf_counter() - started:.1f} s."
