@@ -60,9 +60,34 @@ class Named(BaseModel):
 
 
 class Executor(BaseModel):
+    """Where candidates are evaluated (see ``evomerge.execution.EXECUTORS``).
+
+    ``local``: in the driver (``workers: 0``) or in N local processes. ``ray``: N Ray actors at
+    ``address``. ``slurm``: the driver only enqueues; N array-job workers started by
+    ``evomerge slurm submit`` (or any ``evomerge worker``) evaluate. Remote workers record a
+    heartbeat every ``heartbeat_s``; a trial whose worker is silent for ``grace_s`` goes back
+    to the queue.
+    """
+
     model_config = ConfigDict(frozen=True, extra="forbid")
-    kind: Literal["local"] = "local"
-    workers: int = Field(0, ge=0, description="0: evaluate in the driver process; N: N processes")
+    kind: Literal["local", "ray", "slurm"] = "local"
+    workers: int = Field(0, ge=0, description="0: evaluate in the driver process; N: N workers")
+    address: str = Field("local", description="ray: local | auto | ray://host:port")
+    cpus_per_worker: float = Field(1.0, gt=0)
+    gpus_per_worker: float = Field(0.0, ge=0)
+    heartbeat_s: float = Field(10.0, gt=0)
+    grace_s: float = Field(60.0, gt=0)
+    slurm: dict[str, str | int] = Field(default_factory=dict,
+                                        description="sbatch options: partition, gres, time, ...")
+
+    @model_validator(mode="after")
+    def _remote_needs_workers(self) -> "Executor":
+        if self.kind != "local" and self.workers < 1:
+            raise ValueError(f"workers: executor kind {self.kind!r} needs workers >= 1")
+        if self.grace_s <= self.heartbeat_s:
+            raise ValueError(f"grace_s ({self.grace_s}) must exceed heartbeat_s "
+                             f"({self.heartbeat_s})")
+        return self
 
 
 class Experiment(BaseModel):

@@ -34,6 +34,7 @@ optuna.logging.set_verbosity(optuna.logging.WARNING)
 META = "evomerge"  # user attribute set at enqueue: generation, index, recipe
 RESULT = "result"  # user attribute set on finish: timings, item scores, error
 INTERRUPTED = "interrupted"
+EXPERIMENT = "experiment"  # study user attribute: the resolved experiment, for remote workers
 OWNER = "evomerge:owner"  # system attribute: the worker ("host:pid") running a trial
 
 

@@ -23,10 +23,10 @@ import numpy as np
 from optuna.trial import TrialState
 
 from evomerge.experiment import Experiment, ExperimentError
-from evomerge.execution.local import LocalExecutor
+from evomerge.execution import make_executor
 from evomerge.search import Strategy, make_strategy
-from evomerge.store import (INTERRUPTED, META, RESULT, Slot, Store, storage_url,
-                            x_of)
+from evomerge.store import (EXPERIMENT, INTERRUPTED, META, RESULT, Slot, Store,
+                            storage_url, x_of)
 
 
 class Plan:
@@ -144,7 +144,9 @@ def _run_locked(plan: Plan, resume: bool, progress: bool,
     if resume:
         store.fail_interrupted()
     store.set_finished(False)
-    executor = LocalExecutor(plan.experiment, plan.store_args, plan.experiment.executor.workers)
+    # Remote workers (`evomerge worker --storage URL --study NAME`) read the experiment from here.
+    store.study.set_user_attr(EXPERIMENT, plan.experiment.model_dump(mode="json"))
+    executor = make_executor(plan.experiment, plan.store_args)
     budget = plan.experiment.budget
     with report.progress_bar(budget, enabled=progress) as bar:
         try:
@@ -156,7 +158,7 @@ def _run_locked(plan: Plan, resume: bool, progress: bool,
     return summary
 
 
-def _search(plan: Plan, store: Store, executor: LocalExecutor, bar: Any,
+def _search(plan: Plan, store: Store, executor: Any, bar: Any,
             on_trial: Callable[[int, int], None] | None) -> None:
     experiment = plan.experiment
     budget, dim = experiment.budget, plan.space.dim

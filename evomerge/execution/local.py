@@ -35,10 +35,10 @@ def _worker_main(experiment_data: dict, store_args: dict, parent: int) -> None:
 class LocalExecutor:
     """Runs the enqueued trials of a generation to completion."""
 
-    def __init__(self, experiment: Any, store_args: dict, workers: int = 0) -> None:
+    def __init__(self, experiment: Any, store_args: dict) -> None:
         self.experiment = experiment
         self.store_args = store_args
-        self.workers = workers
+        self.workers = experiment.executor.workers
         self._evaluator: Evaluator | None = None
         self._procs: list[mp.Process] = []
         self._deaths = 0
