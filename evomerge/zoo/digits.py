@@ -44,7 +44,13 @@ import torch
 from torch import nn
 
 from evomerge.merge.io import CheckpointError, export_model, load_state_dict, weight_files
-from evomerge.zoo.toy import _progress, _torch_threads, _write_json_atomic
+from evomerge.zoo._common import (
+    MANIFEST,
+    manifest_matches,
+    progress_bar,
+    torch_threads,
+    write_json_atomic,
+)
 
 __all__ = [
     "CLASS_SUBSETS",
@@ -62,7 +68,6 @@ __all__ = [
 ]
 
 FORMAT_VERSION = 1
-MANIFEST = "zoo.json"
 ARCHITECTURE = "DigitsMLP"
 MODEL_TYPE = "evomerge-digits-mlp"
 NUM_FEATURES = 64
@@ -337,16 +342,7 @@ def _expected_manifest(seed: int) -> dict:
 
 
 def _cached(out_dir: Path, expected: dict) -> bool:
-    try:
-        found = json.loads((out_dir / MANIFEST).read_text())
-    except (OSError, ValueError):
-        return False
-    if not isinstance(found, dict) or any(found.get(k) != v for k, v in expected.items()):
-        return False
-    return all(
-        (out_dir / d / "model.safetensors").is_file() and (out_dir / d / "config.json").is_file()
-        for d in expected["models"].values()
-    )
+    return manifest_matches(out_dir, expected, ("model.safetensors", "config.json"))
 
 
 def digits_zoo_is_built(out_dir: str | os.PathLike, *, seed: int = 0) -> bool:
@@ -386,8 +382,8 @@ def build_digits_zoo(
     train_loss: dict[str, float] = {}
     with (
         torch.random.fork_rng(devices=[]),
-        _torch_threads(BUILD_THREADS),
-        _progress(progress) as bar,
+        torch_threads(BUILD_THREADS),
+        progress_bar(progress) as bar,
     ):
         torch.manual_seed(seed)
         gen = torch.Generator().manual_seed(seed)
@@ -417,6 +413,6 @@ def build_digits_zoo(
         "build_seconds": round(build_seconds, 2),
         "torch": torch.__version__,
     }
-    _write_json_atomic(out / MANIFEST, manifest)
+    write_json_atomic(out / MANIFEST, manifest)
     return paths
 

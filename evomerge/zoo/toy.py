@@ -18,17 +18,23 @@ mean next-token cross-entropy over the answer (everything after ``=``, including
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
-import tempfile
 import time
-from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Literal
 
 import torch
+
+from evomerge.zoo._common import (
+    MANIFEST,
+    manifest_matches,
+    progress_bar,
+    quiet_hf,
+    torch_threads,
+    write_json_atomic,
+)
 
 __all__ = [
     "TASKS",
@@ -44,7 +50,6 @@ __all__ = [
 ]
 
 FORMAT_VERSION = 1
-MANIFEST = "zoo.json"
 
 TASKS: tuple[str, ...] = ("copy", "reverse", "sort")
 SYMBOLS: tuple[str, ...] = tuple("0123456789abcdefghijklmnopqrstuvwxyz")
@@ -240,27 +245,6 @@ def _train(model, tokenizer, tasks, *, steps, lr, batch_size, gen, progress, lab
     return sum(recent) / max(len(recent), 1)
 
 
-def _progress(enabled: bool):
-    from rich.console import Console
-    from rich.progress import (
-        BarColumn,
-        MofNCompleteColumn,
-        Progress,
-        TextColumn,
-        TimeElapsedColumn,
-    )
-
-    return Progress(
-        TextColumn("{task.description:<16}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TextColumn("loss {task.fields[loss]:.3f}"),
-        TimeElapsedColumn(),
-        console=Console(stderr=True),
-        disable=not enabled,
-    )
-
-
 # --------------------------------------------------------------------------------------------
 # The zoo
 # --------------------------------------------------------------------------------------------
@@ -285,60 +269,13 @@ def _expected_manifest(seed: int, size: str) -> dict:
 
 
 def _cached(out_dir: Path, expected: dict) -> bool:
-    try:
-        found = json.loads((out_dir / MANIFEST).read_text())
-    except (OSError, ValueError):
-        return False
-    if any(found.get(k) != v for k, v in expected.items()):
-        return False
-    return all(
-        (out_dir / d / "model.safetensors").is_file() and (out_dir / d / "tokenizer.json").is_file()
-        for d in expected["models"].values()
-    )
-
-
-def _write_json_atomic(path: Path, data: dict) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(data, f, indent=2)
-            f.write("\n")
-        os.chmod(tmp, 0o644)  # mkstemp makes it 0600; the manifest is not a secret
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-@contextmanager
-def _torch_threads(n: int):
-    """Run the body with ``n`` torch intra-op threads, then restore the caller's setting."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
-
-
-@contextmanager
-def _quiet_hf():
-    """Silence transformers' own tqdm bars (one per save / load) and restore the setting after."""
-    from transformers.utils import logging as hf_logging
-
-    was_enabled = hf_logging.is_progress_bar_enabled()
-    hf_logging.disable_progress_bar()
-    try:
-        yield
-    finally:
-        if was_enabled:
-            hf_logging.enable_progress_bar()
+    return manifest_matches(out_dir, expected, ("model.safetensors", "tokenizer.json"))
 
 
 def _save(model, tokenizer, path: Path) -> None:
     if path.exists():
         shutil.rmtree(path)
-    with _quiet_hf():
+    with quiet_hf():
         model.save_pretrained(path, safe_serialization=True)
     tokenizer.save_pretrained(path)
 
@@ -384,8 +321,8 @@ def build_toy_zoo(
     train_loss: dict[str, float] = {}
     with (
         torch.random.fork_rng(devices=[]),
-        _torch_threads(BUILD_THREADS),
-        _progress(progress) as bar,
+        torch_threads(BUILD_THREADS),
+        progress_bar(progress) as bar,
     ):
         torch.manual_seed(seed)
         gen = torch.Generator().manual_seed(seed)
@@ -413,7 +350,7 @@ def build_toy_zoo(
         "build_seconds": round(time.perf_counter() - started, 2),
         "torch": torch.__version__,
     }
-    _write_json_atomic(out / MANIFEST, manifest)
+    write_json_atomic(out / MANIFEST, manifest)
     return paths
 
 
@@ -421,7 +358,7 @@ def load_toy_model(path: str | os.PathLike):
     """``(model, tokenizer)`` from a zoo directory, local files only, in eval mode."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    with _quiet_hf():
+    with quiet_hf():
         model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True)
     tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
     return model.eval(), tokenizer
