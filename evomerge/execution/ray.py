@@ -1,0 +1,231 @@
+"""Ray execution: a pool of long-lived Ray actors that pop trials from the store.
+
+``executor: {kind: ray, workers: N}`` starts N actors (``num_cpus=cpus_per_worker``,
+``num_gpus=gpus_per_worker``). Each loads the sources once (an
+:class:`~evomerge.execution.worker.Evaluator`; start-up costs seconds, so actors live for the
+whole run) and evaluates one queued trial per call through
+:func:`~evomerge.execution.worker.process_one`, under its own owner id (``host:pid``), so
+progress, results and failures land in the same store as in a local run. The driver keeps one
+call in flight per actor and ticks as each returns; an actor that found the queue empty rests
+until the next generation is enqueued.
+
+``address: local`` starts a private single-node Ray for the run (shut down by ``close``);
+``auto`` or ``ray://host:port`` joins an existing cluster, whose nodes must have evomerge
+installed and reach the storage URL (SQLite only works when every actor shares the driver's
+disk; use PostgreSQL across nodes).
+
+Sources are read from their files in each actor, not shared through Ray's object store: at the
+scale measured here (see ``benchmarks/RESULTS.md`` / the Ray section of the README) loading from
+the page cache is as fast as fetching from plasma, and the Merger's derived tensors (task
+vectors) are per-actor copies either way, so sharing saved little memory for extra machinery.
+
+A dead actor (``kill -9``, OOM, node loss) gives its running trial back (FAIL "interrupted",
+which the driver enqueues again) and is replaced; repeated deaths end the run with an error.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Callable
+from typing import Any
+
+import ray
+from ray.exceptions import RayActorError, RayTaskError
+
+from evomerge.execution.local import evaluator_for
+from evomerge.execution.worker import Evaluator, process_one, worker_id
+from evomerge.experiment import ExperimentError
+from evomerge.store import Store
+
+POLL_S = 0.05  # how often the driver re-checks the generation while actors are busy
+
+
+def check_address(address: str) -> str:
+    """``local``, ``auto`` or ``ray://host:port``; ExperimentError naming the field otherwise."""
+    if address in ("local", "auto") or (address.startswith("ray://") and len(address) > 6):
+        return address
+    raise ExperimentError(f"executor.address: {address!r} is not one of local, auto, "
+                          "ray://host:port")
+
+
+def cpus_needed(workers: int, cpus_per_worker: float) -> int:
+    """Logical CPUs a local Ray must offer so that all actors fit: ceil(N * cpus_per_worker)."""
+    return max(1, math.ceil(workers * cpus_per_worker - 1e-9))
+
+
+def missing_resources(available: dict[str, float], workers: int, cpus_per_worker: float,
+                      gpus_per_worker: float) -> list[str]:
+    """What the cluster lacks for N actors of the given size (empty when they all fit)."""
+    need = {"CPU": workers * cpus_per_worker, "GPU": workers * gpus_per_worker}
+    return [f"{key}: {workers} workers need {amount:g}, the cluster has "
+            f"{available.get(key, 0.0):g}"
+            for key, amount in need.items() if amount > available.get(key, 0.0) + 1e-9]
+
+
+class _Actor:
+    """One Ray worker: the sources resident once, then one queued trial per :meth:`step`."""
+
+    def __init__(self, experiment_data: dict, store_args: dict, device: str) -> None:
+        from evomerge.experiment import Experiment
+
+        experiment = Experiment.model_validate(experiment_data)
+        self.store = Store(**store_args)
+        if device == "cpu":
+            self.evaluator = evaluator_for(experiment)
+        else:
+            models = experiment.models
+            paths = ([models.base] if models.base else []) + list(models.sources.values())
+            self.evaluator = Evaluator(paths, experiment.fitness.name, experiment.fitness.options,
+                                       models.base, device=device)
+        self.owner = worker_id()
+
+    def owner_id(self) -> str:
+        """The id this actor claims trials under (``host:pid``)."""
+        return self.owner
+
+    def step(self) -> bool:
+        """Evaluate one queued trial; False when the queue was empty."""
+        return process_one(self.store, self.evaluator, self.owner)
+
+
+_REMOTE_ACTOR = ray.remote(_Actor)
+
+
+class RayExecutor:
+    """N Ray actors serving the store's queue (see the module docstring)."""
+
+    def __init__(self, experiment: Any, store_args: dict) -> None:
+        options = experiment.executor
+        check_address(options.address)
+        if options.workers < 1:  # also refused by the Experiment; kept for direct callers
+            raise ExperimentError(f"executor.workers: kind 'ray' needs workers >= 1, got "
+                                  f"{options.workers}")
+        self.experiment = experiment
+        self.store_args = store_args
+        self.options = options
+        self.workers = options.workers
+        self._evaluator: Evaluator | None = None
+        self._actors: list[Any] = []
+        self._owners: list[Any] = []  # per actor: ObjectRef of its owner id
+        self._pending: dict[Any, int] = {}  # ObjectRef of a step() call -> actor index
+        self._deaths = 0
+        self._started_ray = False
+        self._temp_dir: str | None = None
+
+    @property
+    def evaluator(self) -> Evaluator:
+        """The driver's own evaluator (source and held-out scores)."""
+        if self._evaluator is None:
+            self._evaluator = evaluator_for(self.experiment)
+        return self._evaluator
+
+    # ---- the protocol ------------------------------------------------------------------------
+
+    def run(self, store: Store, done: Callable[[], bool], tick: Callable[..., None]) -> None:
+        """Return once ``done()``; ``tick(1)`` as each actor's trial returns, ``tick()`` per poll."""
+        self._start()
+        resting: set[int] = set()  # actors that found the queue empty during this call
+        while not done():
+            for k in range(len(self._actors)):
+                if k not in resting and k not in self._pending.values():
+                    self._pending[self._actors[k].step.remote()] = k
+            if self._pending:
+                ready, _ = ray.wait(list(self._pending), num_returns=1, timeout=POLL_S)
+                for ref in ready:
+                    self._collect(ref, store, resting, tick)
+            else:  # every actor rests: the generation's last trials run elsewhere
+                time.sleep(POLL_S)
+            tick()
+        for ref in list(self._pending):  # calls that raced the generation's end find no trial
+            ray.wait([ref])
+            self._collect(ref, store, resting, tick)
+
+    def close(self, store: Store) -> None:
+        """Mark the study finished, kill the actors, and stop Ray if this executor started it."""
+        store.set_finished(True)
+        for actor in self._actors:
+            ray.kill(actor, no_restart=True)
+        self._actors, self._owners, self._pending = [], [], {}
+        if self._started_ray:
+            ray.shutdown()
+            self._started_ray = False
+        if self._temp_dir:
+            shutil.rmtree(self._temp_dir, ignore_errors=True)
+            self._temp_dir = None
+
+    # ---- actors ------------------------------------------------------------------------------
+
+    def _collect(self, ref: Any, store: Store, resting: set[int],
+                 tick: Callable[..., None]) -> None:
+        k = self._pending.pop(ref)
+        try:
+            evaluated = ray.get(ref)
+        except (RayActorError, RayTaskError) as exc:
+            self._replace(k, store, exc)
+            return
+        if evaluated:
+            tick(1)
+        else:
+            resting.add(k)
+
+    def _replace(self, k: int, store: Store, exc: Exception) -> None:
+        """Actor ``k`` died (or its call raised outside a trial): give its running trial back
+        and start a new actor in its place; repeated deaths end the run instead of looping."""
+        if getattr(exc, "actor_init_failed", False):  # its __init__ raised: so will the next
+            raise RuntimeError(f"a Ray actor failed to start (loading the models and fitness "
+                               f"of the experiment):\n{exc}") from None
+        try:
+            owner = ray.get(self._owners[k])
+        except RayActorError:  # died while loading: it never claimed a trial
+            owner = None
+        if owner is not None:
+            store.fail_interrupted(owner=owner)
+        self._deaths += 1
+        if self._deaths > 3 * self.workers:
+            raise RuntimeError(f"{self._deaths} Ray actors died or failed (last: {owner}): "
+                               f"{str(exc).strip().splitlines()[-1] if str(exc) else exc!r}")
+        ray.kill(self._actors[k], no_restart=True)
+        self._actors[k], self._owners[k] = self._spawn()
+
+    def _start(self) -> None:
+        if self._actors:
+            return
+        self._connect()
+        problems = missing_resources(ray.cluster_resources(), self.workers,
+                                     self.options.cpus_per_worker, self.options.gpus_per_worker)
+        if problems:
+            raise ExperimentError("executor: not enough Ray resources for the actors:\n  "
+                                  + "\n  ".join(problems))
+        for _ in range(self.workers):
+            actor, owner = self._spawn()
+            self._actors.append(actor)
+            self._owners.append(owner)
+
+    def _spawn(self) -> tuple[Any, Any]:
+        """A new actor (loading in the background) and the ref of its owner id."""
+        gpus = self.options.gpus_per_worker
+        actor = _REMOTE_ACTOR.options(
+            num_cpus=self.options.cpus_per_worker, num_gpus=gpus,
+            max_restarts=0, max_task_retries=0,  # a retried trial would count twice
+        ).remote(self.experiment.model_dump(mode="json"), self.store_args,
+                 "cuda" if gpus > 0 else "cpu")
+        return actor, actor.owner_id.remote()
+
+    def _connect(self) -> None:
+        """Join the configured cluster, or start a private local Ray for this run."""
+        if ray.is_initialized():
+            return
+        address = self.options.address
+        os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # else Ray writes ~/.ray/auth_token
+        os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")  # no usage reports home
+        if address != "local":
+            ray.init(address=address, configure_logging=False)
+            return
+        self._temp_dir = tempfile.mkdtemp(prefix="evomerge-ray-")  # short: Ray puts sockets here
+        ray.init(num_cpus=cpus_needed(self.workers, self.options.cpus_per_worker),
+                 include_dashboard=False, _temp_dir=self._temp_dir, configure_logging=False)
+        self._started_ray = True
