@@ -8,6 +8,13 @@ objective values, or FAIL with the reason). Results, timings and per-item scores
 user attribute so a trial costs a fixed number of storage writes plus one per parameter: the
 parameters themselves are written as Optuna params so optuna-dashboard can plot them.
 
+A worker that dies while it holds a trial must not strand it. Two mechanisms give such a trial
+back (FAIL with ``RESULT = {"error": INTERRUPTED}``, which the driver enqueues again by slot):
+the local executor sees its dead child and calls :meth:`Store.fail_interrupted` with the owner;
+for workers it cannot watch (Ray, SLURM, or any claim on PostgreSQL / journal, where the owner is
+written just after the claim), workers *beat* (:meth:`Store.beating`) and the driver's poll loop
+calls :meth:`Store.fail_stale`.
+
 The store knows nothing of merging: it moves vectors, plain dicts and numbers.
 """
 
@@ -15,12 +22,14 @@ from __future__ import annotations
 
 import base64
 import fcntl
+import logging
 import math
+import threading
 import time
 import warnings
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -30,12 +39,14 @@ from optuna.distributions import FloatDistribution
 from optuna.trial import FrozenTrial, TrialState
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
+_log = logging.getLogger(__name__)
 
 META = "evomerge"  # user attribute set at enqueue: generation, index, recipe
 RESULT = "result"  # user attribute set on finish: timings, item scores, error
 INTERRUPTED = "interrupted"
 EXPERIMENT = "experiment"  # study user attribute: the resolved experiment, for remote workers
 OWNER = "evomerge:owner"  # system attribute: the worker ("host:pid") running a trial
+HEARTBEAT = "evomerge:heartbeat"  # system attribute: a worker's last beat (its time.time())
 
 
 def storage_url(url: str | None, run_dir: Path) -> str:
@@ -45,17 +56,42 @@ def storage_url(url: str | None, run_dir: Path) -> str:
 
 def open_storage(url: str) -> optuna.storages.BaseStorage:
     """An Optuna storage from a URL: ``sqlite:///``, ``postgresql://``, ``journal:///path`` or
-    ``memory``. SQLite gets a generous lock timeout for multi-process workers."""
+    ``memory``. SQLite gets a generous lock timeout for multi-process workers. A bare
+    ``postgresql://`` means psycopg2 (the ``postgres`` extra): SQLAlchemy 2.1 would pick psycopg
+    3, which we do not install; name a driver (``postgresql+psycopg://``) to choose another."""
     if url == "memory":
         return optuna.storages.InMemoryStorage()
     if url.startswith("journal:///"):
         from optuna.storages.journal import JournalFileBackend
 
         return optuna.storages.JournalStorage(JournalFileBackend(url.removeprefix("journal://")))
+    if url.startswith("postgresql://"):
+        url = "postgresql+psycopg2://" + url.removeprefix("postgresql://")
+    if url.startswith("postgresql+psycopg2://"):
+        try:
+            import psycopg2  # noqa: F401 - only to fail with a clear message
+        except ImportError:
+            raise ImportError("a postgresql:// storage needs psycopg2: "
+                              "pip install 'evomerge[postgres]'") from None
     engine_kwargs = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else {}
     # get_storage adds Optuna's trial cache in front of the database; the study and our direct
     # storage calls must share that one object or the cache misses trials we create.
     return optuna.storages.get_storage(optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs))
+
+
+def many_writers_warning(url: str, workers: int, remote: bool) -> str | None:
+    """The advice for a SQLite store written by many processes, or None when it fits.
+
+    SQLite serialises every write behind one file lock (and our claim lock is a local file lock,
+    useless across nodes on a shared filesystem): from about 4 writers, or any remote worker,
+    the journal file or PostgreSQL is the right backend."""
+    if not url.startswith("sqlite") or (workers < 4 and not remote):
+        return None
+    who = "remote workers" if remote else f"{workers} worker processes"
+    return (f"storage {url} is SQLite, written by {who}: SQLite serialises all writes and its "
+            "claim lock works on one machine only. Use `storage: journal:///ABS/PATH/study.log` "
+            "(a file on a shared filesystem) or `storage: postgresql://USER:PASS@HOST/DB` "
+            "(many nodes) in the experiment.")
 
 
 @dataclass(frozen=True)
@@ -68,10 +104,14 @@ class Slot:
 
 @dataclass(frozen=True)
 class Claim:
-    """A trial a worker holds: the live Optuna trial and the metadata it was enqueued with."""
+    """A trial a worker holds: the live Optuna trial and the metadata it was enqueued with.
+
+    ``claimed_at`` is the worker's ``time.monotonic()`` just *before* it claimed: the start of
+    its lease (see :meth:`Store.beating`)."""
 
     trial: optuna.trial.Trial
     meta: dict[str, Any]
+    claimed_at: float = field(default=0.0, compare=False)
 
     @property
     def number(self) -> int:
@@ -94,12 +134,33 @@ def decode_scores(data: Mapping[str, Any]) -> np.ndarray:
     return np.asarray(data["values"], dtype=np.float32)
 
 
+def check_heartbeat(heartbeat_s: float | None, grace_s: float | None) -> None:
+    """Both or neither; positive; a grace longer than one beat (else a live worker looks dead)."""
+    if (heartbeat_s is None) != (grace_s is None):
+        raise ValueError(f"heartbeat_s ({heartbeat_s}) and grace_s ({grace_s}) go together: "
+                         "set both or neither")
+    if heartbeat_s is not None and grace_s is not None and not 0 < heartbeat_s < grace_s:
+        raise ValueError(f"need 0 < heartbeat_s < grace_s, got heartbeat_s = {heartbeat_s}, "
+                         f"grace_s = {grace_s}")
+
+
 class Store:
-    """An Optuna study used as record and queue. ``lower``/``upper`` define the parameters."""
+    """An Optuna study used as record and queue. ``lower``/``upper`` define the parameters.
+
+    With ``heartbeat_s``/``grace_s``, workers beat while they hold a trial and
+    :meth:`fail_stale` gives back the trials of silent ones (see :meth:`beating`).
+    """
 
     def __init__(self, url: str, study_name: str, directions: Sequence[str],
                  lower: Sequence[float], upper: Sequence[float], *,
-                 objective_names: Sequence[str] | None = None) -> None:
+                 objective_names: Sequence[str] | None = None,
+                 heartbeat_s: float | None = None, grace_s: float | None = None) -> None:
+        check_heartbeat(heartbeat_s, grace_s)
+        self.heartbeat_s, self.grace_s = heartbeat_s, grace_s
+        # fail_stale: trial id -> (last heartbeat value seen, monotonic time it was first seen)
+        self._seen: dict[int, tuple[Any, float]] = {}
+        # beating: trial id -> monotonic time just before the last write that renewed the lease
+        self._leases: dict[int, float] = {}
         self.url = url
         self.storage = open_storage(url)
         self.study = optuna.create_study(storage=self.storage, study_name=study_name,
@@ -161,10 +222,56 @@ class Store:
         """
         stale = [t for t in self.trials(states=(TrialState.RUNNING,))
                  if owner is None or t.system_attrs.get(OWNER) == owner]
-        for t in stale:
-            self.storage.set_trial_user_attr(t._trial_id, RESULT, {"error": INTERRUPTED})
-            self.storage.set_trial_state_values(t._trial_id, TrialState.FAIL)
-        return stale
+        return [t for t in stale if self._give_back(t._trial_id)]
+
+    def fail_stale(self) -> list[FrozenTrial]:
+        """Give back the RUNNING trials of silent workers (FAIL, interrupted); returns them as
+        they were before.
+
+        A trial is stale when its heartbeat (see :meth:`beating`) has not changed for longer
+        than ``grace_s`` since this store first saw its current value, a trial that never beat
+        included (its worker died between the claim and its first beat, or, on PostgreSQL and
+        the journal, between the claim and writing its owner). Time is this process's monotonic
+        clock and the stamps are only compared for change, so clock skew between nodes cannot
+        make a live worker look dead; the price is that a fresh store waits one grace period
+        before it gives anything back (resume uses :meth:`fail_interrupted`, which does not).
+
+        Why not Optuna's own heartbeat: in Optuna 5.0 only ``RDBStorage`` implements
+        ``BaseHeartbeat`` (``JournalStorage`` does not), ``RDBStorage._get_stale_trial_ids``
+        skips trials that never beat (exactly the stranded claim), and a retry callback in the
+        spirit of ``RetryFailedTrialCallback`` creates a new trial, which would double-count a
+        slot that the driver enqueues again itself. We reuse Optuna's atomic state change:
+        whoever moves the trial out of RUNNING first wins (this, another checker, or the worker
+        finishing), so no trial is both completed and given back.
+
+        Cost: one read of the RUNNING trials, no write unless something is stale; meant to be
+        called from an executor's poll loop about every second.
+        """
+        if self.grace_s is None:
+            raise ValueError("fail_stale needs heartbeats: Store(..., heartbeat_s=, grace_s=)")
+        now = time.monotonic()
+        seen: dict[int, tuple[Any, float]] = {}
+        stale = []
+        for t in self.storage.get_all_trials(self.study._study_id, deepcopy=False,
+                                             states=(TrialState.RUNNING,)):
+            if META not in t.user_attrs:
+                continue
+            beat = t.system_attrs.get(HEARTBEAT)
+            previous = self._seen.get(t._trial_id)
+            since = previous[1] if previous is not None and previous[0] == beat else now
+            seen[t._trial_id] = (beat, since)
+            if now - since > self.grace_s:
+                stale.append(t)
+        self._seen = seen
+        return [t for t in stale if self._give_back(t._trial_id)]
+
+    def _give_back(self, trial_id: int) -> bool:
+        """RUNNING -> FAIL(interrupted); False if the trial had finished (someone was first)."""
+        try:
+            self.storage.set_trial_user_attr(trial_id, RESULT, {"error": INTERRUPTED})
+            return self.storage.set_trial_state_values(trial_id, TrialState.FAIL)
+        except optuna.exceptions.UpdateFinishedTrialError:
+            return False
 
     def set_finished(self, finished: bool = True) -> None:
         """Tell workers polling the queue that no more work will come."""
@@ -182,6 +289,7 @@ class Store:
         ``owner`` (a worker's "host:pid") is recorded so the trial can be given back if that
         worker dies; the in-process executor skips it (one storage write less per trial).
         """
+        claimed_at = time.monotonic()
         with self._claim_lock():
             waiting = self._claim(owner)
         if waiting is None:
@@ -189,7 +297,7 @@ class Store:
         trial = optuna.trial.Trial(self.study, waiting._trial_id)
         for name, dist in self.distributions.items():
             trial.suggest_float(name, dist.low, dist.high)
-        return Claim(trial, dict(waiting.user_attrs[META]))
+        return Claim(trial, dict(waiting.user_attrs[META]), claimed_at)
 
     def _claim(self, owner: str | None) -> FrozenTrial | None:
         """Move the first WAITING trial to RUNNING; its (pre-claim) snapshot, or None.
@@ -197,7 +305,9 @@ class Store:
         Under the SQLite claim lock the owner is written *before* the state changes, so a worker
         killed at any point leaves either a WAITING trial (claimed by the next worker) or a
         RUNNING one that names it. Without the lock (PostgreSQL, journal) two workers may race
-        for one trial, so the owner is written after the claim succeeds.
+        for one trial, so the owner is written after the claim succeeds; a worker killed between
+        the two leaves a RUNNING trial without owner, which :meth:`fail_stale` gives back (it
+        never beats).
         """
         locked = self._lock_path is not None
         for t in self.storage.get_all_trials(self.study._study_id, deepcopy=False,
@@ -212,6 +322,57 @@ class Store:
             except optuna.exceptions.UpdateFinishedTrialError:
                 continue
         return None
+
+    @contextmanager
+    def beating(self, claim: Claim) -> Iterator[None]:
+        """Heartbeats for ``claim`` while the block runs; a no-op without ``heartbeat_s``.
+
+        A daemon thread writes the trial's system attribute ``HEARTBEAT`` every ``heartbeat_s``
+        (the first after one interval: a trial shorter than that costs no write), so a worker
+        costs one storage write per interval, not per trial. Run :meth:`finish` inside the block.
+
+        The beats are also the worker's *lease*: a checker gives a trial back no sooner than
+        ``grace_s`` after the last beat it saw, so :meth:`finish` writes only while the last
+        successful beat (or the claim) is younger than ``(heartbeat_s + grace_s) / 2``, leaving
+        ``(grace_s - heartbeat_s) / 2`` for its writes to land before anyone may give the trial
+        back. A worker whose beats failed that long (a network partition, a paused process)
+        gives the trial back itself and drops its result: the slot is evaluated again.
+        """
+        if self.heartbeat_s is None:
+            yield
+            return
+        trial_id = claim.trial._trial_id
+        self._leases[trial_id] = claim.claimed_at
+        stop = threading.Event()
+        thread = threading.Thread(target=self._beat, args=(trial_id, stop), daemon=True,
+                                  name=f"evomerge-heartbeat-{claim.number}")
+        thread.start()
+        try:
+            yield
+        finally:
+            stop.set()
+            thread.join(timeout=self.heartbeat_s)  # a write stuck longer is abandoned (daemon)
+            self._leases.pop(trial_id, None)
+
+    def _beat(self, trial_id: int, stop: threading.Event) -> None:
+        assert self.heartbeat_s is not None
+        while not stop.wait(self.heartbeat_s):
+            started = time.monotonic()
+            try:
+                self.storage.set_trial_system_attr(trial_id, HEARTBEAT, time.time())
+            except optuna.exceptions.UpdateFinishedTrialError:
+                return  # given back by a checker: nothing left to keep alive
+            except Exception as exc:  # noqa: BLE001 - a lost beat only shortens the lease
+                _log.warning("heartbeat of trial id %d failed: %s", trial_id, exc)
+                continue
+            if not stop.is_set():
+                self._leases[trial_id] = started
+
+    def _lease_expired(self, trial_id: int) -> bool:
+        lease = self._leases.get(trial_id)
+        if lease is None or self.heartbeat_s is None or self.grace_s is None:
+            return False
+        return time.monotonic() - lease > (self.heartbeat_s + self.grace_s) / 2
 
     @contextmanager
     def _claim_lock(self) -> Iterator[None]:
@@ -232,8 +393,14 @@ class Store:
     def finish(self, claim: Claim, values: Sequence[float] | None, *,
                timings: Mapping[str, float] | None = None,
                item_scores: Mapping[str, np.ndarray] | None = None,
-               error: str | None = None) -> None:
-        """COMPLETE with values, or FAIL with ``error``; timings and scores in one attribute."""
+               error: str | None = None) -> bool:
+        """COMPLETE with values, or FAIL with ``error``; timings and scores in one attribute.
+
+        False when the trial is no longer this worker's to finish: a checker gave it back
+        (:meth:`fail_stale`, a resuming driver), or the worker's lease ran out (see
+        :meth:`beating`), in which case it gives the trial back itself. The result is dropped
+        and the driver has the slot evaluated again.
+        """
         result: dict[str, Any] = {k: round(float(v), 6) for k, v in (timings or {}).items()}
         if item_scores:
             result["item_scores"] = {k: encode_scores(v) for k, v in item_scores.items()}
@@ -245,16 +412,27 @@ class Store:
             raise ValueError(f"trial {claim.number}: {len(values)} values for "
                              f"{self.n_objectives} objectives")
         trial_id = claim.trial._trial_id
-        self.storage.set_trial_user_attr(trial_id, RESULT, result)
-        # Written directly rather than through Study.tell, which re-reads and deep-copies the
-        # whole trial (recipe and item scores included) to return a copy nobody needs; nothing
-        # samples from this study, so tell's sampler hooks have no work. Measured: evomerge's
-        # overhead over bare Optuna went from 1.42x to 1.05x on in-memory storage.
-        if ok:
-            self.storage.set_trial_state_values(trial_id, TrialState.COMPLETE,
-                                                [float(v) for v in values])
-        else:
-            self.storage.set_trial_state_values(trial_id, TrialState.FAIL)
+        if self._lease_expired(trial_id):
+            self._give_back(trial_id)
+            _log.warning("trial %d: this worker's heartbeats failed for longer than its lease; "
+                         "the trial was given back and its result dropped", claim.number)
+            return False
+        try:
+            self.storage.set_trial_user_attr(trial_id, RESULT, result)
+            # Written directly rather than through Study.tell, which re-reads and deep-copies
+            # the whole trial (recipe and item scores included) to return a copy nobody needs;
+            # nothing samples from this study, so tell's sampler hooks have no work. Measured:
+            # evomerge's overhead over bare Optuna went from 1.42x to 1.05x on in-memory storage.
+            if ok:
+                self.storage.set_trial_state_values(trial_id, TrialState.COMPLETE,
+                                                    [float(v) for v in values])
+            else:
+                self.storage.set_trial_state_values(trial_id, TrialState.FAIL)
+        except optuna.exceptions.UpdateFinishedTrialError:
+            _log.warning("trial %d was given back while this worker ran it; result dropped",
+                         claim.number)
+            return False
+        return True
 
     # ---- reading -------------------------------------------------------------------------
 

@@ -70,7 +70,12 @@ class Plan:
                                study_name=experiment.name, directions=directions,
                                lower=list(map(float, self.space.lower)),
                                upper=list(map(float, self.space.upper)),
-                               objective_names=[o.name for o in self.objectives])
+                               objective_names=[o.name for o in self.objectives],
+                               # Always on: only workers with an owner beat (one write per
+                               # heartbeat_s each), the in-process executor never does.
+                               heartbeat_s=experiment.executor.heartbeat_s,
+                               grace_s=experiment.executor.grace_s)
+        _warn_many_writers(self.store_args["url"], experiment.executor)
 
     def new_strategy(self) -> Strategy:
         try:
@@ -79,6 +84,17 @@ class Plan:
             raise ExperimentError(f"strategy: {exc}") from None
         except ValueError as exc:
             raise ExperimentError(f"strategy: {exc}") from None
+
+
+def _warn_many_writers(url: str, executor: Any) -> None:
+    """One warning when the experiment's workers would all write one SQLite file."""
+    import warnings
+
+    from evomerge.store import many_writers_warning
+
+    advice = many_writers_warning(url, executor.workers, remote=executor.kind != "local")
+    if advice:
+        warnings.warn(advice, UserWarning, stacklevel=3)
 
 
 def _objectives(fitness_cls: Any, experiment: Experiment) -> list:
