@@ -82,3 +82,4 @@ def make_fitness(name: str, **options: Any) -> Fitness:
 def _load_builtin() -> None:
     """Import the built-in fitness modules so their ``@register`` runs."""
     import evomerge.fitness.digits  # noqa: F401
+    import evomerge.fitness.lm  # noqa: F401

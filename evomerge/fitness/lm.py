@@ -1,0 +1,476 @@
+"""Language-model evaluators and the ``lm`` fitness over a suite of tasks.
+
+Two scorers, usable on their own by any code holding a causal LM and its tokenizer:
+
+* :func:`greedy_generate` — batched greedy decoding (left padding, the KV cache, via
+  ``model.generate``); a row stops at eos, at ``max_new_tokens``, or once its decoded text contains
+  a stop string. The prediction is the decoded text (special tokens skipped) before the first stop
+  string.
+* :func:`choice_loglikelihoods` — for each prompt, the summed log-probability of each choice's tokens
+  given the prompt: one batched forward over the left-padded (prompt + choice) sequences, with
+  explicit position ids, so padding never changes a result.
+
+Tokenization boundary (the same as lm-evaluation-harness 0.4's ``HFLM``, so that its per-item scores
+equal ours): the tokenizer's default special tokens are kept (``encode(text)``, i.e. a BOS where the
+tokenizer's post-processor adds one, like lm-eval with ``add_bos_token`` unset). For a
+log-likelihood, trailing whitespace of the context moves to the continuation, then
+``context + continuation`` and ``context`` are encoded and the continuation's tokens are the suffix
+of the whole beyond the context's length (:func:`encode_pair`). A generation prompt is encoded as
+is. A multiple-choice continuation is ``target_delimiter + choice`` (default ``" "``, lm-eval's).
+
+The ``lm`` fitness (``@register("lm")``) reads a suite (:mod:`evomerge.fitness.suite`), tokenizes
+every task's items once into left-padded tensors, and scores each candidate: ``generate`` items by
+exact match of the stripped prediction with the stripped answer, ``multiple_choice`` items by
+whether the gold choice has the highest log-likelihood. ``item_scores[task]`` holds those 1.0 / 0.0
+values; each objective is the macro mean of its tasks' accuracies.
+"""
+
+from __future__ import annotations
+
+import inspect
+import itertools
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from evomerge.fitness.base import EvalResult, Fitness, Objective, register
+from evomerge.fitness.suite import (
+    SPLITS,
+    ChoiceItem,
+    GenerateItem,
+    ObjectiveSpec,
+    SuiteError,
+    combine_objectives,
+    load_items,
+    load_suite,
+    resolve_objectives,
+)
+
+__all__ = [
+    "DEFAULT_BATCH_SIZE",
+    "LMFitness",
+    "choice_loglikelihoods",
+    "encode_pair",
+    "greedy_generate",
+]
+
+#: Sequences per forward pass. On CPU, larger batches of short sequences buy little and cost
+#: memory; on a GPU pass a larger ``batch_size``.
+DEFAULT_BATCH_SIZE = 32
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+# --------------------------------------------------------------------------------------------
+# Tokenization
+# --------------------------------------------------------------------------------------------
+
+
+def encode_pair(tokenizer: Any, context: str, continuation: str) -> tuple[list[int], list[int]]:
+    """``(context_ids, continuation_ids)`` as lm-eval's ``HFLM._encode_pair`` splits them.
+
+    Trailing spaces of ``context`` go to the continuation; the continuation's ids are those of
+    ``encode(context + continuation)`` beyond ``len(encode(context))``, i.e. the tokens the model
+    would produce after the context (a merge across the boundary counts as continuation).
+    """
+    n_spaces = len(context) - len(context.rstrip())
+    if n_spaces:
+        context, continuation = context[:-n_spaces], context[-n_spaces:] + continuation
+    whole = tokenizer.encode(context + continuation)
+    ctx = tokenizer.encode(context)
+    return ctx, whole[len(ctx):]
+
+
+def ensure_pad_token(tokenizer: Any) -> None:
+    """Give a tokenizer without a pad token the eos token as pad (padding is always masked)."""
+    if tokenizer.pad_token_id is None:
+        if tokenizer.eos_token_id is None:
+            raise ValueError("tokenizer has neither a pad nor an eos token; set pad_token")
+        tokenizer.pad_token = tokenizer.eos_token
+
+
+def left_pad(rows: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(ids [N, W], lengths [N])``: every row right-aligned in a ``pad_id``-filled matrix."""
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    for i, row in enumerate(rows):
+        if row:
+            ids[i, width - len(row):] = torch.tensor(row, dtype=torch.long)
+    return ids, torch.tensor([len(r) for r in rows], dtype=torch.long)
+
+
+def _batches(lengths: torch.Tensor, batch_size: int) -> list[torch.Tensor]:
+    """Row indices in batches, longest first, so each batch pads to similar lengths."""
+    order = torch.argsort(lengths, descending=True, stable=True)
+    return list(torch.split(order, batch_size))
+
+
+def _model_device(model: torch.nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
+# --------------------------------------------------------------------------------------------
+# Log-likelihoods
+# --------------------------------------------------------------------------------------------
+
+
+def sequence_loglikelihoods(model: torch.nn.Module, ids: torch.Tensor, lengths: torch.Tensor,
+                            cont_lengths: torch.Tensor, batch_size: int) -> torch.Tensor:
+    """For each left-padded row, ``sum_{t in last c tokens} log p(x_t | x_<t)`` (float64 [N]).
+
+    ``ids [N, W]`` holds each sequence right-aligned (``lengths[i]`` tokens, the last
+    ``cont_lengths[i]`` of them scored). Position ids count real tokens only, so a row's result
+    does not depend on the rows it is batched with. Only the last ``max(c)`` positions' logits are
+    computed (``logits_to_keep``).
+    """
+    device = _model_device(model)
+    keep_arg = "logits_to_keep" in inspect.signature(model.forward).parameters
+    out = torch.empty(len(ids), dtype=torch.float64)
+    for rows in _batches(lengths, batch_size):
+        width = int(lengths[rows].max())
+        c_max = int(cont_lengths[rows].max())
+        seq = ids[rows, ids.shape[1] - width:].to(device)
+        real = (torch.arange(width) >= width - lengths[rows, None]).to(device)
+        inp, mask = seq[:, :-1], real[:, :-1].long()
+        pos = (mask.cumsum(-1) - 1).clamp(min=0)
+        if keep_arg:
+            logits = model(input_ids=inp, attention_mask=mask, position_ids=pos,
+                           logits_to_keep=c_max).logits
+        else:
+            logits = model(input_ids=inp, attention_mask=mask, position_ids=pos).logits
+        logp = torch.log_softmax(logits[:, -c_max:].float(), dim=-1)
+        token_lp = logp.gather(-1, seq[:, -c_max:, None])[..., 0]
+        scored = torch.arange(c_max, device=device) >= c_max - cont_lengths[rows, None].to(device)
+        out[rows] = torch.where(scored, token_lp, 0.0).sum(-1).double().cpu()
+    return out
+
+
+def choice_loglikelihoods(model: torch.nn.Module, tokenizer: Any, prompts: Sequence[str],
+                          choices: Sequence[Sequence[str]],
+                          batch_size: int = DEFAULT_BATCH_SIZE) -> list[list[float]]:
+    """``[[log p(choice | prompt) for choice in choices[i]] for i]``, the choice given verbatim.
+
+    Each choice is scored as the continuation of its prompt (:func:`encode_pair`; add any
+    delimiter such as a leading space to the choice yourself).
+    """
+    if len(prompts) != len(choices):
+        raise ValueError(f"{len(prompts)} prompts but {len(choices)} choice lists")
+    ensure_pad_token(tokenizer)
+    if not prompts:
+        return []
+    rows, conts, counts = [], [], []
+    for prompt, options in zip(prompts, choices):
+        counts.append(len(options))
+        for option in options:
+            ctx, cont = _scored_pair(tokenizer, prompt, option)
+            rows.append(ctx + cont)
+            conts.append(len(cont))
+    ids, lengths = left_pad(rows, tokenizer.pad_token_id)
+    model.eval()
+    with torch.inference_mode():
+        flat = sequence_loglikelihoods(model, ids, lengths, torch.tensor(conts), batch_size)
+    bounds = np.cumsum([0, *counts])
+    return [flat[a:b].tolist() for a, b in itertools.pairwise(bounds)]
+
+
+def _scored_pair(tokenizer: Any, prompt: str, continuation: str) -> tuple[list[int], list[int]]:
+    ctx, cont = encode_pair(tokenizer, prompt, continuation)
+    if not ctx:
+        raise ValueError(f"prompt {prompt!r} encodes to no tokens; nothing to condition on")
+    if not cont:
+        raise ValueError(f"continuation {continuation!r} of prompt {prompt!r} encodes to no tokens")
+    return ctx, cont
+
+
+# --------------------------------------------------------------------------------------------
+# Greedy generation
+# --------------------------------------------------------------------------------------------
+
+
+def cut_at_stop(text: str, stop: Sequence[str]) -> str:
+    """``text`` before the earliest occurrence of any stop string (all of it if none occurs)."""
+    end = min((i for i in (text.find(s) for s in stop) if i >= 0), default=len(text))
+    return text[:end]
+
+
+def _decode_generated(tokenizer: Any, tokens: list[int], eos_id: int | None) -> str:
+    """The text of generated ``tokens`` up to (not including) the first eos, specials skipped."""
+    if eos_id is not None and eos_id in tokens:
+        tokens = tokens[:tokens.index(eos_id)]
+    return tokenizer.decode(tokens, skip_special_tokens=True)
+
+
+def _stop_criteria(tokenizer: Any, start: int, stop: Sequence[str]) -> Any:
+    """A per-row ``StoppingCriteria``: a row is done once its new text contains a stop string."""
+    from transformers import StoppingCriteria, StoppingCriteriaList
+
+    class StopStrings(StoppingCriteria):
+        def __call__(self, input_ids: torch.Tensor, scores: Any, **kwargs: Any) -> torch.Tensor:
+            texts = tokenizer.batch_decode(input_ids[:, start:], skip_special_tokens=True)
+            return torch.tensor([any(s in t for s in stop) for t in texts],
+                                device=input_ids.device)
+
+    return StoppingCriteriaList([StopStrings()])
+
+
+def generate_rows(model: torch.nn.Module, tokenizer: Any, ids: torch.Tensor,
+                  lengths: torch.Tensor, max_new_tokens: int, stop: Sequence[str],
+                  batch_size: int) -> list[str]:
+    """Greedy continuations of left-padded prompts ``ids [N, W]``, cut at the first stop string."""
+    device = _model_device(model)
+    eos_id, pad_id = tokenizer.eos_token_id, tokenizer.pad_token_id
+    texts: list[str] = [""] * len(ids)
+    for rows in _batches(lengths, batch_size):
+        width = int(lengths[rows].max())
+        prompt = ids[rows, ids.shape[1] - width:].to(device)
+        mask = (torch.arange(width) >= width - lengths[rows, None]).long().to(device)
+        out = model.generate(
+            input_ids=prompt, attention_mask=mask, max_new_tokens=max_new_tokens,
+            do_sample=False, num_beams=1, pad_token_id=pad_id, eos_token_id=eos_id,
+            stopping_criteria=_stop_criteria(tokenizer, width, stop) if stop else None,
+        )
+        for row, new in zip(rows.tolist(), out[:, width:].tolist()):
+            texts[row] = cut_at_stop(_decode_generated(tokenizer, new, eos_id), stop)
+    return texts
+
+
+def greedy_generate(model: torch.nn.Module, tokenizer: Any, prompts: Sequence[str],
+                    max_new_tokens: int, stop: Sequence[str] = ("\n",),
+                    batch_size: int = DEFAULT_BATCH_SIZE) -> list[str]:
+    """Greedy continuation of each prompt: text before the first stop string, eos excluded."""
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    ensure_pad_token(tokenizer)
+    encoded = [tokenizer.encode(p) for p in prompts]
+    if not encoded:
+        return []
+    for prompt, enc in zip(prompts, encoded):
+        if not enc:
+            raise ValueError(f"prompt {prompt!r} encodes to no tokens; nothing to condition on")
+    ids, lengths = left_pad(encoded, tokenizer.pad_token_id)
+    model.eval()
+    with torch.inference_mode():
+        return generate_rows(model, tokenizer, ids, lengths, max_new_tokens, stop, batch_size)
+
+
+# --------------------------------------------------------------------------------------------
+# The suite fitness
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _TaskData:
+    """One task's split, tokenized once: left-padded rows and what each item is scored against.
+
+    generate: one row per item (the prompt), ``answers`` the expected texts. multiple_choice: one
+    row per (item, choice) (prompt + delimiter + choice), item ``i``'s rows are
+    ``offsets[i]:offsets[i + 1]``, ``gold`` the right choice of each item.
+    """
+
+    item_ids: tuple[str, ...]
+    ids: torch.Tensor
+    lengths: torch.Tensor
+    answers: tuple[str, ...] = ()
+    cont_lengths: torch.Tensor | None = None
+    offsets: np.ndarray | None = None
+    gold: np.ndarray | None = None
+
+
+@register("lm")
+class LMFitness(Fitness):
+    """Accuracy of a causal LM on the tasks of a suite (``generate`` and ``multiple_choice``).
+
+    Options: ``suite`` (a suite file, or a catalog name such as ``tinylm``), ``objectives``
+    (overrides the suite's; default one per task), ``batch_size``, ``device`` (where the data
+    tensors and :meth:`new_model` live; a model elsewhere still works, batches follow it),
+    ``max_items`` (the first N items of every task and split; for smoke runs), ``dtype`` of
+    :meth:`new_model`, and ``base_model`` (the base checkpoint dir: its config and tokenizer).
+    """
+
+    def __init__(
+        self,
+        base_model: str | os.PathLike,
+        suite: str | os.PathLike,
+        objectives: Sequence[Mapping[str, Any] | ObjectiveSpec] | None = None,
+        batch_size: int = DEFAULT_BATCH_SIZE,
+        device: str | torch.device = "cpu",
+        max_items: int | None = None,
+        dtype: str = "float32",
+    ) -> None:
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"batch_size: expected an integer >= 1, got {batch_size!r}")
+        if max_items is not None and (isinstance(max_items, bool) or not isinstance(
+                max_items, int) or max_items < 1):
+            raise ValueError(f"max_items: expected an integer >= 1 or null, got {max_items!r}")
+        if dtype not in DTYPES:
+            raise ValueError(f"dtype: expected one of {', '.join(DTYPES)}, got {dtype!r}")
+        self.batch_size, self.max_items, self.dtype = batch_size, max_items, DTYPES[dtype]
+        self.device = torch.device(device)
+        self.suite = load_suite(suite)
+        self._objectives = resolve_objectives(
+            objectives if objectives is not None else self.suite.objectives,
+            self.suite.task_names,
+            where="objectives" if objectives is not None else f"{self.suite.path}: objectives")
+        self.objectives: list[Objective] = [obj for obj, _ in self._objectives]
+        self.base_model = Path(base_model)
+        self.config, self.tokenizer = _load_base(self.base_model)
+        self._data = {split: {task.name: self._prepare(task, split) for task in self.suite.tasks}
+                      for split in SPLITS}
+
+    # ---- data --------------------------------------------------------------------------------
+
+    def _prepare(self, task: Any, split: str) -> _TaskData:
+        """Read, validate and tokenize one task's split; errors name the file and the item."""
+        path = self.suite.data_file(task, split)
+        items = load_items(path, task.kind)[:self.max_items]
+        limit = getattr(self.config, "max_position_embeddings", None)
+        pad = self.tokenizer.pad_token_id
+        if task.kind == "generate":
+            rows = [self.tokenizer.encode(it.prompt) for it in items]
+            for it, row in zip(items, rows):
+                _check_fits(path, it, len(row) + task.max_new_tokens, limit)
+            ids, lengths = left_pad(rows, pad)
+            return _TaskData(tuple(it.id for it in items), ids.to(self.device), lengths,
+                             answers=tuple(it.answer for it in items))
+        rows, conts, counts = [], [], []
+        for it in items:
+            counts.append(len(it.choices))
+            for choice in it.choices:
+                try:
+                    ctx, cont = _scored_pair(self.tokenizer, it.prompt,
+                                             task.target_delimiter + choice)
+                except ValueError as exc:
+                    raise SuiteError(f"{path}: item {it.id!r}: {exc}") from None
+                _check_fits(path, it, len(ctx) + len(cont) - 1, limit)
+                rows.append(ctx + cont)
+                conts.append(len(cont))
+        ids, lengths = left_pad(rows, pad)
+        return _TaskData(tuple(it.id for it in items), ids.to(self.device), lengths,
+                         cont_lengths=torch.tensor(conts), offsets=np.cumsum([0, *counts]),
+                         gold=np.array([it.gold for it in items]))
+
+    def num_items(self, split: str = "search") -> dict[str, int]:
+        """Items per task of ``split`` (after ``max_items``): the lengths of ``item_scores``."""
+        return {task: len(d.item_ids) for task, d in self._split(split).items()}
+
+    def item_ids(self, split: str = "search") -> dict[str, list[str]]:
+        """The ``id`` of every item per task of ``split``, in file (and ``item_scores``) order."""
+        return {task: list(d.item_ids) for task, d in self._split(split).items()}
+
+    def objectives_from_task_scores(self, task_scores: Mapping[str, float]) -> dict[str, float]:
+        """Objective values from per-task accuracies (exact or estimated): macro means."""
+        return combine_objectives(task_scores, self._objectives)
+
+    def new_model(self) -> torch.nn.Module:
+        """A freshly initialised model of the base's config on ``device``, in eval mode."""
+        from transformers import AutoModelForCausalLM
+
+        model = AutoModelForCausalLM.from_config(self.config)
+        return model.to(device=self.device, dtype=self.dtype).eval()
+
+    # ---- scoring -----------------------------------------------------------------------------
+
+    def evaluate(self, model: torch.nn.Module, split: str = "search",
+                 items: Mapping[str, Sequence[int] | np.ndarray] | None = None) -> EvalResult:
+        """Score ``model`` on ``split``; with ``items``, only those items of the tasks named.
+
+        ``items`` maps task -> item indices; ``item_scores[task]`` then holds exactly those items'
+        scores in that order, and objectives use the mean over them. Tasks not named are scored
+        in full.
+        """
+        data = self._split(split)
+        subset = self._subset(data, items)
+        model.eval()
+        scores: dict[str, np.ndarray] = {}
+        with torch.inference_mode():
+            for task in self.suite.tasks:
+                idx = subset[task.name]
+                uniq, inverse = np.unique(idx, return_inverse=True)
+                scores[task.name] = (self._score(model, task, data[task.name], uniq)[inverse]
+                                     if len(uniq) else np.zeros(0))
+        task_scores = {t: float(s.mean()) for t, s in scores.items() if len(s)}
+        return EvalResult(self.objectives_from_task_scores(task_scores), scores)
+
+    def _score(self, model: torch.nn.Module, task: Any, data: _TaskData,
+               idx: np.ndarray) -> np.ndarray:
+        """1.0 / 0.0 per item of ``idx`` (sorted, unique)."""
+        rows = torch.from_numpy(idx)
+        if task.kind == "generate":
+            preds = generate_rows(model, self.tokenizer, data.ids[rows], data.lengths[rows],
+                                  task.max_new_tokens, task.stop, self.batch_size)
+            return np.array([p.strip() == data.answers[i].strip() for p, i in zip(preds, idx)],
+                            dtype=np.float64)
+        starts, ends = data.offsets[idx], data.offsets[idx + 1]
+        rows = torch.from_numpy(np.concatenate([np.arange(a, b) for a, b in zip(starts, ends)]))
+        ll = sequence_loglikelihoods(model, data.ids[rows], data.lengths[rows],
+                                     data.cont_lengths[rows], self.batch_size).numpy()
+        bounds = np.cumsum([0, *(ends - starts)])
+        picks = np.array([np.argmax(ll[a:b]) for a, b in itertools.pairwise(bounds)])
+        return (picks == data.gold[idx]).astype(np.float64)
+
+    def _split(self, split: str) -> dict[str, _TaskData]:
+        try:
+            return self._data[split]
+        except KeyError:
+            raise ValueError(
+                f"split: unknown split {split!r}; expected one of {', '.join(SPLITS)}") from None
+
+    def _subset(self, data: Mapping[str, _TaskData],
+                items: Mapping[str, Sequence[int] | np.ndarray] | None) -> dict[str, np.ndarray]:
+        """Validated item indices per task (all items where ``items`` names none)."""
+        chosen = {task: np.arange(len(d.item_ids)) for task, d in data.items()}
+        if items is None:
+            return chosen
+        if not isinstance(items, Mapping):
+            raise TypeError(f"items: expected a mapping task -> indices, got "
+                             f"{type(items).__name__}")
+        for task, raw in items.items():
+            if task not in data:
+                raise ValueError(f"items: unknown task {task!r}; the suite has "
+                                 f"{', '.join(data)}")
+            idx = np.asarray(raw)
+            if idx.size == 0:
+                idx = idx.astype(np.int64).reshape(0)
+            if idx.ndim != 1 or not np.issubdtype(idx.dtype, np.integer):
+                raise ValueError(f"items[{task!r}]: expected a 1-D array of integer indices, got "
+                                 f"dtype {idx.dtype} shape {idx.shape}")
+            n = len(data[task].item_ids)
+            bad = idx[(idx < 0) | (idx >= n)]
+            if len(bad):
+                raise ValueError(f"items[{task!r}]: index {int(bad[0])} out of range; the task "
+                                 f"has {n} items")
+            chosen[task] = idx.astype(np.int64)
+        for obj, tasks in self._objectives:
+            empty = [t for t in tasks if not len(chosen[t])]
+            if empty:
+                raise ValueError(f"items: objective {obj.name!r} needs task(s) "
+                                 f"{', '.join(empty)}, which have no items selected")
+        return chosen
+
+
+def _check_fits(path: Path, item: GenerateItem | ChoiceItem, positions: int,
+                limit: int | None) -> None:
+    if limit is not None and positions > limit:
+        raise SuiteError(f"{path}: item {item.id!r} needs {positions} positions; the model has "
+                         f"max_position_embeddings={limit}")
+
+
+def _load_base(base_model: Path) -> tuple[Any, Any]:
+    """The base checkpoint's config and tokenizer (local files only; pad = eos if missing)."""
+    from transformers import AutoConfig, AutoTokenizer
+
+    try:
+        config = AutoConfig.from_pretrained(base_model, local_files_only=True)
+        tokenizer = AutoTokenizer.from_pretrained(base_model, local_files_only=True)
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"base_model: cannot read a config and tokenizer from {base_model} "
+                         f"({exc}); pass a Hugging Face model directory") from None
+    try:
+        ensure_pad_token(tokenizer)
+    except ValueError as exc:
+        raise ValueError(f"base_model: {base_model}: {exc}") from None
+    return config, tokenizer
