@@ -390,5 +390,108 @@ def dashboard(
     run_server(open_storage(url), host=host, port=port)
 
 
+# =============================================================================================
+# evomerge worker | slurm submit  — workers anywhere the storage reaches, SLURM array jobs
+# =============================================================================================
+
+
+@app.command("worker")
+def worker(
+    storage: str = typer.Option(..., "--storage", help="The run's storage URL (sqlite:///..., "
+                                "journal:///..., postgresql://...).", show_default=False),
+    study: str = typer.Option(..., "--study", help="The study name (the experiment's name).",
+                              show_default=False),
+    poll: float = typer.Option(1.0, "--poll", min=0.01, help="Seconds between queue polls."),
+    max_trials: int | None = typer.Option(None, "--max-trials", min=1,
+                                             help="Stop after this many trials."),
+    wait: float = typer.Option(600.0, "--wait", min=0,
+                               help="Seconds to wait for the driver to create the study."),
+) -> None:
+    """Serve a run's queue: evaluate its trials until the study is finished and the queue empty.
+
+    The experiment comes from the study (stored there by [green]evomerge run[/green]). SIGTERM
+    (scancel, preemption, a time limit's --signal) gives the running trial back and exits 0.
+    """
+    from evomerge.execution.worker import serve
+    from evomerge.experiment import ExperimentError
+    from evomerge.merge.io import CheckpointError
+
+    try:
+        served = serve(storage, study, poll_s=poll, max_trials=max_trials, wait_s=wait)
+    except (LookupError, ExperimentError, CheckpointError) as exc:
+        _fail(exc)
+    if served["terminated"]:
+        back = ", ".join(map(str, served["given_back"])) or "none"
+        console.print(f"SIGTERM: stopped after {served['trials']} trials; gave back: {back}")
+    else:
+        console.print(f"Served {served['trials']} trials of study {study}.")
+
+
+slurm_app = typer.Typer(help="Run a search on SLURM: a driver plus an array of workers.",
+                        rich_markup_mode="rich", no_args_is_help=True)
+app.add_typer(slurm_app, name="slurm")
+
+
+class DriverWhere(str, Enum):
+    job = "job"
+    here = "here"
+
+
+@slurm_app.command("submit")
+def slurm_submit(
+    experiment_file: Path = typer.Argument(..., metavar="EXPERIMENT.yaml", show_default=False,
+                                           help="Experiment YAML."),
+    workers: int = typer.Option(..., "--workers", "-n", min=1, show_default=False,
+                                help="Array tasks (one `evomerge worker` each)."),
+    partition: str | None = typer.Option(None, "--partition", help="sbatch --partition."),
+    gres: str | None = typer.Option(None, "--gres", help="sbatch --gres (workers only), "
+                                       "e.g. gpu:1."),
+    time_limit: str | None = typer.Option(None, "--time", help="sbatch --time."),
+    mem: str | None = typer.Option(None, "--mem", help="sbatch --mem."),
+    account: str | None = typer.Option(None, "--account", help="sbatch --account."),
+    cpus_per_task: int | None = typer.Option(None, "--cpus-per-task", min=1,
+                                                help="sbatch --cpus-per-task."),
+    storage: str | None = typer.Option(None, "--storage", help="Storage URL \\[default: the "
+                                          "experiment's, else sqlite in the run directory]."),
+    driver: DriverWhere = typer.Option(DriverWhere.job, "--driver", help="[bold]job[/bold]: "
+                                       "submit the driver as a job too; [bold]here[/bold]: run "
+                                       "it in this process after submitting the array."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Print the scripts; submit nothing."),
+) -> None:
+    """Submit a search: an array of N workers (slurm/worker.sbatch) and its driver
+    (slurm/driver.sbatch, or here). sbatch options: the experiment's executor.slurm mapping,
+    overridden by the flags. Scripts, logs and job ids go to RUN_DIR/slurm/."""
+    from evomerge.execution import slurm
+    from evomerge.experiment import Experiment, ExperimentError
+
+    flags = {"partition": partition, "gres": gres, "time": time_limit, "mem": mem,
+             "account": account, "cpus-per-task": cpus_per_task}
+    try:
+        experiment = Experiment.from_yaml(experiment_file)
+        options = slurm.sbatch_options(experiment.executor.slurm, flags)
+        prepared = slurm.prepare(experiment, workers=workers, options=options, storage=storage)
+    except (ExperimentError, ValueError, OSError) as exc:
+        _fail(exc)
+    if prepared.storage.startswith("sqlite") and driver is DriverWhere.job:  # (here: it warns)
+        err_console.print(f"[yellow]warning:[/yellow] {prepared.storage} serves workers on one "
+                          "node only; for several nodes pass --storage journal:///PATH (a "
+                          "shared filesystem) or postgresql://...", soft_wrap=True)
+    if dry_run:
+        print(f"# {prepared.folder}/worker.sbatch\n{prepared.worker_script}")
+        if driver is DriverWhere.job:
+            print(f"# {prepared.folder}/driver.sbatch\n{prepared.driver_script}")
+        print(f"# dry run: nothing submitted (driver: {driver.value})")
+        return
+    try:
+        jobs = slurm.submit(prepared, driver_job=driver is DriverWhere.job)
+    except (ValueError, RuntimeError, OSError) as exc:
+        _fail(exc)
+    for role, job in jobs.items():
+        console.print(f"Submitted {role}: job {job}")
+    console.print(f"Logs and scripts: [bold]{prepared.folder}[/bold]")
+    if driver is DriverWhere.here:
+        _run(prepared.experiment, resume=False)
+
+
 if __name__ == "__main__":
     app()

@@ -9,10 +9,14 @@ from __future__ import annotations
 
 import math
 import os
+import signal
 import socket
 import time
 import traceback
-from collections.abc import Callable, Mapping
+import warnings
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -20,7 +24,7 @@ import torch
 from evomerge.fitness.base import EvalResult, Fitness, Objective, make_fitness
 from evomerge.merge.engine import Merger
 from evomerge.recipe import MergeRecipe
-from evomerge.store import Store
+from evomerge.store import EXPERIMENT, OWNER, Store, open_storage
 
 
 class Evaluator:
@@ -96,14 +100,15 @@ def drain(store: Store, evaluator: Evaluator, on_done: Callable[[], None] | None
 
 
 def worker_loop(store: Store, evaluator: Evaluator, poll_s: float = 0.05,
-                parent: int | None = None) -> int:
-    """Serve the queue until the driver marks the study finished and the queue is empty.
+                parent: int | None = None, max_trials: int | None = None) -> int:
+    """Serve the queue until the driver marks the study finished and the queue is empty (or
+    ``max_trials`` are done).
 
     With ``parent`` (the driver's pid) the worker also stops when its driver is gone, so a
     killed driver leaves no orphan evaluating trials that its resume will re-queue.
     """
     count, owner = 0, worker_id()
-    while parent is None or os.getppid() == parent:
+    while (parent is None or os.getppid() == parent) and count != max_trials:
         if process_one(store, evaluator, owner):
             count += 1
             continue
@@ -111,3 +116,110 @@ def worker_loop(store: Store, evaluator: Evaluator, poll_s: float = 0.05,
             break
         time.sleep(poll_s)
     return count
+
+
+# ---- a standalone worker (`evomerge worker`: SLURM array tasks, any shell) ----------------------
+
+
+class Terminated(BaseException):
+    """SIGTERM arrived (scancel, preemption, the time limit's ``--signal``). A BaseException so
+    that :func:`process_one`'s ``except Exception`` does not record the trial as a failed
+    candidate: the trial was interrupted, not bad."""
+
+
+@contextmanager
+def _sigterm_raises() -> Iterator[None]:
+    """Turn SIGTERM into :class:`Terminated` in the main thread, once (a repeated signal during
+    the give-back is ignored)."""
+
+    def handler(signum: int, frame: Any) -> None:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        raise Terminated(signum)
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def storage_file(url: str) -> Path | None:
+    """The file behind a file-based storage URL (it must exist before a worker opens it: opening
+    would create an empty database that the driver did not make)."""
+    if url.startswith("sqlite:///"):  # sqlite:///relative.db, sqlite:////absolute.db
+        return Path(url.removeprefix("sqlite:///"))
+    if url.startswith("journal:///"):  # journal:///absolute.log (as open_storage reads it)
+        return Path(url.removeprefix("journal://"))
+    return None
+
+
+def wait_for_experiment(url: str, study: str, *, wait_s: float, poll_s: float = 1.0
+                        ) -> dict[str, Any]:
+    """The experiment that ``evomerge run`` stored in ``study`` (the study's user attribute
+    ``experiment``), waiting up to ``wait_s`` for the driver to create it: array tasks may start
+    before their driver. LookupError naming what is missing after the wait."""
+    import sqlalchemy.exc
+
+    deadline = time.monotonic() + wait_s
+    storage, problem = None, ""
+    while True:
+        try:
+            path = storage_file(url)
+            if storage is None and path is not None and not path.exists():
+                problem = f"{path} does not exist"
+            else:
+                storage = storage or open_storage(url)
+                study_id = storage.get_study_id_from_name(study)
+                data = storage.get_study_user_attrs(study_id).get(EXPERIMENT)
+                if isinstance(data, dict):
+                    return data
+                problem = (f"study {study!r} holds no experiment (attribute {EXPERIMENT!r}); "
+                           "was it created by `evomerge run`?")
+        except KeyError:
+            problem = f"no study {study!r} in {url}"
+        except sqlalchemy.exc.SQLAlchemyError as exc:  # the driver may be creating the schema
+            problem = f"cannot read {url}: {exc}"
+        if time.monotonic() >= deadline:
+            raise LookupError(f"{problem} (waited {wait_s:g} s for the driver to create it; "
+                              "start `evomerge run` on an experiment with this name and storage, "
+                              "or check --storage and --study)")
+        time.sleep(poll_s)
+
+
+def serve(url: str, study: str, *, poll_s: float = 1.0, max_trials: int | None = None,
+          wait_s: float = 600.0) -> dict[str, Any]:
+    """Serve a run's queue from anywhere its storage URL reaches: a SLURM array task, a shell.
+
+    Everything comes from the study (the driver stored the resolved experiment there), so a
+    worker needs only the URL and the study name. Returns ``{"trials": n, "given_back": [...],
+    "terminated": bool}``. On SIGTERM the running trial is given back at once (FAIL
+    "interrupted", which the driver enqueues again) and the worker returns normally, so a
+    cancelled, preempted or timed-out task exits 0 and no slot is evaluated twice.
+    """
+    from evomerge.execution.driver import Plan
+    from evomerge.execution.local import evaluator_for
+    from evomerge.experiment import Experiment
+
+    owner, count, given_back = worker_id(), 0, []
+    with _sigterm_raises():
+        store_args: dict[str, Any] | None = None
+        try:
+            experiment = Experiment.model_validate(
+                wait_for_experiment(url, study, wait_s=wait_s, poll_s=poll_s))
+            with warnings.catch_warnings():  # advice on the storage: the driver gave it once
+                warnings.simplefilter("ignore", UserWarning)
+                plan = Plan(experiment)
+            beats = experiment.executor  # the driver gives back trials of silent workers
+            store_args = {**plan.store_args, "url": url, "study_name": study,
+                          "heartbeat_s": beats.heartbeat_s, "grace_s": beats.grace_s}
+            store = Store(**store_args)
+            count = worker_loop(store, evaluator_for(experiment), poll_s=poll_s,
+                                max_trials=max_trials)
+        except Terminated:
+            if store_args is not None:  # a fresh store: the old one may have been mid-call
+                fresh = Store(**store_args)
+                given_back = [t.number for t in fresh.fail_interrupted(owner)]
+                count = sum(t.state.is_finished() and t.system_attrs.get(OWNER) == owner
+                            and t.number not in given_back for t in fresh.trials())
+            return {"trials": count, "given_back": given_back, "terminated": True}
+    return {"trials": count, "given_back": given_back, "terminated": False}
