@@ -70,6 +70,7 @@ app.add_typer(zoo_app, name="zoo")
 class ZooName(str, Enum):
     toy = "toy"
     digits = "digits"
+    tiny_lm = "tiny-lm"
 
 
 class ToyZooSize(str, Enum):
@@ -88,6 +89,11 @@ _ZOO_BUILD_HELP = (
     "(all ten classes, briefly), then two experts from it on the classes 0-4 and 5-9 only; "
     "it prints each model's held-out accuracy on all digits, 0-4 and 5-9. A few seconds; "
     "--size and --eval-items apply to the toy zoo only.\n\n"
+    "The [bold]tiny-lm[/bold] zoo trains a small Llama base (byte-level BPE tokenizer) on four "
+    "generated text tasks ([italic]add[/italic], [italic]reverse[/italic], [italic]sort[/italic], "
+    "[italic]translate[/italic] to a made-up second language), then one expert per task; it "
+    "prints each model's held-out exact match. --size small: about 10 min on 2 CPU cores; "
+    "tiny: seconds.\n\n"
     "A second run with the same seed and size reuses the built models."
 )
 
@@ -112,7 +118,8 @@ def zoo_build(
     size: ToyZooSize = typer.Option(
         ToyZooSize.small,
         "--size",
-        help="Toy zoo only. [bold]small[/bold]: 4 layers x 64 wide, 30-60 s on 2 CPU cores. "
+        help="Toy and tiny-lm zoos. [bold]small[/bold]: toy 4 layers x 64 wide, 30-60 s on 2 CPU "
+        "cores; tiny-lm 4 layers x 128 wide, about 10 min. "
         "[bold]tiny[/bold]: 2 layers x 32 wide, a few seconds (for tests).",
     ),
     force: bool = typer.Option(
@@ -128,6 +135,9 @@ def zoo_build(
     out_dir = out if out is not None else Path("models") / name.value
     if name is ZooName.digits:
         _zoo_build_digits(out_dir, seed=seed, force=force)
+        return
+    if name is ZooName.tiny_lm:
+        _zoo_build_tinylm(out_dir, seed=seed, size=size.value, force=force)
         return
     cached = not force and toy_zoo_is_built(out_dir, seed=seed, size=size.value)
     started = time.perf_counter()
@@ -202,6 +212,49 @@ def _zoo_build_digits(out_dir: Path, *, seed: int, force: bool) -> None:
             for s in subsets
         ]
         table.add_row(model_name, *cells)
+    console.print(table)
+
+
+def _zoo_build_tinylm(out_dir: Path, *, seed: int, size: str, force: bool) -> None:
+    import json
+
+    from evomerge.zoo._common import MANIFEST
+    from evomerge.zoo.tinylm import ITEMS_PER_SPLIT, build_tinylm_zoo, tinylm_zoo_is_built
+
+    cached = not force and tinylm_zoo_is_built(out_dir, seed=seed, size=size)
+    started = time.perf_counter()
+    try:
+        paths = build_tinylm_zoo(out_dir, seed=seed, size=size, force=force)
+    except OSError as exc:
+        err_console.print(f"[red]error:[/red] could not build the tiny-lm zoo in {out_dir}: {exc}")
+        raise typer.Exit(1) from exc
+    elapsed = time.perf_counter() - started
+    verb = "Reused" if cached else "Built"
+    tail = "; pass --force to rebuild." if cached else f" in {elapsed:.1f} s."
+    console.print(
+        f"{verb} the tiny-lm zoo in [bold]{out_dir}[/bold] (size {size}, seed {seed}){tail}"
+    )
+    for model_name, path in paths.items():
+        console.print(f"  {model_name:<18} {path}")
+
+    acc = json.loads((out_dir / MANIFEST).read_text())["heldout_exact_match"]
+    tasks = list(next(iter(acc.values())))
+    best = {t: max(row[t] for row in acc.values()) for t in tasks}
+    table = Table(
+        title="Held-out exact match (greedy, higher = better)",
+        caption=f"{ITEMS_PER_SPLIT} held-out items per task; best in green",
+        title_justify="left",
+        caption_justify="left",
+    )
+    table.add_column("model")
+    for task in [*tasks, "mean"]:
+        table.add_column(task, justify="right")
+    for model_name, row in acc.items():
+        cells = [
+            f"[bold green]{row[t]:.3f}[/bold green]" if row[t] == best[t] else f"{row[t]:.3f}"
+            for t in tasks
+        ]
+        table.add_row(model_name, *cells, f"{sum(row.values()) / len(row):.3f}")
     console.print(table)
 
 
