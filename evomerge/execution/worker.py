@@ -15,7 +15,7 @@ import time
 import traceback
 import warnings
 from collections.abc import Callable, Iterator, Mapping
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -70,22 +70,28 @@ def process_one(store: Store, evaluator: Evaluator, owner: str | None = None) ->
 
     A build or evaluation that raises (including out-of-memory) or yields a non-finite value is
     recorded as a FAIL trial with its reason; the caller's strategy then sees a penalty.
+
+    A worker with an ``owner`` beats while it holds the trial (:meth:`Store.beating`, when the
+    store has ``heartbeat_s``), so a checker's :meth:`Store.fail_stale` can give the trial back
+    if this process dies or goes silent; the in-process executor (no owner) does not beat.
     """
     claim = store.pop(owner)
     if claim is None:
         return False
-    try:
-        recipe = MergeRecipe.from_dict(claim.meta["recipe"])
-        result, timings = evaluator.evaluate(recipe)
-        values = result.values(evaluator.objectives)
-    except Exception as exc:  # noqa: BLE001 - any failure of a candidate is data, not a crash
-        if isinstance(exc, torch.cuda.OutOfMemoryError):
-            torch.cuda.empty_cache()
-        reason = f"{type(exc).__name__}: {exc}\n{traceback.format_exc(limit=3)}"
-        store.finish(claim, None, error=reason)
-        return True
-    error = None if all(math.isfinite(v) for v in values) else f"non-finite objectives {values}"
-    store.finish(claim, values, timings=timings, item_scores=result.item_scores, error=error)
+    with store.beating(claim) if owner is not None else nullcontext():
+        try:
+            recipe = MergeRecipe.from_dict(claim.meta["recipe"])
+            result, timings = evaluator.evaluate(recipe)
+            values = result.values(evaluator.objectives)
+        except Exception as exc:  # noqa: BLE001 - any failure of a candidate is data, not a crash
+            if isinstance(exc, torch.OutOfMemoryError):
+                torch.cuda.empty_cache()  # a no-op without CUDA
+            reason = f"{type(exc).__name__}: {exc}\n{traceback.format_exc(limit=3)}"
+            store.finish(claim, None, error=reason)
+            return True
+        finite = all(math.isfinite(v) for v in values)
+        store.finish(claim, values, timings=timings, item_scores=result.item_scores,
+                     error=None if finite else f"non-finite objectives {values}")
     return True
 
 
