@@ -1,0 +1,225 @@
+"""IRT-reduced fitness: score a candidate on a few anchor items per task, estimate the rest.
+
+``ReducedFitness(inner, reduction, estimator)`` wraps a fitness that can evaluate a subset of its
+items (``evaluate(model, split, items={task: indices})``, ``num_items(split) -> {task: N}``)
+and that combines task accuracies into objectives through ``objectives_from_task_scores``. On
+``search`` it evaluates only the reduction's anchors and turns the per-task estimates into
+objectives exactly as the inner fitness does; on ``heldout`` it is the full inner evaluation.
+
+:func:`calibrate` builds the reduction once per run: it scores the source models and a design
+of merges on the FULL search items (through any callable that scores a list of recipes, so it
+knows nothing of drivers or executors), fits the IRT model per task and picks the anchors. Both
+the response matrix and the reduction are cached as JSON in the run directory, keyed by a hash of
+their inputs: a resumed run reuses them, and a new anchor count or estimator re-fits without
+re-evaluating anything. The experiment block it serves::
+
+    fitness:
+      ...
+      reduced: {estimator: gp-irt, anchors: 20, design: 40, dim: 2, features: irt, seed: 0}
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+
+from evomerge.fitness.base import EvalResult, Fitness, Objective
+from evomerge.fitness.irt import ESTIMATORS, Reduction
+from evomerge.recipe import MergeRecipe
+
+__all__ = ["ReducedFitness", "ReducedSpec", "SubsetFitness", "calibrate", "response_matrix",
+           "source_recipe", "uniform_design"]
+
+#: Scores recipes on the full search items: one ``{task: per-item scores}`` per recipe, in order.
+ScoreRecipes = Callable[[Sequence[MergeRecipe]], Sequence[Mapping[str, np.ndarray]]]
+
+
+class SubsetFitness(Protocol):
+    """What :class:`ReducedFitness` needs of the fitness it wraps."""
+
+    objectives: list[Objective]
+
+    def new_model(self) -> torch.nn.Module: ...
+
+    def evaluate(self, model: torch.nn.Module, split: str = "search",
+                 items: Mapping[str, np.ndarray] | None = None) -> EvalResult: ...
+
+    def num_items(self, split: str = "search") -> dict[str, int]: ...
+
+    def objectives_from_task_scores(self, task_scores: Mapping[str, float]) -> dict[str, float]: ...
+
+
+@dataclass(frozen=True)
+class ReducedSpec:
+    """The experiment's ``fitness.reduced`` block.
+
+    estimator: one of ``irt.ESTIMATORS``; anchors: per task; design: how many random merges
+    (besides the sources) calibrate the IRT model; dim: IRT dimension; features: what anchors
+    cluster on (``irt`` embeddings or ``correctness`` vectors); seed: the design and k-means.
+    """
+
+    estimator: str = "gp-irt"
+    anchors: int = 20
+    design: int = 40
+    dim: int = 2
+    features: str = "irt"
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        where = "fitness.reduced"
+        if self.estimator not in ESTIMATORS:
+            raise ValueError(f"{where}.estimator: unknown {self.estimator!r}; "
+                             f"known: {', '.join(ESTIMATORS)}")
+        for name, low in (("anchors", 1), ("design", 0), ("dim", 1)):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                raise ValueError(f"{where}.{name}: expected an integer >= {low}, got {value!r}")
+        if self.features not in ("irt", "correctness"):
+            raise ValueError(f"{where}.features: expected 'irt' or 'correctness', "
+                             f"got {self.features!r}")
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any] | None) -> ReducedSpec:
+        """Validate a YAML mapping; unknown keys are named in the error."""
+        data = dict(data or {})
+        unknown = sorted(set(data) - set(cls.__dataclass_fields__))
+        if unknown:
+            raise ValueError(f"fitness.reduced: unknown key(s) {', '.join(unknown)}; allowed: "
+                             f"{', '.join(cls.__dataclass_fields__)}")
+        return cls(**data)
+
+
+class ReducedFitness(Fitness):
+    """``inner`` scored on the reduction's anchors during search, in full on ``heldout``.
+
+    The returned ``item_scores`` on ``search`` are the anchor answers (per task, in ascending
+    item order), so everything downstream that reads per-item scores sees what was evaluated.
+    """
+
+    def __init__(self, inner: SubsetFitness, reduction: Reduction, estimator: str) -> None:
+        if estimator not in ESTIMATORS:
+            raise ValueError(f"estimator: unknown {estimator!r}; known: {', '.join(ESTIMATORS)}")
+        for attr in ("num_items", "objectives_from_task_scores"):
+            if not callable(getattr(inner, attr, None)):
+                raise TypeError(f"{type(inner).__name__} cannot be reduced: it has no {attr}() "
+                                "(see evomerge.fitness.reduced.SubsetFitness)")
+        sizes = inner.num_items("search")
+        mismatch = {t: (sizes.get(t), r.num_items) for t, r in reduction.tasks.items()
+                    if sizes.get(t) != r.num_items}
+        if set(sizes) != set(reduction.tasks) or mismatch:
+            raise ValueError(f"reduction does not match the fitness's search items: fitness has "
+                             f"{sizes}, reduction has "
+                             f"{ {t: r.num_items for t, r in reduction.tasks.items()} }; "
+                             "re-calibrate")
+        self.inner = inner
+        self.reduction = reduction
+        self.estimator = estimator
+        self.objectives = list(inner.objectives)
+        self._anchors = reduction.anchor_items()
+
+    def new_model(self) -> torch.nn.Module:
+        return self.inner.new_model()
+
+    def num_items(self, split: str = "search") -> dict[str, int]:
+        """Items evaluated per task: the anchors on ``search``, all of them on ``heldout``."""
+        if split == "search":
+            return {t: len(a) for t, a in self._anchors.items()}
+        return self.inner.num_items(split)
+
+    def estimate(self, anchor_scores: Mapping[str, np.ndarray]) -> dict[str, float]:
+        """Estimated full-set accuracy per task from the anchor answers."""
+        return self.reduction.estimate(self.estimator, anchor_scores)
+
+    def evaluate(self, model: torch.nn.Module, split: str = "search") -> EvalResult:
+        if split != "search":
+            return self.inner.evaluate(model, split)
+        result = self.inner.evaluate(model, split, items=self._anchors)
+        estimates = self.estimate(result.item_scores)
+        return EvalResult(self.inner.objectives_from_task_scores(estimates), result.item_scores)
+
+
+# ---------------------------------------------------------------------------------------------
+# Calibration
+# ---------------------------------------------------------------------------------------------
+
+
+def source_recipe(path: str | os.PathLike, dtype: str | None = None) -> MergeRecipe:
+    """A recipe whose merge is exactly one model (linear, weight 1): how sources are scored."""
+    return MergeRecipe.from_dict({"merge_method": "linear", "dtype": dtype,
+                                  "models": [{"model": str(path), "parameters": {"weight": 1.0}}]})
+
+
+def uniform_design(lower: np.ndarray, upper: np.ndarray, n: int, seed: int = 0) -> np.ndarray:
+    """``n`` points drawn uniformly in a search space's bounds (decode each into a recipe)."""
+    lower, upper = np.asarray(lower, dtype=float), np.asarray(upper, dtype=float)
+    return np.random.default_rng(seed).uniform(lower, upper, size=(n, len(lower)))
+
+
+def response_matrix(scores: Sequence[Mapping[str, np.ndarray]]) -> dict[str, np.ndarray]:
+    """Stack per-model ``{task: item scores}`` into ``{task: models x items}``."""
+    if not scores:
+        raise ValueError("responses: no models were scored")
+    tasks = list(scores[0])
+    out = {}
+    for task in tasks:
+        rows = [np.asarray(s[task], dtype=np.float64) for s in scores]
+        lengths = {len(r) for r in rows}
+        if len(lengths) != 1:
+            raise ValueError(f"responses: task {task!r} has different item counts across "
+                             f"models ({sorted(lengths)}); score the full search split")
+        out[task] = np.stack(rows)
+    return out
+
+
+def _digest(payload: Any) -> str:
+    text = json.dumps(payload, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def _write_json(path: Path, data: Any) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data))
+    os.replace(tmp, path)
+
+
+def calibrate(score: ScoreRecipes, endpoints: Sequence[MergeRecipe],
+              design: Sequence[MergeRecipe], spec: ReducedSpec, cache_dir: str | os.PathLike,
+              fingerprint: Mapping[str, Any] | None = None) -> Reduction:
+    """Score endpoints + design on the full search items, fit, pick anchors; cached as JSON.
+
+    ``endpoints`` are the source models (as :func:`source_recipe`); they come first in the
+    response matrix and their abilities are mp-IRT's endpoints. ``fingerprint`` is whatever else
+    determines the scores (fitness name and options): it enters the cache key. The responses are
+    cached under a key of (endpoints, design, fingerprint), the reduction under that plus the
+    fit settings of ``spec`` (the estimator is chosen at scoring time and is not part of it).
+    """
+    cache = Path(cache_dir)
+    cache.mkdir(parents=True, exist_ok=True)
+    recipes = list(endpoints) + list(design)
+    inputs = {"recipes": [r.to_dict() for r in recipes], "endpoints": len(endpoints),
+              "fingerprint": dict(fingerprint or {})}
+    resp_key = _digest(inputs)
+    settings = {k: v for k, v in asdict(spec).items() if k not in ("estimator", "design")}
+    red_path = cache / f"irt-reduction-{_digest([resp_key, settings])}.json"
+    if red_path.is_file():
+        return Reduction.from_dict(json.loads(red_path.read_text())["reduction"])
+    resp_path = cache / f"irt-responses-{resp_key}.json"
+    if resp_path.is_file():
+        responses = {t: np.asarray(y) for t, y in json.loads(resp_path.read_text())["responses"].items()}
+    else:
+        responses = response_matrix(list(score(recipes)))
+        _write_json(resp_path, {"inputs": inputs,
+                                "responses": {t: y.tolist() for t, y in responses.items()}})
+    reduction = Reduction.build(responses, num_endpoints=len(endpoints), anchors=spec.anchors,
+                                dim=spec.dim, features=spec.features, seed=spec.seed)
+    _write_json(red_path, {"responses": resp_path.name, "settings": settings,
+                           "reduction": reduction.to_dict()})
+    return reduction
