@@ -92,7 +92,8 @@ def _warn_many_writers(url: str, executor: Any) -> None:
 
     from evomerge.store import many_writers_warning
 
-    advice = many_writers_warning(url, executor.workers, remote=executor.kind != "local")
+    remote = executor.kind == "slurm" or (executor.kind == "ray" and executor.address != "local")
+    advice = many_writers_warning(url, executor.workers, remote=remote)
     if advice:
         warnings.warn(advice, UserWarning, stacklevel=3)
 
