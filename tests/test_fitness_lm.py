@@ -381,3 +381,15 @@ def test_bad_options_are_refused(crafted):
     with pytest.raises(SuiteError, match="unknown task"):
         LMFitness(base_model=crafted["base"], suite=crafted["suite"],
                   objectives=[{"name": "x", "tasks": ["zzz"]}])
+
+
+def test_shipped_tinylm_suite_loads_by_name_and_its_items_parse():
+    from evomerge.fitness.suite import load_items
+
+    suite = load_suite("tinylm")
+    assert suite.task_names == ["add", "reverse", "sort", "translate", "sort_mc"]
+    for task in suite.tasks:
+        for split in ("search", "heldout"):
+            items = load_items(suite.data_file(task, split), task.kind)
+            assert len(items) == 300, (task.name, split)
+    assert {o.name for o in suite.objectives} >= {"mean_acc", *suite.task_names}
