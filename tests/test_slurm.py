@@ -292,3 +292,31 @@ def test_worker_waiting_for_its_driver_exits_0_on_sigterm(tmp_path):
         kill_group(proc)
     assert "SIGTERM: stopped after 0 trials; gave back: none" in log.read_text()
 
+
+
+def test_driver_stops_when_no_worker_job_is_left_and_counts_resubmitted_ones(slurm, zoo,
+                                                                           tmp_path):
+    from evomerge.execution.slurm import SlurmExecutor, worker_job_name
+    from evomerge.experiment import Experiment
+
+    exp, run_dir = _experiment(zoo, tmp_path, executor={"kind": "slurm", "workers": 1})
+    experiment = Experiment.from_yaml(exp)
+    executor = SlurmExecutor(experiment, {})
+    executor._check_workers()
+    executor._check_workers()  # nothing submitted by `slurm submit`: nothing to check
+
+    (run_dir / "slurm").mkdir(parents=True)
+    (run_dir / "slurm" / "worker.sbatch").write_text("#!/bin/bash\n")
+    name = worker_job_name(NAME)
+    job = subprocess.run(["sbatch", "--parsable", "-J", name, "-o", str(tmp_path / "w.out"),
+                          "--wrap", "sleep 60"], capture_output=True, text=True,
+                         check=True).stdout.strip()
+    try:
+        for _ in range(3):  # a worker job (submitted by hand, by name) keeps the run alive
+            executor._check_workers()
+    finally:
+        subprocess.run(["scancel", job], check=True)
+    wait_until(lambda: not _squeue(job), timeout=30, interval=0.2, what="the job to end")
+    executor._check_workers()  # once may be a requeue in passing
+    with pytest.raises(RuntimeError, match=f"no worker job \\({name}\\) is left in squeue"):
+        executor._check_workers()

@@ -49,7 +49,7 @@ class SlurmExecutor:
         self.experiment = experiment
         self.store_args = store_args
         self._evaluator: Evaluator | None = None
-        self._job_file = Path(experiment.run_path) / "slurm" / WORKER_JOB_FILE
+        self._folder = Path(experiment.run_path) / "slurm"
         self._missing = 0  # consecutive squeue checks that found no worker task
         self._checker: Store | None = None
 
@@ -86,30 +86,36 @@ class SlurmExecutor:
             tick()
 
     def _check_workers(self) -> None:
-        job = self._job_file.read_text().strip() if self._job_file.exists() else ""
-        if not job or shutil.which("squeue") is None:  # workers started some other way
+        """Jobs are found by name, so workers resubmitted by hand (``sbatch worker.sbatch``)
+        count too. Runs whose workers were not submitted by ``evomerge slurm submit`` (no
+        rendered script) or where squeue is missing are not checked."""
+        if not (self._folder / "worker.sbatch").exists() or shutil.which("squeue") is None:
             return
-        if array_tasks(job):
+        name = worker_job_name(self.experiment.name)
+        if worker_tasks(name):
             self._missing = 0
             return
         self._missing += 1
         if self._missing >= 2:  # twice in a row: not a requeue in passing
-            run_dir = self._job_file.parent.parent
             raise RuntimeError(
-                f"the worker array (job {job}) has no tasks left in squeue while trials wait; "
-                f"see {self._job_file.parent}/worker-{job}_*.out. Continue with `evomerge "
-                f"resume {run_dir}` and start workers again: `sbatch {self._job_file.parent}/"
-                "worker.sbatch`")
+                f"no worker job ({name}) is left in squeue while trials wait; see the logs in "
+                f"{self._folder}. Continue with `evomerge resume {self._folder.parent}` and start "
+                f"workers again: `sbatch {self._folder}/worker.sbatch`")
 
     def close(self, store: Store) -> None:
         """Mark the study finished: workers exit once the queue is empty."""
         store.set_finished(True)
 
 
-def array_tasks(job: str) -> list[str]:
-    """The tasks of ``job`` that squeue still lists (pending or running); [] once it is gone."""
-    out = subprocess.run(["squeue", "-h", "-j", job, "-o", "%i"], capture_output=True, text=True,
-                         check=False)
+def worker_job_name(study: str) -> str:
+    """The job name of a run's worker array (how the driver finds its workers in squeue)."""
+    return f"evomerge-worker-{study}"
+
+
+def worker_tasks(name: str) -> list[str]:
+    """This user's tasks of jobs named ``name`` that squeue lists (pending or running)."""
+    out = subprocess.run(["squeue", "-h", "--me", "-n", name, "-o", "%i"], capture_output=True,
+                         text=True, check=False)
     return out.stdout.split() if out.returncode == 0 else []
 
 
@@ -175,7 +181,7 @@ def prepare(experiment: Any, *, workers: int, options: Mapping[str, str],
     common = {"log_dir": shlex.quote(str(folder)), "python": shlex.quote(python),
               "workdir": shlex.quote(str(workdir or Path.cwd()))}
     worker = (TEMPLATES / "worker.sbatch").read_text().format(
-        **common, last_task=workers - 1, job_name=f"evomerge-worker-{experiment.name}",
+        **common, last_task=workers - 1, job_name=worker_job_name(experiment.name),
         signal_s=signal_s, options=_option_lines(options),
         storage=shlex.quote(url), study=shlex.quote(experiment.name), poll_s=poll_s)
     driver = (TEMPLATES / "driver.sbatch").read_text().format(
