@@ -83,3 +83,4 @@ def _load_builtin() -> None:
     """Import the built-in fitness modules so their ``@register`` runs."""
     import evomerge.fitness.digits  # noqa: F401
     import evomerge.fitness.lm  # noqa: F401
+    import evomerge.fitness.lmeval  # noqa: F401
