@@ -249,6 +249,62 @@ def test_item_scores_equal_naive_greedy_and_loglikelihood_loops(zoo, fitted):
         {"say": np.mean(expected_gen), "saymc": np.mean(expected_mc)})
 
 
+def test_a_merge_across_the_prompt_boundary_is_scored_alike_by_both_evaluators():
+    """lm-eval scores ``encode(prompt + choice)[len(encode(prompt)):]`` after the *prompt's*
+    tokens: when BPE merges across the boundary, part of the choice is silently not scored. Our
+    evaluator follows the same convention, so the two still agree (float noise only)."""
+    from lm_eval.api.instance import Instance
+    from lm_eval.models.huggingface import HFLM
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from evomerge.fitness.lm import choice_loglikelihoods
+
+    corpus = [p + a + "\n" for p, a in (_problem(random.Random(i)) for i in range(500))]
+    core = Tokenizer(models.BPE())  # no pre-tokenizer split: "=three" can become one token
+    core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    core.decoder = decoders.ByteLevel()
+    core.train_from_iterator(corpus, trainers.BpeTrainer(
+        vocab_size=400, special_tokens=["<pad>", "<s>", "</s>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    core.post_processor = processors.TemplateProcessing(single="<s> $A",
+                                                        special_tokens=[("<s>", 1)])
+    tok = PreTrainedTokenizerFast(tokenizer_object=core, bos_token="<s>", eos_token="</s>",
+                                  pad_token="<pad>")
+    prompt, choices = "say 37=", ["three seven", "seven three", "three"]
+    ctx = tok.encode(prompt)
+    merged = [c for c in choices if tok.encode(prompt + c)[: len(ctx)] != ctx]
+    assert merged, "precondition: some choice merges with the prompt's last token"
+    model = _train(tok, 0)
+    ours = choice_loglikelihoods(model, tok, [prompt], [choices])[0]
+    harness = [ll for ll, _ in HFLM(pretrained=model, tokenizer=tok, batch_size=4).loglikelihood(
+        [Instance("loglikelihood", {}, (prompt, c), i) for i, c in enumerate(choices)])]
+    expected = []
+    for c in choices:  # naive: the suffix tokens, each predicted from everything before it
+        seq = ctx + tok.encode(prompt + c)[len(ctx):]
+        with torch.inference_mode():
+            logp = torch.log_softmax(model(torch.tensor([seq])).logits[0].double(), -1)
+        expected.append(float(sum(logp[t - 1, seq[t]] for t in range(len(ctx), len(seq)))))
+    np.testing.assert_allclose(harness, expected, rtol=0, atol=1e-4)
+    np.testing.assert_allclose(ours, expected, rtol=0, atol=1e-4)
+
+
+def test_shipped_tinylm_items_do_not_merge_across_the_prompt_boundary():
+    """With the zoo's tokenizer every shipped prompt's tokens are a prefix of the tokens of
+    prompt + answer (or + choice): both evaluators score exactly the continuation's text."""
+    from evomerge.zoo.tinylm import make_tokenizer
+
+    tok = make_tokenizer()
+    files = sorted((DEFAULT_INCLUDE_PATH.parent / "data" / "tinylm").glob("*.jsonl"))
+    assert files
+    for path in files:
+        for line in path.read_text(encoding="utf-8").splitlines():
+            item = json.loads(line)
+            ctx = tok.encode(item["prompt"])
+            for cont in item.get("choices", [item.get("answer", "") + "\n"]):
+                assert tok.encode(item["prompt"] + cont)[: len(ctx)] == ctx, (path.name, item)
+
+
 # --------------------------------------------------------------------------------------------
 # Items, splits, objectives, the reused wrapper
 # --------------------------------------------------------------------------------------------
