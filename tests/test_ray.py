@@ -107,9 +107,10 @@ def test_ray_with_no_workers_is_refused_before_any_compute(zoo, tmp_path):
 
 @pytest.mark.slow
 def test_two_actors_reproduce_the_in_process_run(zoo, reference, tmp_path):
-    """The executor starts its own local Ray, both actors serve, the trajectory is the in-process
-    one, and ``close`` shuts that Ray down again."""
-    assert not ray.is_initialized()
+    """Both actors serve and the trajectory is the in-process one. Run first (in file order),
+    the executor starts its own local Ray and ``close`` shuts it down again; after the module's
+    shared Ray is up, it joins that one and leaves it running."""
+    ray_was_running = ray.is_initialized()
     run_dir = tmp_path / "run"
     summary = run_in_process(_ray_data(zoo, run_dir))
     trials = load_trials(run_dir, NAME)
@@ -118,7 +119,7 @@ def test_two_actors_reproduce_the_in_process_run(zoo, reference, tmp_path):
     assert by_slot(trials) == reference
     assert summary["n_trials"] == BUDGET
     assert len({t.system_attrs[OWNER] for t in trials}) == 2, "both actors claim trials"
-    assert not ray.is_initialized(), "the executor's own Ray is shut down at close"
+    assert ray.is_initialized() == ray_was_running, "close stops only a Ray it started"
 
 
 @pytest.mark.slow
@@ -187,3 +188,36 @@ def test_more_gpus_than_the_cluster_has_is_refused_before_any_trial(zoo, tmp_pat
     with pytest.raises(ExperimentError, match="GPU: 2 workers need 2, the cluster has 0"):
         run_experiment(Experiment.from_dict(data), progress=False)
     assert state_counts(run_dir)["COMPLETE"] == 0
+
+
+@pytest.mark.slow
+def test_an_actor_that_keeps_dying_ends_the_run_with_an_error(zoo, tmp_path, shared_ray):
+    """Every actor that claims a trial is killed: after 3 replacements per worker the executor
+    stops with an error counting the deaths instead of restarting actors forever; every trial
+    the killed actors held was given back (none left RUNNING)."""
+    plan = Plan(Experiment.from_dict(_ray_data(zoo, tmp_path / "run", workers=1)))
+    plan.experiment.run_path.mkdir(parents=True)
+    store = Store(**plan.store_args)
+    rng = np.random.default_rng(0)
+    ids = [store.enqueue(x, Slot(0, i), plan.space.decode(x).to_dict())
+           for i, x in enumerate(rng.uniform(plan.space.lower, plan.space.upper,
+                                             size=(POPSIZE, plan.space.dim)))]
+    killed: set[str] = set()
+
+    def kill_whoever_holds_a_trial(step: int = 0) -> None:
+        for _, _, owner in running_trials(plan.experiment.run_path, OWNER):
+            if owner and owner not in killed:
+                killed.add(owner)
+                os.kill(int(owner.rsplit(":", 1)[1]), signal.SIGKILL)
+
+    executor = RayExecutor(plan.experiment, plan.store_args)
+    try:
+        with pytest.raises(RuntimeError, match="4 Ray actors died"):
+            executor.run(store, lambda: all(store.get(i).state.is_finished() for i in ids),
+                         kill_whoever_holds_a_trial)
+    finally:
+        executor.close(store)
+    assert len(killed) == 4
+    states = [store.get(i) for i in ids]
+    assert not [t.number for t in states if t.state == TrialState.RUNNING]
+    assert sum(is_interrupted(t) for t in states) == 4
