@@ -51,7 +51,6 @@ class SlurmExecutor:
         self._evaluator: Evaluator | None = None
         self._folder = Path(experiment.run_path) / "slurm"
         self._missing = 0  # consecutive squeue checks that found no worker task
-        self._checker: Store | None = None
 
     @property
     def evaluator(self) -> Evaluator:
@@ -64,20 +63,14 @@ class SlurmExecutor:
 
     def run(self, store: Store, done: Callable[[], bool], tick: Callable[..., None]) -> None:
         """Return once ``done()``; ``tick()`` after each poll. Trials of silent workers go back
-        to the queue; a worker array that has left squeue while trials wait ends the run.
-
-        The stale check runs on a store of its own, opened with the experiment's heartbeat
-        settings (``executor.heartbeat_s``, ``grace_s``), whatever the driver's store has."""
-        beats = self.experiment.executor
-        if self._checker is None:  # kept across generations: it remembers the beats it saw
-            self._checker = Store(**{**self.store_args, "heartbeat_s": beats.heartbeat_s,
-                                     "grace_s": beats.grace_s})
-        stale_s = min(1.0, beats.heartbeat_s)
+        to the queue (the driver's store carries ``executor.heartbeat_s`` and ``grace_s``); a
+        worker array that has left squeue while trials wait ends the run."""
+        stale_s = min(1.0, self.experiment.executor.heartbeat_s)
         last_stale = last_check = time.monotonic()
         while not done():
             now = time.monotonic()
             if now - last_stale >= stale_s:
-                self._checker.fail_stale()
+                store.fail_stale()
                 last_stale = now
             if now - last_check >= self.check_s:
                 self._check_workers()

@@ -215,9 +215,9 @@ def serve(url: str, study: str, *, poll_s: float = 1.0, max_trials: int | None =
             with warnings.catch_warnings():  # advice on the storage: the driver gave it once
                 warnings.simplefilter("ignore", UserWarning)
                 plan = Plan(experiment)
-            beats = experiment.executor  # the driver gives back trials of silent workers
-            store_args = {**plan.store_args, "url": url, "study_name": study,
-                          "heartbeat_s": beats.heartbeat_s, "grace_s": beats.grace_s}
+            # Plan's store args carry executor.heartbeat_s: this worker beats while it holds a
+            # trial, so the driver gives the trial back if the task dies (kill -9, node loss).
+            store_args = {**plan.store_args, "url": url, "study_name": study}
             store = Store(**store_args)
             count = worker_loop(store, evaluator_for(experiment), poll_s=poll_s,
                                 max_trials=max_trials)
