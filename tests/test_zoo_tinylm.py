@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import random
 import re
+import shutil
 import time
 from collections import Counter
 from pathlib import Path
@@ -240,28 +241,16 @@ def test_experts_differ_from_base_and_each_other(tiny_zoo):
                 assert not torch.equal(tensors[a][name], tensors[b][name]), (a, b)
 
 
-def test_same_seed_gives_identical_weights(tiny_zoo, tmp_path):
-    paths, _ = tiny_zoo
-    again = build_tinylm_zoo(tmp_path / "again", seed=0, size="tiny", progress=False)
-    for name in MODEL_NAMES:
-        a = load_file(paths[name] / "model.safetensors")
-        b = load_file(again[name] / "model.safetensors")
-        assert a.keys() == b.keys()
-        assert all(torch.equal(a[k], b[k]) for k in a), name
-        assert (paths[name] / "tokenizer.json").read_bytes() == (
-            again[name] / "tokenizer.json"
-        ).read_bytes()
-    other = build_tinylm_zoo(tmp_path / "other", seed=1, size="tiny", progress=False)
-    w = "model.embed_tokens.weight"
-    assert not torch.equal(
-        load_file(paths["base"] / "model.safetensors")[w],
-        load_file(other["base"] / "model.safetensors")[w],
-    )
+def _same_weights(a: Path, b: Path) -> bool:
+    ta, tb = load_file(a / "model.safetensors"), load_file(b / "model.safetensors")
+    return ta.keys() == tb.keys() and all(torch.equal(ta[k], tb[k]) for k in ta)
 
 
-def test_cache_is_reused_and_force_rebuilds(tiny_zoo):
+def test_cache_is_reused_and_force_rebuilds_the_same_weights(tiny_zoo, tmp_path):
     paths, _ = tiny_zoo
     root = paths["base"].parent
+    snapshot = tmp_path / "before"
+    shutil.copytree(root, snapshot)
     before = _mtimes(root)
     assert tinylm_zoo_is_built(root, seed=0, size="tiny")
     assert not tinylm_zoo_is_built(root, seed=1, size="tiny")
@@ -272,16 +261,30 @@ def test_cache_is_reused_and_force_rebuilds(tiny_zoo):
     after = _mtimes(root)
     assert after.keys() == before.keys()
     assert all(after[k] != before[k] for k in before if k.endswith("model.safetensors"))
+    for name in MODEL_NAMES:  # deterministic: the rebuild is bit-identical
+        assert _same_weights(root / name, snapshot / name), name
+        assert (root / name / "tokenizer.json").read_bytes() == (
+            snapshot / name / "tokenizer.json"
+        ).read_bytes()
 
 
-def test_interrupted_build_is_redone(tmp_path):
+def test_interrupted_build_is_redone(tiny_zoo, tmp_path):
     """No manifest (a killed build never writes one) means not built, whatever the models."""
+    paths, _ = tiny_zoo
     out = tmp_path / "zoo"
-    build_tinylm_zoo(out, seed=0, size="tiny", progress=False)
+    shutil.copytree(paths["base"].parent, out)
     (out / MANIFEST).unlink()
+    (out / "expert_sort" / "model.safetensors").unlink()
     assert not tinylm_zoo_is_built(out, seed=0, size="tiny")
     build_tinylm_zoo(out, seed=0, size="tiny", progress=False)
     assert tinylm_zoo_is_built(out, seed=0, size="tiny")
+    assert _same_weights(out / "expert_sort", paths["expert_sort"])
+
+
+def test_another_seed_gives_other_weights(tiny_zoo, tmp_path):
+    paths, _ = tiny_zoo
+    other = build_tinylm_zoo(tmp_path / "other", seed=1, size="tiny", progress=False)
+    assert not any(_same_weights(paths[n], other[n]) for n in MODEL_NAMES)
 
 
 def test_greedy_exact_match_equals_a_naive_argmax_loop(tiny_zoo):
@@ -343,3 +346,14 @@ def test_each_expert_clearly_beats_the_base_on_its_task(small_zoo):
         base, expert = table["base"][task], table[f"expert_{task}"][task]
         assert expert >= base + 0.15, (task, base, expert)
     assert max(table["base"].values()) > 0.05  # the base is weak but not useless
+
+
+def test_learning_rate_warms_up_then_decays_by_a_cosine():
+    from evomerge.zoo.tinylm import _lr_factor
+
+    steps = 200  # warm-up: 10 steps
+    assert _lr_factor(0, steps) == pytest.approx(0.1)
+    assert _lr_factor(9, steps) == pytest.approx(1.0)
+    assert _lr_factor(10, steps) == pytest.approx(1.0)  # cos(0): the peak
+    assert _lr_factor(105, steps) == pytest.approx(0.55)  # halfway: 0.1 + 0.45
+    assert _lr_factor(200, steps) == pytest.approx(0.1)  # cos(pi): the floor

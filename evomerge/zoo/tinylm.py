@@ -123,8 +123,8 @@ MAX_NEW_TOKENS = 12
 
 @dataclass(frozen=True)
 class TinyLMSize:
-    """Architecture and training budget of one zoo size (AdamW, linear warm-up then cosine decay
-    for the base, constant learning rate for the experts)."""
+    """Architecture and training budget of one zoo size (AdamW; every run warms up linearly
+    then decays by a cosine, so each model ends on small, settled steps)."""
 
     hidden_size: int
     num_layers: int
@@ -135,17 +135,21 @@ class TinyLMSize:
     base_lr: float
     expert_steps: int
     expert_lr: float
+    #: Held-out items per task (the first ones of each shipped file) in the manifest's table.
+    table_items: int
 
 
 TINYLM_SIZES: dict[str, TinyLMSize] = {
     "small": TinyLMSize(
         hidden_size=128, num_layers=4, num_heads=4, intermediate_size=512,
-        batch_size=64, base_steps=1200, base_lr=2e-3, expert_steps=300, expert_lr=1e-3,
+        batch_size=64, base_steps=800, base_lr=2e-3, expert_steps=400, expert_lr=1e-3,
+        table_items=ITEMS_PER_SPLIT,
     ),
     # Seconds; for tests. Too small to learn much, big enough that experts differ from the base.
     "tiny": TinyLMSize(
         hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64,
         batch_size=32, base_steps=40, base_lr=3e-3, expert_steps=20, expert_lr=3e-3,
+        table_items=40,
     ),
 }
 
@@ -413,11 +417,9 @@ def _new_model(size: TinyLMSize, tokenizer):
     return LlamaForCausalLM(config)
 
 
-def _lr_factor(step: int, steps: int, schedule: bool) -> float:
-    """Multiplier of the base learning rate: 5 % linear warm-up then cosine decay to 10 %, or a
-    constant 1 when ``schedule`` is off."""
-    if not schedule:
-        return 1.0
+def _lr_factor(step: int, steps: int) -> float:
+    """Multiplier of the peak learning rate at ``step``: 5 % linear warm-up, then cosine decay
+    to 10 %: ``0.1 + 0.45 (1 + cos(pi t))`` with ``t`` the post-warm-up fraction done."""
     warmup = max(1, steps // 20)
     if step < warmup:
         return (step + 1) / warmup
@@ -425,10 +427,10 @@ def _lr_factor(step: int, steps: int, schedule: bool) -> float:
     return 0.1 + 0.45 * (1 + math.cos(math.pi * progress))
 
 
-def _train(model, tokenizer, tasks, *, steps, lr, batch_size, rng, schedule, bar, label) -> float:
+def _train(model, tokenizer, tasks, *, steps, lr, batch_size, rng, bar, label) -> float:
     """``steps`` AdamW steps on batches from ``tasks``; returns the mean loss of the last 10."""
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: _lr_factor(s, steps, schedule))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: _lr_factor(s, steps))
     model.train()
     recent: list[float] = []
     job = bar.add_task(label, total=steps, loss=float("nan"))
@@ -450,33 +452,14 @@ def _train(model, tokenizer, tasks, *, steps, lr, batch_size, rng, schedule, bar
 # --------------------------------------------------------------------------------------------
 
 
-def _greedy(model, tokenizer, prompts: Sequence[str], batch_size: int = 64) -> list[str]:
-    """Greedy continuations of ``prompts``, cut at the first newline."""
-    newline = tokenizer.convert_tokens_to_ids(tokenizer.tokenize(STOP))
-    stop_ids = [tokenizer.eos_token_id, *newline]
-    old_side = tokenizer.padding_side
-    tokenizer.padding_side = "left"
-    out: list[str] = []
-    try:
-        with torch.inference_mode():
-            for i in range(0, len(prompts), batch_size):
-                enc = tokenizer(list(prompts[i : i + batch_size]), return_tensors="pt",
-                                padding=True)
-                gen = model.generate(
-                    **enc, max_new_tokens=MAX_NEW_TOKENS, do_sample=False,
-                    eos_token_id=stop_ids, pad_token_id=tokenizer.pad_token_id,
-                )
-                texts = tokenizer.batch_decode(gen[:, enc["input_ids"].shape[1]:],
-                                               skip_special_tokens=True)
-                out += [t.split(STOP, 1)[0] for t in texts]
-    finally:
-        tokenizer.padding_side = old_side
-    return out
+def exact_match(model, tokenizer, items: Sequence[Mapping], batch_size: int = 64) -> list[bool]:
+    """Whether the greedy continuation of each generation item (up to the newline) equals its
+    answer, both stripped: the ``lm`` fitness's scorer, :func:`evomerge.fitness.lm.greedy_generate`.
+    """
+    from evomerge.fitness.lm import greedy_generate  # here: evomerge.fitness imports the zoo
 
-
-def exact_match(model, tokenizer, items: Sequence[Mapping]) -> list[bool]:
-    """Whether the greedy continuation of each generation item equals its answer (stripped)."""
-    outputs = _greedy(model, tokenizer, [it["prompt"] for it in items])
+    outputs = greedy_generate(model, tokenizer, [it["prompt"] for it in items],
+                              max_new_tokens=MAX_NEW_TOKENS, stop=(STOP,), batch_size=batch_size)
     return [o.strip() == it["answer"].strip() for o, it in zip(outputs, items)]
 
 
@@ -492,10 +475,11 @@ def load_tinylm_model(path: str | os.PathLike):
 
 def exact_match_table(
     paths: Mapping[str, str | os.PathLike], *, split: str = "heldout",
-    data_dir: str | os.PathLike = DATA_DIR,
+    n: int | None = None, data_dir: str | os.PathLike = DATA_DIR,
 ) -> dict[str, dict[str, float]]:
-    """``{model name: {task: exact-match accuracy}}`` on the shipped items of ``split``."""
-    items = {task: load_items(task, split, data_dir) for task in TASKS}
+    """``{model name: {task: exact-match accuracy}}`` on the shipped items of ``split`` (the
+    first ``n`` per task, or all)."""
+    items = {task: load_items(task, split, data_dir)[:n] for task in TASKS}
     table = {}
     for name, path in paths.items():
         model, tokenizer = load_tinylm_model(path)
@@ -584,7 +568,7 @@ def build_tinylm_zoo(
         model = _new_model(hp, tokenizer)
         train_loss["base"] = _train(
             model, tokenizer, TASKS, steps=hp.base_steps, lr=hp.base_lr,
-            batch_size=hp.batch_size, rng=random.Random(f"{seed}|base"), schedule=True,
+            batch_size=hp.batch_size, rng=random.Random(f"{seed}|base"),
             bar=bar, label="base (all tasks)",
         )
         _save(model, tokenizer, paths["base"])
@@ -595,12 +579,12 @@ def build_tinylm_zoo(
             # Each expert has its own data stream, independent of the other experts.
             train_loss[name] = _train(
                 model, tokenizer, (task,), steps=hp.expert_steps, lr=hp.expert_lr,
-                batch_size=hp.batch_size, rng=random.Random(f"{seed}|{name}"), schedule=False,
+                batch_size=hp.batch_size, rng=random.Random(f"{seed}|{name}"),
                 bar=bar, label=name,
             )
             _save(model, tokenizer, paths[name])
         train_seconds = time.perf_counter() - started
-        table = exact_match_table(paths, split="heldout")
+        table = exact_match_table(paths, split="heldout", n=hp.table_items)
 
     manifest = {
         **expected,
