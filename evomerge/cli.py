@@ -219,7 +219,7 @@ def _zoo_build_tinylm(out_dir: Path, *, seed: int, size: str, force: bool) -> No
     import json
 
     from evomerge.zoo._common import MANIFEST
-    from evomerge.zoo.tinylm import ITEMS_PER_SPLIT, build_tinylm_zoo, tinylm_zoo_is_built
+    from evomerge.zoo.tinylm import TINYLM_SIZES, build_tinylm_zoo, tinylm_zoo_is_built
 
     cached = not force and tinylm_zoo_is_built(out_dir, seed=seed, size=size)
     started = time.perf_counter()
@@ -242,7 +242,7 @@ def _zoo_build_tinylm(out_dir: Path, *, seed: int, size: str, force: bool) -> No
     best = {t: max(row[t] for row in acc.values()) for t in tasks}
     table = Table(
         title="Held-out exact match (greedy, higher = better)",
-        caption=f"{ITEMS_PER_SPLIT} held-out items per task; best in green",
+        caption=f"{TINYLM_SIZES[size].table_items} held-out items per task; best in green",
         title_justify="left",
         caption_justify="left",
     )
@@ -544,6 +544,148 @@ def slurm_submit(
     console.print(f"Logs and scripts: [bold]{prepared.folder}[/bold]")
     if driver is DriverWhere.here:
         _run(prepared.experiment, resume=False)
+
+
+# =============================================================================================
+# evomerge irt ...  — IRT-reduced fitness: validate the estimators against full evaluation
+# =============================================================================================
+
+irt_app = typer.Typer(
+    help="IRT reduction of a fitness suite (tinyBenchmarks / MERGE^3 anchor estimators).",
+    rich_markup_mode="rich",
+    no_args_is_help=True,
+)
+app.add_typer(irt_app, name="irt")
+
+
+@irt_app.command("validate")
+def irt_validate(
+    suite: str = typer.Argument(..., metavar="FITNESS.yaml", show_default=False,
+                                help="A fitness suite file (or catalog name, e.g. tinylm)."),
+    models: Path = typer.Option(Path("models/tiny-lm"), "--models",
+                                help="Zoo directory: base/ plus one directory per expert."),
+    merges: int = typer.Option(60, "--merges", min=6,
+                               help="Random task-arithmetic merges (half fit, half held out)."),
+    anchors: str = typer.Option("10,20,50,100", "--anchors", help="Anchors per task to try."),
+    dim: int = typer.Option(2, "--dim", min=1, help="IRT dimension."),
+    max_items: Optional[int] = typer.Option(None, "--max-items", min=1,
+                                            help="Only the first N items of every task."),
+    cache: Optional[Path] = typer.Option(None, "--cache",
+                                         help="Keep the response matrix here; reruns reuse it."),
+    json_out: Optional[Path] = typer.Option(None, "--json", help="Write the rows as JSON here."),
+    results: bool = typer.Option(False, "--results",
+                                 help="Write the table to benchmarks/RESULTS.md (section irt)."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the merge design and of k-means."),
+) -> None:
+    """Score the zoo's sources and random merges on the FULL search items, fit the IRT
+    reduction on the sources plus the first half of the merges, and report for each estimator
+    and anchor count the error against full evaluation on the other half: MAE in accuracy
+    points, Spearman rank correlation of the macro-mean accuracy, and the reduction factor."""
+    import json
+
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn
+
+    from evomerge.fitness.base import make_fitness
+    from evomerge.fitness.reduced import (
+        cached_responses,
+        random_merges,
+        response_matrix,
+        source_recipe,
+        validate,
+    )
+    from evomerge.merge.engine import Merger
+
+    started = time.perf_counter()
+    try:
+        counts = [int(a) for a in anchors.split(",")]
+        if not counts or min(counts) < 1:
+            raise ValueError(f"--anchors: expected positive integers, got {anchors!r}")
+        base = models / "base"
+        experts = sorted(p for p in models.iterdir()
+                         if p.is_dir() and p != base and (p / "config.json").is_file())
+        if not (base / "config.json").is_file() or not experts:
+            raise ValueError(f"--models: {models} needs base/ and expert directories "
+                             "(evomerge zoo build tiny-lm)")
+        fitness = make_fitness("lm", base_model=str(base), suite=suite, max_items=max_items)
+        merger = Merger([str(base), *map(str, experts)])
+    except (ValueError, OSError) as exc:
+        _fail(exc)
+    endpoints = [source_recipe(p) for p in [base, *experts]]
+    design = random_merges(str(base), [str(p) for p in experts], merges, seed=seed)
+    model = fitness.new_model()
+    columns = ("[progress.description]{task.description}", BarColumn(), MofNCompleteColumn(),
+               TimeElapsedColumn())
+
+    def score(recipes):
+        out = []
+        with Progress(*columns, console=err_console) as bar:
+            for recipe in bar.track(recipes, description="full evaluation"):
+                merger.build(recipe, into=model)
+                out.append(fitness.evaluate(model, "search").item_scores)
+        return out
+
+    fingerprint = {"suite": str(fitness.suite.path), "max_items": max_items,
+                   "items": fitness.num_items("search")}
+    recipes = endpoints + design
+    responses = (cached_responses(score, recipes, cache, fingerprint)[0] if cache
+                 else response_matrix(score(recipes)))
+    rows = validate(responses, num_endpoints=len(endpoints), num_train=merges // 2,
+                    anchors=counts, dim=dim, seed=seed)
+    elapsed = time.perf_counter() - started
+    table = Table(title=f"IRT reduction on {fitness.suite.path.name}: {merges - merges // 2} "
+                        f"held-out merges, fit on {len(endpoints)} sources + {merges // 2} merges")
+    for col in ("estimator", "anchors/task", "MAE (points)", "Spearman", "reduction"):
+        table.add_column(col, justify="left" if col == "estimator" else "right")
+    for r in rows:
+        table.add_row(r["estimator"], str(r["anchors"]), f"{r['mae_points']:.2f}",
+                      _fmt_rho(r["spearman"]), f"{r['reduction']:.1f}x")
+    console.print(table)
+    hits = [f"{r['estimator']}@{r['anchors']}" for r in rows if r["reduction"] >= 20
+            and r["mae_points"] <= 2.5 and (r["spearman"] or 0) >= 0.9]
+    verdict = f"met by {', '.join(hits)}" if hits else "not met"
+    console.print(f"Target (>= 20x fewer items, MAE <= 2.5 points, Spearman >= 0.9): {verdict}. "
+                  f"{elapsed:.0f} s.")
+    if json_out:
+        json_out.write_text(json.dumps(rows, indent=2))
+    if results:
+        _write_irt_results(rows, suite=fitness.suite.path.name, models=models, merges=merges,
+                           sources=len(endpoints), items=fitness.num_items("search"), dim=dim,
+                           seed=seed, elapsed=elapsed)
+
+
+def _fmt_rho(rho: float | None) -> str:
+    return "n/a" if rho is None else f"{rho:.3f}"
+
+
+def _write_irt_results(rows: list[dict], *, suite: str, models: Path, merges: int, sources: int,
+                       items: dict[str, int], dim: int, seed: int, elapsed: float) -> None:
+    """Rewrite the ``irt`` section of benchmarks/RESULTS.md with this run's table."""
+    import importlib.util
+
+    root = Path(__file__).resolve().parents[1]
+    helper = root / "benchmarks" / "_results.py"
+    if not helper.is_file():
+        _fail(ValueError(f"--results: {helper} not found (needs a source checkout)"))
+    spec = importlib.util.spec_from_file_location("_evomerge_bench_results", helper)
+    results = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(results)
+
+    lines = ["<!-- irt:start -->", "## IRT reduction (`evomerge irt validate`)", "",
+             f"Suite `{suite}` ({sum(items.values())} search items: "
+             + ", ".join(f"{t} {n}" for t, n in items.items()) + f"), zoo `{models}`; "
+             f"fit on {sources} sources + {merges // 2} random task-arithmetic merges, scored on "
+             f"{merges - merges // 2} held-out merges; IRT dim {dim}, seed {seed}. MAE over "
+             "(merge, task) in accuracy points; Spearman of the macro-mean accuracy over merges; "
+             "reduction = full items / evaluated items.", "",
+             "| estimator | anchors/task | MAE (points) | Spearman | reduction |",
+             "|---|---:|---:|---:|---:|"]
+    lines += [f"| {r['estimator']} | {r['anchors']} | {r['mae_points']:.2f} | "
+              f"{_fmt_rho(r['spearman'])} | {r['reduction']:.1f}x |" for r in rows]
+    load = results.loadavg()
+    lines += ["", f"{elapsed:.0f} s on {results.cpu_name()}"
+              + (f" (load {load:.1f})" if load is not None else "") + ".", "<!-- irt:end -->"]
+    results.write_section(root / "benchmarks" / "RESULTS.md", "\n".join(lines), "<!-- irt:start -->",
+                  "<!-- irt:end -->")
 
 
 if __name__ == "__main__":

@@ -30,8 +30,10 @@ from evomerge.fitness.reduced import (
     ReducedFitness,
     ReducedSpec,
     calibrate,
+    random_merges,
     response_matrix,
     source_recipe,
+    validate,
 )
 
 
@@ -333,3 +335,60 @@ def test_calibrate_caches_responses_and_reduction_by_their_inputs(tmp_path):
 def test_response_matrix_refuses_partial_scores():
     with pytest.raises(ValueError, match="different item counts"):
         response_matrix([{"t": np.ones(3)}, {"t": np.ones(2)}])
+
+
+# ---- validation and the CLI ------------------------------------------------------------------
+
+
+def test_validate_reports_exact_anchor_estimates_when_every_item_is_an_anchor():
+    y, *_ = simulate(models=40, items=25, dim=1, seed=17)
+    y[:, 0], y[:, 1] = 0.0, 1.0  # two distinct constant columns, the rest random
+    rows = validate({"t": y}, num_endpoints=2, num_train=20, anchors=[5, 1000], dim=1)
+    by = {(r["estimator"], r["anchors"]): r for r in rows}
+    assert len(rows) == 2 * len(ESTIMATORS)
+    assert len(np.unique(y[:22].T, axis=0)) == 25  # so every item is its own cluster
+    full = by[("anchor", 1000)]
+    assert full["reduction"] == 1.0 and full["mae_points"] == 0.0
+    assert full["spearman"] == pytest.approx(1.0, abs=0.01)  # ties broken by float rounding
+    assert by[("anchor", 5)]["reduction"] == 5.0
+    with pytest.raises(ValueError, match="held-out merges"):
+        validate({"t": y}, num_endpoints=2, num_train=37, anchors=[5])
+
+
+def test_random_merges_are_seeded_task_arithmetic_recipes():
+    a = random_merges("b", ["e1", "e2"], 3, seed=4)
+    assert [r.to_dict() for r in a] == [r.to_dict() for r in random_merges("b", ["e1", "e2"],
+                                                                          3, seed=4)]
+    weights = [e.parameters["weight"] for r in a for e in r.models]
+    assert all(0 <= w <= 1 for w in weights) and len(set(weights)) == 6
+    assert {r.merge_method for r in a} == {"task_arithmetic"} and a[0].base_model == "b"
+
+
+@pytest.mark.slow
+def test_cli_irt_validate_on_the_tiny_zoo(tmp_path):
+    from typer.testing import CliRunner
+
+    from evomerge.cli import app
+    from evomerge.zoo.tinylm import build_tinylm_zoo
+
+    zoo = tmp_path / "zoo"
+    build_tinylm_zoo(zoo, seed=0, size="tiny", progress=False)
+    out = tmp_path / "rows.json"
+    args = ["irt", "validate", "tinylm", "--models", str(zoo), "--merges", "8",
+            "--max-items", "12", "--anchors", "3,50", "--json", str(out),
+            "--cache", str(tmp_path / "cache")]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    rows = json.loads(out.read_text())
+    assert {r["estimator"] for r in rows} == set(ESTIMATORS)
+    assert {r["anchors"] for r in rows} == {3, 50}
+    # At most 3 (or 12) anchors per task of 12 items: the tiny zoo answers many items alike,
+    # and identical items share one cluster, so the reduction can only be larger.
+    assert all(r["reduction"] >= 60 / 15 for r in rows if r["anchors"] == 3)
+    assert all(r["reduction"] >= 1.0 for r in rows if r["anchors"] == 50)
+    assert "MAE (points)" in result.output
+    cached = list((tmp_path / "cache").glob("irt-responses-*.json"))
+    assert len(cached) == 1
+    stored = json.loads(cached[0].read_text())["responses"]
+    assert {t: np.shape(v) for t, v in stored.items()} == {
+        t: (13, 12) for t in ("add", "reverse", "sort", "translate", "sort_mc")}

@@ -36,6 +36,7 @@ BFGS solves them in microseconds with no autograd overhead.
 from __future__ import annotations
 
 import contextlib
+import warnings
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -45,6 +46,7 @@ import torch
 from scipy.optimize import minimize
 from scipy.special import expit
 from sklearn.cluster import KMeans
+from sklearn.exceptions import ConvergenceWarning
 from threadpoolctl import threadpool_limits
 
 __all__ = [
@@ -228,7 +230,8 @@ def select_anchors(features: np.ndarray, k: int, seed: int = 0) -> tuple[np.ndar
     nearest its centroid, weighted by the cluster's share of items. tinyBenchmarks takes the item
     nearest the centroid over all items; taking it among the cluster's members is the same in
     practice and guarantees one distinct anchor per cluster. With ``k`` >= the number of distinct
-    feature rows, there are only that many clusters (fewer anchors than asked).
+    feature rows, there are only that many clusters (fewer anchors than asked), and a cluster
+    that k-means leaves empty (rows equal up to rounding) contributes no anchor.
     """
     x = np.asarray(features, dtype=np.float64)
     if x.ndim != 2 or len(x) == 0:
@@ -236,11 +239,15 @@ def select_anchors(features: np.ndarray, k: int, seed: int = 0) -> tuple[np.ndar
     if k < 1:
         raise ValueError(f"anchors: expected >= 1 per task, got {k}")
     clusters = min(k, len(np.unique(x, axis=0)))
-    with _one_thread():
+    with _one_thread(), warnings.catch_warnings():
+        # Rows equal up to rounding: k-means warns, and the empty clusters are skipped below.
+        warnings.simplefilter("ignore", ConvergenceWarning)
         km = KMeans(n_clusters=clusters, n_init=10, random_state=seed).fit(x)
     anchors, weights = [], []
     for c in range(clusters):
         members = np.flatnonzero(km.labels_ == c)
+        if len(members) == 0:  # near-duplicate rows can leave a cluster empty: no anchor
+            continue
         dist = np.linalg.norm(x[members] - km.cluster_centers_[c], axis=1)
         anchors.append(members[np.argmin(dist)])
         weights.append(len(members) / len(x))

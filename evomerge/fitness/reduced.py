@@ -32,11 +32,11 @@ import numpy as np
 import torch
 
 from evomerge.fitness.base import EvalResult, Fitness, Objective
-from evomerge.fitness.irt import ESTIMATORS, Reduction
+from evomerge.fitness.irt import ESTIMATORS, Reduction, estimate
 from evomerge.recipe import MergeRecipe
 
-__all__ = ["ReducedFitness", "ReducedSpec", "SubsetFitness", "calibrate", "response_matrix",
-           "source_recipe", "uniform_design"]
+__all__ = ["ReducedFitness", "ReducedSpec", "SubsetFitness", "cached_responses", "calibrate",
+           "random_merges", "response_matrix", "source_recipe", "uniform_design", "validate"]
 
 #: Scores recipes on the full search items: one ``{task: per-item scores}`` per recipe, in order.
 ScoreRecipes = Callable[[Sequence[MergeRecipe]], Sequence[Mapping[str, np.ndarray]]]
@@ -190,6 +190,24 @@ def _write_json(path: Path, data: Any) -> None:
     os.replace(tmp, path)
 
 
+def cached_responses(score: ScoreRecipes, recipes: Sequence[MergeRecipe],
+                     cache_dir: str | os.PathLike, fingerprint: Mapping[str, Any] | None = None,
+                     ) -> tuple[dict[str, np.ndarray], str]:
+    """The response matrix of ``recipes`` (scored on first use, then read from the cache)
+    and its cache key, a hash of the recipes and ``fingerprint``."""
+    cache = Path(cache_dir)
+    cache.mkdir(parents=True, exist_ok=True)
+    inputs = {"recipes": [r.to_dict() for r in recipes], "fingerprint": dict(fingerprint or {})}
+    key = _digest(inputs)
+    path = cache / f"irt-responses-{key}.json"
+    if path.is_file():
+        stored = json.loads(path.read_text())["responses"]
+        return {t: np.asarray(y, dtype=np.float64) for t, y in stored.items()}, key
+    responses = response_matrix(list(score(recipes)))
+    _write_json(path, {"inputs": inputs, "responses": {t: y.tolist() for t, y in responses.items()}})
+    return responses, key
+
+
 def calibrate(score: ScoreRecipes, endpoints: Sequence[MergeRecipe],
               design: Sequence[MergeRecipe], spec: ReducedSpec, cache_dir: str | os.PathLike,
               fingerprint: Mapping[str, Any] | None = None) -> Reduction:
@@ -202,24 +220,79 @@ def calibrate(score: ScoreRecipes, endpoints: Sequence[MergeRecipe],
     fit settings of ``spec`` (the estimator is chosen at scoring time and is not part of it).
     """
     cache = Path(cache_dir)
-    cache.mkdir(parents=True, exist_ok=True)
-    recipes = list(endpoints) + list(design)
-    inputs = {"recipes": [r.to_dict() for r in recipes], "endpoints": len(endpoints),
-              "fingerprint": dict(fingerprint or {})}
-    resp_key = _digest(inputs)
     settings = {k: v for k, v in asdict(spec).items() if k not in ("estimator", "design")}
-    red_path = cache / f"irt-reduction-{_digest([resp_key, settings])}.json"
-    if red_path.is_file():
-        return Reduction.from_dict(json.loads(red_path.read_text())["reduction"])
-    resp_path = cache / f"irt-responses-{resp_key}.json"
-    if resp_path.is_file():
-        responses = {t: np.asarray(y) for t, y in json.loads(resp_path.read_text())["responses"].items()}
-    else:
-        responses = response_matrix(list(score(recipes)))
-        _write_json(resp_path, {"inputs": inputs,
-                                "responses": {t: y.tolist() for t, y in responses.items()}})
+    recipes = list(endpoints) + list(design)
+    fingerprint = {**dict(fingerprint or {}), "endpoints": len(endpoints)}
+    key = _digest([[r.to_dict() for r in recipes], fingerprint, settings])
+    path = cache / f"irt-reduction-{key}.json"
+    if path.is_file():
+        return Reduction.from_dict(json.loads(path.read_text())["reduction"])
+    responses, resp_key = cached_responses(score, recipes, cache, fingerprint)
     reduction = Reduction.build(responses, num_endpoints=len(endpoints), anchors=spec.anchors,
                                 dim=spec.dim, features=spec.features, seed=spec.seed)
-    _write_json(red_path, {"responses": resp_path.name, "settings": settings,
-                           "reduction": reduction.to_dict()})
+    _write_json(path, {"responses": f"irt-responses-{resp_key}.json", "settings": settings,
+                       "reduction": reduction.to_dict()})
     return reduction
+
+
+# ---------------------------------------------------------------------------------------------
+# Validation: estimates against full evaluation on merges the fit never saw
+# ---------------------------------------------------------------------------------------------
+
+
+def random_merges(base: str, experts: Sequence[str], n: int, seed: int = 0,
+                  dtype: str | None = None) -> list[MergeRecipe]:
+    """``n`` task-arithmetic merges with each expert's weight drawn uniformly in [0, 1].
+
+    Sums of up to K task vectors span broken, partial and good merges: the spread of abilities
+    the IRT model must cover during a search.
+    """
+    rng = np.random.default_rng(seed)
+    return [MergeRecipe.from_dict({
+        "merge_method": "task_arithmetic", "base_model": base, "dtype": dtype,
+        "models": [{"model": e, "parameters": {"weight": round(float(w), 4)}}
+                   for e, w in zip(experts, rng.uniform(0, 1, len(experts)))]})
+        for _ in range(n)]
+
+
+def validate(responses: Mapping[str, np.ndarray], *, num_endpoints: int, num_train: int,
+             anchors: Sequence[int], estimators: Sequence[str] = tuple(ESTIMATORS),
+             dim: int = 2, features: str = "irt", seed: int = 0) -> list[dict[str, Any]]:
+    """Fit on endpoints + the first ``num_train`` merges, score every other merge.
+
+    Rows ``{estimator, anchors, mae_points, spearman, reduction}``: MAE over (merge, task) of the
+    estimated minus the full accuracy, in points (0-100); Spearman rank correlation over the
+    held-out merges of the estimated vs full macro-mean accuracy across tasks (how a search
+    would rank them; None where either side is constant); reduction = items in the full search
+    set / items evaluated.
+    """
+    from scipy.stats import spearmanr
+
+    rows_total = {np.shape(y)[0] for y in responses.values()}
+    total = next(iter(rows_total))
+    fit_rows = num_endpoints + num_train
+    if len(rows_total) != 1 or total - fit_rows < 3:
+        raise ValueError(f"validate: need >= 3 held-out merges after {fit_rows} fitting rows; "
+                         f"the response matrix has {sorted(rows_total)} rows")
+    train = {t: y[:fit_rows] for t, y in responses.items()}
+    test = {t: y[fit_rows:] for t, y in responses.items()}
+    truth = np.column_stack([y.mean(axis=1) for y in test.values()])  # merges x tasks
+    out = []
+    for k in anchors:
+        red = Reduction.build(train, num_endpoints=num_endpoints, anchors=k, dim=dim,
+                              features=features, seed=seed)
+        for name in estimators:
+            est = np.array([[estimate_task(red, name, task, y[j]) for task, y in test.items()]
+                            for j in range(len(truth))])
+            rho = float(spearmanr(est.mean(axis=1), truth.mean(axis=1)).statistic)
+            out.append({"estimator": name, "anchors": k,
+                        "mae_points": round(100 * float(np.abs(est - truth).mean()), 3),
+                        "spearman": None if np.isnan(rho) else round(rho, 4),
+                        "reduction": round(red.num_items() / red.num_evaluated(), 2)})
+    return out
+
+
+def estimate_task(reduction: Reduction, estimator: str, task: str, row: np.ndarray) -> float:
+    """Estimate of one task from a model's full response row (reads only the anchors)."""
+    t = reduction.tasks[task]
+    return estimate(estimator, t, row[t.anchors])
