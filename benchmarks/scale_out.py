@@ -159,15 +159,19 @@ def calibrate_repeat(base_model: Path, target_ms: float, samples: int = 200) -> 
 
 
 def experiment_data(zoo: dict[str, Path], run_dir: Path, *, budget: int, path: str,
-                    workers: int, fitness: dict[str, Any] | None = None) -> dict[str, Any]:
+                    workers: int, fitness: dict[str, Any] | None = None,
+                    storage: str | None = None) -> dict[str, Any]:
     """``experiments/digits_cmaes.yaml`` with absolute model paths, run in ``run_dir`` on
-    ``path`` (inprocess | processes | ray) with ``workers`` workers."""
+    ``path`` (inprocess | processes | ray) with ``workers`` workers; ``storage`` None is the
+    run directory's SQLite file. The study gets a unique name (a shared PostgreSQL database
+    may hold earlier runs)."""
     import yaml
 
     data = yaml.safe_load((ROOT / "experiments" / "digits_cmaes.yaml").read_text())
     data["models"] = {"base": str(zoo["base"]),
                       "sources": {name: str(zoo[name]) for name in data["models"]["sources"]}}
-    data.update(budget=budget, run_dir=str(run_dir), export=False)
+    data.update(name=f"scale_out_{run_dir.name}_{uuid.uuid4().hex[:8]}", budget=budget,
+                run_dir=str(run_dir), export=False, storage=storage)
     if fitness is not None:
         data["fitness"] = {**data["fitness"], **fitness}
     if path == "processes":
@@ -226,13 +230,16 @@ def measure_run(data: dict[str, Any]) -> dict[str, Any]:
     if len(finished) != experiment.budget:
         raise RuntimeError(f"{experiment.run_path}: {len(finished)} complete trials, budget "
                            f"{experiment.budget}")
+    if experiment.storage:
+        drop_study(experiment.storage, experiment.name)
     entry = steady_state(finished, evals)
     entry.update(wall_s=wall, startup_s=wall - entry["span_s"])
     return entry
 
 
 def run_throughput(zoo: dict[str, Path], tmp: Path, workload: str, budget: int,
-                   paths: Sequence[str], fitness: dict[str, Any] | None) -> dict[str, Any]:
+                   paths: Sequence[str], fitness: dict[str, Any] | None,
+                   storage: Callable[[str], str | None]) -> dict[str, Any]:
     """Every path at 1 (and 2) workers on one workload: ``{label: entry}`` plus speedups."""
     out: dict[str, Any] = {"budget": budget, "runs": {}}
     configs = [("inprocess", 0)] + [(p, w) for p in paths if p != "inprocess" for w in (1, 2)]
@@ -242,7 +249,8 @@ def run_throughput(zoo: dict[str, Path], tmp: Path, workload: str, budget: int,
         label = path if path == "inprocess" else f"{path}_{workers}"
         run_dir = tmp / f"{workload}-{label}"
         entry = measure_run(experiment_data(zoo, run_dir, budget=budget, path=path,
-                                            workers=workers, fitness=fitness))
+                                            workers=workers, fitness=fitness,
+                                            storage=storage(run_dir.name)))
         entry.update(path=path, workers=workers, overhead_ms=dispatch_overhead_ms(
             entry["ms_per_trial"], entry["eval_ms"], workers))
         out["runs"][label] = entry
@@ -262,14 +270,13 @@ def run_throughput(zoo: dict[str, Path], tmp: Path, workload: str, budget: int,
 
 
 def load_store_load() -> Any | None:
-    """``benchmarks/_store_load.py`` as a module, or None while it does not exist."""
-    path = Path(__file__).resolve().parent / "_store_load.py"
-    if not path.exists():
+    """``benchmarks/_store_load.py`` (beside this script, on ``sys.path``), or None while it
+    does not exist. Imported by name so its worker function pickles for spawned processes."""
+    if importlib.util.find_spec("_store_load") is None:
         return None
-    spec = importlib.util.spec_from_file_location("_store_load", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    import _store_load
+
+    return _store_load
 
 
 # ---- 3. Ray's own dispatch rate ------------------------------------------------------------
@@ -621,12 +628,17 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         repeat, fwd_ms = calibrate_repeat(zoo["base"], args.busy_ms)
         log(f"busy fitness: {repeat} forward passes of {fwd_ms:.3f} ms ~ {repeat * fwd_ms:.0f} ms")
         result["busy"] = {"target_ms": args.busy_ms, "repeat": repeat, "forward_ms": fwd_ms}
+        result["storage"] = args.storage
+
+        def store_for(label: str) -> str | None:
+            return throughput_storage(args.storage, tmp, label, args.postgres_url)
+
         with ray_session("ray" in paths):
             result["throughput"] = {
                 "digits": run_throughput(zoo, tmp, "digits", sizes["digits_budget"], paths,
-                                         None),
+                                         None, store_for),
                 "busy": run_throughput(zoo, tmp, "busy", sizes["busy_budget"], paths,
-                                       {"name": BUSY, "repeat": repeat}),
+                                       {"name": BUSY, "repeat": repeat}, store_for),
             }
         busy, digits = result["throughput"]["busy"], result["throughput"]["digits"]["runs"]
         for path in ("processes", "ray"):
@@ -675,6 +687,20 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     return result
 
 
+def throughput_storage(kind: str, tmp: Path, label: str, postgres_url: str | None
+                       ) -> str | None:
+    """The storage URL of one throughput run: a fresh journal file, the run directory's SQLite
+    file (None), or the PostgreSQL database."""
+    if kind == "journal":
+        return f"journal://{(tmp / f'{label}.log').absolute()}"
+    if kind == "sqlite":
+        return None
+    if not postgres_url:
+        raise SystemExit("--storage postgresql needs --postgres-url or "
+                         "$EVOMERGE_TEST_POSTGRES_URL")
+    return postgres_url
+
+
 def storages(args: argparse.Namespace, tmp: Path) -> dict[str, str | None]:
     """The multi-node storages: journal (a file here) and PostgreSQL when a URL is known."""
     return {"journal": f"journal://{(tmp / 'journal.log').absolute()}",
@@ -706,7 +732,9 @@ def drop_study(url: str, study: str) -> None:
     if url.startswith("postgresql"):
         import optuna
 
-        optuna.delete_study(study_name=study, storage=url)
+        from evomerge.store import open_storage
+
+        optuna.delete_study(study_name=study, storage=open_storage(url))
 
 
 def capacity(result: dict[str, Any]) -> dict[str, Any]:
@@ -788,7 +816,8 @@ def markdown_section(result: dict[str, Any]) -> str:
         busy = result["busy"]
         lines += [
             "",
-            "### Throughput per execution path (digits experiment, popsize 8, SQLite store)",
+            ("### Throughput per execution path (digits experiment, popsize 8, "
+             f"{result.get('storage', 'journal')} store)"),
             "",
             ("`digits`: the real fitness (~1 ms per evaluation: measures the store and the "
             "dispatch path). `busy`: the same experiment with `digits_busy`, the digits fitness "
@@ -914,6 +943,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help=f"comma-separated subset of {','.join(PARTS)}")
     p.add_argument("--paths", type=_choices(PATHS), default=list(PATHS),
                    help=f"execution paths for the throughput part: subset of {','.join(PATHS)}")
+    p.add_argument("--storage", choices=("journal", "sqlite", "postgresql"), default="journal",
+                   help="store of the throughput runs (default journal: the multi-process "
+                        "store for one machine or a shared filesystem)")
     p.add_argument("--busy-ms", type=float, default=150.0,
                    help="CPU work per evaluation of the busy workload (default 150)")
     p.add_argument("--sim-workers", type=_int_list, default=None,
