@@ -364,15 +364,47 @@ def test_random_merges_are_seeded_task_arithmetic_recipes():
     assert {r.merge_method for r in a} == {"task_arithmetic"} and a[0].base_model == "b"
 
 
+@pytest.fixture(scope="module")
+def tiny_zoo(tmp_path_factory):
+    from evomerge.zoo.tinylm import build_tinylm_zoo
+
+    zoo = tmp_path_factory.mktemp("irt") / "zoo"
+    build_tinylm_zoo(zoo, seed=0, size="tiny", progress=False)
+    return zoo
+
+
 @pytest.mark.slow
-def test_cli_irt_validate_on_the_tiny_zoo(tmp_path):
+def test_reduced_lm_fitness_scores_anchors_exactly_as_the_full_evaluation_does(tiny_zoo):
+    from evomerge.fitness.base import make_fitness
+    from evomerge.merge.engine import Merger
+
+    inner = make_fitness("lm", base_model=str(tiny_zoo / "base"), suite="tinylm", max_items=12)
+    sizes = inner.num_items("search")
+    rng = np.random.default_rng(18)
+    red = Reduction.build({t: (rng.random((12, n)) < 0.5).astype(float) for t, n in sizes.items()},
+                          num_endpoints=2, anchors=4, dim=1)
+    reduced = ReducedFitness(inner, red, "gp-irt")
+    model = inner.new_model()
+    expert = str(tiny_zoo / "expert_add")
+    Merger([str(tiny_zoo / "base"), expert]).build(source_recipe(expert), into=model)
+    full = inner.evaluate(model, "search")
+    result = reduced.evaluate(model, "search")
+    for task, t in red.tasks.items():
+        assert np.array_equal(result.item_scores[task], full.item_scores[task][t.anchors])
+    expected = red.estimate("gp-irt", {t: full.item_scores[t][r.anchors]
+                                       for t, r in red.tasks.items()})
+    assert result.objectives == inner.objectives_from_task_scores(expected)
+    assert reduced.evaluate(model, "heldout").objectives == inner.evaluate(model,
+                                                                           "heldout").objectives
+
+
+@pytest.mark.slow
+def test_cli_irt_validate_on_the_tiny_zoo(tmp_path, tiny_zoo):
     from typer.testing import CliRunner
 
     from evomerge.cli import app
-    from evomerge.zoo.tinylm import build_tinylm_zoo
 
-    zoo = tmp_path / "zoo"
-    build_tinylm_zoo(zoo, seed=0, size="tiny", progress=False)
+    zoo = tiny_zoo
     out = tmp_path / "rows.json"
     args = ["irt", "validate", "tinylm", "--models", str(zoo), "--merges", "8",
             "--max-items", "12", "--anchors", "3,50", "--json", str(out),
