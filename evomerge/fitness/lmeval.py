@@ -58,7 +58,17 @@ generation encodes the prompt with the tokenizer's defaults (its BOS), left-pads
 new tokens with ``skip_special_tokens=True``, cuts at the first stop string; multiple choice
 encodes ``prompt + choice`` and ``prompt`` and scores the tokens of the first past the length of
 the second (trailing spaces of the prompt move to the choice first), summing their log-probs;
-``acc`` is 1 when the first argmax is the gold index.
+``acc`` is 1 when the first argmax is the gold index. :mod:`evomerge.fitness.lm` does the same,
+and the tests check the per-item scores are equal. Caveats found while checking:
+
+- When BPE merges across the prompt/continuation boundary (``encode(prompt)`` not a prefix of
+  ``encode(prompt + choice)``), the harness scores only the tokens beyond ``len(encode(prompt))``
+  after the *prompt's* tokens: the merged part of the choice is silently not scored. The zoo's
+  tokenizer never merges there (tested on every shipped item); other tokenizers may.
+- Log-likelihoods differ by float noise (~1e-6 nats: the harness right-pads without a mask, ours
+  left-pads with position ids), so an item whose best two choices are that close could flip.
+- A prompt longer than ``max_position_embeddings - max_gen_toks`` is left-truncated by the
+  harness; the ``lm`` fitness refuses it instead.
 """
 
 from __future__ import annotations
