@@ -131,3 +131,28 @@ def run_load(url: str, study: str, record_dir: Path, *, workers: int = 16, trial
     return {"backend": url.split(":", 1)[0], "workers": workers, "trials": trials, "dim": dim,
             "wall_s": round(wall, 3), "trials_per_s": round(trials / wall, 2)}
 
+
+
+def main(argv: list[str] | None = None) -> None:
+    """``python benchmarks/_store_load.py [--workers 16] [--trials 400] [--dim 8] URL...``:
+    one JSON line per URL (a fresh study each; records under a temporary directory)."""
+    import argparse
+    import tempfile
+    import uuid
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("urls", nargs="+", help="sqlite:///… journal:///… postgresql://…")
+    parser.add_argument("--workers", type=int, default=16)
+    parser.add_argument("--trials", type=int, default=400)
+    parser.add_argument("--dim", type=int, default=8)
+    args = parser.parse_args(argv)
+    with tempfile.TemporaryDirectory() as tmp:
+        for url in args.urls:
+            study = f"load-{uuid.uuid4().hex[:8]}"
+            result = run_load(url, study, Path(tmp) / study, workers=args.workers,
+                              trials=args.trials, dim=args.dim)
+            print(json.dumps({**result, "load_avg_1m": os.getloadavg()[0]}), flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -27,6 +27,7 @@ import math
 import threading
 import time
 import warnings
+from collections import deque
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -161,6 +162,7 @@ class Store:
         self._seen: dict[int, tuple[Any, float]] = {}
         # beating: trial id -> monotonic time just before the last write that renewed the lease
         self._leases: dict[int, float] = {}
+        self._waiting: deque[FrozenTrial] = deque()  # pop's snapshot of the queue (see _claim)
         self.url = url
         self.storage = open_storage(url)
         self.study = optuna.create_study(storage=self.storage, study_name=study_name,
@@ -252,8 +254,8 @@ class Store:
         now = time.monotonic()
         seen: dict[int, tuple[Any, float]] = {}
         stale = []
-        for t in self.storage.get_all_trials(self.study._study_id, deepcopy=False,
-                                             states=(TrialState.RUNNING,)):
+        for t in _uncached(self.storage).get_all_trials(self.study._study_id, deepcopy=False,
+                                                        states=(TrialState.RUNNING,)):
             if META not in t.user_attrs:
                 continue
             beat = t.system_attrs.get(HEARTBEAT)
@@ -308,11 +310,30 @@ class Store:
         for one trial, so the owner is written after the claim succeeds; a worker killed between
         the two leaves a RUNNING trial without owner, which :meth:`fail_stale` gives back (it
         never beats).
+
+        Candidates come from this store's snapshot of the WAITING trials, read again only when
+        it runs out. Reading them all per pop (as ``Study.ask`` does) made draining N queued
+        trials cost N reads of up to N trials with all their attributes: 8 workers took 246 s
+        (SQLite) and 221 s (PostgreSQL) for 400 trials, contended. A stale candidate (claimed by
+        another worker since the snapshot) costs one failed claim, or on SQLite one read.
         """
+        claimed = self._claim_next(owner) if self._waiting else None
+        if claimed is None:
+            # Through Optuna's cache on purpose: writing params needs the trials registered there.
+            self._waiting = deque(self.storage.get_all_trials(
+                self.study._study_id, deepcopy=False, states=(TrialState.WAITING,)))
+            claimed = self._claim_next(owner)
+        return claimed
+
+    def _claim_next(self, owner: str | None) -> FrozenTrial | None:
         locked = self._lock_path is not None
-        for t in self.storage.get_all_trials(self.study._study_id, deepcopy=False,
-                                             states=(TrialState.WAITING,)):
+        while self._waiting:
+            t = self._waiting.popleft()
             try:
+                # Under the lock nobody claims between this read and our write, so the owner
+                # written next can never land on another worker's trial.
+                if locked and self.storage.get_trial(t._trial_id).state != TrialState.WAITING:
+                    continue
                 if owner is not None and locked:
                     self.storage.set_trial_system_attr(t._trial_id, OWNER, owner)
                 if self.storage.set_trial_state_values(t._trial_id, TrialState.RUNNING):
@@ -441,6 +462,19 @@ class Store:
         if not self.trials(states=(TrialState.COMPLETE,)):
             return []
         return self.study.best_trials
+
+
+def _uncached(storage: optuna.storages.BaseStorage) -> optuna.storages.BaseStorage:
+    """The database behind Optuna's trial cache (``get_storage`` wraps every RDBStorage in one).
+
+    The cache keeps finished trials only; asked for RUNNING trials it re-reads *every*
+    unfinished one, WAITING included, with all their attributes: 0.5 s (SQLite) to 2.5 s
+    (PostgreSQL) per call with 400 queued trials, measured contended here. The database itself
+    filters by state in SQL. Reading around the cache is safe: it only ever holds finished
+    trials, and writes pass straight through it.
+    """
+    backend = getattr(storage, "_backend", None)
+    return backend if isinstance(backend, optuna.storages.RDBStorage) else storage
 
 
 def slot_of(trial: FrozenTrial) -> Slot:
