@@ -653,6 +653,16 @@ def irt_validate(
                            seed=seed, elapsed=elapsed)
 
 
+def _zoo_size(models: Path) -> str:
+    """The zoo's size from its manifest (``tiny`` numbers are a smoke test, not a result)."""
+    import json
+
+    try:
+        return str(json.loads((models / "zoo.json").read_text()).get("size", "unknown"))
+    except (OSError, ValueError):
+        return "unknown"
+
+
 def _fmt_rho(rho: float | None) -> str:
     return "n/a" if rho is None else f"{rho:.3f}"
 
@@ -672,7 +682,8 @@ def _write_irt_results(rows: list[dict], *, suite: str, models: Path, merges: in
 
     lines = ["<!-- irt:start -->", "## IRT reduction (`evomerge irt validate`)", "",
              f"Suite `{suite}` ({sum(items.values())} search items: "
-             + ", ".join(f"{t} {n}" for t, n in items.items()) + f"), zoo `{models}`; "
+             + ", ".join(f"{t} {n}" for t, n in items.items()) + f"), zoo `{models}` "
+             f"(size {_zoo_size(models)}); "
              f"fit on {sources} sources + {merges // 2} random task-arithmetic merges, scored on "
              f"{merges - merges // 2} held-out merges; IRT dim {dim}, seed {seed}. MAE over "
              "(merge, task) in accuracy points; Spearman of the macro-mean accuracy over merges; "
