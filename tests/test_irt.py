@@ -33,6 +33,7 @@ from evomerge.fitness.reduced import (
     random_merges,
     response_matrix,
     source_recipe,
+    uniform_design,
     validate,
 )
 
@@ -362,6 +363,27 @@ def test_random_merges_are_seeded_task_arithmetic_recipes():
     weights = [e.parameters["weight"] for r in a for e in r.models]
     assert all(0 <= w <= 1 for w in weights) and len(set(weights)) == 6
     assert {r.merge_method for r in a} == {"task_arithmetic"} and a[0].base_model == "b"
+
+
+def test_uniform_design_fills_the_bounds_reproducibly():
+    lo, hi = np.array([0.0, -1.0, 2.0]), np.array([1.0, 1.0, 2.5])
+    x = uniform_design(lo, hi, 500, seed=3)
+    assert x.shape == (500, 3) and np.all(x >= lo) and np.all(x <= hi)
+    assert np.allclose(x.mean(axis=0), (lo + hi) / 2, atol=0.1)
+    assert np.array_equal(x, uniform_design(lo, hi, 500, seed=3))
+
+
+def test_source_recipe_builds_exactly_the_source(tmp_path):
+    from helpers import load_weights, make_family
+
+    from evomerge.merge.engine import Merger
+
+    family = make_family(tmp_path, n_sources=2, layers=1)
+    merger = Merger([family.base, *family.sources])
+    built = merger.build(source_recipe(family.sources[1]))
+    want = load_weights(family.sources[1])
+    assert set(built) == set(want)
+    assert all(torch.equal(built[k], want[k]) for k in want)
 
 
 @pytest.fixture(scope="module")
