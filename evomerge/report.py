@@ -99,8 +99,14 @@ def _score(trial: FrozenTrial, objectives: list) -> float:
                           for v, o in zip(trial.values, objectives)]))
 
 
-def finish_run(plan: Any, store: Store, evaluator: Any, *, wall_s: float) -> dict[str, Any]:
-    """Score best and sources on both splits, export the best, plot, write summary.json."""
+def finish_run(plan: Any, store: Store, evaluator: Any, *, wall_s: float,
+               reduction: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Score best and sources on both splits, export the best, plot, write summary.json.
+
+    With an IRT-reduced fitness (``reduction``: its calibration facts), trial values and the
+    sources' ``search`` scores are estimates from anchor items; ``final`` (held-out) scores are
+    always full evaluations.
+    """
     from evomerge.merge.io import export_model
     from evomerge.recipe import MergeRecipe
 
@@ -151,6 +157,8 @@ def finish_run(plan: Any, store: Store, evaluator: Any, *, wall_s: float) -> dic
         "timing": _timings(complete),
         "storage": store.url,
     }
+    if reduction is not None:
+        summary["fitness_reduction"] = reduction
     write_atomic(run_dir / SUMMARY, json.dumps(summary, indent=2))
     plot_run(run_dir, complete, pareto, objectives, sources)
     return summary

@@ -99,10 +99,14 @@ def _warn_many_writers(url: str, executor: Any) -> None:
 
 
 def _objectives(fitness_cls: Any, experiment: Experiment) -> list:
-    """The fitness's objectives, validating its options before any compute."""
+    """The fitness's objectives, validating its options (``reduced`` block included) before
+    any compute."""
+    from evomerge.execution.reduction import split_options
+
     try:
+        options, _ = split_options(experiment.fitness.options)
         fitness = fitness_cls(base_model=experiment.models.base or next(
-            iter(experiment.models.sources.values())), **experiment.fitness.options)
+            iter(experiment.models.sources.values())), **options)
     except (TypeError, ValueError) as exc:
         raise ExperimentError(f"fitness: {exc}") from None
     return list(fitness.objectives)
@@ -161,6 +165,11 @@ def _run_locked(plan: Plan, resume: bool, progress: bool,
     if resume:
         store.fail_interrupted()
     store.set_finished(False)
+    reduction = None
+    if "reduced" in plan.experiment.fitness.options:  # before any evaluator reads it
+        from evomerge.execution.reduction import calibrate_run
+
+        reduction = calibrate_run(plan, progress=progress)
     # Remote workers (`evomerge worker --storage URL --study NAME`) read the experiment from here.
     store.study.set_user_attr(EXPERIMENT, plan.experiment.model_dump(mode="json"))
     executor = make_executor(plan.experiment, plan.store_args)
@@ -170,9 +179,8 @@ def _run_locked(plan: Plan, resume: bool, progress: bool,
             _search(plan, store, executor, bar, on_trial)
         finally:
             executor.close(store)
-    summary = report.finish_run(plan, store, executor.evaluator,
-                                wall_s=time.perf_counter() - started)
-    return summary
+    return report.finish_run(plan, store, executor.evaluator,
+                             wall_s=time.perf_counter() - started, reduction=reduction)
 
 
 def _search(plan: Plan, store: Store, executor: Any, bar: Any,

@@ -14,14 +14,9 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from evomerge.execution.worker import Evaluator, drain, worker_id, worker_loop
+from evomerge.execution.worker import (Evaluator, drain, evaluator_for, worker_id,
+                                       worker_loop)
 from evomerge.store import Store
-
-
-def evaluator_for(experiment: Any) -> Evaluator:
-    models = experiment.models
-    paths = ([models.base] if models.base else []) + list(models.sources.values())
-    return Evaluator(paths, experiment.fitness.name, experiment.fitness.options, models.base)
 
 
 def _worker_main(experiment_data: dict, store_args: dict, parent: int) -> None:

@@ -41,8 +41,7 @@ from typing import Any
 import ray
 from ray.exceptions import RayActorError, RayTaskError
 
-from evomerge.execution.local import evaluator_for
-from evomerge.execution.worker import Evaluator, process_one, worker_id
+from evomerge.execution.worker import Evaluator, evaluator_for, process_one, worker_id
 from evomerge.experiment import ExperimentError
 from evomerge.store import Store
 

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from evomerge.execution.worker import Evaluator, storage_file
+from evomerge.execution.worker import Evaluator, evaluator_for, storage_file
 from evomerge.store import Store, open_storage, storage_url
 
 #: Where the sbatch templates live (a repository folder, next to experiments/).
@@ -56,7 +56,6 @@ class SlurmExecutor:
     def evaluator(self) -> Evaluator:
         """The driver's own evaluator: source and held-out scores at the end of the run."""
         if self._evaluator is None:
-            from evomerge.execution.local import evaluator_for
 
             self._evaluator = evaluator_for(self.experiment)
         return self._evaluator

@@ -14,11 +14,12 @@ import socket
 import time
 import traceback
 import warnings
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from evomerge.fitness.base import EvalResult, Fitness, Objective, make_fitness
@@ -32,11 +33,29 @@ class Evaluator:
 
     def __init__(self, model_paths: list[str], fitness_name: str,
                  fitness_options: Mapping[str, Any], base_model: str | None,
-                 device: str = "cpu") -> None:
+                 device: str = "cpu", reduction: Any = None) -> None:
         self.merger = Merger(model_paths, device=device)
-        self.fitness: Fitness = make_fitness(fitness_name, base_model=base_model or model_paths[0],
-                                             **fitness_options)
+        #: the fitness as configured; ``fitness`` is what the search sees (maybe IRT-reduced)
+        self.inner: Fitness = make_fitness(fitness_name, base_model=base_model or model_paths[0],
+                                           **fitness_options)
+        self.fitness: Fitness = self.inner
+        if reduction is not None:
+            self.reduce(*reduction)
         self.model = self.fitness.new_model().to(device)
+
+    def reduce(self, reduction: Any, estimator: str) -> None:
+        """Score searches on the reduction's anchor items only (see evomerge.fitness.reduced)."""
+        from evomerge.fitness.reduced import ReducedFitness
+
+        self.fitness = ReducedFitness(self.inner, reduction, estimator)
+
+    def score_items(self, recipes: Sequence[MergeRecipe]) -> list[dict[str, np.ndarray]]:
+        """Per-item scores of the configured fitness on the full search split (IRT calibration)."""
+        out = []
+        for recipe in recipes:
+            self.merger.build(recipe, into=self.model)
+            out.append(self.inner.evaluate(self.model, "search").item_scores)
+        return out
 
     @property
     def objectives(self) -> list[Objective]:
@@ -58,6 +77,18 @@ class Evaluator:
                 if name in state:
                     tensor.copy_(state[name])
         return self.fitness.evaluate(self.model, split)
+
+
+def evaluator_for(experiment: Any) -> Evaluator:
+    """The evaluator of an experiment's models and fitness (IRT-reduced when the experiment
+    says so: the driver has written the run's reduction before any trial exists)."""
+    from evomerge.execution import reduction
+
+    models = experiment.models
+    paths = ([models.base] if models.base else []) + list(models.sources.values())
+    options, spec = reduction.split_options(experiment.fitness.options)
+    fitted = reduction.load(experiment.run_path, spec) if spec is not None else None
+    return Evaluator(paths, experiment.fitness.name, options, models.base, reduction=fitted)
 
 
 def worker_id(pid: int | None = None) -> str:
@@ -203,7 +234,6 @@ def serve(url: str, study: str, *, poll_s: float = 1.0, max_trials: int | None =
     cancelled, preempted or timed-out task exits 0 and no slot is evaluated twice.
     """
     from evomerge.execution.driver import Plan
-    from evomerge.execution.local import evaluator_for
     from evomerge.experiment import Experiment
 
     owner, count, given_back = worker_id(), 0, []
