@@ -393,3 +393,17 @@ def test_shipped_tinylm_suite_loads_by_name_and_its_items_parse():
             items = load_items(suite.data_file(task, split), task.kind)
             assert len(items) == 300, (task.name, split)
     assert {o.name for o in suite.objectives} >= {"mean_acc", *suite.task_names}
+
+
+def test_tasks_option_restricts_the_suite_and_its_objectives():
+    from evomerge.fitness.suite import SuiteError, load_suite
+
+    suite = load_suite("tinylm").select(["add", "sort"])
+    assert suite.task_names == ["add", "sort"]
+    # mean_acc needs reverse and translate too: dropped; the single-task ones stay
+    assert [o.name for o in suite.objectives] == ["add", "sort"]
+    assert load_suite("tinylm").select(["sort_mc"]).task_names == ["sort_mc"]
+    with pytest.raises(SuiteError, match=r"tasks: 'nope' not in .*tinylm.yaml; its tasks: add"):
+        load_suite("tinylm").select(["add", "nope"])
+    with pytest.raises(SuiteError, match="non-empty list"):
+        load_suite("tinylm").select([])

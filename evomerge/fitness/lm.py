@@ -284,7 +284,8 @@ class _TaskData:
 class LMFitness(Fitness):
     """Accuracy of a causal LM on the tasks of a suite (``generate`` and ``multiple_choice``).
 
-    Options: ``suite`` (a suite file, or a catalog name such as ``tinylm``), ``objectives``
+    Options: ``suite`` (a suite file, or a catalog name such as ``tinylm``), ``tasks`` (use
+    only these tasks of the suite; an IRT-reduced fitness then anchors only them), ``objectives``
     (overrides the suite's; default one per task), ``batch_size``, ``device`` (where the data
     tensors and :meth:`new_model` live; a model elsewhere still works, batches follow it),
     ``max_items`` (the first N items of every task and split; for smoke runs), ``dtype`` of
@@ -300,6 +301,7 @@ class LMFitness(Fitness):
         device: str | torch.device = "cpu",
         max_items: int | None = None,
         dtype: str = "float32",
+        tasks: Sequence[str] | None = None,
     ) -> None:
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
             raise ValueError(f"batch_size: expected an integer >= 1, got {batch_size!r}")
@@ -310,7 +312,7 @@ class LMFitness(Fitness):
             raise ValueError(f"dtype: expected one of {', '.join(DTYPES)}, got {dtype!r}")
         self.batch_size, self.max_items, self.dtype = batch_size, max_items, DTYPES[dtype]
         self.device = torch.device(device)
-        self.suite = load_suite(suite)
+        self.suite = load_suite(suite).select(tasks)
         self._objectives = resolve_objectives(
             objectives if objectives is not None else self.suite.objectives,
             self.suite.task_names,

@@ -160,6 +160,24 @@ class Suite:
     def task_names(self) -> list[str]:
         return [t.name for t in self.tasks]
 
+    def select(self, names: Sequence[str] | None) -> "Suite":
+        """The suite restricted to the tasks ``names`` (None: all). Suite objectives that need
+        a dropped task are dropped too; if none is left, the default (one per task) applies."""
+        if names is None:
+            return self
+        if isinstance(names, str) or not names:
+            raise SuiteError(f"tasks: expected a non-empty list of task names of {self.path}, "
+                             f"got {names!r}")
+        unknown = [n for n in names if n not in self.task_names]
+        if unknown:
+            raise SuiteError(f"tasks: {', '.join(map(repr, unknown))} not in {self.path}; "
+                             f"its tasks: {', '.join(self.task_names)}")
+        keep = set(names)
+        kept = tuple(o for o in self.objectives or ()
+                     if o.tasks == "all" or set(o.tasks) <= keep)
+        return Suite(self.path, self.description, tuple(t for t in self.tasks if t.name in keep),
+                     kept or None)
+
     def data_file(self, task: TaskSpec, split: str) -> Path:
         """The absolute path of ``task``'s ``split`` file; SuiteError naming the field if absent."""
         index = self.tasks.index(task)
