@@ -23,8 +23,7 @@ _evomerge_postgres() {
   version=$(find /usr/lib/postgresql -mindepth 1 -maxdepth 1 -printf '%f\n' | sort -V | tail -n 1)
   [[ -n "$version" ]] || { echo "postgres.sh: no PostgreSQL server found" >&2; return 1; }
 
-  if ! pg_lsclusters -h | awk -v v="$version" -v c="$cluster" '$1 == v && $2 == c' | grep -q .
-  then
+  if [[ -z "$(pg_lsclusters -h | awk -v v="$version" -v c="$cluster" '$1 == v && $2 == c')" ]]; then
     pg_createcluster "$version" "$cluster" -p "$port" >/dev/null || return 1
   fi
   # Debian's postgresql.conf reads conf.d/ last: our settings win over its defaults.

@@ -274,3 +274,21 @@ def test_sqlite_with_many_writers_gets_advice_naming_journal_and_postgresql(url,
     assert (advice is not None) == warned
     if warned:
         assert "journal:///" in advice and "postgresql://" in advice and url in advice
+
+
+@pytest.mark.parametrize("executor, warned", [
+    ({"kind": "local", "workers": 4}, True), ({"kind": "local", "workers": 2}, False),
+    ({"kind": "slurm", "workers": 1}, True),
+])
+def test_the_driver_warns_once_about_an_sqlite_store_with_many_writers(executor, warned):
+    import warnings
+
+    from evomerge.execution.driver import _warn_many_writers
+    from evomerge.experiment import Executor
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        _warn_many_writers("sqlite:////r/study.db", Executor(**executor))
+    assert len(caught) == int(warned)
+    if warned:
+        assert "journal:///" in str(caught[0].message)
