@@ -392,15 +392,24 @@ def _sim_worker_process(store_args: dict, threads: int, mean_s: float, sigma: fl
 
 class SimExecutor:
     """What a remote executor does while its workers evaluate: poll ``done()`` every
-    ``POLL_S``; records the time the driver spends in those polls."""
+    ``POLL_S``; records the time the driver spends in those polls. Raises instead of waiting
+    forever when a worker process died or ``timeout_s`` passed in one generation."""
 
-    def __init__(self) -> None:
+    def __init__(self, procs: Sequence[Any], timeout_s: float) -> None:
+        self.procs = procs
+        self.timeout_s = timeout_s
         self.poll_s = 0.0
         self.polls = 0
         self.evaluator = None
 
     def run(self, store: Any, done: Callable[[], bool], tick: Callable[..., None]) -> None:
+        deadline = time.monotonic() + self.timeout_s
         while True:
+            dead = [p.exitcode for p in self.procs if not p.is_alive()]
+            if dead or time.monotonic() > deadline:
+                raise RuntimeError(f"simulated workers: {len(dead)} process(es) exited (codes "
+                                   f"{dead}) or the generation took over {self.timeout_s:.0f} s; "
+                                   "see their output above")
             started = time.perf_counter()
             finished = done()
             self.poll_s += time.perf_counter() - started
@@ -489,7 +498,8 @@ def run_simulation(url: str, n_workers: int, generations: int, mean_s: float, si
         new_strategy=lambda: make_strategy("cmaes", lower=[0.0] * SIM_DIM,
                                            upper=[1.0] * SIM_DIM, directions=["maximize"],
                                            seed=seed + 1, popsize=n_workers))
-    executor = SimExecutor()
+    executor = SimExecutor(procs, timeout_s=60 + 20 * mean_s * math.exp(4 * sigma))
+    plan.new_strategy()  # imports and first-use costs outside the timed driver loop
     cpu0, wall0 = time.process_time(), time.perf_counter()
     try:
         _search(plan, store, executor, _Bar(), None)
