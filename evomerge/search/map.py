@@ -1,0 +1,488 @@
+"""``map``: MAP, Bayesian MAP and Nested MAP (Li et al., "Low-compute Model Merging with
+Amortized Pareto Fronts via Quadratic Approximation").
+
+For a task-arithmetic space with one coefficient per task vector (``theta = theta_base +
+sum_n c_n tau_n``; e.g. ``params: [{name: weight, per: source, bounds: [0, 1.5]}]``) MAP spends
+few real evaluations to learn the whole trade-off front between the task metrics:
+
+1. **design**: ``design`` points (Latin hypercube, seeded), evaluated for real.
+2. **fit**: one quadratic surrogate per objective, ``act(c^T A c + b^T c + e)`` (see
+   ``_surrogate.py``), by nonlinear least squares; its leave-one-out error (MAE, R^2) on the
+   evaluated points is reported by :meth:`MAPStrategy.surrogate_report`.
+3. **front**: NSGA-II (NSGA-III above 3 objectives) on the surrogates (MAP's reference settings:
+   population 100, 150 generations, SBX/PM eta 20) gives the amortised (predicted) front;
+   ``front_points`` points spread along it are evaluated for real, so the run's Pareto set holds
+   real values. The error of the surrogate at those points (predicted before they were
+   evaluated: truly held out) is reported too.
+4. **refine**: the driver stops at its budget, not the strategy, so after the first front round
+   MAP goes on: refit on every real evaluation, search the surrogates again, and ask
+   ``front_points`` more points, spread away from the ones already asked (farthest-point
+   sampling in predicted objective space). Each round's error at its new points is measured
+   before they enter the fit.
+
+Options (experiment YAML ``strategy`` entries):
+
+``popsize``          the largest generation handed to the driver; default 16. Every phase's batch
+                     is asked in generations of at most this many.
+``design``           initial design size; default ``2T + 4`` with ``T = (d+1)(d+2)/2`` surrogate
+                     parameters (16 at d = 2): MAP needs more points than parameters. A design
+                     whose failures leave too few points to fit is drawn again.
+``sampling``         ``lhs`` (default) or ``random`` (uniform) for design points.
+``link``             ``auto`` (default: sigmoid for values in [0, 1], softplus for other
+                     non-negative values, identity otherwise, decided per objective from the
+                     data), ``sigmoid``, ``softplus``, ``identity``, or a list with one per objective.
+``front_points``     real evaluations per front round; default ``popsize``.
+``front_pop``, ``front_generations``  the surrogate NSGA-II's population (100) and generations
+                     (150).
+``bayesian``         Bayesian MAP: ``true`` or ``{rounds: 3, per_round: popsize, temperature:
+                     0.07, bins: B}``. After the design, each round maps the evaluated points to
+                     hyperspherical angles, bins each angle over [0, pi/2] (``bins`` per angle,
+                     default ``max(2, round(16^(1/(d-1))))``: 16 cells at d = 2), scores each
+                     cell by the squared in-sample residuals of its points (summed over
+                     objectives; mean + std/2), samples ``per_round`` cells by softmax(score /
+                     max score / temperature) and in each a point (angles uniform in the cell,
+                     radius uniform along the ray inside the box), evaluates them and refits.
+                     Needs ``lower >= 0`` (the angles live in the non-negative orthant).
+                     Assumptions (the paper's text leaves them open): scores are divided by their
+                     maximum before the softmax (raw squared residuals of accuracies are ~1e-3,
+                     which temperature 0.07 would turn into uniform sampling); an empty cell
+                     scores as the best one.
+``nested``           Nested MAP for many tasks: ``true`` or ``{preference: [p_1..p_N], design:
+                     16, front_points: 4}``. Needs one objective per coordinate (objective n
+                     measures task n; all in one direction) and ``lower <= 0 < upper``. Groups
+                     start as single tasks; each stage pairs neighbouring groups (an odd one out
+                     waits for the next stage) and runs a two-variable MAP per pair: the merged
+                     model of a pair is ``a v_A + b v_B`` (``v_G``: a group's coefficient vector,
+                     other tasks off), with ``a, b`` in ``[0, min_i upper_i / v_G,i]``; its two
+                     objectives are the preference-weighted means of the groups' task metrics.
+                     Per pair: ``design`` real evaluations, surrogates, front search, then
+                     ``front_points`` real evaluations on the predicted front (the one the
+                     preference likes best first, then spread). The pair's result is the real
+                     evaluation with the best preference-weighted sum ``sum_i p_i y_i`` over its
+                     tasks. N - 1 pair-MAPs in ceil(log2 N) stages; every evaluation is scored on
+                     all tasks by the fitness, so the cost is O(N) evaluations of O(N) tasks (the
+                     paper's O(N log N) counts task evaluations of a pair on its own tasks only).
+                     Assumed, as the notes give only the outline: pairing by index order, the
+                     preference (default: equal) decides each pair's result, and the real
+                     evaluations decide it rather than the surrogate. After the tree, the
+                     remaining budget runs flat MAP over all coordinates with every evaluation so
+                     far in its fit.
+
+Determinism: every random number comes from the strategy's own ``numpy.random.default_rng(
+seed)`` (design, Bayesian sampling, and the seed of each surrogate NSGA-II run, which pymoo
+draws from its own generator); fits are deterministic least squares. So the same seed and the
+same told values ask the same points, which is what resume-by-replay needs. Failed
+evaluations get the usual penalty (for the run's bookkeeping) but are left out of every fit.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from evomerge.search._surrogate import (
+    LINKS,
+    QuadraticFit,
+    auto_link,
+    cell_of,
+    cell_probabilities,
+    cell_scores,
+    errors,
+    fit_quadratic,
+    fittable,
+    loo_predictions,
+    n_terms,
+    sample_in_cells,
+    spread_pick,
+    surrogate_front,
+    to_angles,
+)
+from evomerge.search.base import Candidate, Direction, Strategy, register
+
+Batch = list[tuple[np.ndarray, dict[str, Any]]]
+
+
+@dataclass(frozen=True)
+class _Group:
+    """Nested MAP: tasks merged so far and their coefficient vector in the full space."""
+
+    tasks: tuple[int, ...]
+    v: np.ndarray
+
+
+def _positive_int(key: str, value: Any, minimum: int = 1) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
+        raise ValueError(f"{key}: an integer >= {minimum}, got {value!r}")
+    return int(value)
+
+
+def _sub_options(key: str, value: Any, defaults: dict[str, Any]) -> dict[str, Any] | None:
+    """``false``/``None`` -> off, ``true`` -> defaults, a mapping -> defaults updated by it."""
+    if value is None or value is False:
+        return None
+    if value is True:
+        return dict(defaults)
+    if not isinstance(value, dict):
+        raise ValueError(  # noqa: TRY004 - option errors are ValueErrors, as in every strategy
+            f"{key}: true, false or a mapping of {', '.join(defaults)}; got {value!r}")
+    unknown = sorted(set(value) - set(defaults))
+    if unknown:
+        raise ValueError(f"{key}: unknown {', '.join(unknown)}; known: {', '.join(defaults)}")
+    return {**defaults, **value}
+
+
+@register("map")
+class MAPStrategy(Strategy):
+    """MAP / Bayesian MAP / Nested MAP; see the module docstring for phases and options."""
+
+    def __init__(self, lower: Sequence[float], upper: Sequence[float],
+                 directions: Sequence[Direction], *, seed: int = 0, popsize: int | None = None,
+                 design: int | None = None, sampling: str = "lhs", link: str | list = "auto",
+                 front_points: int | None = None, front_pop: int = 100,
+                 front_generations: int = 150, bayesian: bool | dict | None = None,
+                 nested: bool | dict | None = None, **options: Any) -> None:
+        super().__init__(lower, upper, directions, seed=seed, popsize=popsize)
+        self._reject_options(options, ("design", "sampling", "link", "front_points",
+                                       "front_pop", "front_generations", "bayesian", "nested"))
+        d, n_obj = self.dim, len(self.directions)
+        self._popsize = _positive_int("popsize", 16 if popsize is None else popsize)
+        t = n_terms(d)
+        self._design = _positive_int("design", 2 * t + 4 if design is None else design)
+        if self._design <= t:
+            raise ValueError(f"design: {self._design} points cannot fit a quadratic in {d} "
+                             f"variables ({t} parameters); give more than {t}")
+        if sampling not in ("lhs", "random"):
+            raise ValueError(f"sampling: {sampling!r} is not one of lhs, random")
+        self._sampling = sampling
+        links = [link] * n_obj if isinstance(link, str) else list(link)
+        if len(links) != n_obj or any(k not in ("auto", *LINKS) for k in links):
+            raise ValueError(f"link: one of auto, {', '.join(LINKS)} or a list of {n_obj} of "
+                             f"them (one per objective); got {link!r}")
+        self._links = links
+        self._front_points = _positive_int(
+            "front_points", self._popsize if front_points is None else front_points)
+        self._front_pop = _positive_int("front_pop", front_pop, 4)
+        self._front_generations = _positive_int("front_generations", front_generations)
+        self._bayes = self._check_bayesian(bayesian)
+        self._nested = self._check_nested(nested)
+
+        self._sign = np.array([-1.0 if o == "maximize" else 1.0 for o in self.directions])
+        self._rng = np.random.default_rng(self.seed)
+        self._X: list[np.ndarray] = []  # every told point, in order
+        self._F: list[list[float]] = []  # its values (penalty for failures)
+        self._ok: list[bool] = []  # whether it was a real (finite) result
+        self._fits: list[QuadraticFit] = []
+        self._front_asked: list[np.ndarray] = []  # flat front points asked so far
+        self._front_pairs: list[tuple[list[float], list[float]]] = []  # (predicted, real)
+        self._report: dict[str, Any] = {"phase": "design", "surrogates": [], "bayesian": [],
+                                        "nested": []}
+        self._program = self._run()
+        self._batch: Batch = []
+        self._pos = 0
+        self._pending: list[Candidate] | None = None
+
+    # ---- options -------------------------------------------------------------------------
+
+    def _check_bayesian(self, value: Any) -> dict[str, Any] | None:
+        d = self.dim
+        opts = _sub_options("bayesian", value, {
+            "rounds": 3, "per_round": self._popsize, "temperature": 0.07,
+            "bins": max(2, round(16 ** (1 / max(d - 1, 1))))})
+        if opts is None:
+            return None
+        _positive_int("bayesian.rounds", opts["rounds"], 0)
+        _positive_int("bayesian.per_round", opts["per_round"])
+        _positive_int("bayesian.bins", opts["bins"])
+        if not (isinstance(opts["temperature"], (int, float)) and opts["temperature"] > 0):
+            raise ValueError(f"bayesian.temperature: a positive number, got "
+                             f"{opts['temperature']!r}")
+        if d < 2:
+            raise ValueError("bayesian: needs at least 2 coefficients (it bins angles)")
+        if np.any(self.lower < 0):
+            raise ValueError(f"bayesian: needs lower bounds >= 0 (angles of non-negative "
+                             f"coefficients); got lower {self.lower.tolist()}")
+        return opts
+
+    def _check_nested(self, value: Any) -> dict[str, Any] | None:
+        d, n_obj = self.dim, len(self.directions)
+        opts = _sub_options("nested", value, {"preference": None, "design": 16,
+                                              "front_points": 4})
+        if opts is None:
+            return None
+        if d < 2 or n_obj != d:
+            raise ValueError(f"nested: needs one objective per coefficient (objective n scores "
+                             f"task n) and at least 2; got {d} coefficients, {n_obj} objectives")
+        if len(set(self.directions)) != 1:
+            raise ValueError(f"nested: objectives must share one direction (group metrics are "
+                             f"means); got {self.directions}")
+        if np.any(self.lower > 0) or np.any(self.upper <= 0):
+            raise ValueError("nested: needs lower <= 0 < upper per coefficient (tasks outside "
+                             "a pair are switched off with coefficient 0)")
+        pref = np.ones(d) if opts["preference"] is None else np.asarray(opts["preference"],
+                                                                        dtype=float)
+        if pref.shape != (d,) or np.any(pref < 0) or not np.any(pref > 0):
+            raise ValueError(f"nested.preference: {d} non-negative numbers, not all 0; got "
+                             f"{opts['preference']!r}")
+        if _positive_int("nested.design", opts["design"]) <= n_terms(2):
+            raise ValueError(f"nested.design: a pair's quadratic has {n_terms(2)} parameters; "
+                             f"give more points than that, got {opts['design']}")
+        _positive_int("nested.front_points", opts["front_points"])
+        return {**opts, "preference": pref}
+
+    # ---- ask / tell ----------------------------------------------------------------------
+
+    @property
+    def popsize(self) -> int:
+        return self._popsize
+
+    def ask(self, n: int | None = None) -> list[Candidate]:
+        if n is not None:
+            raise ValueError(f"map decides its generation sizes: n must be None, got {n}")
+        if self._pending is not None:
+            raise RuntimeError(f"map: generation {self.generation} was asked but not told; "
+                               "tell it before asking the next")
+        if self._pos >= len(self._batch):
+            self._batch, self._pos = next(self._program), 0
+        chunk = self._batch[self._pos:self._pos + self._popsize]
+        self._pending = [Candidate(x=x.copy(), generation=self.generation, index=i,
+                                   meta=copy.deepcopy(meta)) for i, (x, meta) in enumerate(chunk)]
+        return list(self._pending)
+
+    def tell(self, candidates: Sequence[Candidate],
+             values: Sequence[Sequence[float] | None]) -> None:
+        self._check_tell(candidates, values)
+        if self._pending is None:
+            raise RuntimeError("map: tell without a pending generation (ask first)")
+        expected = [(c.generation, c.index) for c in self._pending]
+        got = [(c.generation, c.index) for c in candidates]
+        if got != expected:
+            raise ValueError(f"map tell: expected the whole generation {self.generation} "
+                             f"({len(expected)} candidates, in asked order), got {len(got)} "
+                             f"with (generation, index) {got[:3]}...")
+        filled = self._note_values(values)
+        for cand, raw, f in zip(self._pending, values, filled):
+            ok = raw is not None and bool(np.all(np.isfinite(np.asarray(raw, dtype=float))))
+            self._X.append(cand.x.copy())
+            self._F.append(f)
+            self._ok.append(ok)
+            if ok and "predicted" in cand.meta:
+                self._front_pairs.append((cand.meta["predicted"], list(f)))
+        self._pos += len(self._pending)
+        self._pending = None
+        self.generation += 1
+
+    def surrogate_report(self) -> dict[str, Any]:
+        """Plain data on the surrogates: per objective its link, coefficients and
+        leave-one-out error on the fitted points; the error at front points predicted before
+        they were evaluated (``front``); Bayesian rounds' cell scores and sample counts; Nested
+        MAP's stages."""
+        report = copy.deepcopy(self._report)
+        if self._front_pairs:
+            pred = np.array([p for p, _ in self._front_pairs])
+            real = np.array([r for _, r in self._front_pairs])
+            report["front"] = [errors(real[:, m], pred[:, m]) for m in range(pred.shape[1])]
+        else:
+            report["front"] = None
+        return report
+
+    # ---- the program: phases as a generator of batches -----------------------------------
+
+    def _run(self) -> Iterator[Batch]:
+        """Yields each phase's batch of points once the previous batch has been told."""
+        if self._nested is not None:
+            yield from self._nested_stages()
+        self._report["phase"] = "design"
+        yield self._design_batch()
+        while not fittable(self._valid()[0]):
+            yield self._design_batch()
+        self._fit()
+        for r in range(self._bayes["rounds"] if self._bayes else 0):
+            self._report["phase"] = "bayesian"
+            yield self._bayes_batch(r)
+            self._fit()
+        rnd = 0
+        while True:
+            self._report["phase"] = "front"
+            yield self._front_batch(rnd)
+            self._fit()
+            rnd += 1
+
+    def _valid(self) -> tuple[np.ndarray, np.ndarray]:
+        ok = np.array(self._ok, dtype=bool)
+        if not ok.any():
+            return np.zeros((0, self.dim)), np.zeros((0, len(self.directions)))
+        return np.array(self._X)[ok], np.array(self._F)[ok]
+
+    def _sample_box(self, n: int, lower: np.ndarray, upper: np.ndarray) -> np.ndarray:
+        from scipy.stats import qmc
+
+        if self._sampling == "lhs":
+            unit = qmc.LatinHypercube(d=len(lower), rng=self._rng).random(n)
+        else:
+            unit = self._rng.random((n, len(lower)))
+        return lower + unit * (upper - lower)
+
+    def _design_batch(self) -> Batch:
+        points = self._sample_box(self._design, self.lower, self.upper)
+        return [(x, {"phase": "design"}) for x in points]
+
+    def _fit(self) -> None:
+        X, F = self._valid()
+        self._fits, entries = [], []
+        for m in range(F.shape[1]):
+            link = self._links[m] if self._links[m] != "auto" else auto_link(F[:, m])
+            fit = fit_quadratic(X, F[:, m], link)
+            coef = fit.coefficients()
+            self._fits.append(fit)
+            entries.append({"objective": m, "link": link,
+                            "loo": errors(F[:, m], loo_predictions(X, F[:, m], fit)),
+                            "A": coef["A"].tolist(), "b": coef["b"].tolist(), "e": coef["e"]})
+        self._report["n_fit"] = len(X)
+        self._report["surrogates"] = entries
+
+    def _predict_min(self, fits: list[QuadraticFit], sign: np.ndarray, X: np.ndarray
+                     ) -> np.ndarray:
+        """Surrogate predictions in minimisation form (maximised objectives negated)."""
+        return np.stack([f.predict(X) for f in fits], axis=1) * sign
+
+    def _bayes_batch(self, rnd: int) -> Batch:
+        X, F = self._valid()
+        pred = np.stack([f.predict(X) for f in self._fits], axis=1)
+        sq = np.sum((F - pred) ** 2, axis=1)
+        bins, d = self._bayes["bins"], self.dim
+        n_cells = bins ** (d - 1)
+        scores = cell_scores(cell_of(to_angles(X), bins), sq, n_cells)
+        probs = cell_probabilities(scores, self._bayes["temperature"])
+        cells = self._rng.choice(n_cells, size=self._bayes["per_round"], p=probs)
+        points = sample_in_cells(self._rng, cells, bins, self.lower, self.upper)
+        self._report["bayesian"].append({
+            "round": rnd, "scores": scores.tolist(), "probabilities": probs.tolist(),
+            "counts": np.bincount(cells, minlength=n_cells).tolist()})
+        return [(x, {"phase": "bayesian", "round": rnd, "cell": int(c)})
+                for x, c in zip(points, cells)]
+
+    def _front_batch(self, rnd: int) -> Batch:
+        fits, sign = list(self._fits), self._sign
+
+        def objective(P: np.ndarray) -> np.ndarray:
+            return self._predict_min(fits, sign, P)
+
+        Xs, Fs = surrogate_front(objective, self.lower, self.upper, len(self.directions),
+                                 pop=self._front_pop, generations=self._front_generations,
+                                 seed=int(self._rng.integers(2**32)))
+        anchors = objective(np.array(self._front_asked)) if self._front_asked else None
+        picked = spread_pick(Fs, self._front_points, anchors)
+        batch = []
+        for i in picked:
+            x = np.clip(Xs[i], self.lower, self.upper)
+            self._front_asked.append(x)
+            batch.append((x, {"phase": "front", "round": rnd,
+                              "predicted": (Fs[i] * sign).tolist()}))
+        return batch
+
+    # ---- Nested MAP ----------------------------------------------------------------------
+
+    def _group_hi(self, g: _Group) -> float:
+        """The largest coefficient on a group's vector that keeps every coordinate in bounds."""
+        pos = g.v > 0
+        return float(np.min(self.upper[pos] / g.v[pos])) if pos.any() else 1.0
+
+    def _group_metric(self, g: _Group, F: np.ndarray) -> np.ndarray:
+        """Preference-weighted mean of the group's task metrics, per row of ``F``."""
+        p = self._nested["preference"][list(g.tasks)]
+        return F[:, list(g.tasks)] @ p / p.sum() if p.sum() > 0 else F[:, list(g.tasks)].mean(1)
+
+    def _group_link(self, g: _Group, y: np.ndarray) -> str:
+        links = {self._links[t] for t in g.tasks}
+        return links.pop() if len(links) == 1 and "auto" not in links else auto_link(y)
+
+    def _nested_stages(self) -> Iterator[Batch]:
+        opts, d = self._nested, self.dim
+        pref = opts["preference"]
+        sign = self._sign[0]  # one direction for all objectives
+        groups = [_Group((i,), np.eye(d)[i]) for i in range(d)]
+        stage = 0
+        while len(groups) > 1:
+            self._report["phase"] = f"nested stage {stage}"
+            pairs = [(groups[k], groups[k + 1]) for k in range(0, len(groups) - 1, 2)]
+            rest = [groups[-1]] if len(groups) % 2 else []
+            his = [np.array([self._group_hi(a), self._group_hi(b)]) for a, b in pairs]
+            batch, owner = [], []  # owner[k]: (pair, (a, b)) of the k-th point
+            for p, ((a, b), hi) in enumerate(zip(pairs, his)):
+                for ab in self._sample_box(opts["design"], np.zeros(2), hi):
+                    batch.append((self._combine(a, b, ab), {
+                        "phase": "nested-design", "stage": stage, "pair": p,
+                        "ab": ab.tolist()}))
+                    owner.append((p, ab))
+            start = len(self._X)
+            yield batch
+            rows = {p: [] for p in range(len(pairs))}  # pair -> [(row in self._X, (a, b))]
+            for k, (p, ab) in enumerate(owner):
+                rows[p].append((start + k, ab))
+            front, owner, entries = [], [], []
+            for p, ((a, b), hi) in enumerate(zip(pairs, his)):
+                entry = {"tasks": [list(a.tasks), list(b.tasks)], "loo": None}
+                picks = self._pair_front(a, b, hi, rows[p], entry, pref, sign)
+                for ab, predicted in picks:
+                    front.append((self._combine(a, b, ab), {
+                        "phase": "nested-front", "stage": stage, "pair": p,
+                        "ab": ab.tolist(), "predicted_groups": predicted}))
+                    owner.append((p, ab))
+                entries.append(entry)
+            start = len(self._X)
+            if front:
+                yield front
+            for k, (p, ab) in enumerate(owner):
+                rows[p].append((start + k, ab))
+            merged = []
+            for p, (a, b) in enumerate(pairs):
+                F = np.array([self._F[r] for r, _ in rows[p]])
+                tasks = list(a.tasks + b.tasks)
+                score = sign * (F[:, tasks] @ pref[tasks])  # minimisation form
+                best = int(np.argmin(score))
+                ab = rows[p][best][1]
+                g = _Group(a.tasks + b.tasks, ab[0] * a.v + ab[1] * b.v)
+                merged.append(g)
+                entries[p].update({"chosen_ab": ab.tolist(), "coefficients": g.v.tolist(),
+                                   "score": float(sign * score[best]),
+                                   "evaluations": len(rows[p])})
+            self._report["nested"].append({"stage": stage, "pairs": entries})
+            groups = merged + rest
+            stage += 1
+
+    def _combine(self, a: _Group, b: _Group, ab: np.ndarray) -> np.ndarray:
+        return np.clip(ab[0] * a.v + ab[1] * b.v, self.lower, self.upper)
+
+    def _pair_front(self, a: _Group, b: _Group, hi: np.ndarray, rows: list, entry: dict,
+                    pref: np.ndarray, sign: float) -> list[tuple[np.ndarray, list[float]]]:
+        """A pair's two-variable MAP: fit the two group metrics over (a, b) on the pair's valid
+        design points and pick ``front_points`` on the predicted front (the one the preference
+        scores best first, then spread). No picks when the points cannot fit a quadratic."""
+        ok = [(r, ab) for r, ab in rows if self._ok[r]]
+        AB = np.array([ab for _, ab in ok]).reshape(-1, 2)
+        if not fittable(AB):
+            return []
+        F = np.array([self._F[r] for r, _ in ok])
+        fits, loo = [], []
+        for g in (a, b):
+            y = self._group_metric(g, F)
+            fit = fit_quadratic(AB, y, self._group_link(g, y))
+            fits.append(fit)
+            loo.append(errors(y, loo_predictions(AB, y, fit)))
+        entry["loo"] = loo
+        signs = np.full(2, sign)
+
+        def objective(P: np.ndarray) -> np.ndarray:
+            return self._predict_min(fits, signs, P)
+
+        Xs, Fs = surrogate_front(objective, np.zeros(2), hi, 2, pop=self._front_pop,
+                                 generations=self._front_generations,
+                                 seed=int(self._rng.integers(2**32)))
+        weights = np.array([pref[list(a.tasks)].sum(), pref[list(b.tasks)].sum()])
+        first = int(np.argmin(Fs @ weights))
+        picked = spread_pick(Fs, self._nested["front_points"], first=first)
+        return [(np.clip(Xs[i], 0.0, hi), (Fs[i] * sign).tolist()) for i in picked]
