@@ -7,6 +7,7 @@ when a strategy is constructed.
 
 from evomerge.search.base import STRATEGIES, Candidate, Strategy, make_strategy, register
 from evomerge.search.cmaes import CMAES
+from evomerge.search.map import MAPStrategy  # noqa: F401 - registers ``map`` (MAP)
 from evomerge.search.nsga2 import NSGA2Strategy
 from evomerge.search.optuna_sampler import OptunaStrategy
 from evomerge.search.random_search import RandomSearch
