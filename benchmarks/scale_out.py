@@ -183,7 +183,8 @@ def experiment_data(zoo: dict[str, Path], run_dir: Path, *, budget: int, path: s
 
 def steady_state(finished_at: Sequence[float], eval_s: Sequence[float]) -> dict[str, float]:
     """Throughput between the first and the last finished trial (start-up excluded):
-    ``(n - 1) / span``; and the mean evaluation time, both from the stored trials."""
+    ``(n - 1) / span``; and the median build + evaluation time, both from the stored trials
+    (the median: a worker's first build also computes and caches the task vectors)."""
     n = len(finished_at)
     if n < 2:
         raise ValueError(f"steady state needs at least 2 finished trials, got {n}")
@@ -191,7 +192,7 @@ def steady_state(finished_at: Sequence[float], eval_s: Sequence[float]) -> dict[
     if span <= 0:
         raise ValueError(f"first and last trial finished at the same time ({span} s)")
     return {"n": n, "span_s": span, "trials_per_s": (n - 1) / span,
-            "ms_per_trial": span / (n - 1) * 1e3, "eval_ms": statistics.fmean(eval_s) * 1e3}
+            "ms_per_trial": span / (n - 1) * 1e3, "eval_ms": statistics.median(eval_s) * 1e3}
 
 
 def dispatch_overhead_ms(ms_per_trial: float, eval_ms: float, workers: int) -> float:
@@ -835,10 +836,10 @@ def markdown_section(result: dict[str, Any]) -> str:
             f"each, ~{busy['repeat'] * busy['forward_ms']:.0f} ms of CPU work per evaluation, "
             "one torch thread per process): measures parallel evaluation. Trials/s = "
             "(n - 1) / (last - first finished trial), start-up excluded (shown apart). "
-            "Overhead = workers x ms/trial - mean build+eval ms: wall time per trial a worker "
+            "Overhead = workers x ms/trial - median build+eval ms: wall time per trial a worker "
              "does not spend evaluating (store round trips, polling, generation barriers)."),
             "",
-            ("| workload | path | workers | n | trials/s | ms/trial | build+eval ms "
+            ("| workload | path | workers | n | trials/s | ms/trial | median build+eval ms "
              "| overhead ms | start-up s |"),
             "|---|---|---:|---:|---:|---:|---:|---:|---:|",
         ]
