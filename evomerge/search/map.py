@@ -278,8 +278,9 @@ class MAPStrategy(Strategy):
     def surrogate_report(self) -> dict[str, Any]:
         """Plain data on the surrogates: per objective its link, coefficients and
         leave-one-out error on the fitted points; the error at front points predicted before
-        they were evaluated (``front``); Bayesian rounds' cell scores and sample counts; Nested
-        MAP's stages."""
+        they were evaluated (``front``, updated at every tell); Bayesian rounds' cell scores and
+        sample counts; Nested MAP's stages. Fits, rounds and a nested pair's choice are made
+        when the next batch is planned, i.e. at the ``ask`` after the last tell they need."""
         report = copy.deepcopy(self._report)
         if self._front_pairs:
             pred = np.array([p for p, _ in self._front_pairs])
