@@ -41,7 +41,8 @@ from run_helpers import (
 pytestmark = pytest.mark.slow
 
 NAME, POPSIZE, BUDGET = "digits_cmaes", 8, 24
-STALL_S = 12  # a run whose trials do not move for this long hangs (a worker restarts in ~3 s)
+STALL_S = 45  # no trial state change for this long = a hang (a replacement worker takes
+#              2-3 s to start on an idle 2-core machine, 13 s seen under load 10)
 ORPHAN_S = 10  # how long workers may outlive their killed driver
 
 

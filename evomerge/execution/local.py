@@ -57,8 +57,12 @@ class LocalExecutor:
             drain(store, self.evaluator, on_done=lambda: tick(1))
             return
         self._start()
+        last_stale = time.monotonic()
         while not done():
             self._replace_dead(store)
+            if time.monotonic() - last_stale >= 1.0:  # a worker killed between claim and owner
+                store.fail_stale()                    # write (PostgreSQL, journal) never beat
+                last_stale = time.monotonic()
             time.sleep(0.05)
             tick()
 

@@ -133,7 +133,11 @@ class RayExecutor:
         """Return once ``done()``; ``tick(1)`` as each actor's trial returns, ``tick()`` per poll."""
         self._start()
         resting: set[int] = set()  # actors that found the queue empty during this call
+        last_stale = time.monotonic()
         while not done():
+            if time.monotonic() - last_stale >= 1.0:  # an actor on a lost node, or killed
+                store.fail_stale()                    # between claim and owner write
+                last_stale = time.monotonic()
             for k in range(len(self._actors)):
                 if k not in resting and k not in self._pending.values():
                     self._pending[self._actors[k].step.remote()] = k
