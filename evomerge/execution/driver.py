@@ -250,8 +250,11 @@ def _search(plan: Plan, store: Store, executor: Any, bar: Any,
         bar.update(done, best.text())
         _check_failures(trials, store, experiment.max_fail_share, strategy.popsize)
         if size == len(candidates):
-            strategy.tell(candidates, [list(t.values) if t.state == TrialState.COMPLETE else None
-                                       for t in trials])
+            values = [list(t.values) if t.state == TrialState.COMPLETE else None for t in trials]
+            if getattr(strategy, "wants_item_scores", False):  # M2N2: selection per item
+                strategy.tell(candidates, values, item_scores=[_item_scores(t) for t in trials])
+            else:
+                strategy.tell(candidates, values)
         generation += 1
 
 
@@ -275,6 +278,18 @@ class _Best:
         if len(self.objectives) > 1:
             return f"{len(self.objectives)} objectives"
         return "-" if self.value is None else f"{self.objectives[0].name} {self.value:.4f}"
+
+
+def _item_scores(trial: Any) -> np.ndarray | None:
+    """A finished trial's per-item scores as one vector (tasks in sorted name order), read
+    from the store, so a replayed trial tells exactly what the live one did; None if it
+    failed. Passed to strategies with ``wants_item_scores`` (see ``evomerge.search.m2n2``)."""
+    from evomerge.store import decode_scores
+
+    scores = trial.user_attrs.get(RESULT, {}).get("item_scores")
+    if trial.state != TrialState.COMPLETE or not scores:
+        return None
+    return np.concatenate([decode_scores(scores[task]) for task in sorted(scores)])
 
 
 def _interrupted(trial: Any) -> bool:

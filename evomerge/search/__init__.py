@@ -7,6 +7,7 @@ when a strategy is constructed.
 
 from evomerge.search.base import STRATEGIES, Candidate, Strategy, make_strategy, register
 from evomerge.search.cmaes import CMAES
+from evomerge.search.m2n2 import M2N2  # noqa: F401 - registers ``m2n2`` (natural niches)
 from evomerge.search.map import MAPStrategy  # noqa: F401 - registers ``map`` (MAP)
 from evomerge.search.nsga2 import NSGA2Strategy
 from evomerge.search.optuna_sampler import OptunaStrategy
