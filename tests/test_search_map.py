@@ -388,3 +388,68 @@ def test_nested_map_with_an_odd_number_of_tasks_carries_the_odd_one_to_the_next_
     # (every coefficient at its target) scores 3 sigmoid(2) = 2.642.
     assert report[1]["pairs"][0]["score"] > 3 * expit(2.0) - 0.03
     assert report[1]["pairs"][0]["evaluations"] == 16 + 2
+
+
+# ---- in the run driver: the digits experiment, and resume after kill -9 ------------------------
+
+@pytest.fixture(scope="module")
+def zoo(tmp_path_factory):
+    from run_helpers import build_zoo
+
+    return build_zoo(tmp_path_factory.getbasetemp() / "digits-zoo")
+
+
+@pytest.mark.slow
+def test_digits_map_experiment_front_holds_real_front_evaluations(zoo, tmp_path):
+    from run_helpers import assert_exactly_budget, experiment_data, load_trials, run_in_process
+    from run_helpers import slot as slot_of
+
+    summary = run_in_process(experiment_data("map", zoo, tmp_path / "run", budget=40))
+    trials = load_trials(tmp_path / "run", "digits_map")
+    assert_exactly_budget(trials, 40, 16)  # design 16, front 16, 8 of the next front round
+    by_number = {t.number: t for t in trials}
+    assert summary["pareto"]
+    for point in summary["pareto"]:  # the reported front is real evaluations, as stored
+        assert list(point["objectives"].values()) == list(by_number[point["trial"]].values)
+    # Most of the front comes from the surrogate's proposals (generation >= 1), not the design.
+    proposed = [slot_of(by_number[p["trial"]])[0] >= 1 for p in summary["pareto"]]
+    assert sum(proposed) > len(proposed) / 2, summary["pareto"]
+
+
+@pytest.mark.slow
+def test_kill_9_mid_front_round_then_resume_matches_an_uninterrupted_run(zoo, tmp_path):
+    from run_helpers import (
+        assert_exactly_budget,
+        by_slot,
+        cli,
+        experiment_data,
+        kill_group,
+        load_trials,
+        run_cli,
+        run_in_process,
+        start,
+        state_counts,
+        wait_until,
+        write_experiment,
+    )
+
+    budget = 40
+    run_in_process(experiment_data("map", zoo, tmp_path / "ref", budget=budget))
+    reference = by_slot(load_trials(tmp_path / "ref", "digits_map"))
+    run_dir = tmp_path / "run"
+    exp = write_experiment(tmp_path / "exp.yaml",
+                           experiment_data("map", zoo, run_dir, budget=budget))
+    proc = start(cli("run", exp), tmp_path / "run.log")
+    try:  # killed inside the first front round: the design is told, the front half done
+        wait_until(lambda: state_counts(run_dir)["COMPLETE"] >= 20, timeout=120, proc=proc,
+                   log=tmp_path / "run.log", what="20 complete trials")
+        proc.kill()
+        proc.wait(timeout=30)
+    finally:
+        kill_group(proc)
+    assert not (run_dir / "summary.json").exists()
+    result = run_cli(cli("resume", run_dir), timeout=300)
+    assert result.returncode == 0, result.stdout + result.stderr
+    trials = load_trials(run_dir, "digits_map")
+    assert_exactly_budget(trials, budget, 16)
+    assert by_slot(trials) == reference  # the very trajectory: every slot's x and values

@@ -30,7 +30,7 @@ Options (experiment YAML ``strategy`` entries):
 ``sampling``         ``lhs`` (default) or ``random`` (uniform) for design points.
 ``link``             ``auto`` (default: sigmoid for values in [0, 1], softplus for other
                      non-negative values, identity otherwise, decided per objective from the
-                     data), ``sigmoid``, ``softplus``, ``identity``, or a list with one per objective.
+                     data), ``sigmoid``, ``softplus``, ``identity``, or a list: one per objective.
 ``front_points``     real evaluations per front round; default ``popsize``.
 ``front_pop``, ``front_generations``  the surrogate NSGA-II's population (100) and generations
                      (150).
