@@ -414,6 +414,11 @@ def test_digits_map_experiment_front_holds_real_front_evaluations(zoo, tmp_path)
     # Most of the front comes from the surrogate's proposals (generation >= 1), not the design.
     proposed = [slot_of(by_number[p["trial"]])[0] >= 1 for p in summary["pareto"]]
     assert sum(proposed) > len(proposed) / 2, summary["pareto"]
+    # The run keeps the surrogates' error next to its summary.
+    report = json.loads((tmp_path / "run" / "surrogate.json").read_text())
+    assert [s["link"] for s in report["surrogates"]] == ["sigmoid", "sigmoid"]
+    assert report["n_fit"] == 32 and all(s["loo"]["n"] == 32 for s in report["surrogates"])
+    assert [e["n"] for e in report["front"]] == [16, 16]
 
 
 @pytest.mark.slow

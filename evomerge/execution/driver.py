@@ -256,6 +256,18 @@ def _search(plan: Plan, store: Store, executor: Any, bar: Any,
             else:
                 strategy.tell(candidates, values)
         generation += 1
+    _write_surrogate_report(strategy, experiment.run_path)
+
+
+def _write_surrogate_report(strategy: Strategy, run_dir: Path) -> None:
+    """Surrogate strategies (MAP) report their surrogates' error: RUN_DIR/surrogate.json."""
+    report = getattr(strategy, "surrogate_report", None)
+    if callable(report):
+        import json
+
+        from evomerge.report import write_atomic
+
+        write_atomic(run_dir / "surrogate.json", json.dumps(report(), indent=2))
 
 
 class _Best:
