@@ -173,7 +173,8 @@ def markdown_section(result: dict[str, Any]) -> str:
         lines.append(f"| {r['config']} | {r['k']} | {r['hv_mean']:.4f} ± {r['hv_std']:.4f} | "
                      f"{f(r['loo_mae'], '.4f')} | {f(r['loo_r2'], '.3f')} | "
                      f"{f(r['front_mae'], '.4f')} |")
-    footer = (f"{result['seconds']:.0f} s on {result['cpu']} (load {result['load']}). "
+    load = "?" if result["load"] is None else f"{result['load']:.1f}"
+    footer = (f"{result['seconds']:.0f} s on {result['cpu']} (load {load}). "
               f"Command: `{result['command']}`")
     lines += ["", footer, END]
     return "\n".join(lines)
