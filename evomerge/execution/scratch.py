@@ -7,7 +7,8 @@ and record every evaluation in an Optuna study, compactly and in batches:
 
 * the study is a journal file (``RUN_DIR/study.log``; Optuna's ``JournalStorage``): 2.4 ms per
   written trial measured here, against 20 ms for SQLite;
-* one trial per ``record_every`` evaluations (default 500): its value is the best training
+* one trial per ``record_every`` evaluations (default 500; a generation is never split, so a
+  trial may hold up to ``popsize - 1`` more): its value is the best training
   accuracy among them, its user attribute ``scratch`` holds, per evaluation, the compact record
   (M2N2: ``[step, parent A's step, parent B's step, split, mix]``; CMA-ES: ``[step]``) and the
   packed correctness bits (``evomerge.store.encode_scores``). Weights are never stored.
@@ -185,7 +186,7 @@ def _cmaes(train: Any, budget: int, seed: int, options: dict[str, Any],
 
 
 class _Writer:
-    """Buffers evaluations and writes one COMPLETE trial per ``every`` of them."""
+    """Buffers evaluations and writes one COMPLETE trial once ``every`` of them are buffered."""
 
     def __init__(self, study: Any, every: int) -> None:
         self.study, self.every = study, every
@@ -222,7 +223,8 @@ def _stored(study: Any) -> list[tuple[list[float], np.ndarray]]:
     for t in study.get_trials(deepcopy=False):
         attr = t.user_attrs.get(ATTR)
         if attr:
-            out += [(r, decode_scores(b)) for r, b in zip(attr["records"], attr["bits"])]
+            out += [(r, decode_scores(b).astype(np.float64))  # as evaluated: float64
+                    for r, b in zip(attr["records"], attr["bits"])]
     out.sort(key=lambda e: e[0][0])
     steps = [int(r[0]) for r, _ in out]
     if steps != list(range(len(steps))):
