@@ -75,6 +75,8 @@ class Executor(BaseModel):
     address: str = Field("local", description="ray: local | auto | ray://host:port")
     cpus_per_worker: float = Field(1.0, gt=0)
     gpus_per_worker: float = Field(0.0, ge=0)
+    threads: int | None = Field(None, ge=1, description="torch threads per evaluator; default: "
+                                "torch's own in-process, cores // workers for local workers")
     heartbeat_s: float = Field(10.0, gt=0)
     grace_s: float = Field(60.0, gt=0)
     slurm: dict[str, str | int] = Field(default_factory=dict,

@@ -204,3 +204,21 @@ def test_strategy_sees_decoded_candidates_inside_the_space(zoo, tmp_path):
         assert np.all(x >= 0.0) and np.all(x <= 1.5)
         weights = [m["parameters"]["weight"] for m in trial.user_attrs["evomerge"]["recipe"]["models"]]
         assert np.allclose(np.concatenate(weights), x)  # layer gradients, source-major
+
+
+def test_executor_threads_pin_torch_during_the_run_and_are_restored(zoo, tmp_path, monkeypatch):
+    import torch
+
+    seen = []
+    original = DigitsFitness.evaluate
+    monkeypatch.setattr(DigitsFitness, "evaluate", lambda self, model, split="search": (
+        seen.append(torch.get_num_threads()) or original(self, model, split)))
+    before = torch.get_num_threads()
+    data = experiment(zoo, tmp_path, budget=8, executor={"kind": "local", "threads": 1},
+                      export=False)
+    pinned = Experiment.from_dict(data).run(progress=False)
+    assert set(seen) == {1}  # search, source and held-out scores alike
+    assert torch.get_num_threads() == before
+    unpinned = Experiment.from_dict(experiment(zoo, tmp_path / "b", budget=8,
+                                               export=False)).run(progress=False)
+    assert pinned["best"] == unpinned["best"]  # the same search either way

@@ -24,6 +24,7 @@ from optuna.trial import TrialState
 
 from evomerge.experiment import Experiment, ExperimentError
 from evomerge.execution import make_executor
+from evomerge.execution.worker import torch_threads
 from evomerge.search import Strategy, make_strategy
 from evomerge.store import (EXPERIMENT, INTERRUPTED, META, RESULT, Slot, Store,
                             storage_url, x_of)
@@ -123,7 +124,7 @@ def run_experiment(experiment: Experiment, *, resume: bool = False, progress: bo
         raise ExperimentError(str(exc)) from None
     run_dir = plan.experiment.run_path
     run_dir.mkdir(parents=True, exist_ok=True)
-    with _driver_lock(run_dir):
+    with _driver_lock(run_dir), torch_threads(plan.experiment.executor.threads):
         return _run_locked(plan, resume, progress, on_trial, started)
 
 

@@ -27,7 +27,8 @@ def _worker_main(experiment_data: dict, store_args: dict, parent: int) -> None:
     experiment = Experiment.model_validate(experiment_data)
     # N workers share this machine's cores: torch's default (all cores each) oversubscribes
     # them, which cost 15x on LM evaluation here with 2 workers on 2 cores.
-    torch.set_num_threads(max(1, (os.cpu_count() or 1) // experiment.executor.workers))
+    torch.set_num_threads(experiment.executor.threads
+                          or max(1, (os.cpu_count() or 1) // experiment.executor.workers))
     store = Store(**store_args)
     worker_loop(store, evaluator_for(experiment), parent=parent)
 
