@@ -458,3 +458,43 @@ def test_kill_9_mid_front_round_then_resume_matches_an_uninterrupted_run(zoo, tm
     trials = load_trials(run_dir, "digits_map")
     assert_exactly_budget(trials, budget, 16)
     assert by_slot(trials) == reference  # the very trajectory: every slot's x and values
+
+
+# ---- benchmarks/map_front.py -------------------------------------------------------------------
+
+def _benchmark():
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "map_front.py"
+    spec = importlib.util.spec_from_file_location("map_front", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_benchmark_hypervolume_is_the_area_dominated_above_the_origin():
+    hv = _benchmark().hypervolume
+    # Two rectangles [0, .5] x [0, 1] and [0, 1] x [0, .5] overlap in [0, .5]^2: .5 + .5 - .25.
+    assert hv(np.array([[0.5, 1.0], [1.0, 0.5]])) == pytest.approx(0.75)
+    assert hv(np.array([[0.5, 1.0], [1.0, 0.5], [0.4, 0.4]])) == pytest.approx(0.75)  # dominated
+
+
+@pytest.mark.slow
+def test_benchmark_runs_and_prints_one_json_object(zoo, tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "map_front.py"
+    proc = subprocess.run([sys.executable, str(script), "--json", "--seeds", "1", "--ks", "16,32",
+                           "--configs", "map,nsga2-source", "--zoo", str(zoo["base"].parent)],
+                          check=False, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    data = json.loads(proc.stdout)
+    assert [(r["config"], r["k"]) for r in data["rows"]] == [
+        ("map", 16), ("map", 32), ("nsga2-source", 16), ("nsga2-source", 32)]
+    for run in data["runs"]:  # a front only grows: HV never drops with more evaluations
+        assert 0 < run["hv"]["16"] <= run["hv"]["32"] <= 1
+    map_32 = data["rows"][1]
+    assert map_32["loo_mae"] is not None and map_32["front_mae"] is not None
