@@ -304,6 +304,7 @@ def test_scratch_cmaes_resumes_by_replay(tmp_path):
     ({"name": "x", "strategy": {"name": "m2n2", "sigma0": 1}, "budget": 5}, "sigma0"),
     ({"name": "x", "strategy": {"name": "m2n2"}, "budget": 5, "setting": "mnist"}, "setting"),
     ({"name": "x", "strategy": {"name": "m2n2"}, "budget": 5, "bugdet": 5}, "bugdet"),
+    ({"name": "x", "strategy": {"name": "m2n2", "init": "zoo"}, "budget": 5}, "init"),
 ])
 def test_scratch_config_errors_name_the_field(config, message):
     from evomerge.execution.scratch import check_config

@@ -24,6 +24,8 @@ Config (``experiments/digits_m2n2_scratch.yaml``, ``digits_cmaes_scratch.yaml``)
     name: digits_m2n2_scratch
     setting: digits_reference   # load_digits, first 80 % train / last 20 % test, unshuffled
     strategy: {name: m2n2, archive: 20, alpha: 1.0, ...}   # or {name: cmaes, popsize: 20, ...}
+                                # m2n2 init: experts = start from the reference's two experts
+                                # (digits 0-4 / 5-9; use mutation_std: 0 as the reference does)
     budget: 50000               # forward passes over the training split
     seed: 42
     record_every: 500
@@ -41,7 +43,7 @@ import numpy as np
 
 SETTINGS = ("digits_reference",)
 _KEYS = ("name", "setting", "strategy", "budget", "seed", "record_every", "run_dir")
-_M2N2 = ("archive", "alpha", "matchmaker", "init_std", "mutation_std", "popsize")
+_M2N2 = ("archive", "alpha", "matchmaker", "init_std", "mutation_std", "popsize", "init")
 _CMAES = ("popsize", "sigma0", "init_std", "diagonal")
 ATTR = "scratch"
 
@@ -70,6 +72,9 @@ def check_config(config: Mapping[str, Any], where: str = "config") -> dict[str, 
     if bad:
         raise ValueError(f"{where}.strategy: unknown option(s) {', '.join(bad)} for "
                          f"{strategy['name']}; known: {', '.join(known)}")
+    if strategy.get("init", "random") not in ("random", "experts"):
+        raise ValueError(f"{where}.strategy.init: 'random' (two N(0, init_std^2) members) or "
+                         f"'experts' (the reference's two experts), got {strategy['init']!r}")
     if not isinstance(out.get("name"), str) or not out["name"]:
         raise ValueError(f"{where}.name: expected a non-empty string")
     return out
@@ -137,9 +142,11 @@ def single_threaded() -> Iterator[None]:
 def _m2n2(train: Any, budget: int, seed: int, options: dict[str, Any],
           stored: list[tuple[list[float], np.ndarray]],
           on_batch: Callable[..., None]) -> tuple[np.ndarray, float]:
-    from evomerge.search.m2n2 import ChildRecord, scratch_search
+    from evomerge.search.m2n2 import ChildRecord, scratch_search, train_reference_experts
 
     replay = [(ChildRecord.from_list(r), s) for r, s in stored]
+    if options.pop("init", "random") == "experts":
+        options["init"] = train_reference_experts()
     niches = scratch_search(train, train.dim, budget, seed=seed, stored=replay,
                             on_batch=lambda recs, s: on_batch([r.as_list() for r in recs], s),
                             **options)
@@ -175,7 +182,7 @@ def _cmaes(train: Any, budget: int, seed: int, options: dict[str, Any],
             new = train(xs[len(known):n])
             on_batch([[step + k] for k in range(len(known), n)], new)
             known += list(new)
-        acc = [float(np.mean(s)) for s in known]
+        acc = [float(np.mean(np.asarray(s, dtype=np.float64))) for s in known]
         k = int(np.argmax(acc))
         if acc[k] > best_f:
             best_x, best_f = xs[k].copy(), acc[k]
@@ -223,7 +230,9 @@ def _stored(study: Any) -> list[tuple[list[float], np.ndarray]]:
     for t in study.get_trials(deepcopy=False):
         attr = t.user_attrs.get(ATTR)
         if attr:
-            out += [(r, decode_scores(b).astype(np.float64))  # as evaluated: float64
+            # 0/1 as uint8 (50k x 1,437 items: 72 MB, not 575 as float64), read back as
+            # float64 (what a live evaluation gives: replayed means must equal live ones)
+            out += [(r, decode_scores(b).astype(np.uint8))
                     for r, b in zip(attr["records"], attr["bits"])]
     out.sort(key=lambda e: e[0][0])
     steps = [int(r[0]) for r, _ in out]

@@ -350,19 +350,22 @@ class M2N2(Strategy):
 def scratch_search(evaluate: Callable[[np.ndarray], np.ndarray], dim: int, budget: int, *,
                    seed: int, archive: int = 20, alpha: float = 1.0, matchmaker: bool = True,
                    init_std: float = 0.01, mutation_std: float = 0.01, popsize: int = 1,
+                   init: Sequence[np.ndarray] | None = None,
                    stored: Iterable[tuple[ChildRecord, np.ndarray]] = (),
                    on_batch: Callable[[list[ChildRecord], np.ndarray], None] | None = None,
                    ) -> Niches:
     """M2N2 from random initialisation for ``budget`` evaluations; the final archive.
 
     ``evaluate(genomes[B, dim]) -> scores[B, n_items]`` scores a batch. Steps 0 and 1 are two
-    ``N(0, init_std^2)`` members (the reference's start), then generations of ``popsize``
-    children. ``stored`` (records and scores of a previous run, in step order) are replayed
+    ``N(0, init_std^2)`` members (the reference's start), or the ``init`` genomes (e.g. two
+    experts, with ``mutation_std=0``: the reference's pre-trained run), then generations of
+    ``popsize`` children. ``stored`` (records and scores of a previous run, in step order) are replayed
     without evaluation: each child is recomputed and its record must match. ``on_batch`` gets
     the records and scores of every batch evaluated here (not the replayed ones).
     """
-    if budget < 2:
-        raise ValueError(f"budget: at least the 2 initial members, got {budget}")
+    first = 2 if init is None else len(init)
+    if budget < first:
+        raise ValueError(f"budget: at least the {first} initial members, got {budget}")
     if init_std <= 0:
         raise ValueError(f"init_std: must be > 0, got {init_std}")
     if isinstance(popsize, bool) or not isinstance(popsize, int) or popsize < 1:
@@ -372,9 +375,10 @@ def scratch_search(evaluate: Callable[[np.ndarray], np.ndarray], dim: int, budge
     step = 0
     while step < budget:
         if niches is None:
-            records = [ChildRecord(s, -1, -1, 0, 0.0) for s in range(2)]
+            records = [ChildRecord(s, -1, -1, 0, 0.0) for s in range(first)]
             genomes = np.stack([np.random.default_rng([seed, s]).standard_normal(dim) * init_std
-                                for s in range(2)])
+                                for s in range(2)] if init is None else
+                               [np.asarray(g, dtype=float) for g in init])
         else:
             made = [niches.breed(step + i) for i in range(min(popsize, budget - step))]
             records = [r for r, _ in made]
