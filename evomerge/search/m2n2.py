@@ -42,6 +42,9 @@ a. **Experts** (strategy ``m2n2`` through the normal driver). The genome is the 
    linear/task-arithmetic space a lerp of coefficients is the lerp of the merged weights, the
    split point runs over the space's coordinate order and slerp's angle is that of the
    coefficient vectors (not of the weights, which would need the weights in the driver).
+   The paper's "from two experts" run crosses over the *weights*; that faithful version is
+   :func:`scratch_search` with ``init`` = the two experts and ``mutation_std=0`` (config
+   ``init: experts``), which ``benchmarks/m2n2_digits.py`` measures.
 
 b. **From scratch** (:func:`scratch_search`; the digits setting of the paper: 19,210 MLP weights,
    archive 20, init ``N(0, 0.01^2)``, mutation std 0.01, 50,000 evaluations). 50k Optuna trials
@@ -56,7 +59,7 @@ b. **From scratch** (:func:`scratch_search`; the digits setting of the paper: 19
    * *In-process batched evaluation.* The children of a generation are evaluated by one batched
      forward (:class:`FlatDigitsMLP`), no merge engine, no queue.
    * *Batched writes.* The caller's ``on_batch`` receives every evaluated generation; the driver's
-     :func:`evomerge.execution.driver.run_scratch` buffers them and writes one Optuna trial per
+     :func:`evomerge.execution.scratch.run_scratch` buffers them and writes one Optuna trial per
      ``record_every`` evaluations (default 500: 100 trials for 50k evaluations) holding all their
      records and bits, on Optuna's journal file (2.4 ms per trial measured here, SQLite 20 ms).
      Each evaluation is recorded; a crash loses at most the unwritten buffer, which resume
