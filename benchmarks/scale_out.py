@@ -374,7 +374,7 @@ class SimSpace:
 
 
 def _sim_worker_process(store_args: dict, threads: int, mean_s: float, sigma: float, seed: int,
-                        parent: int, ready: Any) -> None:
+                        poll_s: float, parent: int, ready: Any) -> None:
     """One process of simulated workers: ``threads`` threads share one Store (one connection
     pool) and each runs the real ``worker_loop``."""
     from evomerge.execution.worker import worker_loop
@@ -383,7 +383,8 @@ def _sim_worker_process(store_args: dict, threads: int, mean_s: float, sigma: fl
     store = Store(**store_args)
     workers = [threading.Thread(target=worker_loop, daemon=True,
                                 args=(store, SleepEvaluator(mean_s, sigma, seed * 10_000 + k)),
-                                kwargs={"parent": parent}) for k in range(threads)]
+                                kwargs={"parent": parent, "poll_s": poll_s})
+               for k in range(threads)]
     ready.release()
     for w in workers:
         w.start()
@@ -456,7 +457,7 @@ def generation_overheads(enqueued: dict[int, list[float]], finished: dict[int, l
 
 
 def run_simulation(url: str, n_workers: int, generations: int, mean_s: float, sigma: float,
-                   processes: int, seed: int = 0) -> dict[str, Any]:
+                   processes: int, poll_s: float = 1.0, seed: int = 0) -> dict[str, Any]:
     """The real driver loop against ``n_workers`` simulated workers; see the module doc."""
     from optuna.trial import TrialState
 
@@ -486,7 +487,8 @@ def run_simulation(url: str, n_workers: int, generations: int, mean_s: float, si
     ctx = mp.get_context("spawn")
     ready = ctx.Semaphore(0)
     procs = [ctx.Process(target=_sim_worker_process, daemon=True,
-                         args=(store_args, threads, mean_s, sigma, seed + k, os.getpid(), ready))
+                         args=(store_args, threads, mean_s, sigma, seed + k, poll_s, os.getpid(),
+                               ready))
              for k, threads in enumerate(split_threads(n_workers, processes))]
     for p in procs:
         p.start()
@@ -531,7 +533,8 @@ def run_simulation(url: str, n_workers: int, generations: int, mean_s: float, si
     drop_study(url, name)
     return {
         "workers": n_workers, "generations": generations, "trials": n,
-        "processes": len(procs), "mean_eval_s": mean_s, "sigma": sigma, "wall_s": wall,
+        "processes": len(procs), "mean_eval_s": mean_s, "sigma": sigma, "worker_poll_s": poll_s,
+        "wall_s": wall,
         "driver_cpu_ms_per_trial": driver_cpu / n * 1e3,
         "driver_enqueue_ms_per_trial": enqueue_s[0] / n * 1e3,
         "driver_poll_ms_per_trial": executor.poll_s / n * 1e3,
@@ -681,7 +684,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 if kind == "journal":
                     url = f"journal://{(tmp / f'sim-{n}.log').absolute()}"
                 row = run_simulation(url, n, sizes["sim_generations"], args.sim_eval_s,
-                                     args.sim_sigma, args.sim_processes)
+                                     args.sim_sigma, args.sim_processes, args.sim_poll_s)
                 rows.append(row)
                 log(f"  sim {kind:>8} N={n:<4} driver {row['driver_cpu_ms_per_trial']:.2f} ms "
                     f"CPU/trial, queue wait median {row['queue_wait_ms']['median']:.0f} ms "
@@ -875,7 +878,9 @@ def markdown_section(result: dict[str, Any]) -> str:
     if sim:
         lines += [
             "", "### The driver against N simulated workers", "",
-            ("Real driver loop (`_search`, cmaes, popsize N) and real `worker_loop`s; each "
+            ("Real driver loop (`_search`, cmaes, popsize N, polling every 50 ms) and real "
+             "`worker_loop`s (an idle worker polls the queue every "
+             f"{sim_poll(sim)} s, as `evomerge worker` does); each "
             "evaluation sleeps a log-normal time. Queue wait = claim - enqueue. Generation "
             "dispatch = (last finish - first enqueue) - slowest evaluation; turnaround = next "
             "generation's first enqueue - this one's last finish. Efficiency = sum of slowest "
@@ -909,6 +914,12 @@ def markdown_section(result: dict[str, Any]) -> str:
         lines += [""] + [f"- {n}" for n in result["notes"]]
     lines.append(END)
     return "\n".join(lines)
+
+
+def sim_poll(sim: dict[str, Any]) -> str:
+    """The workers' poll interval of the simulation rows, for the table's caption."""
+    polls = {r.get("worker_poll_s") for e in sim.values() for r in e.get("rows", [])}
+    return ", ".join(f"{p:g}" for p in sorted(p for p in polls if p is not None)) or "?"
 
 
 def _json_safe(obj: Any) -> Any:
@@ -965,6 +976,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="mean simulated evaluation time in s (default 2; quick 0.3)")
     p.add_argument("--sim-sigma", type=float, default=0.25,
                    help="log-space sigma of the simulated evaluation time (default 0.25)")
+    p.add_argument("--sim-poll-s", type=float, default=1.0,
+                   help="how often an idle simulated worker polls the queue (default 1.0 s, "
+                        "what `evomerge worker` does)")
     p.add_argument("--sim-processes", type=int, default=4,
                    help="processes the simulated workers are spread over (default 4)")
     p.add_argument("--postgres-url", default=os.environ.get("EVOMERGE_TEST_POSTGRES_URL"),
@@ -985,8 +999,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args.sim_eval_s = 0.3 if args.quick else 2.0
     if args.sim_eval_s <= 0 or args.sim_sigma < 0:
         p.error("--sim-eval-s must be > 0 and --sim-sigma >= 0")
-    if args.sim_processes < 1:
-        p.error("--sim-processes must be >= 1")
+    if args.sim_processes < 1 or args.sim_poll_s <= 0:
+        p.error("--sim-processes must be >= 1 and --sim-poll-s > 0")
     if args.write_results and args.out_md is None:
         args.out_md = RESULTS_MD
     return args
