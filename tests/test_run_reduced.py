@@ -64,6 +64,7 @@ def test_reduced_run_scores_anchors_and_reports_full_heldout(zoo, tmp_path, monk
     facts = summary["fitness_reduction"]
     assert facts["items_per_candidate"] == sum(len(a) for a in anchors.values())
     assert facts["full_items"] == 5 * MAX_ITEMS
+    best = MergeRecipe.from_dict(summary["best"]["recipe"])
     assert facts["reduction_factor"] == pytest.approx(5 * MAX_ITEMS / facts["items_per_candidate"],
                                                       abs=0.01)
 
@@ -85,6 +86,9 @@ def test_reduced_run_scores_anchors_and_reports_full_heldout(zoo, tmp_path, monk
             np.testing.assert_array_equal(answers[task], full.item_scores[task][idx])
         estimate = inner.objectives_from_task_scores(reduction.estimate("gp-irt", answers))
         assert trial.values == pytest.approx([estimate[o.name] for o in inner.objectives])
+
+    merger.build(best, into=model)
+    assert facts["best_search_full"] == pytest.approx(inner.evaluate(model, "search").objectives)
 
     # held-out scores of the sources are full evaluations
     merger.build(MergeRecipe.from_dict({"merge_method": "linear", "models": [
