@@ -1,0 +1,38 @@
+"""``experiments/tinylm_ps_cmaes.yaml`` as shipped, at test scale: the tiny zoo, a few items per
+task, a small design and budget. Everything else (space, fitness, reduction, strategy) is the
+file's own, so CI runs the experiment a new user runs."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from evomerge.experiment import Experiment
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.slow
+def test_tinylm_ps_cmaes_runs_end_to_end_on_the_tiny_zoo(tmp_path):
+    from evomerge.zoo.tinylm import build_tinylm_zoo
+
+    zoo = tmp_path / "zoo"
+    build_tinylm_zoo(zoo, seed=0, size="tiny", progress=False)
+    data = yaml.safe_load((REPO / "experiments" / "tinylm_ps_cmaes.yaml").read_text())
+    data["models"] = {"base": str(zoo / "base"),
+                      "sources": {k: str(zoo / Path(v).name)
+                                  for k, v in data["models"]["sources"].items()}}
+    data["fitness"]["max_items"] = 10
+    data["fitness"]["reduced"].update(anchors=3, design=6)
+    data.update(budget=2 * data["strategy"]["popsize"], run_dir=str(tmp_path / "run"))
+
+    summary = Experiment.from_dict(data).run(progress=False)
+
+    assert summary["n_trials"] == data["budget"]
+    assert set(summary["final"]) == {"best", *data["models"]["sources"]}
+    facts = summary["fitness_reduction"]
+    assert facts["full_items"] == 4 * 10 and facts["items_per_candidate"] <= 4 * 3
+    assert (tmp_path / "run" / "best_model" / "model.safetensors").is_file()
+    assert (tmp_path / "run" / "best_recipe.yaml").is_file()
