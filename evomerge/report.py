@@ -99,6 +99,13 @@ def _score(trial: FrozenTrial, objectives: list) -> float:
                           for v, o in zip(trial.values, objectives)]))
 
 
+def write_strategy_report(strategy: Any, run_dir: Path) -> None:
+    """Surrogate strategies (MAP) report their surrogates' error: RUN_DIR/surrogate.json."""
+    report = getattr(strategy, "surrogate_report", None)
+    if callable(report):
+        write_atomic(run_dir / "surrogate.json", json.dumps(report(), indent=2))
+
+
 def finish_run(plan: Any, store: Store, evaluator: Any, *, wall_s: float,
                reduction: dict[str, Any] | None = None) -> dict[str, Any]:
     """Score best and sources on both splits, export the best, plot, write summary.json.

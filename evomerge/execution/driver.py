@@ -177,15 +177,17 @@ def _run_locked(plan: Plan, resume: bool, progress: bool,
     budget = plan.experiment.budget
     with report.progress_bar(budget, enabled=progress) as bar:
         try:
-            _search(plan, store, executor, bar, on_trial)
+            strategy = _search(plan, store, executor, bar, on_trial)
         finally:
             executor.close(store)
+    report.write_strategy_report(strategy, run_dir)
     return report.finish_run(plan, store, executor.evaluator,
                              wall_s=time.perf_counter() - started, reduction=reduction)
 
 
 def _search(plan: Plan, store: Store, executor: Any, bar: Any,
-            on_trial: Callable[[int, int], None] | None) -> None:
+            on_trial: Callable[[int, int], None] | None) -> Strategy:
+    """Ask, enqueue, evaluate and tell until the budget is spent; the told strategy."""
     experiment = plan.experiment
     budget, dim = experiment.budget, plan.space.dim
     strategy = plan.new_strategy()
@@ -257,18 +259,7 @@ def _search(plan: Plan, store: Store, executor: Any, bar: Any,
             else:
                 strategy.tell(candidates, values)
         generation += 1
-    _write_surrogate_report(strategy, experiment.run_path)
-
-
-def _write_surrogate_report(strategy: Strategy, run_dir: Path) -> None:
-    """Surrogate strategies (MAP) report their surrogates' error: RUN_DIR/surrogate.json."""
-    report = getattr(strategy, "surrogate_report", None)
-    if callable(report):
-        import json
-
-        from evomerge.report import write_atomic
-
-        write_atomic(run_dir / "surrogate.json", json.dumps(report(), indent=2))
+    return strategy
 
 
 class _Best:
