@@ -140,7 +140,14 @@ def test_kill_9_then_resume_matches_an_uninterrupted_run(chain, zoo, reference, 
         landed = _kill_when(args, run_dir, tmp_path / f"{i}.log", kills.group, when)
         print(f"{chain}: kill {i} landed on {dict(landed)}")
         assert when(landed)  # nothing moved after the kill
-        assert not (run_dir / "summary.json").exists()
+        if (run_dir / "summary.json").exists():
+            # Only a kill aimed after the last trial can land this late: the driver wrote the
+            # summary within the watcher's reaction time (seen under load 6). Resuming a run
+            # that already finished is still resumed and checked below; drop the summary so
+            # the check proves the resume wrote it again.
+            assert i == len(kills.points) - 1, f"kill {i} landed after the run finished"
+            assert landed["WAITING"] == landed["RUNNING"] == 0
+            (run_dir / "summary.json").unlink()
         running_at_kills += landed["RUNNING"]
 
     result = run_cli(cli("resume", run_dir))
