@@ -7,19 +7,18 @@ Experiment configuration (fitness options)::
 
     fitness:
       name: lm-eval
-      options:
-        split_tasks:                 # objective/task key -> lm-eval task, per split
-          search:  {add: tinylm_add_search,  sort_mc: tinylm_sort_mc_search}
-          heldout: {add: tinylm_add_heldout, sort_mc: tinylm_sort_mc_heldout}
-        # or, the same tasks for both splits (names, tags, groups or paths to task YAMLs):
-        # tasks: [tinylm_add_search, my_tasks/other.yaml]
-        include_path: fitness/lmeval  # default: the repository's fitness/lmeval/
-        limit: 50                     # first N items per task (smoke runs)
-        batch_size: 32
-        objectives:                   # default: one per task key, its accuracy metric
-          - {name: mean_acc, tasks: all}
-          - {name: add, tasks: [add], direction: maximize}
-        metrics: {add: exact_match}   # optional: per-item metric per key (default acc/exact_match)
+      split_tasks:                 # objective/task key -> lm-eval task, per split
+        search:  {add: tinylm_add_search,  sort_mc: tinylm_sort_mc_search}
+        heldout: {add: tinylm_add_heldout, sort_mc: tinylm_sort_mc_heldout}
+      # or, the same tasks for both splits (names, tags, groups or paths to task YAMLs):
+      # tasks: [tinylm_add_search, my_tasks/other.yaml]
+      include_path: fitness/lmeval  # default: the repository's fitness/lmeval/
+      limit: 50                     # first N items per task (smoke runs)
+      batch_size: 32
+      objectives:                   # default: one per task key, its accuracy metric
+        - {name: mean_acc, tasks: all}
+        - {name: add, tasks: [add], direction: maximize}
+      metrics: {add: exact_match}   # optional: per-item metric per key (default acc/exact_match)
 
 ``item_scores[key]`` is the per-item score from the harness's logged samples (``log_samples``),
 ordered by document id, i.e. by the items' order in the task's data file; an objective is the mean
