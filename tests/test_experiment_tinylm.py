@@ -36,3 +36,29 @@ def test_tinylm_ps_cmaes_runs_end_to_end_on_the_tiny_zoo(tmp_path):
     assert facts["full_items"] == 4 * 10 and facts["items_per_candidate"] <= 4 * 3
     assert (tmp_path / "run" / "best_model" / "model.safetensors").is_file()
     assert (tmp_path / "run" / "best_recipe.yaml").is_file()
+
+
+@pytest.mark.slow
+def test_an_lm_eval_fitness_runs_a_search_with_the_harness_scoring_every_candidate(tmp_path):
+    from evomerge.zoo.tinylm import build_tinylm_zoo
+
+    zoo = tmp_path / "zoo"
+    build_tinylm_zoo(zoo, seed=0, size="tiny", progress=False)
+    keys = ("add", "sort_mc")
+    data = {
+        "name": "tinylm_lmeval",
+        "models": {"base": str(zoo / "base"),
+                   "sources": {t: str(zoo / f"expert_{t}") for t in ("add", "sort")}},
+        "space": "task_arithmetic_per_source",
+        "fitness": {"name": "lm-eval", "limit": 6,
+                    "split_tasks": {split: {k: f"tinylm_{k}_{split}" for k in keys}
+                                    for split in ("search", "heldout")}},
+        "strategy": {"name": "random", "popsize": 2},
+        "budget": 4,
+        "run_dir": str(tmp_path / "run"),
+        "export": False,
+    }
+    summary = Experiment.from_dict(data).run(progress=False)
+    assert summary["n_trials"] == 4 and summary["n_failed"] == 0
+    assert set(summary["final"]["best"]) == set(keys)
+    assert all(0.0 <= v <= 1.0 for v in summary["final"]["best"].values())
