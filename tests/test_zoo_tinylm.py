@@ -331,7 +331,7 @@ def test_cli_builds_tiny_zoo_and_prints_the_table(tmp_path):
 
 @pytest.fixture(scope="session")
 def small_zoo(tmp_path_factory) -> dict[str, Path]:
-    """The default zoo: models/tiny-lm when it holds seed 0 / small, else built once (~10 min)."""
+    """The default zoo: models/tiny-lm when it holds seed 0 / small, else built once (~5-9 min)."""
     shipped = Path(__file__).resolve().parents[1] / "models" / "tiny-lm"
     if tinylm_zoo_is_built(shipped, seed=0, size="small"):
         return build_tinylm_zoo(shipped, seed=0, size="small", progress=False)
