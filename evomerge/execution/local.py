@@ -14,7 +14,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from evomerge.execution.worker import (Evaluator, drain, evaluator_for, worker_id,
+from evomerge.execution.worker import (Executor, drain, evaluator_for, worker_id,
                                        worker_loop)
 from evomerge.store import Store
 
@@ -33,23 +33,14 @@ def _worker_main(experiment_data: dict, store_args: dict, parent: int) -> None:
     worker_loop(store, evaluator_for(experiment), parent=parent)
 
 
-class LocalExecutor:
+class LocalExecutor(Executor):
     """Runs the enqueued trials of a generation to completion."""
 
     def __init__(self, experiment: Any, store_args: dict) -> None:
-        self.experiment = experiment
-        self.store_args = store_args
+        super().__init__(experiment, store_args)
         self.workers = experiment.executor.workers
-        self._evaluator: Evaluator | None = None
         self._procs: list[mp.Process] = []
         self._deaths = 0
-
-    @property
-    def evaluator(self) -> Evaluator:
-        """The driver's own evaluator (in-process trials, source and held-out scores)."""
-        if self._evaluator is None:
-            self._evaluator = evaluator_for(self.experiment)
-        return self._evaluator
 
     def run(self, store: Store, done: Callable[[], bool], tick: Callable[..., None]) -> None:
         """Return once ``done()``; ``tick(1)`` after each trial evaluated here, ``tick()`` after

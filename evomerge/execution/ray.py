@@ -41,7 +41,7 @@ from typing import Any
 import ray
 from ray.exceptions import RayActorError, RayTaskError
 
-from evomerge.execution.worker import Evaluator, evaluator_for, process_one, worker_id
+from evomerge.execution.worker import Executor, evaluator_for, process_one, worker_id
 from evomerge.experiment import ExperimentError
 from evomerge.store import Store
 
@@ -78,13 +78,7 @@ class _Actor:
 
         experiment = Experiment.model_validate(experiment_data)
         self.store = Store(**store_args)
-        if device == "cpu":
-            self.evaluator = evaluator_for(experiment)
-        else:
-            models = experiment.models
-            paths = ([models.base] if models.base else []) + list(models.sources.values())
-            self.evaluator = Evaluator(paths, experiment.fitness.name, experiment.fitness.options,
-                                       models.base, device=device)
+        self.evaluator = evaluator_for(experiment, device=device)
         self.owner = worker_id()
 
     def owner_id(self) -> str:
@@ -99,7 +93,7 @@ class _Actor:
 _REMOTE_ACTOR = ray.remote(_Actor)
 
 
-class RayExecutor:
+class RayExecutor(Executor):
     """N Ray actors serving the store's queue (see the module docstring)."""
 
     def __init__(self, experiment: Any, store_args: dict) -> None:
@@ -108,11 +102,9 @@ class RayExecutor:
         if options.workers < 1:  # also refused by the Experiment; kept for direct callers
             raise ExperimentError(f"executor.workers: kind 'ray' needs workers >= 1, got "
                                   f"{options.workers}")
-        self.experiment = experiment
-        self.store_args = store_args
+        super().__init__(experiment, store_args)
         self.options = options
         self.workers = options.workers
-        self._evaluator: Evaluator | None = None
         self._actors: list[Any] = []
         self._owners: list[Any] = []  # per actor: ObjectRef of its owner id
         self._pending: dict[Any, int] = {}  # ObjectRef of a step() call -> actor index
@@ -120,17 +112,10 @@ class RayExecutor:
         self._started_ray = False
         self._temp_dir: str | None = None
 
-    @property
-    def evaluator(self) -> Evaluator:
-        """The driver's own evaluator (source and held-out scores)."""
-        if self._evaluator is None:
-            self._evaluator = evaluator_for(self.experiment)
-        return self._evaluator
-
     # ---- the protocol ------------------------------------------------------------------------
 
     def run(self, store: Store, done: Callable[[], bool], tick: Callable[..., None]) -> None:
-        """Return once ``done()``; ``tick(1)`` as each actor's trial returns, ``tick()`` per poll."""
+        """Return once ``done()``; ``tick(1)`` per trial an actor returns, ``tick()`` per poll."""
         self._start()
         resting: set[int] = set()  # actors that found the queue empty during this call
         last_stale = time.monotonic()

@@ -61,8 +61,8 @@ def check_config(config: Mapping[str, Any], where: str = "config") -> dict[str, 
     for key in ("budget", "record_every", "seed"):
         v = out.get(key)
         if isinstance(v, bool) or not isinstance(v, int) or v < (0 if key == "seed" else 1):
-            raise ValueError(f"{where}.{key}: expected a {'non-negative' if key == 'seed' else 'positive'} "
-                             f"integer, got {v!r}")
+            kind = "non-negative" if key == "seed" else "positive"
+            raise ValueError(f"{where}.{key}: expected a {kind} integer, got {v!r}")
     strategy = out.get("strategy")
     if not isinstance(strategy, Mapping) or strategy.get("name") not in ("m2n2", "cmaes"):
         raise ValueError(f"{where}.strategy: expected {{name: m2n2 | cmaes, ...options}}, "

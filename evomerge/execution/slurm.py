@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from evomerge.execution.worker import Evaluator, evaluator_for, storage_file
+from evomerge.execution.worker import Executor, storage_file
 from evomerge.store import Store, open_storage, storage_url
 
 #: Where the sbatch templates live (a repository folder, next to experiments/).
@@ -39,26 +39,16 @@ WORKER_ONLY = frozenset({"gres", "gpus", "gpus-per-node", "gpus-per-task", "gpus
                          "cpus-per-gpu", "mem-per-gpu", "gpu-bind"})
 
 
-class SlurmExecutor:
+class SlurmExecutor(Executor):
     """Waits for each generation while the worker array evaluates it (see the module doc)."""
 
     poll_s = 0.25  # how often the driver reads the generation's trials
     check_s = 10.0  # how often it asks squeue whether the worker array still exists
 
     def __init__(self, experiment: Any, store_args: dict) -> None:
-        self.experiment = experiment
-        self.store_args = store_args
-        self._evaluator: Evaluator | None = None
+        super().__init__(experiment, store_args)
         self._folder = Path(experiment.run_path) / "slurm"
         self._missing = 0  # consecutive squeue checks that found no worker task
-
-    @property
-    def evaluator(self) -> Evaluator:
-        """The driver's own evaluator: source and held-out scores at the end of the run."""
-        if self._evaluator is None:
-
-            self._evaluator = evaluator_for(self.experiment)
-        return self._evaluator
 
     def run(self, store: Store, done: Callable[[], bool], tick: Callable[..., None]) -> None:
         """Return once ``done()``; ``tick()`` after each poll. Trials of silent workers go back

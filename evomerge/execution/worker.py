@@ -79,7 +79,7 @@ class Evaluator:
         return self.fitness.evaluate(self.model, split)
 
 
-def evaluator_for(experiment: Any) -> Evaluator:
+def evaluator_for(experiment: Any, device: str = "cpu") -> Evaluator:
     """The evaluator of an experiment's models and fitness (IRT-reduced when the experiment
     says so: the driver has written the run's reduction before any trial exists)."""
     from evomerge.execution import reduction
@@ -88,7 +88,8 @@ def evaluator_for(experiment: Any) -> Evaluator:
     paths = ([models.base] if models.base else []) + list(models.sources.values())
     options, spec = reduction.split_options(experiment.fitness.options)
     fitted = reduction.load(experiment.run_path, spec) if spec is not None else None
-    return Evaluator(paths, experiment.fitness.name, options, models.base, reduction=fitted)
+    return Evaluator(paths, experiment.fitness.name, options, models.base, device=device,
+                     reduction=fitted)
 
 
 @contextmanager
@@ -102,6 +103,23 @@ def torch_threads(n: int | None) -> Iterator[None]:
         yield
     finally:
         torch.set_num_threads(before)
+
+
+class Executor:
+    """What every executor shares (see :mod:`evomerge.execution` for the protocol): the
+    experiment, the store arguments, and the driver's own evaluator, built on first use (source
+    and held-out scores at the end of a run; in-process trials for the local executor)."""
+
+    def __init__(self, experiment: Any, store_args: dict) -> None:
+        self.experiment = experiment
+        self.store_args = store_args
+        self._evaluator: Evaluator | None = None
+
+    @property
+    def evaluator(self) -> Evaluator:
+        if self._evaluator is None:
+            self._evaluator = evaluator_for(self.experiment)
+        return self._evaluator
 
 
 def worker_id(pid: int | None = None) -> str:
