@@ -149,8 +149,12 @@ def test_worker_array_evaluates_each_slot_once_and_reproduces_the_in_process_run
 
 
 @pytest.mark.slow
-def test_a_cancelled_task_gives_its_trial_back_and_the_run_keeps_the_budget(
-        slurm, zoo, tmp_path, monkeypatch):
+@pytest.mark.parametrize("how", ["scancel", "kill -9"])
+def test_a_cancelled_or_killed_task_loses_no_trial_and_the_run_keeps_the_budget(
+        how, slurm, zoo, tmp_path, monkeypatch):
+    """``scancel`` (SIGTERM): the worker gives its trial back itself. ``kill -9`` of the worker
+    process: nothing is given back; its heartbeat stops and the driver's ``fail_stale`` returns
+    the trial after ``grace_s``. Either way the slot is evaluated again, once, elsewhere."""
     plugin = tmp_path / "plugin"
     plugin.mkdir()
     (plugin / "sitecustomize.py").write_text(SLOW_FITNESS)
@@ -158,7 +162,9 @@ def test_a_cancelled_task_gives_its_trial_back_and_the_run_keeps_the_budget(
         [str(plugin), *filter(None, [os.environ.get("PYTHONPATH")])]))
     budget = 2 * POPSIZE
     exp, run_dir = _experiment(zoo, tmp_path, budget=budget,
-                               fitness={"name": "slow_digits", "delay_s": 1.5})
+                               fitness={"name": "slow_digits", "delay_s": 1.5},
+                               executor={"kind": "slurm", "workers": WORKERS,
+                                         "heartbeat_s": 1.0, "grace_s": 5.0})
     log = tmp_path / "submit.log"
     proc = _submit_here(exp, log)
     try:
@@ -176,9 +182,12 @@ def test_a_cancelled_task_gives_its_trial_back_and_the_run_keeps_the_budget(
         environ = Path(f"/proc/{owner.split(':')[1]}/environ").read_bytes().split(b"\0")
         env = dict(v.decode().split("=", 1) for v in environ if b"=" in v)
         task = f"{env['SLURM_ARRAY_JOB_ID']}_{env['SLURM_ARRAY_TASK_ID']}"
-        subprocess.run(["scancel", task], check=True)
+        if how == "scancel":
+            subprocess.run(["scancel", task], check=True)
+        else:
+            os.kill(int(owner.split(":")[1]), signal.SIGKILL)
 
-        wait_for_exit(proc, run_dir, stall_s=30, timeout=120, what="the run after scancel")
+        wait_for_exit(proc, run_dir, stall_s=30, timeout=120, what=f"the run after {how}")
         assert proc.returncode == 0, log.read_text(errors="replace")[-3000:]
     finally:
         kill_group(proc)
@@ -188,9 +197,9 @@ def test_a_cancelled_task_gives_its_trial_back_and_the_run_keeps_the_budget(
     assert_exactly_budget(trials, budget, POPSIZE)
     cancelled = next(t for t in trials if t._trial_id == trial_id)
     assert cancelled.state == TrialState.FAIL and is_interrupted(cancelled), cancelled
-    log_name = f"worker-{task}.out"
-    text = _array_logs(run_dir)[log_name]
-    assert f"gave back: {cancelled.number}" in text, text[-2000:]
+    if how == "scancel":
+        text = _array_logs(run_dir)[f"worker-{task}.out"]
+        assert f"gave back: {cancelled.number}" in text, text[-2000:]
     # The slot it held was evaluated once, by someone else.
     again = [t for t in trials if t.user_attrs["evomerge"] == cancelled.user_attrs["evomerge"]
              and t.state == TrialState.COMPLETE]
