@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import os
 import signal
+import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -203,19 +205,28 @@ def test_an_actor_that_keeps_dying_ends_the_run_with_an_error(zoo, tmp_path, sha
            for i, x in enumerate(rng.uniform(plan.space.lower, plan.space.upper,
                                              size=(POPSIZE, plan.space.dim)))]
     killed: set[str] = set()
+    stop = threading.Event()
 
-    def kill_whoever_holds_a_trial(step: int = 0) -> None:
-        for _, _, owner in running_trials(plan.experiment.run_path, OWNER):
-            if owner and owner not in killed:
-                killed.add(owner)
-                os.kill(int(owner.rsplit(":", 1)[1]), signal.SIGKILL)
+    def kill_whoever_holds_a_trial() -> None:
+        # A digits trial is RUNNING for only ~10 ms (on an idle machine the executor's own
+        # polls missed it): watch the study from a thread, read-only, every millisecond.
+        while not stop.is_set():
+            for _, _, owner in running_trials(plan.experiment.run_path, OWNER):
+                if owner and owner not in killed:
+                    killed.add(owner)
+                    os.kill(int(owner.rsplit(":", 1)[1]), signal.SIGKILL)
+            time.sleep(0.001)
 
+    killer = threading.Thread(target=kill_whoever_holds_a_trial, daemon=True)
     executor = RayExecutor(plan.experiment, plan.store_args)
+    killer.start()
     try:
         with pytest.raises(RuntimeError, match="4 Ray actors died"):
             executor.run(store, lambda: all(store.get(i).state.is_finished() for i in ids),
-                         kill_whoever_holds_a_trial)
+                         lambda step=0: None)
     finally:
+        stop.set()
+        killer.join()
         executor.close(store)
     assert len(killed) == 4
     states = [store.get(i) for i in ids]
