@@ -77,7 +77,24 @@ def open_storage(url: str) -> optuna.storages.BaseStorage:
     engine_kwargs = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else {}
     # get_storage adds Optuna's trial cache in front of the database; the study and our direct
     # storage calls must share that one object or the cache misses trials we create.
-    return optuna.storages.get_storage(optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs))
+    return optuna.storages.get_storage(_rdb_storage(url, engine_kwargs))
+
+
+def _rdb_storage(url: str, engine_kwargs: dict, tries: int = 5) -> optuna.storages.RDBStorage:
+    """RDBStorage, retried when another process creates the same fresh database's schema at the
+    same moment: both insert the schema version and one gets an IntegrityError (seen with a
+    SLURM worker polling a SQLite file its driver was creating). The loser's retry finds the
+    schema there and only reads it."""
+    import sqlalchemy.exc
+
+    for attempt in range(tries):
+        try:
+            return optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs)
+        except (sqlalchemy.exc.IntegrityError, sqlalchemy.exc.OperationalError):
+            if attempt == tries - 1:
+                raise
+            time.sleep(0.2 * (attempt + 1))
+    raise AssertionError("unreachable")
 
 
 def many_writers_warning(url: str, workers: int, remote: bool) -> str | None:

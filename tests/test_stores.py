@@ -292,3 +292,21 @@ def test_the_driver_warns_once_about_an_sqlite_store_with_many_writers(executor,
     assert len(caught) == int(warned)
     if warned:
         assert "journal:///" in str(caught[0].message)
+
+
+def _open_fresh(path: str) -> str:
+    from evomerge.store import open_storage
+
+    open_storage(f"sqlite:///{path}")
+    return "ok"
+
+
+def test_processes_opening_one_fresh_sqlite_database_at_once_all_succeed(tmp_path):
+    """Each RDBStorage creates the schema and inserts its version; on a fresh file two processes
+    at once used to collide (IntegrityError on alembic_version, seen as a SLURM driver crash)."""
+    import multiprocessing as mp
+
+    with mp.get_context("spawn").Pool(6) as pool:
+        for k in range(3):
+            path = str(tmp_path / f"fresh{k}.db")
+            assert pool.map(_open_fresh, [path] * 6) == ["ok"] * 6
