@@ -8,6 +8,7 @@ A worker or driver that dies (``kill -9``) must not leave the run hanging or pro
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import signal
@@ -88,7 +89,14 @@ def test_two_workers_reproduce_the_in_process_run(zoo, reference, tmp_path):
     assert summary["n_trials"] == BUDGET
     assert summary["best"]["objectives"] == ref_summary["best"]["objectives"]
     assert summary["best"]["recipe"] == ref_summary["best"]["recipe"]
-    assert most_running == 2, "the two workers never evaluated at the same time"
+    # Both workers evaluated at once: seen by the poll, or (a digits trial lasts ~1 ms on an
+    # idle machine, between two polls) from the trials' own start/complete times.
+    done = [t for t in trials if t.state.name == "COMPLETE"]
+    overlap = any(a.system_attrs.get(OWNER) != b.system_attrs.get(OWNER)
+                  and a.datetime_start < b.datetime_complete
+                  and b.datetime_start < a.datetime_complete
+                  for a, b in itertools.combinations(done, 2))
+    assert most_running == 2 or overlap, "the two workers never evaluated at the same time"
 
 
 def _finish_and_check(proc, run_dir: Path, log: Path, reference, what: str) -> None:
