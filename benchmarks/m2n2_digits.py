@@ -2,7 +2,9 @@
 """M2N2 on the reference digits setting: held-out accuracy, wall time and peak memory per seed.
 
 Three runs per seed, each in a fresh spawned process (so its peak RSS is its own), all through
-:func:`evomerge.execution.scratch.run_scratch` (every evaluation recorded in a journal study):
+:func:`evomerge.execution.scratch.run_one` (every evaluation recorded in a journal study in a
+temporary directory; ``evomerge run experiments/digits_m2n2_scratch.yaml`` runs one config the
+same way and keeps its run directory):
 
 * ``m2n2_scratch``: ``experiments/digits_m2n2_scratch.yaml`` (50,000 evaluations);
 * ``cmaes_scratch``: ``experiments/digits_cmaes_scratch.yaml``, separable CMA-ES, same budget;
@@ -11,7 +13,8 @@ Three runs per seed, each in a fresh spawned process (so its peak RSS is its own
 
 Metric: test accuracy (last 20 % of ``load_digits``) of the member with the best training
 accuracy. Targets (the reference code, measured on this machine): mean >= 0.85 from scratch,
->= 0.69 from the experts, ~5 min per seed. Seeds 42, 43, 44 by default (the reference's 42 + run).
+>= 0.69 from the experts, ~5 min per seed. Seeds: the configs' ``seeds`` (42, 43, 44: the
+reference's 42 and two more) unless ``--seeds`` is given.
 
 Usage::
 
@@ -26,11 +29,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import multiprocessing as mp
-import resource
 import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -59,28 +59,9 @@ def configs(quick: bool) -> dict[str, dict[str, Any]]:
     return out
 
 
-def _one(config: dict[str, Any], seed: int, queue: Any) -> None:
-    from evomerge.execution.scratch import run_scratch
-
-    with tempfile.TemporaryDirectory(prefix="m2n2-bench-") as tmp:
-        summary = run_scratch({**config, "seed": seed}, run_dir=tmp)
-    summary["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    summary.pop("run_dir")
-    queue.put(summary)
-
-
-def run_one(config: dict[str, Any], seed: int) -> dict[str, Any]:
-    """One run in a fresh process; its summary plus peak RSS (MB)."""
-    ctx = mp.get_context("spawn")
-    queue = ctx.Queue()
-    proc = ctx.Process(target=_one, args=(config, seed, queue))
-    proc.start()
-    summary = queue.get()
-    proc.join()
-    return summary
-
-
 def run(args: argparse.Namespace) -> dict[str, Any]:
+    from evomerge.execution.scratch import check_config, run_one
+
     chosen = configs(args.quick)
     if args.config:
         config = yaml.safe_load(Path(args.config).read_text())
@@ -92,7 +73,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     load_start = loadavg()
     runs: dict[str, list[dict[str, Any]]] = {}
     for key, config in chosen.items():
-        for seed in args.seeds:
+        seeds = args.seeds or check_config(config)["seeds"]
+        for seed in seeds:
             summary = run_one(config, seed)
             runs.setdefault(key, []).append(summary)
             print(f"{key} seed {seed}: test {summary['test_acc']:.4f} train "
@@ -101,7 +83,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     table = {}
     for key, rows in runs.items():
         accs = [r["test_acc"] for r in rows]
-        table[key] = {"budget": rows[0]["evaluations"], "seeds": args.seeds,
+        table[key] = {"budget": rows[0]["evaluations"], "seeds": [r["seed"] for r in rows],
                       "test_acc_mean": statistics.mean(accs),
                       "test_acc_std": statistics.stdev(accs) if len(accs) > 1 else 0.0,
                       "test_acc": accs, "wall_s": [r["wall_s"] for r in rows],
@@ -145,7 +127,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help=f"small budgets: {QUICK['scratch']} evaluations from scratch, "
                         f"{QUICK['experts']} from the experts")
     p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
-    p.add_argument("--seeds", type=int, nargs="+", default=[42, 43, 44])
+    p.add_argument("--seeds", type=int, nargs="+", default=None,
+                   help="seeds of every run [default: each config's seeds]")
     p.add_argument("--config", type=Path, default=None,
                    help="run only this from-scratch config (an experiments/ YAML)")
     p.add_argument("--budget", type=int, default=None,

@@ -27,12 +27,25 @@ Config (``experiments/digits_m2n2_scratch.yaml``, ``digits_cmaes_scratch.yaml``)
                                 # m2n2 init: experts = start from the reference's two experts
                                 # (digits 0-4 / 5-9; use mutation_std: 0 as the reference does)
     budget: 50000               # forward passes over the training split
-    seed: 42
+    seeds: [42, 43, 44]         # or seed: 42 (one run); not both
     record_every: 500
+
+``evomerge run CONFIG`` (:func:`run_seeds`) runs each seed in a fresh spawned process
+(:func:`run_one`, so each peak RSS is the seed's own) in ``RUN_DIR/seed_<s>/`` and writes
+``RUN_DIR/summary.json``: per seed the held-out accuracy, wall time and peak memory, and the
+held-out accuracy's mean and sample standard deviation over the seeds. ``evomerge resume RUN_DIR``
+skips the seeds that finished (their ``seed_<s>/summary.json``) and replays the others.
 """
 
 from __future__ import annotations
 
+import functools
+import json
+import multiprocessing as mp
+import queue as queue_module
+import resource
+import statistics
+import tempfile
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -40,12 +53,18 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import yaml
 
 SETTINGS = ("digits_reference",)
-_KEYS = ("name", "setting", "strategy", "budget", "seed", "record_every", "run_dir")
+_KEYS = ("name", "setting", "strategy", "budget", "seed", "seeds", "record_every", "run_dir")
 _M2N2 = ("archive", "alpha", "matchmaker", "init_std", "mutation_std", "popsize", "init")
 _CMAES = ("popsize", "sigma0", "init_std", "diagonal")
 ATTR = "scratch"
+METRIC = ("test accuracy (last 20 % of load_digits, unshuffled) of the member with the best "
+          "training accuracy")
+PER_SEED = ("seed", "test_acc", "train_acc", "evaluations", "replayed", "wall_s", "peak_rss_mb")
+SEPARABLE_NOTE = ("separable CMA-ES: pycma's CMA_diagonal option (a diagonal covariance); the "
+                  "reference's full 19,210 x 19,210 covariance needs ~15 GB")
 
 
 def check_config(config: Mapping[str, Any], where: str = "config") -> dict[str, Any]:
@@ -55,14 +74,15 @@ def check_config(config: Mapping[str, Any], where: str = "config") -> dict[str, 
     unknown = sorted(set(config) - set(_KEYS))
     if unknown:
         raise ValueError(f"{where}: unknown key(s) {', '.join(unknown)}; known: {', '.join(_KEYS)}")
-    out = {"record_every": 500, "seed": 0, "setting": "digits_reference", **config}
+    out = {"record_every": 500, "setting": "digits_reference", **config}
     if out["setting"] not in SETTINGS:
         raise ValueError(f"{where}.setting: {out['setting']!r}; known: {', '.join(SETTINGS)}")
-    for key in ("budget", "record_every", "seed"):
+    for key in ("budget", "record_every"):
         v = out.get(key)
-        if isinstance(v, bool) or not isinstance(v, int) or v < (0 if key == "seed" else 1):
-            kind = "non-negative" if key == "seed" else "positive"
-            raise ValueError(f"{where}.{key}: expected a {kind} integer, got {v!r}")
+        if not _is_int(v) or v < 1:
+            raise ValueError(f"{where}.{key}: expected a positive integer, got {v!r}")
+    out["seeds"] = _check_seeds(out, where)
+    out.pop("seed", None)
     strategy = out.get("strategy")
     if not isinstance(strategy, Mapping) or strategy.get("name") not in ("m2n2", "cmaes"):
         raise ValueError(f"{where}.strategy: expected {{name: m2n2 | cmaes, ...options}}, "
@@ -80,18 +100,46 @@ def check_config(config: Mapping[str, Any], where: str = "config") -> dict[str, 
     return out
 
 
-def run_scratch(config: Mapping[str, Any], *, run_dir: str | Path | None = None,
-                resume: bool = False, storage: Any = None) -> dict[str, Any]:
-    """Run (or with ``resume`` continue) a from-scratch search; a summary with the test accuracy
-    of the member with the best training accuracy (the reference's metric), evaluations, time.
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
 
-    ``storage`` overrides the journal file (an Optuna storage object or URL, e.g. in tests).
+
+def _check_seeds(config: Mapping[str, Any], where: str) -> list[int]:
+    """``seeds`` (distinct non-negative integers), or ``[seed]``; 0 when neither is given."""
+    if "seed" in config and "seeds" in config:
+        raise ValueError(f"{where}: give seed (one run) or seeds (a list of runs), not both")
+    if "seeds" not in config:
+        seed = config.get("seed", 0)
+        if not _is_int(seed) or seed < 0:
+            raise ValueError(f"{where}.seed: expected a non-negative integer, got {seed!r}")
+        return [seed]
+    seeds = config["seeds"]
+    if (not isinstance(seeds, list) or not seeds
+            or not all(_is_int(s) and s >= 0 for s in seeds) or len(set(seeds)) < len(seeds)):
+        raise ValueError(f"{where}.seeds: expected a non-empty list of distinct non-negative "
+                         f"integers, got {seeds!r}")
+    return list(seeds)
+
+
+def run_scratch(config: Mapping[str, Any], *, run_dir: str | Path | None = None,
+                resume: bool = False, storage: Any = None,
+                progress: Callable[[int, int], None] | None = None) -> dict[str, Any]:
+    """Run (or with ``resume`` continue) one seed of a from-scratch search in this process; a
+    summary with the test accuracy of the member with the best training accuracy (the
+    reference's metric), evaluations, time. :func:`run_seeds` runs a config's every seed.
+
+    ``storage`` overrides the journal file (an Optuna storage object or URL, e.g. in tests);
+    ``progress(evaluations, budget)`` is called after every evaluated batch.
     """
     import optuna
 
     from evomerge.search.m2n2 import FlatDigitsMLP, reference_digits
 
     config = check_config(config)
+    if len(config["seeds"]) != 1:
+        raise ValueError(f"run_scratch runs one seed, got seeds {config['seeds']}: run_seeds "
+                         "runs each")
+    seed = config["seeds"][0]
     started = time.perf_counter()
     run = Path(run_dir or config.get("run_dir") or Path("runs") / config["name"]).absolute()
     run.mkdir(parents=True, exist_ok=True)
@@ -110,15 +158,184 @@ def run_scratch(config: Mapping[str, Any], *, run_dir: str | Path | None = None,
     writer = _Writer(study, config["record_every"])
     options = {k: v for k, v in config["strategy"].items() if k != "name"}
     search = _m2n2 if config["strategy"]["name"] == "m2n2" else _cmaes
+
+    def on_batch(records: Sequence[list[float]], scores: np.ndarray) -> None:
+        writer.add(records, scores)
+        if progress is not None:
+            progress(len(stored) + writer.count, config["budget"])
+
     with single_threaded():
-        genome, train_acc = search(train, config["budget"], config["seed"], options, stored,
-                                   writer.add)
+        genome, train_acc = search(train, config["budget"], seed, options, stored, on_batch)
     writer.flush()
-    return {"name": config["name"], "strategy": config["strategy"]["name"],
+    return {"name": config["name"], "seed": seed, "strategy": config["strategy"]["name"],
             "evaluations": len(stored) + writer.count, "replayed": len(stored),
             "train_acc": train_acc, "test_acc": test.accuracy(genome),
             "trials": len(study.trials), "wall_s": time.perf_counter() - started,
             "run_dir": str(run)}
+
+
+def scratch_config(path: str | Path) -> dict[str, Any] | None:
+    """The YAML's mapping if it is a from-scratch config (it has a ``setting:`` key), else None:
+    ``evomerge run`` and ``resume`` send those here and every other file to the merge driver
+    (which reports a missing or malformed file itself)."""
+    path = Path(path)
+    if not path.is_file():
+        return None
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError:
+        return None
+    return data if isinstance(data, dict) and "setting" in data else None
+
+
+def run_seeds(config: Mapping[str, Any], *, run_dir: str | Path | None = None,
+              resume: bool = False,
+              progress: Callable[[int, int, int], None] | None = None) -> dict[str, Any]:
+    """Run (or with ``resume`` continue) every seed of a from-scratch config, each in a fresh
+    process in ``RUN_DIR/seed_<s>/``; write and return ``RUN_DIR/summary.json``'s content.
+
+    The config is checked before anything is created. ``RUN_DIR/experiment.yaml`` holds the
+    resolved config (what ``evomerge resume`` reads); a finished seed leaves its
+    ``seed_<s>/summary.json`` and a resume skips it, an unfinished one is replayed from its
+    study. ``progress(seed, evaluations, budget)`` is called as each seed advances.
+    """
+    from evomerge.report import write_atomic
+
+    config = check_config(config)
+    run = Path(run_dir or config.get("run_dir") or Path("runs") / config["name"]).absolute()
+    if not resume and ((run / "experiment.yaml").exists() or any(run.glob("seed_*"))):
+        raise ValueError(f"{run} already holds a run: continue it with `evomerge resume {run}`, "
+                         "or remove it")
+    run.mkdir(parents=True, exist_ok=True)
+    config = {**config, "run_dir": str(run)}
+    write_atomic(run / "experiment.yaml", yaml.safe_dump(config, sort_keys=False))
+    runs = []
+    for seed in config["seeds"]:
+        seed_dir = run / f"seed_{seed}"
+        done = _finished(seed_dir / "summary.json", config["budget"])
+        if done is None:
+            tick = None if progress is None else functools.partial(progress, seed)
+            if tick is not None:
+                tick(0, config["budget"])  # started (its process takes seconds to come up)
+            done = run_one(config, seed, run_dir=seed_dir, resume=resume, progress=tick)
+            write_atomic(seed_dir / "summary.json", json.dumps(done, indent=2) + "\n")
+        elif progress is not None:
+            progress(seed, done["evaluations"], config["budget"])
+        runs.append(done)
+    summary = summarize(config, runs)
+    write_atomic(run / "summary.json", json.dumps(summary, indent=2) + "\n")
+    return summary
+
+
+def _finished(path: Path, budget: int) -> dict[str, Any] | None:
+    """A seed's summary if that seed ran its whole budget, else None."""
+    if not path.is_file():
+        return None
+    summary = json.loads(path.read_text())
+    return summary if summary.get("evaluations") == budget else None
+
+
+def mean_std(values: Sequence[float]) -> tuple[float, float | None]:
+    """Mean and sample standard deviation (n - 1 in the denominator; None for one value, where
+    it is undefined)."""
+    return (statistics.fmean(values),
+            statistics.stdev(values) if len(values) > 1 else None)
+
+
+def summarize(config: Mapping[str, Any], runs: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    """``summary.json``: the per-seed rows and the held-out accuracy's mean and std over seeds.
+    A row's ``wall_s`` and ``peak_rss_mb`` are those of the process that finished the seed
+    (after ``replayed`` evaluations read back from its study, when it was resumed)."""
+    mean, std = mean_std([r["test_acc"] for r in runs])
+    strategy = config["strategy"]
+    out = {"name": config["name"], "setting": config["setting"], "strategy": strategy["name"],
+           "strategy_options": {k: v for k, v in strategy.items() if k != "name"},
+           "budget": config["budget"], "seeds": [r["seed"] for r in runs], "metric": METRIC,
+           "test_acc_mean": mean, "test_acc_std": std,
+           "per_seed": [{k: r[k] for k in PER_SEED} for r in runs], "run_dir": config["run_dir"]}
+    if strategy["name"] == "cmaes":
+        out["note"] = (SEPARABLE_NOTE if strategy.get("diagonal", True)
+                       else "full-covariance CMA-ES (pycma)")
+    return out
+
+
+def run_one(config: Mapping[str, Any], seed: int, *, run_dir: str | Path | None = None,
+            resume: bool = False,
+            progress: Callable[[int, int], None] | None = None) -> dict[str, Any]:
+    """One seed of ``config`` in a fresh spawned process, so that its peak RSS is its own (not
+    this process's, nor an earlier seed's): its :func:`run_scratch` summary plus
+    ``peak_rss_mb``. Without ``run_dir`` the run lives in a temporary directory (benchmarks).
+    ``progress(evaluations, budget)`` is called here as the child reports (at most every 0.2 s).
+    """
+    one = {k: v for k, v in config.items() if k != "seed"} | {"seeds": [seed]}
+    ctx = mp.get_context("spawn")
+    messages = ctx.Queue()
+    proc = ctx.Process(target=_child, args=(one, None if run_dir is None else str(run_dir),
+                                            resume, messages))
+    proc.start()
+    try:
+        summary = _await(proc, messages, progress)
+    except BaseException:
+        proc.terminate()
+        proc.join()
+        raise
+    proc.join()
+    return summary
+
+
+def _await(proc: Any, messages: Any,
+           progress: Callable[[int, int], None] | None) -> dict[str, Any]:
+    """The child's summary; its progress passed on; its error raised here."""
+    while True:
+        try:
+            kind, payload = messages.get(timeout=0.5)
+        except queue_module.Empty:
+            if proc.is_alive():
+                continue
+            try:  # it may have answered just before it ended
+                kind, payload = messages.get(timeout=1.0)
+            except queue_module.Empty:
+                raise RuntimeError(f"the run's process ended (exit code {proc.exitcode}: a "
+                                   "negative code is the signal that killed it, e.g. -9 when "
+                                   "out of memory) before its summary") from None
+        if kind == "summary":
+            return payload
+        if kind == "error":
+            error, message = payload
+            raise (ValueError if error == "ValueError" else RuntimeError)(message)
+        if progress is not None:
+            progress(*payload)
+
+
+def _child(config: dict[str, Any], run_dir: str | None, resume: bool, messages: Any) -> None:
+    """The spawned process of :func:`run_one`: run, then send the summary (or the error)."""
+    import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)  # not "A new study created" per seed
+    last = [0.0]
+
+    def report(done: int, total: int) -> None:
+        now = time.monotonic()
+        if now - last[0] >= 0.2 or done == total:
+            last[0] = now
+            messages.put(("progress", (done, total)))
+
+    try:
+        if run_dir is None:
+            with tempfile.TemporaryDirectory(prefix="evomerge-scratch-") as tmp:
+                summary = run_scratch(config, run_dir=tmp, resume=resume, progress=report)
+            summary.pop("run_dir")
+        else:
+            summary = run_scratch(config, run_dir=run_dir, resume=resume, progress=report)
+    except ValueError as exc:
+        messages.put(("error", ("ValueError", str(exc))))
+        return
+    except Exception as exc:
+        messages.put(("error", ("RuntimeError", f"{type(exc).__name__}: {exc}")))
+        raise  # its traceback on stderr
+    summary["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    messages.put(("summary", summary))
+
 
 
 @contextmanager
