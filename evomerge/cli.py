@@ -395,8 +395,18 @@ def run(
                                            help="Where to write the run [default: runs/NAME]."),
 ) -> None:
     """Run a merge search described by an experiment YAML."""
+    from evomerge.execution.scratch import scratch_config
     from evomerge.experiment import Experiment, ExperimentError
 
+    scratch = scratch_config(experiment_file)
+    if scratch is not None:  # a from-scratch config (`setting:`), not a merge
+        if budget is not None:
+            scratch["budget"] = budget
+        if seed is not None:
+            scratch.pop("seeds", None)
+            scratch["seed"] = seed
+        _run_scratch(scratch, run_dir=run_dir, resume=False)
+        return
     try:
         experiment = Experiment.from_yaml(experiment_file, budget=budget, seed=seed,
                                           run_dir=str(run_dir) if run_dir else None)
@@ -410,13 +420,57 @@ def resume(run_dir: Path = typer.Argument(..., metavar="RUN_DIR", show_default=F
                                           help="A run directory, e.g. runs/digits_cmaes.")) -> None:
     """Continue a run that was interrupted: replay the stored trials into the seeded strategy
     and evaluate only what is missing; the run ends with exactly the budgeted trials."""
+    from evomerge.execution.scratch import scratch_config
     from evomerge.experiment import Experiment, ExperimentError
 
+    scratch = scratch_config(run_dir / "experiment.yaml")
+    if scratch is not None:
+        _run_scratch(scratch, run_dir=run_dir, resume=True)
+        return
     try:
         experiment = Experiment.from_yaml(run_dir / "experiment.yaml")
     except ExperimentError as exc:
         _fail(exc)
     _run(experiment, resume=True)
+
+
+def _run_scratch(config: dict, run_dir: Path | None, resume: bool) -> None:
+    """A from-scratch config's every seed (evomerge.execution.scratch.run_seeds), one progress
+    bar per seed, then a table of the seeds and the mean +- std of the held-out accuracy."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn
+
+    from evomerge.execution.scratch import run_seeds
+
+    bars: dict[int, int] = {}
+    columns = ("{task.description}", BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+    try:
+        with Progress(*columns, console=console) as bar:
+            def tick(seed: int, done: int, total: int) -> None:
+                if seed not in bars:
+                    bars[seed] = bar.add_task(f"seed {seed}", total=total)
+                bar.update(bars[seed], completed=done)
+
+            summary = run_seeds(config, run_dir=run_dir, resume=resume, progress=tick)
+    except (ValueError, TypeError, OSError) as exc:
+        _fail(exc)
+    except RuntimeError as exc:
+        _fail(exc, 1)
+    table = Table(title=f"{summary['name']}: {summary['strategy']}, {summary['budget']} "
+                        "evaluations per seed", caption=summary["metric"],
+                  title_justify="left", caption_justify="left")
+    for col in ("seed", "test acc", "train acc", "evaluations", "wall s", "peak RSS MB"):
+        table.add_column(col, justify="right")
+    for r in summary["per_seed"]:
+        table.add_row(str(r["seed"]), f"{r['test_acc']:.4f}", f"{r['train_acc']:.4f}",
+                      f"{r['evaluations']} ({r['replayed']} replayed)" if r["replayed"]
+                      else str(r["evaluations"]), f"{r['wall_s']:.1f}", f"{r['peak_rss_mb']:.0f}")
+    console.print(table)
+    std = summary["test_acc_std"]
+    console.print(f"Held-out accuracy over {len(summary['per_seed'])} seed(s): "
+                  f"{summary['test_acc_mean']:.4f}" + ("" if std is None else f" ± {std:.4f}"))
+    if "note" in summary:
+        console.print(f"Note: {summary['note']}")
+    console.print(f"Run directory: [bold]{summary['run_dir']}[/bold]")
 
 
 @app.command("dashboard")
