@@ -162,7 +162,7 @@ class MergeRecipe(BaseModel):
         }
 
     def to_yaml(self) -> str:
-        return yaml.dump(self.to_dict(), Dumper=_FlowListDumper, sort_keys=False)
+        return yaml.dump(self.to_dict(), Dumper=FlowListDumper, sort_keys=False)
 
     def with_models(self, mapping: Mapping[str, str]) -> "MergeRecipe":
         """The same recipe with model references renamed (e.g. relative -> absolute paths)."""
@@ -307,7 +307,7 @@ def _as_number(text: str) -> float | str:
         return text
 
 
-class _FlowListDumper(yaml.SafeDumper):
+class FlowListDumper(yaml.SafeDumper):
     """Write number lists (gradients) inline, like mergekit's own dumper."""
 
 
@@ -316,4 +316,4 @@ def _represent_list(dumper: yaml.SafeDumper, data: list) -> yaml.Node:
     return dumper.represent_sequence("tag:yaml.org,2002:seq", data, flow_style=flow)
 
 
-_FlowListDumper.add_representer(list, _represent_list)
+FlowListDumper.add_representer(list, _represent_list)

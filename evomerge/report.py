@@ -115,7 +115,7 @@ def finish_run(plan: Any, store: Store, evaluator: Any, *, wall_s: float,
     always full evaluations.
     """
     from evomerge.merge.io import export_model
-    from evomerge.recipe import MergeRecipe
+    from evomerge.merge.layerstack import parse_recipe
 
     experiment, objectives = plan.experiment, plan.objectives
     run_dir = experiment.run_path
@@ -129,7 +129,7 @@ def finish_run(plan: Any, store: Store, evaluator: Any, *, wall_s: float,
     # numbers) reports the same best as an uninterrupted one
     best = max(pareto, key=lambda t: (_score(t, objectives),
                                       -t.user_attrs[META]["generation"], -t.user_attrs[META]["index"]))
-    recipe = MergeRecipe.from_dict(best.user_attrs[META]["recipe"])
+    recipe = parse_recipe(best.user_attrs[META]["recipe"])
     write_atomic(run_dir / BEST_RECIPE, recipe.to_yaml())
 
     names = [o.name for o in objectives]
@@ -144,9 +144,10 @@ def finish_run(plan: Any, store: Store, evaluator: Any, *, wall_s: float,
     heldout, _ = evaluator.evaluate(recipe, "heldout")
     final = {"best": objs(heldout), **final}
     if experiment.export:
-        state = {n: p.detach() for n, p in evaluator.model.state_dict().items()}
-        export_model(state, run_dir / BEST_MODEL, base_dir=experiment.models.base,
-                     recipe_yaml=recipe.to_yaml(), overwrite=True)
+        state, config_updates = evaluator.materialise(recipe)
+        export_model(state, run_dir / BEST_MODEL,
+                     base_dir=experiment.models.base or next(iter(experiment.models.sources.values())),
+                     recipe_yaml=recipe.to_yaml(), overwrite=True, config_updates=config_updates)
     summary = {
         "experiment": experiment.name,
         "strategy": experiment.strategy.name,
@@ -166,8 +167,8 @@ def finish_run(plan: Any, store: Store, evaluator: Any, *, wall_s: float,
     }
     if reduction is not None:
         # the search saw estimates from anchor items; the best's full search score shows how
-        # far the search's pick of anchors flattered it (the model still holds the best merge)
-        full = evaluator.inner.evaluate(evaluator.model, "search")
+        # far the search's pick of anchors flattered it
+        full = evaluator.inner.evaluate(evaluator.build(recipe), "search")
         summary["fitness_reduction"] = {**reduction, "best_search_full": objs(full)}
     write_atomic(run_dir / SUMMARY, json.dumps(summary, indent=2))
     plot_run(run_dir, complete, pareto, objectives, sources)

@@ -52,10 +52,17 @@ class Plan:
         num_layers = 1 + max((g.layer for g in groups if g.layer is not None), default=-1)
         non_layer = [n for n, g in zip(names, groups) if g.layer is None]
         try:
-            space = (SearchSpace.from_dict(experiment.space, where="space")
-                     if isinstance(experiment.space, dict) else load_space(experiment.space))
-            self.space = space.bind(models.base, list(models.sources.values()), num_layers,
-                                    non_layer)
+            if isinstance(experiment.space, dict) and experiment.space.get("kind") == "dfs":
+                from evomerge.dfs import DfsSpace
+
+                self.space = DfsSpace.from_dict(experiment.space).bind(
+                    models.sources, num_layers, infos[0].config.get("model_type"),
+                    loaded=self.paths)
+            else:
+                space = (SearchSpace.from_dict(experiment.space, where="space")
+                         if isinstance(experiment.space, dict) else load_space(experiment.space))
+                self.space = space.bind(models.base, list(models.sources.values()), num_layers,
+                                        non_layer)
         except (ValueError, KeyError, FileNotFoundError) as exc:
             raise ExperimentError(f"space: {exc}") from None
         self.objectives = _objectives(FITNESSES[experiment.fitness.name], experiment)
@@ -63,6 +70,10 @@ class Plan:
         self.strategy_kwargs = dict(lower=self.space.lower, upper=self.space.upper,
                                     directions=directions, seed=experiment.seed,
                                     **experiment.strategy.options)
+        start = getattr(self.space, "start_point", None)  # DFS: start from a real model
+        if start is not None and "x0" not in self.strategy_kwargs and _takes_x0(
+                experiment.strategy.name):
+            self.strategy_kwargs["x0"] = start.tolist()
         strategy = self.new_strategy()
         if experiment.budget < strategy.popsize:
             raise ExperimentError(f"budget: {experiment.budget} is smaller than one generation "
@@ -85,6 +96,14 @@ class Plan:
             raise ExperimentError(f"strategy: {exc}") from None
         except ValueError as exc:
             raise ExperimentError(f"strategy: {exc}") from None
+
+
+def _takes_x0(strategy: str) -> bool:
+    import inspect
+
+    from evomerge.search import STRATEGIES
+
+    return "x0" in inspect.signature(STRATEGIES[strategy]).parameters
 
 
 def _warn_many_writers(url: str, executor: Any) -> None:

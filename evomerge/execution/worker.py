@@ -24,6 +24,7 @@ import torch
 
 from evomerge.fitness.base import EvalResult, Fitness, Objective, make_fitness
 from evomerge.merge.engine import Merger
+from evomerge.merge.layerstack import LayerRecipe, LayerStack, parse_recipe
 from evomerge.recipe import MergeRecipe
 from evomerge.store import EXPERIMENT, OWNER, Store, open_storage
 
@@ -42,6 +43,9 @@ class Evaluator:
         if reduction is not None:
             self.reduce(*reduction)
         self.model = self.fitness.new_model().to(device)
+        self._stack: LayerStack | None = None
+        self._merged: dict[str, dict[str, torch.Tensor]] = {}
+        self._merged_keys: dict[str, tuple[str, str]] = {}
 
     def reduce(self, reduction: Any, estimator: str) -> None:
         """Score searches on the reduction's anchor items only (see evomerge.fitness.reduced)."""
@@ -49,24 +53,52 @@ class Evaluator:
 
         self.fitness = ReducedFitness(self.inner, reduction, estimator)
 
-    def score_items(self, recipes: Sequence[MergeRecipe]) -> list[dict[str, np.ndarray]]:
+    def build(self, recipe: MergeRecipe | LayerRecipe) -> torch.nn.Module:
+        """The candidate: a merge written in place into the evaluator's model, or a layer stack
+        (DFS) assembled by reference over the resident models."""
+        if isinstance(recipe, LayerRecipe):
+            return self._stack_for(recipe).build(recipe)
+        self.merger.build(recipe, into=self.model)
+        return self.model
+
+    def materialise(self, recipe: MergeRecipe | LayerRecipe
+                    ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        """The candidate's tensors for export, and the config fields that differ from the
+        base's (a layer stack's depth)."""
+        if isinstance(recipe, LayerRecipe):
+            return self._stack_for(recipe).materialise(recipe)
+        model = self.build(recipe)
+        return {n: p.detach() for n, p in model.state_dict().items()}, {}
+
+    def _stack_for(self, recipe: LayerRecipe) -> LayerStack:
+        """The layer stacker, with the recipe's ``merged`` models (PS+DFS) built once each."""
+        for name, merge in recipe.merged.items():
+            key = (name, merge.to_yaml())
+            if self._merged_keys.get(name) != key:
+                self._merged[name] = self.merger.build(merge)
+                self._merged_keys[name] = key
+        if self._stack is None:
+            self._stack = LayerStack(
+                lambda ref: self._merged[ref] if ref in self._merged else self.merger.state(ref),
+                self.model.config, self.model)
+        return self._stack
+
+    def score_items(self, recipes: Sequence[MergeRecipe | LayerRecipe]
+                    ) -> list[dict[str, np.ndarray]]:
         """Per-item scores of the configured fitness on the full search split (IRT calibration)."""
-        out = []
-        for recipe in recipes:
-            self.merger.build(recipe, into=self.model)
-            out.append(self.inner.evaluate(self.model, "search").item_scores)
-        return out
+        return [self.inner.evaluate(self.build(recipe), "search").item_scores
+                for recipe in recipes]
 
     @property
     def objectives(self) -> list[Objective]:
         return self.fitness.objectives
 
-    def evaluate(self, recipe: MergeRecipe, split: str = "search"
+    def evaluate(self, recipe: MergeRecipe | LayerRecipe, split: str = "search"
                  ) -> tuple[EvalResult, dict[str, float]]:
         started = time.perf_counter()
-        self.merger.build(recipe, into=self.model)
+        model = self.build(recipe)
         built = time.perf_counter()
-        result = self.fitness.evaluate(self.model, split)
+        result = self.fitness.evaluate(model, split)
         return result, {"build_s": built - started, "eval_s": time.perf_counter() - built}
 
     def evaluate_source(self, path: str, split: str = "search") -> EvalResult:
@@ -142,7 +174,7 @@ def process_one(store: Store, evaluator: Evaluator, owner: str | None = None) ->
         return False
     with store.beating(claim) if owner is not None else nullcontext():
         try:
-            recipe = MergeRecipe.from_dict(claim.meta["recipe"])
+            recipe = parse_recipe(claim.meta["recipe"])
             result, timings = evaluator.evaluate(recipe)
             values = result.values(evaluator.objectives)
         except Exception as exc:  # noqa: BLE001 - any failure of a candidate is data, not a crash

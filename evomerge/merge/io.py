@@ -741,7 +741,8 @@ def _written_float_dtype(
     return found.pop() if len(found) == 1 else None
 
 
-def _write_config(tmp: Path, base_dir: Path, dtype: torch.dtype | None) -> None:
+def _write_config(tmp: Path, base_dir: Path, dtype: torch.dtype | None,
+                  updates: Mapping[str, Any]) -> None:
     """Copy config.json, making its dtype say what the shards hold.
 
     Transformers 5 loads with ``dtype="auto"`` by default, so a config that still says
@@ -751,6 +752,7 @@ def _write_config(tmp: Path, base_dir: Path, dtype: torch.dtype | None) -> None:
     config = _read_config(base_dir)
     if not config:
         return
+    config.update(updates)
     if dtype is not None:
         name = str(dtype).removeprefix("torch.")
         keys = [k for k in ("dtype", "torch_dtype") if k in config] or ["dtype"]
@@ -851,6 +853,7 @@ def export_model(
     dtype: torch.dtype | None = None,
     overwrite: bool = False,
     progress: bool = False,
+    config_updates: Mapping[str, Any] | None = None,
 ) -> Path:
     """Write ``state_dict`` as a Hugging Face model directory at ``out_dir``, atomically.
 
@@ -860,6 +863,8 @@ def export_model(
     ``model-0000i-of-0000N.safetensors`` plus ``model.safetensors.index.json`` when the files
     would exceed ``max_shard_size`` (file size, header included). ``dtype`` casts floating-point
     tensors. ``recipe_yaml`` is saved as ``recipe.yaml``. Tied weights: see :func:`_resolve_shared`.
+    ``config_updates`` overrides fields of the base's config (a layer stack's
+    ``num_hidden_layers``).
 
     Atomicity: everything is written and fsynced in a hidden sibling ``.{name}.tmp-*`` directory
     and renamed into place at the end, so ``out_dir`` is either absent, the old version, or the
@@ -900,7 +905,8 @@ def export_model(
         _write_text(tmp / _OWNER_FILE, json.dumps(owner))
         _write_shards(tmp, state_dict, shards, clones, dtype, progress)
         if base is not None:
-            _write_config(tmp, base, _written_float_dtype(state_dict, names, dtype))
+            _write_config(tmp, base, _written_float_dtype(state_dict, names, dtype),
+                          config_updates or {})
             _copy_sidecars(tmp, base)
         if recipe_yaml is not None:
             _write_text(tmp / RECIPE, recipe_yaml.rstrip("\n") + "\n")

@@ -1,0 +1,315 @@
+"""DFS layer-path merges: the genome's decoding (worked by hand), the by-reference layer stack
+against the source model itself, the hop scale against a literal scaling of the hidden state,
+the materialised export against ``transformers`` loading it and against mergekit's passthrough."""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import transformers
+import yaml
+
+from evomerge.dfs import DfsSpace
+from evomerge.merge.engine import Merger
+from evomerge.merge.io import export_model
+from evomerge.merge.layerstack import LayerRecipe, LayerSlice, LayerStack, fold_scales, parse_recipe
+from evomerge.recipe import MergeRecipe, RecipeError
+
+try:
+    from helpers import load_weights, make_family
+except ImportError:  # tests/ imported as a package
+    from tests.helpers import load_weights, make_family
+
+LAYERS = 3
+
+
+@pytest.fixture(scope="module")
+def family(tmp_path_factory):
+    """base + 2 sources with clearly different blocks (perturbation 0.2), tiny norm epsilon so
+    the scale-invariance of RMSNorm holds to float rounding."""
+    root = tmp_path_factory.mktemp("dfs")
+    fam = make_family(root, n_sources=2, layers=LAYERS, scale=0.2)
+    for path in fam.all:  # rms_norm_eps 1e-6 -> 1e-12 (weights unchanged)
+        config = transformers.AutoConfig.from_pretrained(path)
+        config.rms_norm_eps = 1e-12
+        config.save_pretrained(path)
+    return fam
+
+
+@pytest.fixture(scope="module")
+def stack(family):
+    merger = Merger([str(p) for p in family.all])
+    template = transformers.AutoModelForCausalLM.from_pretrained(family.sources[0]).eval()
+    return LayerStack(merger.state, template.config, template), merger
+
+
+def bound(family, **options) -> object:
+    sources = {"a": str(family.sources[0]), "b": str(family.sources[1])}
+    return DfsSpace(kind="dfs", **options).bind(sources, LAYERS, "llama")
+
+
+def logits(model: torch.nn.Module, ids: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        return model(ids).logits
+
+
+IDS = torch.randint(0, 64, (3, 9), generator=torch.Generator().manual_seed(0))
+
+
+# ---- the genome, by hand --------------------------------------------------------------------
+
+
+def test_fold_scales_by_hand():
+    # hidden *= 2 entering block 1, *= 0.5 entering block 2, *= 4 entering block 3
+    assert fold_scales([7.0, 2.0, 0.5, 4.0]) == [1.0, 0.5, 1.0, 0.25]
+
+
+def test_slots_names_bounds_and_start_point(family):
+    space = bound(family, repeats=2)
+    # T = M * L * r = 2 * 3 * 2 slots, then W (2 x 2)
+    assert space.dim == 12 + 4
+    assert space.names[:4] == ("in[r0.a.0]", "in[r0.a.1]", "in[r0.a.2]", "in[r0.b.0]")
+    assert space.names[6] == "in[r1.a.0]" and space.names[12:] == (
+        "W[a->a]", "W[a->b]", "W[b->a]", "W[b->b]")
+    assert list(space.lower) == [-1.0] * 12 + [0.5] * 4
+    assert list(space.start_point) == [0.5] * 3 + [-0.5] * 9 + [1.0] * 4
+    recipe = space.decode(space.start_point)
+    assert recipe.slices == (LayerSlice(str(family.sources[0]), 0, 3),)
+
+
+def test_decode_worked_example(family):
+    space = bound(family, repeats=2)
+    x = np.full(space.dim, -0.3)
+    # path: a0, a1, b2 (rep 0), then a1 (rep 1); W[a->b] = 0.8, W[b->a] = 1.25, W[a->a] = 1
+    for slot in (0, 1, 5, 7):
+        x[slot] = 0.4
+    x[12:] = [1.0, 0.8, 1.25, 1.0]
+    recipe = space.decode(x)
+    a, b = str(family.sources[0]), str(family.sources[1])
+    # hidden-state scales entering each block: -, 1, 0.8, 1.25 -> cumulative 1, 1, 0.8, 1.0
+    # output-projection scales = 1 / cumulative
+    assert recipe.slices == (LayerSlice(a, 0, 2, 1.0), LayerSlice(b, 2, 3, 1.25),
+                             LayerSlice(a, 1, 2, 1.0))
+    assert recipe.path == [(a, 0, 1.0), (a, 1, 1.0), (b, 2, 1.25), (a, 1, 1.0)]
+
+
+def test_all_off_keeps_the_strongest_slot(family):
+    space = bound(family, repeats=1, scales=False)
+    x = np.full(space.dim, -0.9)
+    x[4] = -0.1  # b1
+    assert space.decode(x).slices == (LayerSlice(str(family.sources[1]), 1, 2),)
+
+
+def test_recipe_round_trips_as_plain_data(family):
+    space = bound(family, repeats=2)
+    x = np.random.default_rng(0).uniform(space.lower, space.upper)
+    recipe = space.decode(x)
+    again = parse_recipe(yaml.safe_load(yaml.safe_dump(recipe.to_dict())))
+    assert again == recipe
+    assert isinstance(parse_recipe({"merge_method": "linear", "models": [
+        {"model": "x", "parameters": {"weight": 1.0}}]}), MergeRecipe)
+
+
+@pytest.mark.parametrize("options, message", [
+    ({"layers_from": ["a", "c"]}, "layers_from: 'c' is neither a source"),
+    ({"start": "zz"}, "start: 'zz' is not a layer source"),
+    ({"merged": {"a": "x.yaml"}}, "merged.a: the name is already a source"),
+])
+def test_bad_spaces_name_the_field(family, options, message):
+    with pytest.raises(ValueError, match=message):
+        bound(family, **options)
+
+
+def test_scales_need_a_known_pre_norm_family(family):
+    sources = {"a": str(family.sources[0])}
+    with pytest.raises(ValueError, match="scales: hop scales are supported.*gemma2"):
+        DfsSpace(kind="dfs").bind(sources, LAYERS, "gemma2")
+    assert DfsSpace(kind="dfs", scales=False).bind(sources, LAYERS, "gemma2").dim == LAYERS * 2
+
+
+def test_scale_bounds_must_reach_one():
+    with pytest.raises(ValueError, match="scale_bounds"):
+        DfsSpace.from_dict({"kind": "dfs", "scale_bounds": [1.1, 2.0]})
+
+
+def test_merged_recipe_must_read_loaded_models(family, tmp_path):
+    recipe = tmp_path / "ps.yaml"
+    recipe.write_text(yaml.safe_dump({"merge_method": "linear", "models": [
+        {"model": str(tmp_path / "elsewhere"), "parameters": {"weight": 1.0}}]}))
+    with pytest.raises(ValueError, match="merged.ps: .* reads .*elsewhere"):
+        DfsSpace(kind="dfs", merged={"ps": str(recipe)}).bind(
+            {"a": str(family.sources[0])}, LAYERS, "llama", loaded=[str(family.sources[0])])
+
+
+# ---- the stack against real models ------------------------------------------------------------
+
+
+def test_path_of_model_a_with_unit_scales_is_model_a_exactly(family, stack):
+    builder, _ = stack
+    space = bound(family, repeats=3)
+    model = builder.build(space.decode(space.start_point))
+    source = transformers.AutoModelForCausalLM.from_pretrained(family.sources[0]).eval()
+    assert torch.equal(logits(model, IDS), logits(source, IDS))
+    # generation with the KV cache walks the same path
+    out = model.generate(IDS, max_new_tokens=6, do_sample=False, pad_token_id=0)
+    ref = source.generate(IDS, max_new_tokens=6, do_sample=False, pad_token_id=0)
+    assert torch.equal(out, ref)
+
+
+def test_stack_shares_the_resident_weights(family, stack):
+    builder, merger = stack
+    recipe = LayerRecipe((LayerSlice(str(family.sources[1]), 1, 3),
+                          LayerSlice(str(family.sources[1]), 1, 2)))
+    model = builder.build(recipe)
+    resident = merger.state(family.sources[1])["model.layers.1.mlp.up_proj.weight"]
+    assert model.model.layers[0].mlp.up_proj.weight.data_ptr() == resident.data_ptr()
+    assert model.model.layers[2].mlp.up_proj.weight.data_ptr() == resident.data_ptr()
+    assert [layer.self_attn.layer_idx for layer in model.model.layers] == [0, 1, 2]
+
+
+def _scaled_hidden_reference(family, path: list[tuple[int, int, float]]) -> torch.nn.Module:
+    """Sakana's definition, literally: a stacked model whose block p multiplies its *input*
+    hidden state by the hop scale (forward pre-hook), weights copied from the sources."""
+    models = [transformers.AutoModelForCausalLM.from_pretrained(p).eval()
+              for p in family.sources]
+    config = transformers.AutoConfig.from_pretrained(family.sources[0])
+    config.num_hidden_layers = len(path)
+    ref = transformers.AutoModelForCausalLM.from_config(config).eval()
+    first, last = models[path[0][0]], models[path[-1][0]]
+    ref.model.embed_tokens.load_state_dict(first.model.embed_tokens.state_dict())
+    ref.model.norm.load_state_dict(last.model.norm.state_dict())
+    ref.lm_head.load_state_dict(last.lm_head.state_dict())
+    for p, (m, block, hop) in enumerate(path):
+        ref.model.layers[p].load_state_dict(models[m].model.layers[block].state_dict())
+
+        def scale_input(_module, args, kwargs, s=hop):
+            if args:
+                return (args[0] * s, *args[1:]), kwargs
+            return args, {**kwargs, "hidden_states": kwargs["hidden_states"] * s}
+
+        ref.model.layers[p].register_forward_pre_hook(scale_input, with_kwargs=True)
+    return ref
+
+
+def test_hop_scales_equal_scaling_the_hidden_state(family, stack):
+    builder, _ = stack
+    space = bound(family, repeats=2)
+    x = np.full(space.dim, -0.5)
+    for slot in (0, 4, 5, 7, 9):  # a0, b1, b2, a1, b0
+        x[slot] = 0.5
+    x[12:] = [0.7, 1.3, 0.6, 1.2]
+    path = space.path(x)
+    assert [h for _, _, h in path] == [1.0, 1.3, 1.2, 0.6, 1.3]
+    ours = logits(builder.build(space.decode(x)), IDS)
+    theirs = logits(_scaled_hidden_reference(family, path), IDS)
+    torch.testing.assert_close(ours, theirs, atol=2e-5, rtol=1e-4)
+    # and the scales matter: unit scales give a clearly different function
+    x[12:] = 1.0
+    plain = logits(builder.build(space.decode(x)), IDS)
+    assert (plain - theirs).abs().max() > 1e-3
+
+
+def _mixed_recipe(family) -> LayerRecipe:
+    space = bound(family, repeats=2)
+    x = np.full(space.dim, -0.5)
+    for slot in (0, 1, 4, 5, 6, 8):
+        x[slot] = 0.5
+    x[12:] = [1.1, 0.7, 1.4, 0.9]
+    return space.decode(x)
+
+
+def test_materialised_export_loads_with_transformers(family, stack, tmp_path):
+    builder, _ = stack
+    recipe = _mixed_recipe(family)
+    state, updates = builder.materialise(recipe)
+    out = export_model(state, tmp_path / "dfs", base_dir=family.sources[0],
+                       recipe_yaml=recipe.to_yaml(), config_updates=updates)
+    loaded = transformers.AutoModelForCausalLM.from_pretrained(out).eval()
+    assert loaded.config.num_hidden_layers == len(recipe.path) == 6
+    torch.testing.assert_close(logits(loaded, IDS), logits(builder.build(recipe), IDS),
+                               atol=1e-5, rtol=1e-5)
+    assert yaml.safe_load((out / "recipe.yaml").read_text()) == recipe.to_mergekit()
+
+
+def test_materialised_export_equals_mergekit_passthrough(family, stack, tmp_path):
+    pytest.importorskip("mergekit")
+    from mergekit.config import MergeConfiguration
+    from mergekit.merge import run_merge
+    from mergekit.options import MergeOptions
+
+    builder, _ = stack
+    recipe = _mixed_recipe(family)
+    ours, _ = builder.materialise(recipe)
+    states = random.getstate(), np.random.get_state(), torch.get_rng_state()
+    try:
+        run_merge(MergeConfiguration.model_validate(recipe.to_mergekit()), str(tmp_path / "mk"),
+                  options=MergeOptions(device="cpu", copy_tokenizer=False,
+                                       write_model_card=False, quiet=True, lazy_unpickle=False))
+    finally:
+        random.setstate(states[0])
+        np.random.set_state(states[1])
+        torch.set_rng_state(states[2])
+    theirs = load_weights(tmp_path / "mk")
+    assert set(ours) == set(theirs)
+    for name in ours:
+        torch.testing.assert_close(ours[name], theirs[name], atol=0, rtol=1e-6, msg=name)
+    config = transformers.AutoConfig.from_pretrained(tmp_path / "mk")
+    assert config.num_hidden_layers == len(recipe.path)
+
+
+def test_merged_models_join_the_layer_sources(family, tmp_path):
+    """PS+DFS: a named merge (here a linear mix) is built once and routed through like a
+    source; a path of its blocks alone is that merge exactly."""
+    ps = MergeRecipe.from_dict({"merge_method": "linear", "models": [
+        {"model": str(family.sources[0]), "parameters": {"weight": 0.3}},
+        {"model": str(family.sources[1]), "parameters": {"weight": 0.7}}]})
+    file = tmp_path / "ps.yaml"
+    file.write_text(ps.to_yaml())
+    sources = {"a": str(family.sources[0]), "b": str(family.sources[1])}
+    space = DfsSpace(kind="dfs", merged={"ps": str(file)}).bind(
+        sources, LAYERS, "llama", loaded=[str(p) for p in family.all])
+    assert space.labels == ("ps", "a", "b")
+    recipe = space.decode(space.start_point)
+    assert recipe.slices == (LayerSlice("ps", 0, 3),) and set(recipe.merged) == {"ps"}
+
+    from evomerge.execution.worker import Evaluator
+
+    evaluator = Evaluator.__new__(Evaluator)  # the stacking half of an evaluator, no fitness
+    merger = Merger([str(p) for p in family.all])
+    template = transformers.AutoModelForCausalLM.from_pretrained(family.sources[0]).eval()
+    evaluator.merger, evaluator.model = merger, template
+    evaluator._stack, evaluator._merged, evaluator._merged_keys = None, {}, {}
+    stacked = evaluator.build(recipe)
+    merged = transformers.AutoModelForCausalLM.from_pretrained(family.sources[0]).eval()
+    merger.build(ps, into=merged)
+    assert torch.equal(logits(stacked, IDS), logits(merged, IDS))
+    docs = list(yaml.safe_load_all(recipe.to_yaml()))
+    assert [d["name"] for d in docs] == ["ps", "dfs"]
+    assert docs[1]["slices"][0]["sources"][0]["model"] == "ps"
+
+
+def test_bad_layer_recipes_are_refused():
+    with pytest.raises(RecipeError, match="at least one slice"):
+        LayerRecipe(())
+    with pytest.raises(RecipeError, match="need 0 <= start < end"):
+        LayerSlice("m", 2, 2)
+    with pytest.raises(RecipeError, match="no output projections"):
+        LayerRecipe((LayerSlice("m", 0, 1, 0.5),))
+    with pytest.raises(RecipeError, match="exactly one source"):
+        LayerRecipe.from_dict({"merge_method": "passthrough", "slices": [{"sources": []}]})
+
+
+def test_unknown_block_is_refused(family, stack):
+    builder, _ = stack
+    with pytest.raises(RecipeError, match="has no block 7"):
+        builder.build(LayerRecipe((LayerSlice(str(family.sources[0]), 7, 8),)))
+
+
+def test_paths_are_relative_to_nothing(family):
+    """Decoded recipes name models by the absolute paths they were bound with."""
+    recipe = bound(family).decode(bound(family).start_point)
+    assert all(Path(s.model).is_absolute() for s in recipe.slices)
