@@ -254,6 +254,20 @@ def test_heldout_split_and_item_bookkeeping(crafted, fitness, model):
         fitness.evaluate(model, "test")
 
 
+def test_search_items_cut_the_search_split_only(crafted, model):
+    fit = LMFitness(base_model=crafted["base"], suite=crafted["suite"], batch_size=4,
+                    search_items=3)
+    assert fit.num_items("search") == {"gen": 3, "mc": 3}
+    assert fit.num_items("heldout") == {"gen": 4, "mc": 5}
+    result = fit.evaluate(model)
+    np.testing.assert_array_equal(result.item_scores["gen"], crafted["gen"][:3])
+    both = LMFitness(base_model=crafted["base"], suite=crafted["suite"], max_items=2,
+                     search_items=3)
+    assert both.num_items("search") == both.num_items("heldout") == {"gen": 2, "mc": 2}
+    with pytest.raises(ValueError, match="search_items: expected an integer >= 1"):
+        LMFitness(base_model=crafted["base"], suite=crafted["suite"], search_items=0)
+
+
 def test_items_subset_scores_exactly_those_items_in_order(crafted, fitness, model):
     pick = {"gen": [3, 0, 3, 8], "mc": np.array([2, 1])}
     result = fitness.evaluate(model, items=pick)

@@ -288,7 +288,9 @@ class LMFitness(Fitness):
     only these tasks of the suite; an IRT-reduced fitness then anchors only them), ``objectives``
     (overrides the suite's; default one per task), ``batch_size``, ``device`` (where the data
     tensors and :meth:`new_model` live; a model elsewhere still works, batches follow it),
-    ``max_items`` (the first N items of every task and split; for smoke runs), ``dtype`` of
+    ``max_items`` (the first N items of every task and split; for smoke runs),
+    ``search_items`` (the first N items of every task's *search* split only: a cheaper search
+    whose winner is still judged on every held-out item), ``dtype`` of
     :meth:`new_model`, and ``base_model`` (the base checkpoint dir: its config and tokenizer).
     """
 
@@ -300,14 +302,17 @@ class LMFitness(Fitness):
         batch_size: int = DEFAULT_BATCH_SIZE,
         device: str | torch.device = "cpu",
         max_items: int | None = None,
+        search_items: int | None = None,
         dtype: str = "float32",
         tasks: Sequence[str] | None = None,
     ) -> None:
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
             raise ValueError(f"batch_size: expected an integer >= 1, got {batch_size!r}")
-        if max_items is not None and (isinstance(max_items, bool) or not isinstance(
-                max_items, int) or max_items < 1):
-            raise ValueError(f"max_items: expected an integer >= 1 or null, got {max_items!r}")
+        for key, value in (("max_items", max_items), ("search_items", search_items)):
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int)
+                                      or value < 1):
+                raise ValueError(f"{key}: expected an integer >= 1 or null, got {value!r}")
+        self.search_items = search_items
         if dtype not in DTYPES:
             raise ValueError(f"dtype: expected one of {', '.join(DTYPES)}, got {dtype!r}")
         self.batch_size, self.max_items, self.dtype = batch_size, max_items, DTYPES[dtype]
@@ -328,7 +333,9 @@ class LMFitness(Fitness):
     def _prepare(self, task: Any, split: str) -> _TaskData:
         """Read, validate and tokenize one task's split; errors name the file and the item."""
         path = self.suite.data_file(task, split)
-        items = load_items(path, task.kind)[:self.max_items]
+        limits = [n for n in (self.max_items, self.search_items if split == "search" else None)
+                  if n is not None]
+        items = load_items(path, task.kind)[:min(limits, default=None)]
         limit = getattr(self.config, "max_position_embeddings", None)
         pad = self.tokenizer.pad_token_id
         if task.kind == "generate":
