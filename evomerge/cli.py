@@ -405,7 +405,7 @@ def run(
         if seed is not None:
             scratch.pop("seeds", None)
             scratch["seed"] = seed
-        _run_scratch(scratch, run_dir=run_dir, resume=False)
+        _run_scratch(scratch, run_dir=run_dir, resume=False, where=str(experiment_file))
         return
     try:
         experiment = Experiment.from_yaml(experiment_file, budget=budget, seed=seed,
@@ -425,7 +425,8 @@ def resume(run_dir: Path = typer.Argument(..., metavar="RUN_DIR", show_default=F
 
     scratch = scratch_config(run_dir / "experiment.yaml")
     if scratch is not None:
-        _run_scratch(scratch, run_dir=run_dir, resume=True)
+        _run_scratch(scratch, run_dir=run_dir, resume=True,
+                     where=str(run_dir / "experiment.yaml"))
         return
     try:
         experiment = Experiment.from_yaml(run_dir / "experiment.yaml")
@@ -434,7 +435,7 @@ def resume(run_dir: Path = typer.Argument(..., metavar="RUN_DIR", show_default=F
     _run(experiment, resume=True)
 
 
-def _run_scratch(config: dict, run_dir: Path | None, resume: bool) -> None:
+def _run_scratch(config: dict, run_dir: Path | None, resume: bool, where: str) -> None:
     """A from-scratch config's every seed (evomerge.execution.scratch.run_seeds), one progress
     bar per seed, then a table of the seeds and the mean +- std of the held-out accuracy."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn
@@ -450,7 +451,8 @@ def _run_scratch(config: dict, run_dir: Path | None, resume: bool) -> None:
                     bars[seed] = bar.add_task(f"seed {seed}", total=total)
                 bar.update(bars[seed], completed=done)
 
-            summary = run_seeds(config, run_dir=run_dir, resume=resume, progress=tick)
+            summary = run_seeds(config, run_dir=run_dir, resume=resume, progress=tick,
+                                where=where)
     except (ValueError, TypeError, OSError) as exc:
         _fail(exc)
     except RuntimeError as exc:

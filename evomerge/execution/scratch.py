@@ -76,27 +76,27 @@ def check_config(config: Mapping[str, Any], where: str = "config") -> dict[str, 
         raise ValueError(f"{where}: unknown key(s) {', '.join(unknown)}; known: {', '.join(_KEYS)}")
     out = {"record_every": 500, "setting": "digits_reference", **config}
     if out["setting"] not in SETTINGS:
-        raise ValueError(f"{where}.setting: {out['setting']!r}; known: {', '.join(SETTINGS)}")
+        raise ValueError(f"{where}: setting: {out['setting']!r}; known: {', '.join(SETTINGS)}")
     for key in ("budget", "record_every"):
         v = out.get(key)
         if not _is_int(v) or v < 1:
-            raise ValueError(f"{where}.{key}: expected a positive integer, got {v!r}")
+            raise ValueError(f"{where}: {key}: expected a positive integer, got {v!r}")
     out["seeds"] = _check_seeds(out, where)
     out.pop("seed", None)
     strategy = out.get("strategy")
     if not isinstance(strategy, Mapping) or strategy.get("name") not in ("m2n2", "cmaes"):
-        raise ValueError(f"{where}.strategy: expected {{name: m2n2 | cmaes, ...options}}, "
+        raise ValueError(f"{where}: strategy: expected {{name: m2n2 | cmaes, ...options}}, "
                          f"got {strategy!r}")
     known = _M2N2 if strategy["name"] == "m2n2" else _CMAES
     bad = sorted(set(strategy) - {"name", *known})
     if bad:
-        raise ValueError(f"{where}.strategy: unknown option(s) {', '.join(bad)} for "
+        raise ValueError(f"{where}: strategy: unknown option(s) {', '.join(bad)} for "
                          f"{strategy['name']}; known: {', '.join(known)}")
     if strategy.get("init", "random") not in ("random", "experts"):
-        raise ValueError(f"{where}.strategy.init: 'random' (two N(0, init_std^2) members) or "
+        raise ValueError(f"{where}: strategy.init: 'random' (two N(0, init_std^2) members) or "
                          f"'experts' (the reference's two experts), got {strategy['init']!r}")
     if not isinstance(out.get("name"), str) or not out["name"]:
-        raise ValueError(f"{where}.name: expected a non-empty string")
+        raise ValueError(f"{where}: name: expected a non-empty string")
     return out
 
 
@@ -111,12 +111,12 @@ def _check_seeds(config: Mapping[str, Any], where: str) -> list[int]:
     if "seeds" not in config:
         seed = config.get("seed", 0)
         if not _is_int(seed) or seed < 0:
-            raise ValueError(f"{where}.seed: expected a non-negative integer, got {seed!r}")
+            raise ValueError(f"{where}: seed: expected a non-negative integer, got {seed!r}")
         return [seed]
     seeds = config["seeds"]
     if (not isinstance(seeds, list) or not seeds
             or not all(_is_int(s) and s >= 0 for s in seeds) or len(set(seeds)) < len(seeds)):
-        raise ValueError(f"{where}.seeds: expected a non-empty list of distinct non-negative "
+        raise ValueError(f"{where}: seeds: expected a non-empty list of distinct non-negative "
                          f"integers, got {seeds!r}")
     return list(seeds)
 
@@ -189,19 +189,20 @@ def scratch_config(path: str | Path) -> dict[str, Any] | None:
 
 
 def run_seeds(config: Mapping[str, Any], *, run_dir: str | Path | None = None,
-              resume: bool = False,
-              progress: Callable[[int, int, int], None] | None = None) -> dict[str, Any]:
+              resume: bool = False, progress: Callable[[int, int, int], None] | None = None,
+              where: str = "config") -> dict[str, Any]:
     """Run (or with ``resume`` continue) every seed of a from-scratch config, each in a fresh
     process in ``RUN_DIR/seed_<s>/``; write and return ``RUN_DIR/summary.json``'s content.
 
     The config is checked before anything is created. ``RUN_DIR/experiment.yaml`` holds the
     resolved config (what ``evomerge resume`` reads); a finished seed leaves its
     ``seed_<s>/summary.json`` and a resume skips it, an unfinished one is replayed from its
-    study. ``progress(seed, evaluations, budget)`` is called as each seed advances.
+    study. ``progress(seed, evaluations, budget)`` is called as each seed advances; ``where``
+    (the file) prefixes configuration errors.
     """
     from evomerge.report import write_atomic
 
-    config = check_config(config)
+    config = check_config(config, where)
     run = Path(run_dir or config.get("run_dir") or Path("runs") / config["name"]).absolute()
     if not resume and ((run / "experiment.yaml").exists() or any(run.glob("seed_*"))):
         raise ValueError(f"{run} already holds a run: continue it with `evomerge resume {run}`, "
