@@ -359,7 +359,11 @@ _RUN_HELP = (
     "and a budget of evaluations. Every candidate is recorded in an Optuna study "
     "(default sqlite at runs/NAME/study.db) before it is evaluated; the run directory receives "
     "summary.json, best_recipe.yaml (mergekit format), the exported best model and PNG plots.\n\n"
-    "Killed runs continue with [green]evomerge resume runs/NAME[/green]."
+    "Killed runs continue with [green]evomerge resume runs/NAME[/green].\n\n"
+    "A from-scratch config (a [bold]setting:[/bold] key instead of models/space, e.g. "
+    "experiments/digits_m2n2_scratch.yaml) runs each of its [bold]seeds[/bold] in its own process "
+    "in RUN_DIR/seed_<s>/; summary.json holds each seed's held-out accuracy, wall time and peak "
+    "RSS, and the mean and std over the seeds."
 )
 
 
