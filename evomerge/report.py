@@ -141,6 +141,9 @@ def finish_run(plan: Any, store: Store, evaluator: Any, *, wall_s: float,
                for name, path in experiment.models.sources.items()}
     final = {name: objs(evaluator.evaluate_source(path, "heldout"))
              for name, path in experiment.models.sources.items()}
+    # merges the space routes through (PS+DFS: the PS merge) are judged next to the sources
+    for name, merge in getattr(plan.space, "merged", {}).items():
+        final[name] = objs(evaluator.evaluate(merge, "heldout")[0])
     heldout, _ = evaluator.evaluate(recipe, "heldout")
     final = {"best": objs(heldout), **final}
     if experiment.export:

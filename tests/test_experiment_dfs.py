@@ -1,0 +1,91 @@
+"""``experiments/tinylm_dfs.yaml`` and ``tinylm_ps_dfs.yaml`` as shipped, at test scale: the tiny
+zoo, a few items per task, two generations. Everything else (space, fitness, strategy) is the
+file's own. The exported best is loaded with plain ``transformers`` and re-scored: it must be the
+model the search evaluated."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import transformers
+import yaml
+
+from evomerge.experiment import Experiment, ExperimentError
+from evomerge.fitness.lm import LMFitness
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def zoo(tmp_path_factory) -> Path:
+    from evomerge.zoo.tinylm import build_tinylm_zoo
+
+    root = tmp_path_factory.mktemp("zoo")
+    build_tinylm_zoo(root, seed=0, size="tiny", progress=False)
+    return root
+
+
+def shipped(name: str, zoo: Path, run_dir: Path) -> dict:
+    data = yaml.safe_load((REPO / "experiments" / f"{name}.yaml").read_text())
+    data["models"] = {"base": str(zoo / "base"),
+                      "sources": {k: str(zoo / Path(v).name)
+                                  for k, v in data["models"]["sources"].items()}}
+    data["fitness"]["max_items"] = 6
+    data.update(budget=2 * data["strategy"]["popsize"], run_dir=str(run_dir))
+    return data
+
+
+def rescored_export(summary: dict, run_dir: Path, zoo: Path) -> float:
+    """The exported checkpoint, loaded by transformers, scored on the held-out items."""
+    model = transformers.AutoModelForCausalLM.from_pretrained(run_dir / "best_model").eval()
+    recipe = summary["best"]["recipe"]
+    depth = sum(s["sources"][0]["layer_range"][1] - s["sources"][0]["layer_range"][0]
+                for s in recipe["slices"])
+    assert model.config.num_hidden_layers == depth
+    fitness = LMFitness(base_model=zoo / "base", suite="tinylm",
+                        tasks=["add", "reverse", "sort", "translate"],
+                        objectives=[{"name": "mean_acc", "tasks": "all"}], max_items=6)
+    return fitness.evaluate(model, "heldout").objectives["mean_acc"]
+
+
+@pytest.mark.slow
+def test_tinylm_dfs_runs_end_to_end(zoo, tmp_path):
+    data = shipped("tinylm_dfs", zoo, tmp_path / "run")
+    summary = Experiment.from_dict(data).run(progress=False)
+
+    assert summary["n_trials"] == data["budget"] and summary["n_failed"] == 0
+    assert set(summary["final"]) == {"best", *data["models"]["sources"]}
+    assert summary["best"]["recipe"]["merge_method"] == "passthrough"
+    assert rescored_export(summary, tmp_path / "run", zoo) == pytest.approx(
+        summary["final"]["best"]["mean_acc"], abs=1 / 24)  # at most one item of 24 flips
+
+
+@pytest.mark.slow
+def test_tinylm_ps_dfs_routes_through_the_ps_merge(zoo, tmp_path):
+    data = shipped("tinylm_ps_dfs", zoo, tmp_path / "run")
+    # the shipped PS recipe, pointed at the tiny zoo
+    ps = yaml.safe_load((REPO / data["space"]["merged"]["ps"]).read_text())
+    text = yaml.safe_dump(ps).replace("models/tiny-lm/", f"{zoo}/")
+    (tmp_path / "ps.yaml").write_text(text)
+    data["space"]["merged"] = {"ps": str(tmp_path / "ps.yaml")}
+    summary = Experiment.from_dict(data).run(progress=False)
+
+    assert set(summary["final"]) == {"best", "ps", *data["models"]["sources"]}
+    recipe = summary["best"]["recipe"]
+    assert set(recipe["merged"]) <= {"ps"}
+    docs = list(yaml.safe_load_all((tmp_path / "run" / "best_recipe.yaml").read_text()))
+    assert docs[-1]["merge_method"] == "passthrough"
+    assert rescored_export(summary, tmp_path / "run", zoo) == pytest.approx(
+        summary["final"]["best"]["mean_acc"], abs=1 / 24)
+
+
+def test_dfs_space_errors_name_the_field_before_compute(zoo, tmp_path):
+    data = shipped("tinylm_dfs", zoo, tmp_path / "run")
+    data["space"] = {**data["space"], "start": "expert_zz"}
+    with pytest.raises(ExperimentError, match="(?s)space: .*start: 'expert_zz'"):
+        Experiment.from_dict(data).run(progress=False)
+    data["space"] = {"kind": "dfs", "repeats": 0}
+    with pytest.raises(ExperimentError, match="repeats"):
+        Experiment.from_dict(data).run(progress=False)
+    assert not (tmp_path / "run" / "study.db").exists()
