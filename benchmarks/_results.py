@@ -60,3 +60,17 @@ def stdout_to_stderr(enabled: bool) -> Iterator[None]:
         return
     with contextlib.redirect_stdout(sys.stderr):
         yield
+
+
+def publish(result: dict, markdown: str, *, as_json: bool, write: bool, start: str,
+            end: str) -> None:
+    """A benchmark's ending: the table (on stderr under ``--json``), the one JSON object on
+    stdout with ``--json``, and RESULTS.md's section rewritten with ``--write-results``."""
+    import json
+
+    with stdout_to_stderr(as_json):
+        print(markdown)
+    if as_json:
+        print(json.dumps(result))
+    if write:
+        write_section(Path(__file__).resolve().parent / "RESULTS.md", markdown, start, end)

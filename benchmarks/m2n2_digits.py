@@ -28,7 +28,6 @@ Usage::
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import time
@@ -38,7 +37,7 @@ from typing import Any
 import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _results import cpu_name, loadavg, stdout_to_stderr
+from _results import cpu_name, loadavg, publish, stdout_to_stderr
 
 REPO = Path(__file__).resolve().parents[1]
 START, END = "<!-- m2n2:start -->", "<!-- m2n2:end -->"
@@ -142,13 +141,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     with stdout_to_stderr(args.json):
         result = run(args)
-        print(markdown(result))
-    if args.json:
-        print(json.dumps(result))
-    if args.write_results:
-        from _results import write_section
-
-        write_section(REPO / "benchmarks" / "RESULTS.md", markdown(result), START, END)
+    publish(result, markdown(result), as_json=args.json, write=args.write_results,
+            start=START, end=END)
     return 0
 
 

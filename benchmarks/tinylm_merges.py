@@ -1,0 +1,128 @@
+#!/usr/bin/env python
+"""PS, M2N2, DFS and PS+DFS on the tiny-LM zoo: each method's best against every source, held out.
+
+Runs the shipped experiments as a user would (``Experiment.from_yaml(...).run()``), each into
+``--out/<name>`` (reused when its ``summary.json`` already holds the experiment's budget, so a
+table can be rebuilt without re-running), and tabulates from their ``summary.json``:
+
+* ``experiments/tinylm_ps_cmaes.yaml``: PS (DARE-TIES per block group, CMA-ES, IRT anchors);
+* ``experiments/tinylm_m2n2.yaml``: M2N2 over the experts;
+* ``experiments/tinylm_dfs.yaml``: DFS, a layer path through the experts' blocks;
+* ``experiments/tinylm_ps_dfs.yaml``: PS+DFS, a layer path through the PS merge's and the experts'
+  blocks (the PS merge is the shipped ``experiments/recipes/tinylm_ps.yaml``).
+
+Metric: held-out mean exact match over the four tasks (1,200 items), the number every
+``summary.json`` reports under ``final``. Needs the zoo: ``evomerge zoo build tiny-lm``.
+
+Usage::
+
+    python benchmarks/tinylm_merges.py                     # run what is missing, print the table
+    python benchmarks/tinylm_merges.py --write-results     # and rewrite RESULTS.md's section
+    python benchmarks/tinylm_merges.py --only tinylm_dfs --budget 24   # one, smaller
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _results import cpu_name, loadavg, publish, stdout_to_stderr
+
+REPO = Path(__file__).resolve().parents[1]
+START, END = "<!-- tinylm_merges:start -->", "<!-- tinylm_merges:end -->"
+EXPERIMENTS = {"tinylm_ps_cmaes": "PS (CMA-ES)", "tinylm_m2n2": "M2N2",
+               "tinylm_dfs": "DFS (CMA-ES)", "tinylm_ps_dfs": "PS+DFS (CMA-ES)"}
+
+
+def run_or_reuse(name: str, out: Path, budget: int | None) -> dict[str, Any]:
+    """The experiment's summary: read back when complete, otherwise run (or resume) it."""
+    from evomerge.experiment import Experiment
+
+    run_dir = out / name
+    experiment = Experiment.from_yaml(REPO / "experiments" / f"{name}.yaml",
+                                      run_dir=str(run_dir), budget=budget)
+    summary_file = run_dir / "summary.json"
+    if summary_file.is_file():
+        summary = json.loads(summary_file.read_text())
+        if summary.get("budget") == experiment.budget:
+            return summary
+    resume = (run_dir / "experiment.yaml").is_file()
+    return experiment.run(resume=resume, progress=sys.stderr.isatty())
+
+
+def row(name: str, summary: dict[str, Any]) -> dict[str, Any]:
+    final = {k: v["mean_acc"] for k, v in summary["final"].items()}
+    sources = {k: v for k, v in final.items() if k != "best"}
+    best_source = max(sources, key=sources.get)
+    return {"experiment": name, "method": EXPERIMENTS.get(name, name),
+            "candidates": summary["n_trials"], "wall_s": summary["wall_s"],
+            "best": final["best"], "sources": sources, "best_source": best_source,
+            "gain": final["best"] - sources[best_source],
+            "search_best": summary["best"]["objectives"]["mean_acc"]}
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    started = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+    load_start = loadavg()
+    rows = []
+    for name in args.only or list(EXPERIMENTS):
+        summary = run_or_reuse(name, args.out.absolute(), args.budget)
+        rows.append(row(name, summary))
+        r = rows[-1]
+        print(f"{name}: best {r['best']:.3f} vs {r['best_source']} {r['sources'][r['best_source']]:.3f}"
+              f" ({r['candidates']} candidates, {r['wall_s']:.0f} s)", file=sys.stderr)
+    return {"started": started, "cpu": cpu_name(),
+            "loadavg_1min": {"start": load_start, "end": loadavg()}, "rows": rows}
+
+
+def markdown(result: dict[str, Any]) -> str:
+    names = list(dict.fromkeys(k for r in result["rows"] for k in r["sources"]))
+    load = result["loadavg_1min"]
+    fmt = lambda v: "?" if v is None else f"{v:.1f}"
+    lines = [START, "## tinylm_merges: PS, M2N2, DFS and PS+DFS against the sources", "",
+             (f"- `python benchmarks/tinylm_merges.py`; {result['cpu']}; {result['started']}; "
+              f"1-min load average {fmt(load['start'])} at start, {fmt(load['end'])} at end "
+              "(runs reused from earlier invocations keep their own wall time)"),
+             ("- Held-out mean exact match over add, reverse, sort and translate (1,200 items), "
+              "from each run's `summary.json` (`final`). `search` is the best's search-split "
+              "score as the search saw it (IRT estimate for PS, first 100 items per task for "
+              "DFS and PS+DFS). `ps` is the shipped PS merge that PS+DFS routes through."),
+             "", "| experiment | method | candidates | wall s | search | best held-out | "
+             + " | ".join(names) + " | best - best source |",
+             "|---|---|---|---|---|---|" + "---|" * len(names) + "---|"]
+    for r in result["rows"]:
+        cells = [f"{r['sources'][n]:.3f}" if n in r["sources"] else "-" for n in names]
+        lines.append(f"| {r['experiment']} | {r['method']} | {r['candidates']} | "
+                     f"{r['wall_s']:.0f} | {r['search_best']:.3f} | **{r['best']:.3f}** | "
+                     + " | ".join(cells) + f" | {r['gain']:+.3f} ({r['best_source']}) |")
+    return "\n".join(lines + [END])
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--out", type=Path, default=REPO / "runs" / "bench",
+                   help="where the runs go (default: runs/bench/<experiment>)")
+    p.add_argument("--only", nargs="+", choices=list(EXPERIMENTS), default=None)
+    p.add_argument("--budget", type=int, default=None, help="override every experiment's budget")
+    p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
+    p.add_argument("--write-results", action="store_true",
+                   help="rewrite the tinylm_merges section of benchmarks/RESULTS.md")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    with stdout_to_stderr(args.json):
+        result = run(args)
+    publish(result, markdown(result), as_json=args.json, write=args.write_results,
+            start=START, end=END)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
