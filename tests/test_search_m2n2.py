@@ -65,6 +65,44 @@ def test_replacement_replaces_the_worst_with_the_child_in_z():
     assert replacement(with_empty, np.zeros(4)) == 3
 
 
+def test_shared_fitness_can_evict_the_most_accurate_member_and_plain_accuracy_cannot():
+    """What replacement does NOT guarantee: M2N2's archive keeps niches, not its best member.
+
+    A (row 0) solves items 0-2, each also solved by two of six specialists, who each solve one
+    of A's items plus an item of their own; the child solves two new items. With the child in z:
+    z = 3 on items 0-2, so f_A = 3/3 = 1, each specialist 1/3 + 1 = 4/3, the child 2. A, the
+    only member right on 3 items (the rest on 2), is the arg-min and is replaced: the archive's
+    best accuracy drops from 3 to 2 items. With alpha = 0 (plain accuracy) f = [3, 2, ..., 2]
+    and a specialist goes instead."""
+    n = 3 + 6 + 2
+    members = np.zeros((7, n))
+    members[0, :3] = 1
+    for k in range(6):
+        members[1 + k, [k % 3, 3 + k]] = 1
+    child = np.zeros(n)
+    child[-2:] = 1
+    ext = np.vstack([members, child])
+    np.testing.assert_allclose(shared_fitness(ext, 1.0), [1.0] + [4 / 3] * 6 + [2.0])
+    assert replacement(members, child, alpha=1.0) == 0
+    assert members.sum(axis=1).argmax() == 0 and child.sum() < members[0].sum()
+    assert replacement(members, child, alpha=0.0) == 1
+
+
+def test_plain_accuracy_replacement_never_lowers_the_archive_best():
+    """With alpha = 0 the evicted member has the fewest right answers of archive ∪ {child}, so
+    the archive's best accuracy never drops (checked on random 0/1 archives)."""
+    rng = np.random.default_rng(0)
+    for _ in range(500):
+        members = (rng.random((rng.integers(2, 8), 12)) < rng.random()).astype(float)
+        child = (rng.random(12) < rng.random()).astype(float)
+        row = replacement(members, child, alpha=0.0)
+        after = members.copy()
+        if row is not None:
+            after[row] = child
+        assert after.sum(axis=1).max() >= members.sum(axis=1).max()
+        assert after.sum() >= members.sum()  # and the total never drops either
+
+
 def test_split_point_slerp_matches_the_hand_worked_vector():
     a, b = np.array([2.0, 0.0, 0.0]), np.array([0.0, 3.0, 0.0])  # Omega = pi / 2
     np.testing.assert_allclose(split_mix(3, 2, 0.25), [0.25, 0.25, 0.75])
@@ -217,6 +255,64 @@ def test_resume_replays_stored_item_scores_and_continues_the_same_run(zoo, tmp_p
         np.testing.assert_array_equal(got[slot][0], want[slot][0])
         assert got[slot][1] == want[slot][1]
 
+
+def _mid_child(counts: dict[str, int]) -> bool:
+    """Some children told and one being evaluated: a kill now leaves its trial RUNNING."""
+    return counts["COMPLETE"] >= 6 and counts["RUNNING"] >= 1
+
+
+@pytest.mark.slow
+def test_kill_9_mid_trial_then_resume_asks_and_scores_what_an_uninterrupted_run_does(zoo,
+                                                                                    tmp_path):
+    """``evomerge run`` SIGKILLed while a child is being evaluated (its trial left RUNNING),
+    then ``evomerge resume``: the interrupted trial is marked FAIL(interrupted) and never told,
+    its slot is evaluated again, and the whole trajectory equals an uninterrupted run's (the
+    trials' x and values, so the replayed archive made the same children)."""
+    import signal
+
+    from run_helpers import (
+        by_slot,
+        cli,
+        experiment_data,
+        is_interrupted,
+        kill_group,
+        load_trials,
+        run_cli,
+        run_in_process,
+        start,
+        state_counts,
+        wait_until,
+        write_experiment,
+    )
+
+    budget, name = 15, "digits_m2n2_experts"
+    whole = tmp_path / "whole"
+    run_in_process(experiment_data("m2n2_experts", zoo, whole, budget=budget))
+    run_dir = tmp_path / "run"
+    exp = write_experiment(tmp_path / "exp.yaml",
+                           experiment_data("m2n2_experts", zoo, run_dir, budget=budget))
+    proc = start(cli("run", exp), tmp_path / "run.log")
+    try:
+        wait_until(lambda: _mid_child(state_counts(run_dir)), timeout=90, proc=proc,
+                   log=tmp_path / "run.log", what="a child being evaluated")
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=30)
+    finally:
+        kill_group(proc)
+    landed = state_counts(run_dir)  # RUNNING 1 unless the child finished within the poll
+    assert landed["RUNNING"] <= 1 and landed["COMPLETE"] < budget
+
+    result = run_cli(cli("resume", run_dir))
+    assert result.returncode == 0, result.stdout + result.stderr
+    trials = load_trials(run_dir, name)
+    interrupted = [t for t in trials if is_interrupted(t)]
+    assert len(interrupted) == landed["RUNNING"]
+    assert all(t.state.name == "FAIL" for t in interrupted)
+    want, got = by_slot(load_trials(whole, name)), by_slot(trials)
+    assert want.keys() == got.keys() and len(got) == budget
+    for slot in want:
+        np.testing.assert_array_equal(got[slot][0], want[slot][0])
+        assert got[slot][1] == want[slot][1]
 
 # ---- from scratch: compact record, resume by replay ---------------------------------------------
 
