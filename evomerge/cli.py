@@ -9,7 +9,7 @@ from __future__ import annotations
 import time
 from enum import Enum
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 import typer
 from rich.console import Console
@@ -485,22 +485,44 @@ def dashboard(
     host: str = typer.Option("127.0.0.1", "--host",
                              help="Interface to bind; the default serves this machine only."),
     port: int = typer.Option(8080, "--port"),
+    seed: int | None = typer.Option(None, "--seed", help="From-scratch runs: which seed's study "
+                                    "(default: the first)."),
 ) -> None:
     """Serve optuna-dashboard for a run's study (trials, parameters, Pareto front)."""
+    from evomerge.execution.scratch import scratch_config
     from evomerge.experiment import Experiment, ExperimentError
     from evomerge.store import open_storage, storage_url
 
     try:
-        experiment = Experiment.from_yaml(run_dir / "experiment.yaml")
-    except ExperimentError as exc:
-        _fail(exc)
-    try:
         from optuna_dashboard import run_server
     except ImportError:
         _fail(RuntimeError("optuna-dashboard is not installed: pip install optuna-dashboard"))
-    url = storage_url(experiment.storage, experiment.run_path)
+    if scratch_config(run_dir / "experiment.yaml") is not None:
+        storage, url = _scratch_storage(run_dir, seed)
+    else:
+        try:
+            experiment = Experiment.from_yaml(run_dir / "experiment.yaml")
+        except ExperimentError as exc:
+            _fail(exc)
+        url = storage_url(experiment.storage, experiment.run_path)
+        storage = open_storage(url)
     console.print(f"optuna-dashboard for {url} on http://{host}:{port}/dashboard/")
-    run_server(open_storage(url), host=host, port=port)
+    run_server(storage, host=host, port=port)
+
+
+def _scratch_storage(run_dir: Path, seed: int | None) -> tuple[Any, str]:
+    """A from-scratch run's journal study: one per seed (``RUN_DIR/seed_<s>/study.log``)."""
+    import optuna
+    from optuna.storages.journal import JournalFileBackend
+
+    logs = {int(p.parent.name.removeprefix("seed_")): p
+            for p in sorted(run_dir.glob("seed_*/study.log"))}
+    if not logs:
+        _fail(FileNotFoundError(f"{run_dir}: no seed_<s>/study.log yet (has the run started?)"))
+    if seed is not None and seed not in logs:
+        _fail(ValueError(f"--seed {seed}: {run_dir} has seeds {', '.join(map(str, logs))}"))
+    log = logs[seed if seed is not None else min(logs)]
+    return optuna.storages.JournalStorage(JournalFileBackend(str(log))), str(log)
 
 
 # =============================================================================================

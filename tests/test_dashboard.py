@@ -93,3 +93,31 @@ def test_dashboard_of_a_directory_without_a_run_fails_clearly(tmp_path):
     result = CliRunner().invoke(app, ["dashboard", str(tmp_path), "--port", str(free_port())])
     assert result.exit_code == 2
     assert "experiment.yaml" in result.output
+
+
+def test_dashboard_of_a_from_scratch_run_serves_one_seeds_journal(tmp_path):
+    """From-scratch runs keep one journal study per seed; the dashboard opens the chosen one."""
+    from pathlib import Path
+
+    import yaml
+
+    from evomerge.cli import _scratch_storage
+
+    shipped = Path(__file__).resolve().parents[1] / "experiments" / "digits_cmaes_scratch.yaml"
+    config = yaml.safe_load(shipped.read_text())
+    path = tmp_path / "scratch.yaml"
+    path.write_text(yaml.safe_dump({**config, "seeds": [3, 5], "budget": 20, "record_every": 10}))
+    run_dir = tmp_path / "run"
+    result = CliRunner().invoke(app, ["run", str(path), "--run-dir", str(run_dir)])
+    assert result.exit_code == 0, result.output
+    storage, url = _scratch_storage(run_dir, 5)
+    assert url == str(run_dir / "seed_5" / "study.log")
+    (study,) = storage.get_all_studies()
+    trials = storage.get_all_trials(study._study_id)
+    summary = json.loads((run_dir / "summary.json").read_text())
+    (seed_5,) = [row for row in summary["per_seed"] if row["seed"] == 5]
+    assert max(t.values[0] for t in trials) == pytest.approx(seed_5["train_acc"])
+    assert _scratch_storage(run_dir, None)[1] == str(run_dir / "seed_3" / "study.log")
+    bad = CliRunner().invoke(app, ["dashboard", str(run_dir), "--seed", "4",
+                                   "--port", str(free_port())])
+    assert bad.exit_code != 0 and "has seeds 3, 5" in bad.output
