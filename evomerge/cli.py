@@ -289,6 +289,9 @@ _MERGE_HELP = (
     "its parameters), global parameters, dtype/out_dtype. Methods: linear, task_arithmetic, "
     "ties, dare_linear, dare_ties, della, della_linear, breadcrumbs, breadcrumbs_ties, slerp, "
     "model_stock. Model paths are local directories, relative to the current directory.\n\n"
+    "Layer stacks (what DFS searches export) are read too: merge_method passthrough with "
+    "[bold]slices:[/bold] (one source per slice, layer_range, optional scale parameters), or a "
+    "mergekit-multi file whose earlier named documents are merges the slices read.\n\n"
     "OUT receives config, safetensors shards, the base model's tokenizer and recipe.yaml; it is "
     "written to a temporary sibling and renamed, so an interrupted merge leaves nothing behind."
 )
@@ -311,6 +314,9 @@ def merge(
     from evomerge.recipe import RecipeError, MergeRecipe
 
     started = time.perf_counter()
+    if _is_layer_recipe(config):
+        _merge_layers(config, out, device, shard_size, overwrite, started)
+        return
     try:
         recipe = MergeRecipe.from_yaml(config)
         parse_size(shard_size)
@@ -335,6 +341,53 @@ def merge(
         f"Merged {len(merger.names)} tensors with [bold]{recipe.merge_method}[/bold] into "
         f"[bold]{out}[/bold] in {time.perf_counter() - started:.1f} s."
     )
+
+
+def _is_layer_recipe(config: Path) -> bool:
+    """A passthrough ``slices`` file or a mergekit-multi file (what DFS runs export)."""
+    import yaml
+
+    try:
+        docs = [d for d in yaml.safe_load_all(config.read_text()) if d is not None]
+    except (OSError, yaml.YAMLError):
+        return False  # MergeRecipe.from_yaml reports it
+    return len(docs) > 1 or (len(docs) == 1 and isinstance(docs[0], dict) and "slices" in docs[0])
+
+
+def _merge_layers(config: Path, out: Path, device: str, shard_size: str, overwrite: bool,
+                  started: float) -> None:
+    """Materialise a layer stack (DFS / PS+DFS recipe) as a checkpoint."""
+    import transformers
+
+    from evomerge.merge.engine import Merger
+    from evomerge.merge.io import CheckpointError, export_model, parse_size
+    from evomerge.merge.layerstack import LayerRecipe, LayerStack, ResidentSources
+    from evomerge.recipe import RecipeError
+
+    try:
+        recipe = LayerRecipe.from_yaml(config)
+        parse_size(shard_size)
+        if out.exists() and not overwrite:
+            raise CheckpointError(f"{out}: already exists; pass --overwrite to replace it")
+        paths = [m for m in recipe.models if m not in recipe.merged]
+        paths += [p for r in recipe.merged.values() for p in r.model_paths()]
+        paths = list(dict.fromkeys(paths))
+        missing = [p for p in paths if not Path(p).expanduser().is_dir()]
+        if missing:
+            raise RecipeError("models not found (local Hugging Face directories):\n  "
+                              + "\n  ".join(missing))
+        with console.status("loading models"):
+            sources = ResidentSources(Merger(paths, device=device))
+            sources.prepare(recipe.merged)
+        stack = LayerStack(sources, transformers.AutoConfig.from_pretrained(paths[0]))
+        state, updates = stack.materialise(recipe)
+        export_model(state, out, base_dir=paths[0], recipe_yaml=recipe.to_yaml(),
+                     max_shard_size=shard_size, overwrite=overwrite, progress=True,
+                     config_updates=updates)
+    except (RecipeError, CheckpointError, ValueError, OSError) as exc:
+        _fail(exc)
+    console.print(f"Stacked {len(recipe.path)} blocks from {len(recipe.slices)} slices into "
+                  f"[bold]{out}[/bold] in {time.perf_counter() - started:.1f} s.")
 
 
 def _torch_dtype(name: str | None):

@@ -131,8 +131,9 @@ class MergeRecipe(BaseModel):
         for unsupported in ("slices", "modules"):
             if data.get(unsupported):
                 raise RecipeError(
-                    f"{where}: '{unsupported}:' (layer stacking) is not supported by evomerge's "
-                    "merge engine yet; write the merge with 'models:'"
+                    f"{where}: '{unsupported}:' (layer stacking) is not a weight merge; "
+                    "passthrough slices are layer recipes (evomerge.merge.layerstack, "
+                    "`evomerge merge` reads them)"
                 )
         data = {k: v for k, v in data.items() if k not in ("slices", "modules")}
         if "models" not in data and data.get("base_model"):

@@ -233,6 +233,8 @@ def test_materialised_export_loads_with_transformers(family, stack, tmp_path):
     torch.testing.assert_close(logits(loaded, IDS), logits(builder.build(recipe), IDS),
                                atol=1e-5, rtol=1e-5)
     assert yaml.safe_load((out / "recipe.yaml").read_text()) == recipe.to_mergekit()
+    # mergekit's form alone names the scaled projections in its filters: nothing is lost
+    assert LayerRecipe.from_yaml(out / "recipe.yaml") == recipe
 
 
 def test_materialised_export_equals_mergekit_passthrough(family, stack, tmp_path):
@@ -281,8 +283,7 @@ def test_merged_models_join_the_layer_sources(family, tmp_path):
     evaluator = Evaluator.__new__(Evaluator)  # the stacking half of an evaluator, no fitness
     merger = Merger([str(p) for p in family.all])
     template = transformers.AutoModelForCausalLM.from_pretrained(family.sources[0]).eval()
-    evaluator.merger, evaluator.model = merger, template
-    evaluator._stack, evaluator._merged, evaluator._merged_keys = None, {}, {}
+    evaluator.merger, evaluator.model, evaluator._stack = merger, template, None
     stacked = evaluator.build(recipe)
     merged = transformers.AutoModelForCausalLM.from_pretrained(family.sources[0]).eval()
     merger.build(ps, into=merged)
@@ -313,3 +314,39 @@ def test_paths_are_relative_to_nothing(family):
     """Decoded recipes name models by the absolute paths they were bound with."""
     recipe = bound(family).decode(bound(family).start_point)
     assert all(Path(s.model).is_absolute() for s in recipe.slices)
+
+
+def test_evomerge_merge_materialises_layer_recipes(family, stack, tmp_path):
+    """The exported recipe.yaml round-trips through `evomerge merge`: a plain slices file, and
+    a mergekit-multi file whose first document is the merge the slices read."""
+    from typer.testing import CliRunner
+
+    from evomerge.cli import app
+
+    builder, merger = stack
+    recipe = _mixed_recipe(family)
+    (tmp_path / "dfs.yaml").write_text(recipe.to_yaml())
+    result = CliRunner().invoke(app, ["merge", str(tmp_path / "dfs.yaml"), "-o",
+                                      str(tmp_path / "out")])
+    assert result.exit_code == 0, result.output
+    loaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()
+    torch.testing.assert_close(logits(loaded, IDS), logits(builder.build(recipe), IDS),
+                               atol=1e-5, rtol=1e-5)
+
+    ps = MergeRecipe.from_dict({"merge_method": "linear", "models": [
+        {"model": str(family.sources[0]), "parameters": {"weight": 0.5}},
+        {"model": str(family.sources[1]), "parameters": {"weight": 0.5}}]})
+    multi = LayerRecipe((LayerSlice("ps", 0, 2), LayerSlice(str(family.sources[1]), 2, 3, 0.8)),
+                        ("o_proj", "down_proj"), merged={"ps": ps})
+    (tmp_path / "multi.yaml").write_text(multi.to_yaml())
+    assert LayerRecipe.from_yaml(tmp_path / "multi.yaml") == multi
+    result = CliRunner().invoke(app, ["merge", str(tmp_path / "multi.yaml"), "-o",
+                                      str(tmp_path / "multi")])
+    assert result.exit_code == 0, result.output
+    weights = load_weights(tmp_path / "multi")
+    merged = merger.build(ps)
+    assert torch.equal(weights["model.layers.1.mlp.up_proj.weight"],
+                       merged["model.layers.1.mlp.up_proj.weight"])
+    down = merger.state(family.sources[1])["model.layers.2.mlp.down_proj.weight"]
+    torch.testing.assert_close(weights["model.layers.2.mlp.down_proj.weight"], down * 0.8)
+    assert torch.equal(weights["lm_head.weight"], merger.state(family.sources[1])["lm_head.weight"])

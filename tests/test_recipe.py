@@ -372,7 +372,7 @@ slices:
       - {model: b, layer_range: [0, 4]}
 parameters: {t: 0.5}
 """)
-    assert "slices" in message and "models:" in message
+    assert "slices" in message and "layer recipes" in message
 
 
 def test_dtype_and_tokenizer_source_are_checked():

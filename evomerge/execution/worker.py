@@ -24,7 +24,7 @@ import torch
 
 from evomerge.fitness.base import EvalResult, Fitness, Objective, make_fitness
 from evomerge.merge.engine import Merger
-from evomerge.merge.layerstack import LayerRecipe, LayerStack, parse_recipe
+from evomerge.merge.layerstack import LayerRecipe, LayerStack, ResidentSources, parse_recipe
 from evomerge.recipe import MergeRecipe
 from evomerge.store import EXPERIMENT, OWNER, Store, open_storage
 
@@ -44,8 +44,6 @@ class Evaluator:
             self.reduce(*reduction)
         self.model = self.fitness.new_model().to(device)
         self._stack: LayerStack | None = None
-        self._merged: dict[str, dict[str, torch.Tensor]] = {}
-        self._merged_keys: dict[str, tuple[str, str]] = {}
 
     def reduce(self, reduction: Any, estimator: str) -> None:
         """Score searches on the reduction's anchor items only (see evomerge.fitness.reduced)."""
@@ -72,15 +70,9 @@ class Evaluator:
 
     def _stack_for(self, recipe: LayerRecipe) -> LayerStack:
         """The layer stacker, with the recipe's ``merged`` models (PS+DFS) built once each."""
-        for name, merge in recipe.merged.items():
-            key = (name, merge.to_yaml())
-            if self._merged_keys.get(name) != key:
-                self._merged[name] = self.merger.build(merge)
-                self._merged_keys[name] = key
         if self._stack is None:
-            self._stack = LayerStack(
-                lambda ref: self._merged[ref] if ref in self._merged else self.merger.state(ref),
-                self.model.config, self.model)
+            self._stack = LayerStack(ResidentSources(self.merger), self.model.config, self.model)
+        self._stack.tensors.prepare(recipe.merged)
         return self._stack
 
     def score_items(self, recipes: Sequence[MergeRecipe | LayerRecipe]

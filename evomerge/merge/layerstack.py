@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import copy
 import re
+from pathlib import Path
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -155,6 +156,30 @@ class LayerRecipe:
         return yaml.dump_all(docs, Dumper=FlowListDumper, sort_keys=False)
 
     @classmethod
+    def from_yaml(cls, path: str | Path) -> LayerRecipe:
+        """A passthrough ``slices`` file, or a mergekit-multi file whose last document is one
+        and whose earlier (named) documents are the merges it reads (what :meth:`to_yaml`
+        writes)."""
+        try:
+            docs = list(yaml.safe_load_all(Path(path).read_text()))
+        except (OSError, yaml.YAMLError) as exc:
+            raise RecipeError(f"{path}: cannot read: {exc}") from None
+        docs = [d for d in docs if d is not None]
+        if not docs or not all(isinstance(d, Mapping) for d in docs):
+            raise RecipeError(f"{path}: expected one or more YAML mappings")
+        *stages, last = docs
+        merged = {}
+        for i, doc in enumerate(stages):
+            name = doc.get("name")
+            if not isinstance(name, str) or not name:
+                raise RecipeError(f"{path}: document {i + 1} needs a 'name' (mergekit-multi)")
+            merged[name] = {k: v for k, v in doc.items() if k != "name"}
+        data = {k: v for k, v in last.items() if k != "name"}
+        if merged:
+            data["merged"] = merged
+        return cls.from_dict(data, where=str(path))
+
+    @classmethod
     def from_dict(cls, data: Mapping[str, Any], *, where: str = "recipe") -> LayerRecipe:
         if data.get("merge_method") != "passthrough":
             raise RecipeError(f"{where}.merge_method: a layer recipe is 'passthrough', got "
@@ -163,7 +188,7 @@ class LayerRecipe:
                                       "merged"})
         if unknown:
             raise RecipeError(f"{where}: unknown key(s) {', '.join(unknown)}")
-        projections = tuple(data.get("output_projections") or ())
+        projections = tuple(data.get("output_projections") or ()) or _filters_in(data)
         slices = []
         for i, entry in enumerate(data.get("slices") or []):
             sources = entry.get("sources") if isinstance(entry, Mapping) else None
@@ -178,10 +203,23 @@ class LayerRecipe:
         return cls(tuple(slices), projections, data.get("dtype"), merged)
 
 
+def _filters_in(data: Mapping[str, Any]) -> tuple[str, ...]:
+    """The output projections a mergekit file scales (its first ``scale`` setting's filters)."""
+    for entry in data.get("slices") or []:
+        for src in (entry.get("sources") or []) if isinstance(entry, Mapping) else []:
+            setting = (src.get("parameters") or {}).get("scale") if isinstance(src, Mapping) else None
+            if isinstance(setting, list):
+                return tuple(str(c.get("filter")) for c in setting if isinstance(c, Mapping))
+    return ()
+
+
 def _scale_of(params: Mapping[str, Any], projections: Sequence[str], where: str) -> float:
     setting = params.get("scale")
     if setting is None:
         return 1.0
+    if not isinstance(setting, list) or not all(isinstance(c, Mapping) and "value" in c
+                                                 for c in setting):
+        raise RecipeError(f"{where}.parameters.scale: expected a list of {{filter, value}}")
     values = {c.get("filter"): float(c["value"]) for c in setting}
     if set(values) != set(projections) or len(set(values.values())) != 1:
         raise RecipeError(f"{where}.parameters.scale: expected one value for each output "
@@ -208,20 +246,40 @@ def fold_scales(hops: Sequence[float]) -> list[float]:
     return scales
 
 
+class ResidentSources:
+    """Tensors by model reference: a Merger's resident checkpoints, plus named merges (PS+DFS)
+    built once each and kept while their recipe is unchanged."""
+
+    def __init__(self, merger: Any) -> None:
+        self.merger = merger
+        self._merged: dict[str, dict[str, torch.Tensor]] = {}
+        self._recipes: dict[str, str] = {}
+
+    def prepare(self, merged: Mapping[str, MergeRecipe]) -> None:
+        for name, merge in merged.items():
+            text = merge.to_yaml()
+            if self._recipes.get(name) != text:
+                self._merged[name] = self.merger.build(merge)
+                self._recipes[name] = text
+
+    def __call__(self, ref: str) -> Mapping[str, torch.Tensor]:
+        return self._merged[ref] if ref in self._merged else self.merger.state(ref)
+
+
 class LayerStack:
     """Builds layer recipes over resident tensors.
 
     ``tensors(model)`` returns one model's resident state dict (checkpoint names); ``config`` is
     the shared HF config (equal hidden sizes are what make stacking possible); ``template`` is a
-    real model of that config whose non-persistent buffers (rotary frequencies) the shells borrow.
+    real model of that config whose non-persistent buffers (rotary frequencies) the shells borrow
+    (only :meth:`build` needs it).
     """
 
     def __init__(self, tensors: Callable[[str], Mapping[str, torch.Tensor]], config: Any,
-                 template: torch.nn.Module) -> None:
+                 template: torch.nn.Module | None = None) -> None:
         self.tensors = tensors
         self.config = config
-        self.buffers = dict(template.named_buffers())
-        self.device = next(template.parameters()).device
+        self.buffers = dict(template.named_buffers()) if template is not None else {}
 
     def _named(self, recipe: LayerRecipe) -> dict[str, torch.Tensor]:
         """Shell tensor name -> resident source tensor, for the recipe's path."""
