@@ -25,9 +25,9 @@ from __future__ import annotations
 
 import copy
 import re
-from pathlib import Path
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
