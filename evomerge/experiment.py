@@ -144,8 +144,13 @@ class Experiment(BaseModel):
         return cls.from_dict(data, where=str(path), **overrides)
 
     def resolved(self) -> "Experiment":
-        """Model paths absolute, run_dir fixed: what the run directory records."""
-        return self.model_copy(update={"models": self.models.resolved(),
+        """Model paths absolute (a DFS space's ``merged`` recipe files too), run_dir fixed:
+        what the run directory records, so a resume works from any directory."""
+        space = self.space
+        if isinstance(space, dict) and isinstance(space.get("merged"), dict):
+            space = {**space, "merged": {k: str(Path(v).expanduser().absolute())
+                                         for k, v in space["merged"].items()}}
+        return self.model_copy(update={"models": self.models.resolved(), "space": space,
                                        "run_dir": str(self.run_path)})
 
     def to_yaml(self) -> str:

@@ -5,6 +5,7 @@ model the search evaluated."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -68,10 +69,12 @@ def test_tinylm_ps_dfs_routes_through_the_ps_merge(zoo, tmp_path):
     ps = yaml.safe_load((REPO / data["space"]["merged"]["ps"]).read_text())
     text = yaml.safe_dump(ps).replace("models/tiny-lm/", f"{zoo}/")
     (tmp_path / "ps.yaml").write_text(text)
-    data["space"]["merged"] = {"ps": str(tmp_path / "ps.yaml")}
+    data["space"]["merged"] = {"ps": os.path.relpath(tmp_path / "ps.yaml")}
     summary = Experiment.from_dict(data).run(progress=False)
 
     assert set(summary["final"]) == {"best", "ps", *data["models"]["sources"]}
+    recorded = yaml.safe_load((tmp_path / "run" / "experiment.yaml").read_text())
+    assert Path(recorded["space"]["merged"]["ps"]).is_absolute()  # resume from anywhere
     recipe = summary["best"]["recipe"]
     assert set(recipe["merged"]) <= {"ps"}
     docs = list(yaml.safe_load_all((tmp_path / "run" / "best_recipe.yaml").read_text()))
