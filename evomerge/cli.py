@@ -408,7 +408,8 @@ def _tokenizer_source(recipe) -> Path:
 _RUN_HELP = (
     "Run a merge search described by an experiment YAML.\n\n"
     "The experiment names the models (base + sources), a search space (a catalog name from "
-    "search_spaces/ or an inline mapping), a fitness, a strategy (cmaes, nsga2, optuna, random) "
+    "search_spaces/, an inline mapping, or kind: dfs for a layer path through the sources' "
+    "blocks), a fitness, a strategy (cmaes, nsga2, optuna, random, map, m2n2) "
     "and a budget of evaluations. Every candidate is recorded in an Optuna study "
     "(default sqlite at runs/NAME/study.db) before it is evaluated; the run directory receives "
     "summary.json, best_recipe.yaml (mergekit format), the exported best model and PNG plots.\n\n"
