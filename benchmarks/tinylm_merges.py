@@ -90,8 +90,10 @@ def markdown(result: dict[str, Any]) -> str:
               "(runs reused from earlier invocations keep their own wall time)"),
              ("- Held-out mean exact match over add, reverse, sort and translate (1,200 items), "
               "from each run's `summary.json` (`final`). `search` is the best's search-split "
-              "score as the search saw it (IRT estimate for PS, first 100 items per task for "
-              "DFS and PS+DFS). `ps` is the shipped PS merge that PS+DFS routes through."),
+              "score as the search saw it (gp-IRT estimate from 60 anchors for PS and M2N2, all "
+              "1,200 search items for DFS and PS+DFS). `ps` is the shipped PS merge that PS+DFS "
+              "routes through; the last column is the gain over the strongest model in the "
+              "run's table (for PS+DFS: its own starting point)."),
              "", "| experiment | method | candidates | wall s | search | best held-out | "
              + " | ".join(names) + " | best - best source |",
              "|---|---|---|---|---|---|" + "---|" * len(names) + "---|"]
