@@ -350,3 +350,28 @@ def test_evomerge_merge_materialises_layer_recipes(family, stack, tmp_path):
     down = merger.state(family.sources[1])["model.layers.2.mlp.down_proj.weight"]
     torch.testing.assert_close(weights["model.layers.2.mlp.down_proj.weight"], down * 0.8)
     assert torch.equal(weights["lm_head.weight"], merger.state(family.sources[1])["lm_head.weight"])
+
+
+def test_tied_embeddings_stack_and_export(tmp_path):
+    """Tied models have no lm_head tensor: the shell ties its head to the first slice's
+    embeddings, and the export (embeddings only, tied config) loads to the same function."""
+    config = transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64,
+                                      num_hidden_layers=3, num_attention_heads=4,
+                                      num_key_value_heads=2, tie_word_embeddings=True)
+    for i in range(2):
+        torch.manual_seed(i)
+        transformers.LlamaForCausalLM(config).save_pretrained(tmp_path / f"s{i}")
+    a, b = str(tmp_path / "s0"), str(tmp_path / "s1")
+    merger = Merger([a, b])
+    template = transformers.AutoModelForCausalLM.from_pretrained(a).eval()
+    builder = LayerStack(merger.state, template.config, template)
+    assert torch.equal(logits(builder.build(LayerRecipe((LayerSlice(a, 0, 3),))), IDS),
+                       logits(template, IDS))
+    recipe = LayerRecipe((LayerSlice(a, 0, 2), LayerSlice(b, 1, 3, 0.7)), ("o_proj", "down_proj"))
+    stacked = builder.build(recipe)
+    assert stacked.lm_head.weight is stacked.model.embed_tokens.weight
+    state, updates = builder.materialise(recipe)
+    assert "lm_head.weight" not in state
+    export_model(state, tmp_path / "out", base_dir=a, config_updates=updates)
+    loaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()
+    torch.testing.assert_close(logits(loaded, IDS), logits(stacked, IDS), atol=1e-6, rtol=1e-5)

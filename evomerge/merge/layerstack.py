@@ -5,7 +5,8 @@ list of layer ranges, each from one model, each optionally scaling its blocks' *
 projections* (the last linear map of attention and of the MLP: ``o_proj`` and ``down_proj`` in
 Llama-family models). Embeddings come from the first slice's model, the final norm and the head
 from the last slice's model -- mergekit's own convention, so a recipe without ``merged`` models
-runs unchanged in ``mergekit-yaml`` and gives the same checkpoint (tested).
+runs unchanged in ``mergekit-yaml`` and gives the same checkpoint (tested). In models with tied
+embeddings the head *is* the first slice's embedding matrix.
 
 Why output-projection scales: Sakana's DFS multiplies the hidden state by ``W[i, j]`` when the
 path hops from a layer of model i to one of model j. In a pre-norm decoder every block reads its
