@@ -171,6 +171,12 @@ def finish_run(plan: Any, store: Store, evaluator: Any, *, wall_s: float,
                for name, path in experiment.models.sources.items()}
     final = {name: objs(evaluator.evaluate_source(path, "heldout"))
              for name, path in experiment.models.sources.items()}
+    # the base, when it is not a source, is the reference every merge should beat
+    base = experiment.models.base
+    base_scores = None
+    if base and base not in experiment.models.sources.values():
+        base_scores = {split: objs(evaluator.evaluate_source(base, split))
+                       for split in ("search", "heldout")}
     # merges the space routes through (PS+DFS: the PS merge) are judged next to the sources
     for name, merge in getattr(plan.space, "merged", {}).items():
         final[name] = objs(evaluator.evaluate(merge, "heldout")[0])
@@ -195,6 +201,7 @@ def finish_run(plan: Any, store: Store, evaluator: Any, *, wall_s: float,
                    for t in sorted(pareto, key=lambda t: t.number)],
         "sources": sources,
         "final": final,
+        **({"base": base_scores} if base_scores else {}),
         "timing": _timings(complete),
         "storage": store.url,
     }
@@ -283,12 +290,15 @@ def print_summary(summary: dict[str, Any], console: Any) -> None:
     for n in names:
         table.add_column(f"{n} (search)", justify="right")
         table.add_column(f"{n} (held-out)", justify="right")
-    rows = {"best": summary["best"]["objectives"], **summary["sources"]}
-    for model, search in rows.items():
-        heldout = summary["final"][model]
+    rows = {"best": (summary["best"]["objectives"], summary["final"]["best"])}
+    rows |= {m: (summary["sources"].get(m), held) for m, held in summary["final"].items()
+             if m != "best"}  # sources, then merges a DFS space routes through
+    if "base" in summary:
+        rows["base (not a source)"] = (summary["base"]["search"], summary["base"]["heldout"])
+    for model, (search, heldout) in rows.items():
         cells = []
         for n in names:
-            cells += [f"{search[n]:.4f}", f"{heldout[n]:.4f}"]
+            cells += [f"{search[n]:.4f}" if search else "-", f"{heldout[n]:.4f}"]
         label = f"[bold]best (trial {summary['best']['trial']})[/bold]" if model == "best" else model
         table.add_row(label, *cells)
     console.print(table)

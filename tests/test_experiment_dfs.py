@@ -73,6 +73,17 @@ def test_tinylm_ps_dfs_routes_through_the_ps_merge(zoo, tmp_path):
     summary = Experiment.from_dict(data).run(progress=False)
 
     assert set(summary["final"]) == {"best", "ps", *data["models"]["sources"]}
+    # the printed table: the PS merge (held-out only) and the base beside the sources
+    from rich.console import Console
+
+    from evomerge.report import print_summary
+
+    console = Console(record=True, width=200)
+    print_summary(summary, console)
+    lines = console.export_text().splitlines()
+    (ps_row,) = [line for line in lines if line.strip("│ ").startswith("ps ")]
+    assert "-" in ps_row and f"{summary['final']['ps']['mean_acc']:.4f}" in ps_row
+    assert any("base (not a source)" in line for line in lines)
     recorded = yaml.safe_load((tmp_path / "run" / "experiment.yaml").read_text())
     assert Path(recorded["space"]["merged"]["ps"]).is_absolute()  # resume from anywhere
     recipe = summary["best"]["recipe"]

@@ -73,6 +73,11 @@ def test_cmaes_run_writes_every_output_and_beats_every_source(zoo, tmp_path):
     fitness = DigitsFitness(base_model=zoo["base"])
     assert fitness.evaluate(exported, "heldout").objectives["acc"] == pytest.approx(
         final["best"]["acc"])
+    # the base (not a source) is reported beside them, scored as it is
+    base = DigitsMLP.from_pretrained(zoo["base"])
+    for split in ("search", "heldout"):
+        assert summary["base"][split]["acc"] == pytest.approx(
+            fitness.evaluate(base, split).objectives["acc"])
     # every trial carries its recipe, generation, timings and per-item scores
     trial = study.best_trial
     assert trial.user_attrs["evomerge"]["recipe"] == summary["best"]["recipe"]
