@@ -163,6 +163,16 @@ class BoundDfsSpace:
     def method(self) -> str:
         return "dfs"
 
+    def source_points(self) -> list[np.ndarray]:
+        """One point per layer source: its own blocks in order, W = 1 (that model exactly)."""
+        t = len(self.slots)
+        points = []
+        for source in range(len(self.refs)):
+            x = self.start_point.copy()
+            x[:t] = [0.5 if (k == 0 and i == source) else -0.5 for k, i, _ in self.slots]
+            points.append(x)
+        return points
+
     def __repr__(self) -> str:
         return (f"BoundDfsSpace(dim={self.dim}, sources={list(self.labels)}, "
                 f"layers={self.num_layers}, repeats={self.space.repeats})")

@@ -525,6 +525,35 @@ class BoundSpace:
             seed=space.seed,
         )
 
+    def source_points(self) -> list[np.ndarray]:
+        """One point per source that decodes to that source alone (M2N2's ``init: sources``):
+        its ``weight`` coordinates 1, every other input's 0, ``density`` 1 (nothing dropped).
+
+        Exact for methods that mix task vectors or models by a per-source weight (linear,
+        task arithmetic, TIES/DARE/DELLA/breadcrumbs families); refused for spaces that search
+        anything else or leave some source's weight unsearched, since no point of them is
+        known to be one source alone.
+        """
+        other = sorted({s.param for s in self._slots} - {"weight", "density"})
+        if other:
+            raise ValueError(f"the space searches {', '.join(other)}: no point is known to be "
+                             "one source alone (give the points as a list)")
+        weighted = {s.model for s in self._slots if s.param == "weight"}
+        if None in weighted or weighted != set(range(len(self.inputs))):
+            raise ValueError("needs a per-source weight searched for every input "
+                             f"({', '.join(self.labels)})")
+        points = []
+        for k in range(len(self.sources)):
+            x = self.x0.copy()
+            for slot in self._slots:
+                value = 1.0 if (slot.param == "density" or slot.model == k) else 0.0
+                lo, hi = self.lower[slot.start], self.upper[slot.start]
+                if not lo <= value <= hi:
+                    raise ValueError(f"{slot.where()}: {value} is outside the bounds [{lo}, {hi}]")
+                x[slot.start: slot.start + slot.size] = value
+            points.append(x)
+        return points
+
     def encode(self, recipe: MergeRecipe) -> np.ndarray:
         """The point whose decode is ``recipe``; ValueError naming the field that does not fit."""
         if recipe.merge_method != self.space.method:

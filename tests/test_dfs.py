@@ -375,3 +375,10 @@ def test_tied_embeddings_stack_and_export(tmp_path):
     export_model(state, tmp_path / "out", base_dir=a, config_updates=updates)
     loaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()
     torch.testing.assert_close(logits(loaded, IDS), logits(stacked, IDS), atol=1e-6, rtol=1e-5)
+
+
+def test_source_points_are_each_layer_source_alone(family):
+    space = bound(family, repeats=2)
+    a, b = str(family.sources[0]), str(family.sources[1])
+    recipes = [space.decode(x) for x in space.source_points()]
+    assert [r.slices for r in recipes] == [(LayerSlice(a, 0, 3),), (LayerSlice(b, 0, 3),)]

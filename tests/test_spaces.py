@@ -759,3 +759,29 @@ def test_mergekit_merges_a_decoded_layerwise_recipe_the_same_way(family, merger,
         expected = sb[name] + x[i] * (sa[name] - sb[name]) + x[4 + i] * (sbb[name] - sb[name])
         torch.testing.assert_close(theirs[name], expected, rtol=1e-5, atol=1e-6, msg=name)
         torch.testing.assert_close(ours[name], theirs[name], rtol=1e-5, atol=1e-6, msg=name)
+
+
+@pytest.mark.parametrize("name", ["task_arithmetic_per_source", "dare_ties_layerwise",
+                                  "ties_per_source", "linear_per_source"])
+def test_source_points_build_each_source_alone(family, merger, name):
+    """``init: sources`` for M2N2: each point's merge is that source's checkpoint."""
+    base, (a, b) = str(family.base), [str(p) for p in family.sources]
+    bound = BoundSpace.from_merger(load_space(name), merger, base, [a, b])
+    for k, point in enumerate(bound.source_points()):
+        built = merger.build(bound.decode(point))
+        source = merger.state([a, b][k])
+        for tensor in built:
+            torch.testing.assert_close(built[tensor], source[tensor], atol=1e-6, rtol=1e-6,
+                                       msg=f"{name} source {k} {tensor}")
+
+
+def test_source_points_are_refused_where_no_point_is_one_source():
+    with pytest.raises(ValueError, match="searches t: no point is known"):
+        bind(load_space("slerp_layerwise"), sources=(A,)).source_points()
+    one_weight = space("method: linear\nparams:\n  - {name: weight, per: global, bounds: [0, 1]}")
+    with pytest.raises(ValueError, match="per-source weight searched for every input"):
+        bind(one_weight).source_points()
+    narrow = space("method: task_arithmetic\nparams:\n"
+                   "  - {name: weight, per: source, bounds: [0.2, 1]}")
+    with pytest.raises(ValueError, match=r"weight: 0.0 is outside the bounds \[0.2, 1.0\]"):
+        bind(narrow).source_points()

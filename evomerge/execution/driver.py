@@ -70,6 +70,11 @@ class Plan:
         self.strategy_kwargs = dict(lower=self.space.lower, upper=self.space.upper,
                                     directions=directions, seed=experiment.seed,
                                     **experiment.strategy.options)
+        if self.strategy_kwargs.get("init") == "sources":  # M2N2: each source alone
+            try:
+                self.strategy_kwargs["init"] = [p.tolist() for p in self.space.source_points()]
+            except ValueError as exc:
+                raise ExperimentError(f"strategy.init: sources: {exc}") from None
         start = getattr(self.space, "start_point", None)  # DFS: start from a real model
         if start is not None and "x0" not in self.strategy_kwargs and _takes_x0(
                 experiment.strategy.name):

@@ -244,7 +244,8 @@ class M2N2(Strategy):
 
     Options: ``archive`` (20), ``alpha`` (1.0), ``matchmaker`` (true), ``mutation_std`` (0.0, in
     the space's units), ``init`` (list of starting ``x`` vectors, each a list of ``dim`` numbers
-    or one number for all; default two uniform points in the box), ``popsize`` (1 = exact steady
+    or one number for all; default two uniform points in the box; in an experiment, ``sources``
+    = each source alone, resolved by the driver from the space), ``popsize`` (1 = exact steady
     state). The objective values are only reported: selection uses the per-item scores.
     """
 
