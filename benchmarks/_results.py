@@ -12,6 +12,7 @@ import platform
 import sys
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 HEADER = ("# Benchmark results\n\nEach benchmark under `benchmarks/` owns one section below, between "
           "its own `<!-- name:start -->` / `<!-- name:end -->` markers, and rewrites only that.\n")
@@ -74,3 +75,15 @@ def publish(result: dict, markdown: str, *, as_json: bool, write: bool, start: s
         print(json.dumps(result))
     if write:
         write_section(Path(__file__).resolve().parent / "RESULTS.md", markdown, start, end)
+
+
+def run_main(argv: list[str] | None, parse_args: Any, run: Any, markdown: Any, start: str,
+             end: str) -> int:
+    """A benchmark's ``main``: parse, run (stdout to stderr under ``--json``), publish. The
+    script's ``parse_args`` must define ``--json`` and ``--write-results``."""
+    args = parse_args(argv)
+    with stdout_to_stderr(args.json):
+        result = run(args)
+    publish(result, markdown(result), as_json=args.json, write=args.write_results,
+            start=start, end=end)
+    return 0

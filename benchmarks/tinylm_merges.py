@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _results import cpu_name, loadavg, publish, stdout_to_stderr
+from _results import cpu_name, loadavg, run_main
 
 REPO = Path(__file__).resolve().parents[1]
 START, END = "<!-- tinylm_merges:start -->", "<!-- tinylm_merges:end -->"
@@ -121,12 +121,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    with stdout_to_stderr(args.json):
-        result = run(args)
-    publish(result, markdown(result), as_json=args.json, write=args.write_results,
-            start=START, end=END)
-    return 0
+    return run_main(argv, parse_args, run, markdown, START, END)
 
 
 if __name__ == "__main__":
