@@ -175,8 +175,11 @@ def finish_run(plan: Any, store: Store, evaluator: Any, *, wall_s: float,
     base = experiment.models.base
     base_scores = None
     if base and base not in experiment.models.sources.values():
-        base_scores = {split: objs(evaluator.evaluate_source(base, split))
-                       for split in ("search", "heldout")}
+        try:
+            base_scores = {split: objs(evaluator.evaluate_source(base, split))
+                           for split in ("search", "heldout")}
+        except Exception as exc:  # noqa: BLE001 - a reference only: never lose the summary to it
+            base_scores = {"error": f"{type(exc).__name__}: {exc}"}
     # merges the space routes through (PS+DFS: the PS merge) are judged next to the sources
     for name, merge in getattr(plan.space, "merged", {}).items():
         final[name] = objs(evaluator.evaluate(merge, "heldout")[0])
@@ -293,7 +296,7 @@ def print_summary(summary: dict[str, Any], console: Any) -> None:
     rows = {"best": (summary["best"]["objectives"], summary["final"]["best"])}
     rows |= {m: (summary["sources"].get(m), held) for m, held in summary["final"].items()
              if m != "best"}  # sources, then merges a DFS space routes through
-    if "base" in summary:
+    if "search" in summary.get("base", {}):
         rows["base (not a source)"] = (summary["base"]["search"], summary["base"]["heldout"])
     for model, (search, heldout) in rows.items():
         cells = []

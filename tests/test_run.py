@@ -172,6 +172,9 @@ def test_failed_candidates_are_recorded_with_their_reason_and_the_run_goes_on(zo
     assert sum("out of memory" in e for e in errors) == 8  # calls 3, 6, ..., 24
     assert sum("non-finite" in e for e in errors) == 3  # calls 5, 10, 20 (15 raised first)
     assert summary["n_trials"] == 24 and summary["n_failed"] == 11
+    # the sources' search scores are calls 25 and 26; the base, a reference only, fails at call
+    # 27: the summary records why instead of being lost
+    assert summary["base"] == {"error": "RuntimeError: CUDA out of memory (simulated)"}
 
 
 def test_too_many_failures_stop_the_run_with_a_clear_message(zoo, tmp_path):
