@@ -187,8 +187,8 @@ def finish_run(plan: Any, store: Store, evaluator: Any, *, wall_s: float,
     final = {"best": objs(heldout), **final}
     if experiment.export:
         state, config_updates = evaluator.materialise(recipe)
-        export_model(state, run_dir / BEST_MODEL,
-                     base_dir=experiment.models.base or next(iter(experiment.models.sources.values())),
+        config_dir = experiment.models.base or next(iter(experiment.models.sources.values()))
+        export_model(state, run_dir / BEST_MODEL, base_dir=config_dir,
                      recipe_yaml=recipe.to_yaml(), overwrite=True, config_updates=config_updates)
     summary = {
         "experiment": experiment.name,
@@ -210,9 +210,11 @@ def finish_run(plan: Any, store: Store, evaluator: Any, *, wall_s: float,
     }
     if reduction is not None:
         # the search saw estimates from anchor items; the best's full search score shows how
-        # far the search's pick of anchors flattered it
-        full = evaluator.inner.evaluate(evaluator.build(recipe), "search")
-        summary["fitness_reduction"] = {**reduction, "best_search_full": objs(full),
+        # far the search's pick of anchors flattered it (the re-scoring measured it already)
+        full = next((r["full"] for r in rescored if r["trial"] == best.number), None)
+        if full is None:
+            full = objs(evaluator.inner.evaluate(evaluator.build(recipe), "search"))
+        summary["fitness_reduction"] = {**reduction, "best_search_full": full,
                                         "rescored": rescored}
     write_atomic(run_dir / SUMMARY, json.dumps(summary, indent=2))
     plot_run(run_dir, complete, pareto, objectives, sources)
