@@ -28,7 +28,7 @@ _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch
 # Block containers of HF decoders: Llama/Mistral/Qwen "model.layers.N", GPT-2 "transformer.h.N",
 # BLOOM "h.N", GPT-NeoX "gpt_neox.layers.N", Falcon "transformer.h.N", MPT "blocks.N",
 # BERT-style "encoder.layer.N".
-_BLOCK = re.compile(r"(?:^|\.)(?:layers|h|blocks|block|layer)\.(\d+)\.")
+BLOCK = re.compile(r"(?:^|\.)(?:layers|h|blocks|block|layer)\.(\d+)\.")
 _EMBED = ("embed", "wte", "wpe", "word_embeddings", "position_embeddings", "tok_embeddings")
 _HEAD = ("lm_head", "embed_out", "output.weight", "score.")
 
@@ -43,7 +43,7 @@ class LayerGroup:
 
 def layer_group(tensor_name: str) -> LayerGroup:
     """Assign a tensor of any HF decoder to its layer group, from its name alone."""
-    match = _BLOCK.search(tensor_name)
+    match = BLOCK.search(tensor_name)
     if match:
         index = int(match.group(1))
         return LayerGroup(f"layers.{index}", index)
@@ -109,7 +109,7 @@ class Merger:
         self._workspace = Workspace()
 
     @classmethod
-    def for_recipe(cls, recipe: MergeRecipe, **kwargs) -> "Merger":
+    def for_recipe(cls, recipe: MergeRecipe, **kwargs) -> Merger:
         """A Merger over exactly the models a recipe reads, in the recipe's dtype.
 
         Model references that are not directories are reported together, by recipe field,

@@ -25,7 +25,6 @@ function as real tensors (scales folded into the weights) for export.
 from __future__ import annotations
 
 import copy
-import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,6 +33,7 @@ from typing import Any
 import torch
 import yaml
 
+from evomerge.merge.engine import BLOCK, layer_group
 from evomerge.recipe import FlowListDumper, MergeRecipe, RecipeError
 
 __all__ = [
@@ -58,7 +58,6 @@ OUTPUT_PROJECTIONS: dict[str, tuple[str, ...]] = {
     "gpt2": ("c_proj",),
 }
 
-_BLOCK = re.compile(r"((?:^|\.)(?:layers|h|blocks|block|layer)\.)(\d+)(\.)")
 
 
 def output_projections(model_type: str | None) -> tuple[str, ...] | None:
@@ -68,13 +67,13 @@ def output_projections(model_type: str | None) -> tuple[str, ...] | None:
 
 def block_of(name: str) -> int | None:
     """The block index of a tensor name (``model.layers.3.mlp...`` -> 3), None outside blocks."""
-    match = _BLOCK.search(name)
-    return int(match.group(2)) if match else None
+    return layer_group(name).layer
 
 
 def renumbered(name: str, index: int) -> str:
     """``name`` with its block index replaced by ``index``."""
-    return _BLOCK.sub(lambda m: f"{m.group(1)}{index}{m.group(3)}", name, count=1)
+    match = BLOCK.search(name)
+    return name[:match.start(1)] + str(index) + name[match.end(1):] if match else name
 
 
 @dataclass(frozen=True)
@@ -368,8 +367,6 @@ def _is_head(name: str) -> bool:
 
 def _is_post(name: str) -> bool:
     """Tensors after the blocks: the final norm and the head (taken from the last slice)."""
-    from evomerge.merge.engine import layer_group
-
     return layer_group(name).name in ("final_norm", "head")
 
 
