@@ -280,6 +280,18 @@ class LayerStack:
         self.tensors = tensors
         self.config = config
         self.buffers = dict(template.named_buffers()) if template is not None else {}
+        self._blocks: dict[str, dict[int, list[str]]] = {}  # model -> block -> tensor names
+
+    def _block_names(self, model: str, state: Mapping[str, torch.Tensor]) -> dict[int, list[str]]:
+        """Tensor names per block of one model, read once (every candidate needs them)."""
+        if model not in self._blocks:
+            blocks: dict[int, list[str]] = {}
+            for name in state:
+                block = block_of(name)
+                if block is not None:
+                    blocks.setdefault(block, []).append(name)
+            self._blocks[model] = blocks
+        return self._blocks[model]
 
     def _named(self, recipe: LayerRecipe) -> dict[str, torch.Tensor]:
         """Shell tensor name -> resident source tensor, for the recipe's path."""
@@ -294,7 +306,7 @@ class LayerStack:
                 out[name] = tensor
         for position, (model, block, _) in enumerate(path):
             state = self.tensors(model)
-            names = [n for n in state if block_of(n) == block]
+            names = self._block_names(model, state).get(block)
             if not names:
                 raise RecipeError(f"slices: {model} has no block {block}")
             for name in names:
