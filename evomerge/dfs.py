@@ -82,6 +82,7 @@ class DfsSpace(BaseModel):
         workers hold (base included), which the ``merged`` recipes may read."""
         problems = []
         merged: dict[str, MergeRecipe] = {}
+        absolute = {_resolved(p) for p in loaded}
         for name, ref in self.merged.items():
             if name in sources:
                 problems.append(f"merged.{name}: the name is already a source")
@@ -91,15 +92,12 @@ class DfsSpace(BaseModel):
             except (RecipeError, OSError) as exc:
                 problems.append(f"merged.{name}: {exc}")
                 continue
-            absolute = {str(Path(p).expanduser().resolve()) for p in loaded}
-            unknown = [p for p in recipe.model_paths()
-                       if str(Path(p).expanduser().resolve()) not in absolute]
+            unknown = [p for p in recipe.model_paths() if _resolved(p) not in absolute]
             if unknown:
                 problems.append(f"merged.{name}: {ref} reads {', '.join(unknown)}, which the "
                                 "experiment's models do not include")
                 continue
-            merged[name] = recipe.with_models({p: str(Path(p).expanduser().resolve())
-                                               for p in recipe.model_paths()})
+            merged[name] = recipe.with_models({p: _resolved(p) for p in recipe.model_paths()})
         names = list(self.layers_from) if self.layers_from else [*self.merged, *sources]
         for name in names:
             if name not in sources and name not in self.merged:
@@ -125,6 +123,11 @@ class DfsSpace(BaseModel):
             raise ValueError("cannot bind dfs space:\n  " + "\n  ".join(problems))
         refs = [str(sources[n]) if n in sources else n for n in names]
         return BoundDfsSpace(self, names, refs, num_layers, projections, merged)
+
+
+def _resolved(path: str) -> str:
+    """One spelling per model directory, as the merge engine keys its resident models."""
+    return str(Path(path).expanduser().resolve())
 
 
 class BoundDfsSpace:

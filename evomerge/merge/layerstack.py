@@ -253,14 +253,15 @@ class ResidentSources:
     def __init__(self, merger: Any) -> None:
         self.merger = merger
         self._merged: dict[str, dict[str, torch.Tensor]] = {}
-        self._recipes: dict[str, str] = {}
+        self._recipes: dict[str, MergeRecipe] = {}
 
     def prepare(self, merged: Mapping[str, MergeRecipe]) -> None:
+        """Build the named merges not built yet (called per candidate: a field comparison,
+        not a serialisation, decides)."""
         for name, merge in merged.items():
-            text = merge.to_yaml()
-            if self._recipes.get(name) != text:
+            if self._recipes.get(name) != merge:
                 self._merged[name] = self.merger.build(merge)
-                self._recipes[name] = text
+                self._recipes[name] = merge
 
     def __call__(self, ref: str) -> Mapping[str, torch.Tensor]:
         return self._merged[ref] if ref in self._merged else self.merger.state(ref)
