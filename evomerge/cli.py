@@ -566,17 +566,15 @@ def dashboard(
 
 def _scratch_storage(run_dir: Path, seed: int | None) -> tuple[Any, str]:
     """A from-scratch run's journal study: one per seed (``RUN_DIR/seed_<s>/study.log``)."""
-    import optuna
-    from optuna.storages.journal import JournalFileBackend
+    from evomerge.execution.scratch import journal, seed_journals
 
-    logs = {int(p.parent.name.removeprefix("seed_")): p
-            for p in sorted(run_dir.glob("seed_*/study.log"))}
+    logs = seed_journals(run_dir)
     if not logs:
         _fail(FileNotFoundError(f"{run_dir}: no seed_<s>/study.log yet (has the run started?)"))
     if seed is not None and seed not in logs:
         _fail(ValueError(f"--seed {seed}: {run_dir} has seeds {', '.join(map(str, logs))}"))
     log = logs[seed if seed is not None else min(logs)]
-    return optuna.storages.JournalStorage(JournalFileBackend(str(log))), str(log)
+    return journal(log), str(log)
 
 
 # =============================================================================================

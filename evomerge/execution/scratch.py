@@ -67,6 +67,25 @@ SEPARABLE_NOTE = ("separable CMA-ES: pycma's CMA_diagonal option (a diagonal cov
                   "reference's full 19,210 x 19,210 covariance needs ~15 GB")
 
 
+#: A from-scratch run directory: one subdirectory per seed, each with its journal study.
+SEED_DIR, JOURNAL = "seed_{seed}", "study.log"
+
+
+def journal(path: Path) -> Any:
+    """The Optuna journal-file storage at ``path``."""
+    import optuna
+    from optuna.storages.journal import JournalFileBackend
+
+    return optuna.storages.JournalStorage(JournalFileBackend(str(path)))
+
+
+def seed_journals(run_dir: Path) -> dict[int, Path]:
+    """Each seed's journal in a from-scratch run directory (the seeds started so far)."""
+    prefix = SEED_DIR.format(seed="")
+    return {int(p.parent.name.removeprefix(prefix)): p
+            for p in sorted(Path(run_dir).glob(f"{prefix}*/{JOURNAL}"))}
+
+
 def check_config(config: Mapping[str, Any], where: str = "config") -> dict[str, Any]:
     """The validated config (defaults filled); ValueError naming the field before any compute."""
     if not isinstance(config, Mapping):
@@ -144,9 +163,7 @@ def run_scratch(config: Mapping[str, Any], *, run_dir: str | Path | None = None,
     run = Path(run_dir or config.get("run_dir") or Path("runs") / config["name"]).absolute()
     run.mkdir(parents=True, exist_ok=True)
     if storage is None:
-        from optuna.storages.journal import JournalFileBackend
-
-        storage = optuna.storages.JournalStorage(JournalFileBackend(str(run / "study.log")))
+        storage = journal(run / JOURNAL)
     study = optuna.create_study(storage=storage, study_name=config["name"],
                                 direction="maximize", load_if_exists=True)
     stored = _stored(study)
@@ -204,7 +221,7 @@ def run_seeds(config: Mapping[str, Any], *, run_dir: str | Path | None = None,
 
     config = check_config(config, where)
     run = Path(run_dir or config.get("run_dir") or Path("runs") / config["name"]).absolute()
-    if not resume and ((run / "experiment.yaml").exists() or any(run.glob("seed_*"))):
+    if not resume and ((run / "experiment.yaml").exists() or any(run.glob(SEED_DIR.format(seed="*")))):
         raise ValueError(f"{run} already holds a run: continue it with `evomerge resume {run}`, "
                          "or remove it")
     run.mkdir(parents=True, exist_ok=True)
@@ -212,7 +229,7 @@ def run_seeds(config: Mapping[str, Any], *, run_dir: str | Path | None = None,
     write_atomic(run / "experiment.yaml", yaml.safe_dump(config, sort_keys=False))
     runs = []
     for seed in config["seeds"]:
-        seed_dir = run / f"seed_{seed}"
+        seed_dir = run / SEED_DIR.format(seed=seed)
         done = _finished(seed_dir / "summary.json", config["budget"])
         if done is None:
             tick = None if progress is None else functools.partial(progress, seed)
