@@ -305,17 +305,44 @@ def merge(
     device: str = typer.Option("cpu", "--device", help="Where to merge: cpu, cuda, cuda:1 ..."),
     shard_size: str = typer.Option("5GB", "--shard-size", help="Largest safetensors shard."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace OUT if it exists."),
+    cache: str = typer.Option(
+        "off", "--cache",
+        help="Keep derived tensors (task vectors, sort statistics) between builds: off, on, "
+             "auto, or a byte budget such as 2GB. One merge builds once: off saves memory."),
+    chunk: Optional[int] = typer.Option(
+        None, "--chunk", min=1, show_default=False,
+        help="Elements per scratch chunk of the merge engine (default: the engine's)."),
 ) -> None:
     """Merge models as a mergekit-format YAML config says."""
+    import inspect
+
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn
 
     from evomerge.merge.engine import Merger
-    from evomerge.merge.io import CheckpointError, export_model, parse_size
+    from evomerge.merge.io import CheckpointError, export_dtype, export_model, parse_size
     from evomerge.recipe import RecipeError, MergeRecipe
 
     started = time.perf_counter()
+    try:
+        choice = cache.strip().lower()
+        if choice not in ("off", "on", "auto"):
+            try:
+                choice = parse_size(cache)
+            except ValueError:
+                raise ValueError(f"--cache: expected off, on, auto or a size such as 2GB, got "
+                                 f"{cache!r}") from None
+        # Engine options, for the keywords this engine has: today's takes cache as a bool
+        params = inspect.signature(Merger.__init__).parameters
+        options: dict[str, Any] = {}
+        if "cache" in params:
+            legacy = isinstance(params["cache"].default, bool)
+            options["cache"] = choice != "off" if legacy else choice
+        if chunk is not None and "chunk" in params:
+            options["chunk"] = chunk
+    except ValueError as exc:
+        _fail(exc)
     if _is_layer_recipe(config):
-        _merge_layers(config, out, device, shard_size, overwrite, started)
+        _merge_layers(config, out, device, shard_size, overwrite, started, options)
         return
     try:
         recipe = MergeRecipe.from_yaml(config)
@@ -328,12 +355,13 @@ def merge(
                 items = list(items)
                 return bar.track(items, total=len(items), description=what)
 
-            merger = Merger.for_recipe(recipe, device=device,
+            merger = Merger.for_recipe(recipe, device=device, **options,
                                        progress=lambda m: track(m, "loading models"))
             state = merger.build(recipe, progress=lambda names: track(names, "merging tensors"))
-        out_dtype = _torch_dtype(recipe.out_dtype)
+        # out_dtype, else dtype, else the sources' own: bf16 in, bf16 out
+        dtype = export_dtype(recipe.out_dtype, recipe.dtype, sources=recipe.model_paths())
         export_model(state, out, base_dir=_tokenizer_source(recipe), recipe_yaml=recipe.to_yaml(),
-                     max_shard_size=shard_size, dtype=out_dtype, overwrite=overwrite,
+                     max_shard_size=shard_size, dtype=dtype, overwrite=overwrite,
                      progress=True)
     except (RecipeError, CheckpointError, ValueError) as exc:
         _fail(exc)
@@ -355,12 +383,13 @@ def _is_layer_recipe(config: Path) -> bool:
 
 
 def _merge_layers(config: Path, out: Path, device: str, shard_size: str, overwrite: bool,
-                  started: float) -> None:
-    """Materialise a layer stack (DFS / PS+DFS recipe) as a checkpoint."""
+                  started: float, options: dict[str, Any] | None = None) -> None:
+    """Materialise a layer stack (DFS / PS+DFS recipe) as a checkpoint; ``options`` are the
+    Merger's engine keywords (cache, chunk)."""
     import transformers
 
     from evomerge.merge.engine import Merger
-    from evomerge.merge.io import CheckpointError, export_model, parse_size
+    from evomerge.merge.io import CheckpointError, export_dtype, export_model, parse_size
     from evomerge.merge.layerstack import LayerRecipe, LayerStack, ResidentSources
     from evomerge.recipe import RecipeError
 
@@ -377,12 +406,15 @@ def _merge_layers(config: Path, out: Path, device: str, shard_size: str, overwri
             raise RecipeError("models not found (local Hugging Face directories):\n  "
                               + "\n  ".join(missing))
         with console.status("loading models"):
-            sources = ResidentSources(Merger(paths, device=device))
+            sources = ResidentSources(Merger(paths, device=device, dtype=recipe.dtype,
+                                             **(options or {})))
             sources.prepare(recipe.merged)
         stack = LayerStack(sources, transformers.AutoConfig.from_pretrained(paths[0]))
         state, updates = stack.materialise(recipe)
+        # the stack's dtype, else the sources' own: bf16 in, bf16 out
+        dtype = export_dtype(recipe.dtype, sources=paths)
         export_model(state, out, base_dir=paths[0], recipe_yaml=recipe.to_yaml(),
-                     max_shard_size=shard_size, overwrite=overwrite, progress=True,
+                     max_shard_size=shard_size, dtype=dtype, overwrite=overwrite, progress=True,
                      config_updates=updates)
     except (RecipeError, CheckpointError, ValueError, OSError) as exc:
         _fail(exc)

@@ -30,7 +30,12 @@ BEST_MODEL = "best_model"
 
 
 def write_atomic(path: Path, text: str) -> None:
+    """``text`` to ``path`` via a temporary file and a rename, with the mode a plain ``open``
+    would give (0644 minus the umask; mkstemp's temporary files are 0600)."""
+    from evomerge.merge.io import _umask
+
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    os.fchmod(fd, 0o666 & ~_umask())
     with os.fdopen(fd, "w") as fh:
         fh.write(text)
         fh.flush()
@@ -143,7 +148,7 @@ def finish_run(plan: Any, store: Store, evaluator: Any, *, wall_s: float,
     sources' ``search`` scores are estimates from anchor items; ``final`` (held-out) scores are
     always full evaluations.
     """
-    from evomerge.merge.io import export_model
+    from evomerge.merge.io import export_dtype, export_model
 
     experiment, objectives = plan.experiment, plan.objectives
     run_dir = experiment.run_path
@@ -188,7 +193,11 @@ def finish_run(plan: Any, store: Store, evaluator: Any, *, wall_s: float,
     if experiment.export:
         state, config_updates = evaluator.materialise(recipe)
         config_dir = experiment.models.base or next(iter(experiment.models.sources.values()))
-        export_model(state, run_dir / BEST_MODEL, base_dir=config_dir,
+        # the fitness model the best is materialised from computes in its own dtype (float32):
+        # write the recipe's out_dtype, else its dtype, else the sources' (bf16 in, bf16 out)
+        inputs = ([base] if base else []) + list(experiment.models.sources.values())
+        dtype = export_dtype(getattr(recipe, "out_dtype", None), recipe.dtype, sources=inputs)
+        export_model(state, run_dir / BEST_MODEL, base_dir=config_dir, dtype=dtype,
                      recipe_yaml=recipe.to_yaml(), overwrite=True, config_updates=config_updates)
     summary = {
         "experiment": experiment.name,

@@ -7,6 +7,9 @@ random perturbations, so every source has a meaningful task vector (``source - b
 
 from __future__ import annotations
 
+import copy
+import json
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -44,13 +47,22 @@ def make_family(
     layers: int = 3,
     seed: int = 0,
     scale: float = 0.01,
+    dtype: torch.dtype = torch.float32,
 ) -> Family:
-    """Save ``root/base`` and ``root/s{i}`` (float32 safetensors) and return their absolute paths."""
+    """Save ``root/base`` and ``root/s{i}`` (safetensors) and return their absolute paths.
+
+    ``dtype`` is what the checkpoints hold (config.json says so too); weights are drawn in
+    float32 and rounded once to it, so a float32 family is the same whatever the default.
+    """
     root = Path(root).absolute()
     config = llama_config(hidden, intermediate, layers)
     torch.manual_seed(seed)
     base = transformers.LlamaForCausalLM(config).eval()
-    base.save_pretrained(root / "base")
+
+    def save(path: Path) -> None:
+        (base if dtype == torch.float32 else copy.deepcopy(base).to(dtype)).save_pretrained(path)
+
+    save(root / "base")
     state = {k: v.detach().clone() for k, v in base.state_dict().items()}
     sources = []
     for i in range(n_sources):
@@ -58,9 +70,28 @@ def make_family(
         with torch.no_grad():
             for name, param in base.state_dict().items():
                 param.copy_(state[name] + scale * torch.randn(param.shape, generator=gen))
-        base.save_pretrained(root / f"s{i}")
+        save(root / f"s{i}")
         sources.append(root / f"s{i}")
     return Family(root / "base", tuple(sources))
+
+
+def cast_model(src: Path, dst: Path, dtype: torch.dtype) -> Path:
+    """A copy of the model directory ``src`` at ``dst`` whose floating-point weights are stored
+    in ``dtype`` (rounded once) and whose config.json says so; other files are copied as they
+    are. Returns ``dst``."""
+    src, dst = Path(src), Path(dst)
+    shutil.copytree(src, dst, ignore=shutil.ignore_patterns("*.safetensors"))
+    for file in sorted(src.glob("*.safetensors")):
+        state = safetensors.torch.load_file(file)
+        state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
+        safetensors.torch.save_file(state, dst / file.name, metadata={"format": "pt"})
+    config_file = dst / "config.json"
+    if config_file.is_file():
+        config = json.loads(config_file.read_text())
+        for key in [k for k in ("dtype", "torch_dtype") if k in config] or ["dtype"]:
+            config[key] = str(dtype).removeprefix("torch.")
+        config_file.write_text(json.dumps(config, indent=2))
+    return dst
 
 
 def load_weights(model_dir: Path) -> dict[str, torch.Tensor]:

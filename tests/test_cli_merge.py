@@ -28,9 +28,9 @@ from evomerge.merge.methods import METHODS
 from evomerge.recipe import MergeRecipe
 
 try:
-    from helpers import Family, load_weights, make_family
+    from helpers import Family, cast_model, load_weights, make_family
 except ImportError:  # tests/ imported as a package
-    from tests.helpers import Family, load_weights, make_family
+    from tests.helpers import Family, cast_model, load_weights, make_family
 
 # --------------------------------------------------------------------------------------------
 # Fixtures and helpers
@@ -304,3 +304,175 @@ def test_bad_shard_size(zoo, tmp_path):
     assert_one_error(run_cli("merge", config, "--out", out, "--shard-size", "lots"),
                      "max_shard_size", "'lots'")
     assert_nothing_written(out)
+
+
+# --------------------------------------------------------------------------------------------
+# Output dtype: out_dtype, else dtype, else the sources' (bf16 in, bf16 out)
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def bf16(tmp_path_factory) -> Family:
+    """``zoo``'s shape stored in bfloat16 (config.json says ``dtype: bfloat16``)."""
+    return make_family(tmp_path_factory.mktemp("bf16") / "zoo", n_sources=2,
+                       dtype=torch.bfloat16)
+
+
+def ta_config(fam: Family, **extra) -> dict:
+    return {"merge_method": "task_arithmetic", "base_model": str(fam.base),
+            "models": [{"model": str(s), "parameters": {"weight": w}}
+                       for s, w in zip(fam.sources, (0.7, [0.2, 0.9]))], **extra}
+
+
+def written_dtypes(out: Path) -> tuple[set[torch.dtype], str]:
+    """The dtypes of every tensor on disk, and what config.json says they are."""
+    config = json.loads((out / "config.json").read_text())
+    assert "torch_dtype" not in config or config["torch_dtype"] == config.get("dtype"), config
+    return {t.dtype for t in load_weights(out).values()}, config["dtype"]
+
+
+def test_bf16_sources_merge_to_bf16_shards_and_a_bf16_config(bf16, tmp_path):
+    config = write_config(tmp_path / "ta.yaml", ta_config(bf16))
+    out = tmp_path / "merged"
+    result = run_cli("merge", config, "--out", out, "--shard-size", "20KB")
+    assert result.exit_code == 0, (result.output, result.exception)
+    assert len(list(out.glob("*.safetensors"))) > 1
+    assert written_dtypes(out) == ({torch.bfloat16}, "bfloat16")
+    recipe = MergeRecipe.from_yaml(config)
+    expected = Merger.for_recipe(recipe).build(recipe)
+    on_disk = load_weights(out)
+    assert all(torch.equal(on_disk[n], t.to(torch.bfloat16)) for n, t in expected.items())
+    model = transformers.AutoModelForCausalLM.from_pretrained(out)
+    assert model.dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("extra, dtype, name", [
+    ({"out_dtype": "float16"}, torch.float16, "float16"),
+    ({"dtype": "float32", "out_dtype": "float16"}, torch.float16, "float16"),
+    ({"dtype": "float32"}, torch.float32, "float32"),  # no out_dtype: the merge's dtype
+])
+def test_out_dtype_then_dtype_decide_what_is_written(bf16, tmp_path, extra, dtype, name):
+    config = write_config(tmp_path / "ta.yaml", ta_config(bf16, **extra))
+    out = tmp_path / "merged"
+    result = run_cli("merge", config, "--out", out)
+    assert result.exit_code == 0, (result.output, result.exception)
+    assert written_dtypes(out) == ({dtype}, name)
+    # the values are the merge (to the precision of the narrower of bf16 inputs and output)
+    recipe = MergeRecipe.from_yaml(config)
+    expected = Merger.for_recipe(recipe.model_copy(update={"dtype": "float32"})).build(recipe)
+    on_disk = load_weights(out)
+    for n, t in expected.items():
+        torch.testing.assert_close(on_disk[n].float(), t, atol=1e-3, rtol=1e-2)
+
+
+def test_bf16_layer_stack_exports_bf16(bf16, tmp_path):
+    stack = {"merge_method": "passthrough", "slices": [
+        {"sources": [{"model": str(bf16.sources[0]), "layer_range": [0, 2]}]},
+        {"sources": [{"model": str(bf16.sources[1]), "layer_range": [1, 3]}]}]}
+    config = write_config(tmp_path / "stack.yaml", stack)
+    out = tmp_path / "stacked"
+    result = run_cli("merge", config, "--out", out)
+    assert result.exit_code == 0, (result.output, result.exception)
+    assert written_dtypes(out) == ({torch.bfloat16}, "bfloat16")
+    source = load_weights(bf16.sources[1])
+    assert torch.equal(load_weights(out)["model.layers.3.mlp.up_proj.weight"],
+                       source["model.layers.2.mlp.up_proj.weight"])
+
+
+def test_search_run_exports_its_best_in_the_sources_dtype(tmp_path):
+    """The best model is materialised from the fitness model (float32); over bf16 sources the
+    export is bf16 all the same, and its files are 0644 / 0755 under umask 022."""
+    from evomerge.experiment import Experiment
+    from evomerge.zoo.digits import build_digits_zoo
+
+    zoo = build_digits_zoo(tmp_path / "digits", seed=0, progress=False)
+    models = {k: cast_model(zoo[k], tmp_path / "bf16" / k, torch.bfloat16)
+              for k in ("base", "expert_0_4", "expert_5_9")}
+    data = {
+        "name": "bf16", "seed": 0, "budget": 4, "run_dir": str(tmp_path / "run"),
+        "models": {"base": str(models["base"]),
+                   "sources": {"a": str(models["expert_0_4"]), "b": str(models["expert_5_9"])}},
+        "space": {"method": "task_arithmetic",
+                  "params": [{"name": "weight", "per": "layer", "bounds": [0.0, 1.5]}]},
+        "fitness": {"name": "digits"},
+        "strategy": {"name": "random", "popsize": 4},
+    }
+    old = os.umask(0o022)
+    try:
+        Experiment.from_dict(data).run(progress=False)
+    finally:
+        os.umask(old)
+    best = tmp_path / "run" / "best_model"
+    assert written_dtypes(best) == ({torch.bfloat16}, "bfloat16")
+    modes = {p.name: p.stat().st_mode & 0o777 for p in [best, *best.iterdir()]}
+    assert modes == {"best_model": 0o755, "config.json": 0o644, "model.safetensors": 0o644,
+                     "recipe.yaml": 0o644}, modes
+    for name in ("summary.json", "best_recipe.yaml", "experiment.yaml", "provenance.json"):
+        assert (tmp_path / "run" / name).stat().st_mode & 0o777 == 0o644, name
+
+
+# --------------------------------------------------------------------------------------------
+# --cache and --chunk
+# --------------------------------------------------------------------------------------------
+
+
+def test_cache_and_chunk_reach_the_merger_and_do_not_change_the_result(zoo, tmp_path,
+                                                                      monkeypatch):
+    """Passed as the engine's keywords (the rewritten engine's signature, spied on here), and
+    the written model is the same whatever they are."""
+    import evomerge.merge.engine as engine
+
+    seen: list[dict] = []
+
+    class Spy(engine.Merger):
+        def __init__(self, models, *, device="cpu", dtype=None, cache="off", chunk=None,
+                     device_budget=None, progress=None):
+            seen.append({"cache": cache, "chunk": chunk})
+            super().__init__(models, device=device, dtype=dtype, progress=progress)
+
+    monkeypatch.setattr(engine, "Merger", Spy)
+    config = write_config(tmp_path / "ties.yaml",
+                          ties_config(str(zoo.base), [str(s) for s in zoo.sources]))
+    runs = [((), {"cache": "off", "chunk": None}),
+            (("--cache", "auto"), {"cache": "auto", "chunk": None}),
+            (("--cache", "2GB", "--chunk", "4096"), {"cache": 2 * 10**9, "chunk": 4096}),
+            (("--cache", "ON", "--chunk", "7"), {"cache": "on", "chunk": 7})]
+    written = []
+    for i, (args, want) in enumerate(runs):
+        out = tmp_path / f"out{i}"
+        result = run_cli("merge", config, "--out", out, *args)
+        assert result.exit_code == 0, (args, result.output, result.exception)
+        assert seen[-1] == want, args
+        written.append(load_weights(out))
+    assert len(seen) == len(runs)
+    for other in written[1:]:
+        assert all(torch.equal(other[n], t) for n, t in written[0].items())
+
+
+def test_cache_and_chunk_work_with_the_engine_as_it_is(zoo, tmp_path):
+    config = write_config(tmp_path / "ties.yaml",
+                          ties_config(str(zoo.base), [str(s) for s in zoo.sources]))
+    out = tmp_path / "out"
+    result = run_cli("merge", config, "--out", out, "--cache", "1GiB", "--chunk", "1000")
+    assert result.exit_code == 0, (result.output, result.exception)
+    assert_merge_matches(out, MergeRecipe.from_yaml(config))
+
+
+@pytest.mark.parametrize("args, needle", [
+    (("--cache", "sometimes"), "--cache"),
+    (("--cache", "0"), "--cache"),
+    (("--chunk", "0"), "--chunk"),
+])
+def test_bad_cache_or_chunk(zoo, tmp_path, args, needle):
+    config = write_config(tmp_path / "ties.yaml",
+                          ties_config(str(zoo.base), [str(s) for s in zoo.sources]))
+    out = tmp_path / "out"
+    result = run_cli("merge", config, "--out", out, *args)
+    assert result.exit_code == 2, (result.output, result.exception)
+    assert needle in flat(result.output) + flat(result.stderr or "")
+    assert_nothing_written(out)
+
+
+def test_help_shows_cache_and_chunk():
+    text = flat(run_cli("merge", "--help").stdout)
+    assert "--cache" in text and "--chunk" in text

@@ -518,3 +518,72 @@ def test_progress_bar_does_not_change_the_output(base, tmp_path):
     plain = io.export_model(state, tmp_path / "plain")
     shown = io.export_model(state, tmp_path / "shown", progress=True)
     assert (plain / "model.safetensors").read_bytes() == (shown / "model.safetensors").read_bytes()
+
+
+# ------------------------------------------------------------------ permissions
+
+
+@pytest.fixture(params=[0o022, 0o027], ids=["umask022", "umask027"])
+def umask(request):
+    old = os.umask(request.param)
+    try:
+        yield request.param
+    finally:
+        os.umask(old)
+
+
+def _modes(root: Path) -> dict[str, int]:
+    return {str(p.relative_to(root)) or ".": p.stat().st_mode & 0o777
+            for p in [root, *root.rglob("*")]}
+
+
+def test_export_gives_every_file_and_directory_ordinary_permissions(base, tmp_path, umask):
+    """0644 / 0755 minus the umask: not the 0600 safetensors writes and mkdtemp's 0700, nor a
+    sidecar's own restrictive mode, for shards, index, config, recipe and copied sidecars."""
+    path, _ = base
+    src = shutil.copytree(path, tmp_path / "src")
+    templates = src / "additional_chat_templates"
+    templates.mkdir()
+    (templates / "tool.jinja").write_text(CHAT_TEMPLATE)
+    (templates / "tool.jinja").chmod(0o600)
+    templates.chmod(0o700)
+    (src / "tokenizer_config.json").chmod(0o600)
+    out = io.export_model(io.load_state_dict(src), tmp_path / "pub" / "merged", base_dir=src,
+                          recipe_yaml="merge_method: linear\n", max_shard_size="20KB")
+    modes = _modes(out)
+    dirs = {".", "additional_chat_templates"}
+    assert {"model.safetensors.index.json", "config.json", "recipe.yaml", "tokenizer.json",
+            "tokenizer_config.json", "additional_chat_templates/tool.jinja"} <= set(modes)
+    assert sum(name.endswith(".safetensors") for name in modes) > 1
+    want = {name: (0o777 if name in dirs else 0o666) & ~umask for name in modes}
+    assert modes == want, {n: oct(m) for n, m in modes.items() if m != want[n]}
+    # the parent export_model created, and an overwrite, follow the same rule
+    assert (out.parent.stat().st_mode & 0o777) == 0o777 & ~umask
+    io.export_model(io.load_state_dict(src), out, overwrite=True)
+    assert _modes(out) == {".": 0o777 & ~umask, "model.safetensors": 0o666 & ~umask}
+    assert _leftovers(out) == []
+
+
+def test_umask_is_read_without_changing_it(umask):
+    assert io._umask() == umask
+    assert os.umask(umask) == umask
+
+
+# ------------------------------------------------------------------ which dtype an export writes
+
+
+def test_export_dtype_prefers_out_dtype_then_dtype_then_the_sources(base, tmp_path):
+    path, model = base
+    half = io.export_model(model.state_dict(), tmp_path / "bf16", base_dir=path,
+                           dtype=torch.bfloat16)
+    assert io.export_dtype("float16", "float32", sources=[half]) == torch.float16
+    assert io.export_dtype(None, "float32", sources=[half]) == torch.float32
+    assert io.export_dtype(None, torch.float16, sources=[half]) == torch.float16
+    assert io.export_dtype(None, None, sources=[half]) == torch.bfloat16
+    assert io.export_dtype(None, None, sources=[half, half]) == torch.bfloat16
+    assert io.export_dtype(None, None, sources=[path]) == torch.float32
+    # sources that disagree (the recipe then casts them): write the tensors as they are
+    assert io.export_dtype(None, None, sources=[path, half]) is None
+    assert io.export_dtype(sources=[]) is None
+    with pytest.raises(ValueError, match="unknown dtype"):
+        io.export_dtype("bfloat17")

@@ -47,6 +47,7 @@ __all__ = [
     "load_state_dict",
     "check_compatible",
     "export_model",
+    "export_dtype",
     "parse_size",
 ]
 
@@ -560,6 +561,38 @@ def parse_size(size: int | str) -> int:
     return value
 
 
+def export_dtype(
+    *choices: torch.dtype | str | None, sources: Sequence[PathLike] = ()
+) -> torch.dtype | None:
+    """The dtype an export should write: the first of ``choices`` that is set (callers pass the
+    recipe's ``out_dtype``, then its ``dtype``), else the one floating-point dtype of the
+    ``sources``' weights (read from headers only: bf16 in, bf16 out), else None (write the
+    tensors as they are).
+
+    Exports need this because the tensors handed to :func:`export_model` are not always in the
+    dtype the user merged in: a search materialises its best candidate from the fitness model,
+    which usually computes in float32.
+    """
+    for choice in choices:
+        if isinstance(choice, torch.dtype):
+            return choice
+        if choice:
+            try:
+                dtype = getattr(torch, str(choice).removeprefix("torch."))
+            except AttributeError:
+                dtype = None
+            if not isinstance(dtype, torch.dtype):
+                raise ValueError(f"unknown dtype {choice!r}; use e.g. bfloat16, float16, float32")
+            return dtype
+    found: set[torch.dtype] = set()
+    for path in sources:
+        for meta in inspect_model(path).tensors.values():
+            dt = _SAFETENSORS_DTYPES.get(meta.dtype)
+            if dt is not None and dt.is_floating_point:
+                found.add(dt)
+    return found.pop() if len(found) == 1 else None
+
+
 def _validate_state_dict(state_dict: Mapping[str, torch.Tensor]) -> None:
     if not state_dict:
         raise CheckpointError("export_model: the state dict is empty; nothing to write")
@@ -665,6 +698,36 @@ def _fsync_path(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def _umask() -> int:
+    """The process umask, read without changing it where Linux says it (``/proc/self/status``:
+    setting and restoring it would race with other threads creating files)."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def _publishable(tmp: Path) -> None:
+    """Give every file and directory under ``tmp`` (``tmp`` included) ordinary permissions:
+    0644 / 0755 minus the umask. ``mkdtemp`` makes 0700, safetensors writes 0600 and copied
+    sidecars keep their source's mode; a published model is meant to be read by others."""
+    mask = _umask()
+    for root, dirs, files in os.walk(tmp):
+        for name in files:
+            path = os.path.join(root, name)
+            if not os.path.islink(path):
+                os.chmod(path, 0o666 & ~mask)
+        for name in dirs:
+            os.chmod(os.path.join(root, name), 0o777 & ~mask)
+    os.chmod(tmp, 0o777 & ~mask)
 
 
 def _write_text(path: Path, text: str) -> None:
@@ -868,7 +931,8 @@ def export_model(
 
     Atomicity: everything is written and fsynced in a hidden sibling ``.{name}.tmp-*`` directory
     and renamed into place at the end, so ``out_dir`` is either absent, the old version, or the
-    complete new one. Any exception removes the temporary directory; a killed process leaves
+    complete new one. Before the rename every file gets mode 0644 and every directory 0755, minus
+    the process umask (as if created by ``open``/``mkdir``), not the 0600/0700 of temp files. Any exception removes the temporary directory; a killed process leaves
     only that hidden directory, which the next export to the same ``out_dir`` deletes.
 
     Raises CheckpointError if ``out_dir`` exists and ``overwrite`` is False (nothing is written).
@@ -911,7 +975,7 @@ def export_model(
         if recipe_yaml is not None:
             _write_text(tmp / RECIPE, recipe_yaml.rstrip("\n") + "\n")
         (tmp / _OWNER_FILE).unlink()
-        os.chmod(tmp, 0o755)  # mkdtemp makes 0700; a published model dir should be readable
+        _publishable(tmp)
         _fsync_path(tmp)
         _publish(tmp, out_dir)
     except BaseException:
