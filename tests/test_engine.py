@@ -146,25 +146,37 @@ def test_dare_is_reproducible_per_seed_and_differs_across_seeds(zoo):
     fresh = Merger(zoo)  # separate caches: reproducibility must not depend on them
     r = recipe("dare_ties", zoo[0], zoo[1:], source_params={"weight": 1.0, "density": 0.3})
     a = {n: t.clone() for n, t in fresh.build(r).items()}
-    b = Merger(zoo, cache=False).build(r)
+    b = Merger(zoo, chunk=100).build(r)  # chunking changes nothing
     c = fresh.build(r.model_copy(update={"seed": 1}))
     name = "model.layers.1.mlp.up_proj.weight"
     assert all(torch.equal(a[n], b[n]) for n in a)
     assert not torch.equal(a[name], c[name])
 
 
-def test_cache_holds_task_vectors_after_first_build_and_results_do_not_change(zoo):
-    cached, uncached = Merger(zoo), Merger(zoo, cache=False)
+def test_opt_in_cache_holds_sorted_magnitudes_and_results_do_not_change(zoo):
+    cached, uncached = Merger(zoo, cache="on"), Merger(zoo)
     r = recipe("ties", zoo[0], zoo[1:], source_params={"weight": 1.0, "density": 0.4})
     first = {n: t.clone() for n, t in cached.build(r).items()}
     name = "model.layers.0.mlp.down_proj.weight"
-    kinds = {key[0] for key in cached._cache[name]}
-    assert {"delta", "sorted_abs"} <= kinds
+    assert {key[0] for key in cached._cache[name]} == {"sorted_abs"}
     second = cached.build(r)
     reference = uncached.build(r)
     assert all(torch.equal(first[n], second[n]) and torch.equal(first[n], reference[n])
                for n in first)
-    assert uncached._cache[name] == {}
+    assert uncached._cache == {} and uncached.memory()["cache"] == 0
+    assert cached.memory()["cache"] > 0
+
+
+def test_cache_budget_caches_tensors_only_while_they_fit(zoo):
+    name = "model.layers.0.mlp.down_proj.weight"
+    numel = load_state_dict(zoo[0])[name].numel()
+    # float32 checkpoints: float64 work dtype (8) + 4 bytes per element, for each of 4 models
+    merger = Merger(zoo, cache=numel * 12 * 4)
+    merger.build(recipe("ties", zoo[0], zoo[1:], source_params={"weight": 1.0, "density": 0.4}))
+    assert len(merger._cache) == 1
+    assert merger.memory()["cache"] <= numel * 12 * 4
+    with pytest.raises(ValueError, match="cache"):
+        Merger(zoo, cache="lots")
 
 
 def test_cache_is_keyed_by_base_so_a_different_base_is_not_confused(zoo, merger):

@@ -15,14 +15,14 @@ import torch
 
 from evomerge.merge.methods import (
     METHODS,
+    RNG_BLOCK,
+    Sparsify,
     TensorInputs,
-    della_mask,
     della_rank_norm,
     generalized_task_arithmetic,
     get_method,
+    keep_mask,
     linear,
-    magnitude_mask,
-    magnitude_outliers_mask,
     model_stock,
     register,
     slerp,
@@ -50,6 +50,12 @@ def gta_shared(method: str, **overrides) -> dict:
 
 def call(method: str, inputs: TensorInputs, shared: dict, per_source: list[dict], out=None):
     return METHODS[method].fn(inputs, shared, per_source, out)
+
+
+def mask_of(delta: torch.Tensor, method: str, density: float, **extra) -> torch.Tensor:
+    """The keep-mask (bool) a sparsifier draws for ``delta`` over a zero base."""
+    inputs = TensorInputs("w", torch.zeros_like(delta), [delta])
+    return keep_mask(inputs, 0, Sparsify(method, density, **extra))
 
 
 # ============================================================================================
@@ -155,74 +161,24 @@ def test_tensor_seed_is_distinct_per_seed_tensor_and_source_and_fits_63_bits():
     assert tensor_seed(0, "a", 11) != tensor_seed(0, "a1", 1)
 
 
-class CountingSources(list):
-    """A list of sources that counts element reads (to prove a cache is used)."""
-
-    reads = 0
-
-    def __getitem__(self, i):
-        type(self).reads += 1
-        return super().__getitem__(i)
-
-
-def _key_of(cache: dict, value: torch.Tensor):
-    """The cache key holding ``value`` (tests do not depend on the key layout)."""
-    keys = [k for k, v in cache.items() if v is value]
-    assert len(keys) == 1
-    return keys[0]
-
-
-def test_tensor_inputs_memoises_derived_quantities():
+def test_tensor_inputs_keeps_only_small_statistics_across_calls():
     base = t64(1, 1, 1)
-    inputs = TensorInputs("w", base, [t64(3, 0, 1)])
-    delta = inputs.delta(0)
-    assert torch.equal(delta, t64(2, -1, 0))  # (3-1, 0-1, 1-1)
-    _key_of(inputs.cache, delta)
-    assert inputs.delta(0) is delta
-    s = inputs.sorted_abs(0)
-    assert torch.equal(s, t64(0, 1, 2)) and s.dtype == F64  # float64 stays float64
-    assert inputs.sorted_abs(0) is s
-    l1 = inputs.abs_sum(0)
-    assert l1.item() == 3.0  # |2| + |-1| + |0|
-    assert inputs.abs_sum(0) is l1
-    assert len(inputs.cache) == 3  # delta, sorted |delta|, L1: one entry each
-    # float32 statistics for low-precision tensors
-    half = TensorInputs("w", base.to(torch.bfloat16), [t64(3, 0, 1).to(torch.bfloat16)])
-    assert half.sorted_abs(0).dtype == torch.float32
+    stats: dict = {}
+    inputs = TensorInputs("w", base, [t64(3, 0, 1)], stats=stats)
+    assert inputs.abs_sum(0) == 3.0  # |3-1| + |0-1| + |1-1|
+    assert list(stats.values()) == [3.0]  # one float per (tensor, source), nothing tensor-sized
+    stats[next(iter(stats))] = 10.0  # a kept statistic is what later calls read
+    assert TensorInputs("w", base, [t64(3, 0, 1)], stats=stats).abs_sum(0) == 10.0
 
 
-def test_tensor_inputs_cache_is_filled_once_and_reused_across_calls():
-    base = t64(0, 0, 0, 0)
-    sources = CountingSources([t64(3, -1, 2, -0.5), t64(-2, 4, -1, 0.25)])
-    cache: dict = {}
-    shared = gta_shared("ties", normalize=False)
-    per_source = [{"weight": 1.0, "density": 0.5}, {"weight": 1.0, "density": 0.5}]
-    first = call("ties", TensorInputs("w", base, sources, cache=cache), shared, per_source)
-    # two task vectors and their two sorted magnitude vectors
-    assert len(cache) == 4
-    snapshot = dict(cache)
-    reads = CountingSources.reads
-    assert reads >= 2
-    # A new TensorInputs over the same cache (what the engine does per candidate) reads no source
-    # and recomputes nothing: the very same tensor objects stay in the cache.
-    second = call("ties", TensorInputs("w", base, sources, cache=cache), shared,
-                  [{"weight": 2.0, "density": 0.5}, {"weight": 1.0, "density": 0.5}])
-    assert CountingSources.reads == reads
-    assert cache.keys() == snapshot.keys()
-    assert all(cache[k] is snapshot[k] for k in cache)
-    # trimmed deltas (3,0,2,0), (-2,4,0,0); elected signs (+,+,+,+)
-    assert torch.equal(first, t64(3, 4, 2, 0))   # 1*(3,0,2,0) + 1*(0,4,0,0) (the -2 loses)
-    assert torch.equal(second, t64(6, 4, 4, 0))  # 2*(3,0,2,0) + 1*(0,4,0,0): new weights used
-
-
-def test_a_cached_task_vector_is_what_the_methods_use():
-    base = t64(1, 2, 3)
-    inputs = TensorInputs("w", base, [t64(0, 0, 0)])
-    key = _key_of(inputs.cache, inputs.delta(0))
-    inputs.cache[key] = t64(10, 20, 30)  # not sources[0] - base: proves the entry is read
-    result = call("task_arithmetic", inputs, gta_shared("task_arithmetic"),
-                  [{"weight": 1.0, "density": 1.0}])
-    assert torch.equal(result, t64(11, 22, 33))
+def test_chunked_deltas_are_exact_in_the_work_dtype():
+    # bf16 inputs: the difference is formed in float32, where it is exact
+    base = torch.tensor([1.0, 256.0], dtype=torch.bfloat16)
+    src = torch.tensor([1.0078125, 258.0], dtype=torch.bfloat16)
+    inputs = TensorInputs("w", base, [src])
+    b = inputs.base_chunk(0, 2)
+    assert b.dtype == torch.float32
+    assert inputs.delta(0, 0, 2, b).tolist() == [0.0078125, 2.0]
 
 
 # ============================================================================================
@@ -399,7 +355,7 @@ def test_ties_via_function_and_out():
 
 def test_magnitude_mask_keeps_at_least_one_entry():
     # int(0.1 * 4) = 0 -> max(1, 0) = 1: only the largest |delta| (-4) survives
-    assert torch.equal(as_f64(magnitude_mask(t64(1, -4, 2, 3), 0.1)), t64(0, 1, 0, 0))
+    assert torch.equal(as_f64(mask_of(t64(1, -4, 2, 3), "magnitude", 0.1)), t64(0, 1, 0, 0))
 
 
 def test_ties_density_zero_drops_every_task_vector():
@@ -569,7 +525,7 @@ def test_della_rejects_density_epsilon_outside_the_unit_interval(density, epsilo
             call(name, inputs, gta_shared(name),
                  [{"weight": 1.0, "density": density, "epsilon": epsilon}])
     with pytest.raises(ValueError, match="epsilon"):
-        della_mask(torch.ones(2, 3), density, epsilon, torch.Generator())
+        mask_of(torch.ones(2, 3), "della_magprune", density, epsilon=epsilon)
 
 
 def test_della_density_one_and_zero_skip_the_epsilon_check():
@@ -636,17 +592,17 @@ CRUMB_DELTA = t64(-3, 7, 1, -10, 5, 2, -8, 4, 6, -9)  # |.| = a permutation of 1
 def test_breadcrumbs_mask_by_hand():
     # n = 10, density 0.5, gamma 0.1: target = 5, top = 1, bottom = 10 - 5 - 1 = 4
     # drop |.| in {1,2,3,4} and {10}; keep {5,6,7,8,9}
-    mask = magnitude_outliers_mask(CRUMB_DELTA, 0.5, 0.1)
+    mask = mask_of(CRUMB_DELTA, "magnitude_outliers", 0.5, gamma=0.1)
     assert torch.equal(CRUMB_DELTA * mask, t64(0, 7, 0, 0, 5, 0, -8, 0, 6, -9))
 
 
 def test_breadcrumbs_outlier_removal_shrinks_to_reach_density():
     # density 0.95 -> target int(9.5) = 9; gamma 0.2 -> top 2; bottom = max(0, 10-9-2) = 0
     # kept ascending ranks [0, 9): only the largest (|-10|) is dropped
-    mask = magnitude_outliers_mask(CRUMB_DELTA, 0.95, 0.2)
+    mask = mask_of(CRUMB_DELTA, "magnitude_outliers", 0.95, gamma=0.2)
     assert torch.equal(as_f64(mask), t64(1, 1, 1, 0, 1, 1, 1, 1, 1, 1))
     # density 0 keeps nothing
-    assert torch.equal(as_f64(magnitude_outliers_mask(CRUMB_DELTA, 0.0, 0.1)),
+    assert torch.equal(as_f64(mask_of(CRUMB_DELTA, "magnitude_outliers", 0.0, gamma=0.1)),
                        torch.zeros(10, dtype=F64))
 
 
@@ -865,3 +821,137 @@ def test_model_stock_agrees_with_mergekit(mergekit_methods, filter_wise):
     got = call("model_stock", TensorInputs("w", base, sources), {"filter_wise": filter_wise},
                [{}, {}, {}])
     assert torch.allclose(got, expected, atol=1e-12)
+
+
+# ============================================================================================
+# Exactly k, precision and chunking (the real-scale engine's contract)
+# ============================================================================================
+
+
+def _stable_rank_mask(a: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
+    """Oracle: keep stable ascending ranks [lo, hi) of ``a`` (ties ordered by flat index)."""
+    order = torch.sort(a.reshape(-1).double(), stable=True).indices
+    keep = torch.zeros(a.numel(), dtype=torch.bool)
+    keep[order[lo:hi]] = True
+    return keep.reshape(a.shape)
+
+
+def _tied(n: int, seed: int = 0, dtype=torch.bfloat16) -> tuple[torch.Tensor, torch.Tensor]:
+    """base, source in ``dtype`` whose |delta| takes few distinct values: heavy ties."""
+    gen = torch.Generator().manual_seed(seed)
+    base = torch.randint(-4, 5, (n,), generator=gen).to(dtype)
+    src = base + torch.randint(-3, 4, (n,), generator=gen).to(dtype) * 0.25
+    return base, src.to(dtype)
+
+
+@pytest.mark.parametrize("chunk", [7, 100, 5000])
+@pytest.mark.parametrize("cache", [False, True])
+@pytest.mark.parametrize("density", [0.05, 0.37, 0.5, 0.99])
+def test_magnitude_keeps_exactly_k_with_ties_broken_by_position(chunk, cache, density):
+    n = 5000
+    base, src = _tied(n)
+    inputs = TensorInputs("w", base, [src], chunk=chunk, cache={} if cache else None)
+    got = keep_mask(inputs, 0, Sparsify("magnitude", density))
+    k = max(1, int(density * n))
+    assert int(got.sum()) == k  # mergekit's count, exactly (7 distinct |delta|: ties everywhere)
+    assert torch.equal(got, _stable_rank_mask((src.float() - base.float()).abs(), n - k, n))
+
+
+@pytest.mark.parametrize("chunk", [13, 5000])
+@pytest.mark.parametrize("density,gamma", [(0.5, 0.1), (0.3, 0.2), (0.95, 0.2)])
+def test_breadcrumbs_keeps_exactly_its_rank_window_with_ties(chunk, density, gamma):
+    n = 5000
+    base, src = _tied(n, seed=1)
+    got = keep_mask(TensorInputs("w", base, [src], chunk=chunk), 0,
+                    Sparsify("magnitude_outliers", density, gamma=gamma))
+    target = int(density * n)
+    n_bot = max(0, n - target - int(gamma * n))
+    assert int(got.sum()) == target
+    assert torch.equal(got, _stable_rank_mask((src.float() - base.float()).abs(), n_bot,
+                                              n_bot + target))
+
+
+def test_rank_selection_is_exact_even_when_the_sample_bracket_misses(monkeypatch):
+    import evomerge.merge.methods as methods
+
+    n = 20_000
+    gen = torch.Generator().manual_seed(3)
+    base, src = torch.zeros(n, dtype=F64), torch.randn(n, generator=gen, dtype=F64)
+    # a sample from another distribution: every bracket it suggests is wrong
+    monkeypatch.setattr(methods, "_sorted_sample",
+                        lambda inputs, k, n: torch.linspace(10, 20, 4096, dtype=F64))
+    got = keep_mask(TensorInputs("w", base, [src], chunk=1000), 0, Sparsify("magnitude", 0.3))
+    assert torch.equal(got, _stable_rank_mask(src.abs(), n - 6000, n))
+
+
+@pytest.mark.parametrize("name", sorted(MERGEKIT_GTA_DEFAULTS) + ["linear", "slerp",
+                                                                  "model_stock"])
+def test_results_do_not_depend_on_the_chunk_size(name, monkeypatch):
+    import evomerge.merge.methods as methods
+
+    monkeypatch.setattr(methods, "RNG_BLOCK", 256)  # several random blocks per tensor
+    gen = torch.Generator().manual_seed(5)
+    base = torch.randn(40, 50, generator=gen).to(torch.bfloat16)
+    sources = [(base.float() + 0.05 * torch.randn(40, 50, generator=gen)).to(torch.bfloat16)
+               for _ in range(3)]
+    shared = {p.name: p.default for p in METHODS[name].params if p.scope == "shared"}
+    if name == "slerp":
+        sources, shared, per = sources[:1], {"t": 0.3}, [{}]
+    elif name == "model_stock":
+        per = [{} for _ in sources]
+    else:
+        per = [{"weight": 0.7 + 0.2 * k, "density": 0.45, "gamma": 0.05, "epsilon": 0.1}
+               for k in range(3)]
+    results = [call(name, TensorInputs("model.w", base, sources, seed=3, chunk=chunk),
+                    shared, per) for chunk in (50, 300, 1 << 20)]
+    assert torch.equal(results[0], results[1]) and torch.equal(results[0], results[2])
+
+
+def _fp64_task_arithmetic(base, sources, weights):
+    b = base.double()
+    return b + sum(w * (s.double() - b) for w, s in zip(weights, sources))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_task_arithmetic_rounds_once_from_a_wide_accumulator(dtype):
+    gen = torch.Generator().manual_seed(0)
+    base = torch.randn(200_000, generator=gen).to(dtype)
+    sources = [(base.double() + 0.01 * torch.randn(200_000, generator=gen, dtype=F64)).to(dtype)
+               for _ in range(3)]
+    weights = [0.7, 0.45, 0.3]
+    got = call("task_arithmetic", TensorInputs("w", base, sources, chunk=30_000),
+               gta_shared("task_arithmetic"), [{"weight": w, "density": 1.0} for w in weights])
+    exact = _fp64_task_arithmetic(base, sources, weights).to(dtype)
+    # the float64 result correctly rounded: mismatches only where it sits within float32
+    # (resp. float64) rounding of a midpoint between two representable values
+    assert (got != exact).double().mean() <= 1e-4
+    if dtype != torch.float32:
+        # what computing in the inputs' own dtype (mergekit) gets wrong, for contrast
+        naive = base + sum(w * (s - base) for w, s in zip(weights, sources))
+        assert (naive != exact).double().mean() > 0.005
+
+
+def test_ties_at_bf16_matches_a_float64_reference_with_exact_k():
+    gen = torch.Generator().manual_seed(2)
+    n = 60_000
+    base = torch.randn(n, generator=gen).to(torch.bfloat16)
+    sources = [(base.double() + 0.02 * torch.randn(n, generator=gen, dtype=F64)).to(
+        torch.bfloat16) for _ in range(3)]
+    # dyadic weights: sums of weighted deltas are exact in float32 and float64 alike, so the
+    # sign election (ill-conditioned where the sum is ~0) is decided identically
+    weights, density = [1.0, 0.5, 0.75], 0.4
+    got = call("ties", TensorInputs("w", base, sources, chunk=7000), gta_shared("ties"),
+               [{"weight": w, "density": density} for w in weights])
+    b = base.double()
+    k = max(1, int(density * n))
+    us = []
+    for w, s in zip(weights, sources):
+        d = s.double() - b
+        us.append(w * d * _stable_rank_mask(d.abs(), n - k, n))
+    total = sum(us)
+    sign = torch.where(total >= 0, 1.0, -1.0).double()
+    agree = [(torch.sign(u) == sign) for u in us]
+    mixed = sum(u * a for u, a in zip(us, agree))
+    divisor = sum(w * a.double() for w, a in zip(weights, agree))
+    exact = (b + mixed / torch.where(divisor == 0, 1.0, divisor)).to(torch.bfloat16)
+    assert (got != exact).double().mean() <= 1e-4

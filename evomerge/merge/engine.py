@@ -1,25 +1,45 @@
-"""The Merger: source models resident once, candidates written in place.
+"""The Merger: source models resident once, candidates written in place, in bounded memory.
 
 A merge search builds thousands of candidates from the same few checkpoints. mergekit reads every
 source from disk and allocates a fresh model per merge; here the base and sources are loaded once
-(onto the GPU where there is one), per-source derived tensors that do not depend on the recipe
-(task vectors, sorted magnitudes for TIES/breadcrumbs, DELLA ranks) are cached on first use, and
-``build(recipe, into=model)`` overwrites one pre-allocated model tensor by tensor. Scratch is
-bounded by the largest tensor times the number of sources; nothing is re-instantiated and
-nothing touches the disk.
+and ``build(recipe, into=model)`` overwrites one pre-allocated model tensor by tensor.
+
+**Memory contract** (users bring 2-8 checkpoints of 1-8B parameters):
+
+* Resident: the inputs - memory-mapped safetensors on the CPU (file pages the kernel may drop and
+  re-read, not private memory), or on the device - plus the one build target the caller passes
+  (or one allocation when it passes none). With ``device_budget`` smaller than the inputs, they
+  stay in host memory instead and each layer group is copied to the device while the previous
+  one merges (:class:`_Streamer`); only two groups are on the device at a time.
+* Scratch: a fixed number of buffers of at most ``chunk`` elements in the work dtype (float32
+  for 16-bit inputs, float64 for float32), one 2^20-element random block per source for
+  DARE/DELLA, and the values of a magnitude bracket (about ``100 * sqrt(n)`` for an n-element
+  tensor). Never proportional to the model.
+* Statistics kept across builds: a scalar L1 norm and a sorted 1/256 sample of |delta| per
+  (tensor, source): at most 1/64 of a bf16 source's bytes in float32.
+* Nothing as large as a source is cached unless asked: ``cache="on"`` (or a byte budget, or
+  ``"auto"`` = half the memory available when the Merger is made) keeps fully sorted |delta|
+  (exact TIES/breadcrumbs thresholds without a pass) and DELLA's per-row ranks, tensor by tensor
+  while they fit the budget.
+
+:meth:`Merger.memory` reports each of these in bytes.
 """
 
 from __future__ import annotations
 
+import math
+import os
 import re
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from evomerge.merge.io import check_compatible, load_state_dict
-from evomerge.merge.methods import TensorInputs, Workspace
+from evomerge.merge.io import check_compatible, load_state_dict, parse_size
+from evomerge.merge.methods import DEFAULT_CHUNK, TensorInputs, Workspace, work_dtype
 from evomerge.recipe import MergeRecipe, RecipeError
 
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
@@ -69,44 +89,109 @@ def _key(ref: str | Path) -> str:
     return str(path.resolve()) if path.exists() else str(ref)
 
 
+def _nbytes(tensors: Iterable[torch.Tensor]) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def available_memory(device: torch.device) -> int:
+    """Bytes free now: ``MemAvailable`` of /proc/meminfo on the CPU, the CUDA free memory."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
+def cache_budget(cache: str | int | bool | None, device: torch.device) -> float:
+    """Bytes the opt-in cache may hold: off/None/False 0, on/True unlimited, auto half of what is
+    available, or a size (``2GB``, bytes)."""
+    if cache in (None, False, "off"):
+        return 0
+    if cache in (True, "on"):
+        return math.inf
+    if cache == "auto":
+        return available_memory(device) / 2
+    try:
+        return parse_size(cache)
+    except ValueError:
+        raise ValueError(f"cache: expected off, on, auto or a size like '2GB', got {cache!r}"
+                         ) from None
+
+
 class Merger:
-    """Holds base and sources resident; writes any recipe over them into a given model.
+    """Holds base and sources; writes any recipe over them into a given model.
 
     Parameters
     ----------
     models: every checkpoint a recipe may name (local HF directories); the first is the default
         base. Compatibility (architecture, names, shapes, dtypes) is checked before loading.
-    device: where tensors live and merges run (``"cuda"`` on a GPU machine).
-    dtype: load and merge in this dtype (default: the checkpoints' own, which must then agree).
-    cache: keep recipe-independent derived tensors (task vectors, sort statistics) across builds.
-        Costs up to two extra copies of each source for TIES-like methods; turn off when memory
-        is tighter than time.
+    device: where merges run (``"cuda"`` on a GPU machine).
+    dtype: load and merge in this dtype (default: the checkpoints' own, which must then agree;
+        a cast makes private copies of the inputs).
+    cache: ``"off"`` (default), ``"on"``, ``"auto"`` or a byte budget for source-sized caches
+        (see the module docstring): faster TIES/breadcrumbs/DELLA builds for memory.
+    chunk: elements per scratch chunk (default 2^20 on the CPU, 2^22 on a GPU).
+    device_budget: bytes of inputs that may live on the device (``"auto"``: on a GPU, what is
+        free after one output and scratch; on the CPU, unlimited). When the inputs are larger,
+        they stay in host memory and stream to the device one layer group at a time.
     """
 
     def __init__(self, models: Sequence[str | Path], *, device: str | torch.device = "cpu",
-                 dtype: torch.dtype | str | None = None, cache: bool = True,
+                 dtype: torch.dtype | str | None = None, cache: str | int | bool | None = "off",
+                 chunk: int | None = None, device_budget: int | str | None = "auto",
                  progress: Callable[[Iterable], Iterable] | None = None) -> None:
         if not models:
             raise ValueError("Merger needs at least one model")
         if isinstance(dtype, str):
             dtype = _DTYPES[dtype]
+        self.device = torch.device(device)
+        if chunk is not None and (not isinstance(chunk, int) or chunk < 1):
+            raise ValueError(f"chunk: expected a positive number of elements, got {chunk!r}")
+        self.chunk = chunk or (DEFAULT_CHUNK if self.device.type == "cpu" else 4 * DEFAULT_CHUNK)
+        self._cache_budget = cache_budget(cache, self.device)
         # Checkpoints stored in different dtypes merge fine once cast to one explicit dtype.
         self.infos = check_compatible(list(models), check_dtypes=dtype is None)
-        self.device = torch.device(device)
         self.dtype = dtype
-        self.cache_enabled = cache
         self.paths = [Path(m) for m in models]
+        self.streaming = self._streams(device_budget)
+        home = torch.device("cpu") if self.streaming else self.device
         loader = progress or (lambda it: it)
         self.tensors: dict[str, dict[str, torch.Tensor]] = {
-            _key(m): load_state_dict(m, device=self.device, dtype=dtype) for m in loader(models)
+            _key(m): load_state_dict(m, device=home, dtype=dtype) for m in loader(models)
         }
         first = self._reference = next(iter(self.tensors.values()))
         self.names: list[str] = list(first)
         self.groups = {name: layer_group(name) for name in self.names}
         self.num_layers = 1 + max((g.layer for g in self.groups.values() if g.layer is not None),
                                   default=-1)
-        self._cache: dict[str, dict] = {name: {} for name in self.names}
+        order = {g: i for i, g in enumerate(self.group_names)}
+        self._group_order: list[list[str]] = [[] for _ in order]
+        for name in self.names:
+            self._group_order[order[self.groups[name].name]].append(name)
+        self._stats: dict[str, dict] = {name: {} for name in self.names}
+        self._cache: dict[str, dict] = {}
+        self._cache_reserved = 0
         self._workspace = Workspace()
+
+    def _streams(self, device_budget: int | str | None) -> bool:
+        """Whether the inputs exceed what may live on the device (then they stream)."""
+        sizes = [sum(m.numel * (self.dtype or m.torch_dtype).itemsize
+                     for m in info.tensors.values()) for info in self.infos]
+        inputs = sum(sizes)
+        if device_budget is None:
+            return False
+        if device_budget == "auto":
+            if self.device.type == "cpu":
+                return False
+            output = max(sizes)
+            scratch = 16 * self.chunk * 8
+            return inputs > available_memory(self.device) - output - scratch
+        return inputs > parse_size(device_budget)
 
     @classmethod
     def for_recipe(cls, recipe: MergeRecipe, **kwargs) -> Merger:
@@ -133,12 +218,23 @@ class Merger:
         return sorted(groups, key=groups.__getitem__)
 
     def state(self, model: str | Path) -> Mapping[str, torch.Tensor]:
-        """The resident tensors of one loaded model (read-only by convention)."""
+        """The tensors of one loaded model (read-only by convention; host tensors when
+        streaming)."""
         return self.tensors[self._resolve_ref(model, "model")]
 
     def allocate(self) -> dict[str, torch.Tensor]:
-        """A pre-allocated state dict to build into (same shapes/dtypes as the base)."""
-        return {n: torch.empty_like(t) for n, t in self._reference.items()}
+        """A pre-allocated state dict on the device to build into (shapes/dtypes of the base)."""
+        return {n: torch.empty(t.shape, dtype=t.dtype, device=self.device)
+                for n, t in self._reference.items()}
+
+    def memory(self) -> dict[str, int]:
+        """Bytes held, by kind: ``inputs`` (mapped or resident), ``scratch``, ``stats``,
+        ``cache`` (the opt-in one) - the terms of the memory contract."""
+        stats = sum(v.numel() * v.element_size() if isinstance(v, torch.Tensor) else 8
+                    for entry in self._stats.values() for v in entry.values())
+        cache = sum(_nbytes(entry.values()) for entry in self._cache.values())
+        return {"inputs": sum(_nbytes(s.values()) for s in self.tensors.values()),
+                "scratch": self._workspace.nbytes, "stats": stats, "cache": cache}
 
     def build(self, recipe: MergeRecipe, into: torch.nn.Module | dict[str, torch.Tensor] | None = None,
               *, progress: Callable[[Iterable[str]], Iterable[str]] | None = None
@@ -155,32 +251,60 @@ class Merger:
         source_keys = [self._resolve_ref(e.model, f"models[{i}].model")
                        for i, e in enumerate(recipe.source_entries())]
         targets = self._targets(into)
-        base = self.tensors[base_key] if base_key and method.base == "required" else None
-        sources = [self.tensors[k] for k in source_keys]
-        names = progress(self.names) if progress else self.names
+        use_base = base_key is not None and method.base == "required"
+        keys = list(dict.fromkeys(([base_key] if use_base else []) + source_keys))
+        order = [name for group in self._group_order for name in group]
+        names = iter(progress(order) if progress else order)
         with torch.inference_mode():
-            for name in names:
-                group = self.groups[name]
-                shared, per_source = recipe.resolve(name, gradient_position(group, self.num_layers))
-                inputs = TensorInputs(
-                    name=name,
-                    base=base[name] if base is not None else None,
-                    sources=[s[name] for s in sources],
-                    seed=recipe.seed,
-                    cache=self._cache[name] if self.cache_enabled else {},
-                    source_keys=source_keys,
-                    base_key=base_key,
-                    workspace=self._workspace,
-                )
-                method.fn(inputs, shared, per_source, targets[name])
+            for group, tensors in self._groups(keys):
+                for name in group:
+                    next(names, None)
+                    shared, per_source = recipe.resolve(
+                        name, gradient_position(self.groups[name], self.num_layers))
+                    inputs = TensorInputs(
+                        name=name,
+                        base=tensors[base_key][name] if use_base else None,
+                        sources=[tensors[k][name] for k in source_keys],
+                        seed=recipe.seed,
+                        chunk=self.chunk,
+                        stats=self._stats[name],
+                        cache=self._cache_for(name, len(keys)),
+                        source_keys=source_keys,
+                        base_key=base_key,
+                        workspace=self._workspace,
+                    )
+                    method.fn(inputs, shared, per_source, targets[name])
+            for _ in names:  # let a progress bar finish
+                pass
         return targets
 
     def clear_cache(self) -> None:
-        """Drop cached task vectors and statistics (they are rebuilt on demand)."""
-        for entry in self._cache.values():
+        """Drop kept statistics and the opt-in cache (they are rebuilt on demand)."""
+        for entry in self._stats.values():
             entry.clear()
+        self._cache.clear()
+        self._cache_reserved = 0
 
     # ---- helpers -----------------------------------------------------------------------------
+
+    def _groups(self, keys: list[str]) -> Iterator[tuple[list[str], dict[str, dict]]]:
+        """Layer groups in order with the input tensors they read, on the device."""
+        if not self.streaming:
+            for group in self._group_order:
+                yield group, self.tensors
+            return
+        yield from _Streamer(self.tensors, keys, self._group_order, self.device)
+
+    def _cache_for(self, name: str, models: int) -> dict | None:
+        """The opt-in cache of one tensor, when its worst case still fits the budget."""
+        if name in self._cache:
+            return self._cache[name]
+        ref = self._reference[name]
+        need = ref.numel() * (work_dtype(ref.dtype).itemsize + 4) * models
+        if not ref.is_floating_point() or self._cache_reserved + need > self._cache_budget:
+            return None
+        self._cache_reserved += need
+        return self._cache.setdefault(name, {})
 
     def _resolve_ref(self, ref: str | Path, field: str) -> str:
         key = _key(ref)
@@ -203,3 +327,46 @@ class Merger:
             lines = [f"missing tensor {n}" for n in missing] + [f"shape {w}" for w in wrong]
             raise ValueError("build target does not match the checkpoints:\n  " + "\n  ".join(lines))
         return into
+
+
+class _Streamer:
+    """Layer groups' input tensors copied to the device while the previous group merges.
+
+    A background thread copies group g + 1 (host -> pinned staging -> device on a side CUDA
+    stream; on the CPU, from the memory map into private memory, the same code path) while the
+    caller merges group g; the caller's stream waits for the copy's event before reading it. At
+    most two groups of inputs are on the device at once.
+    """
+
+    def __init__(self, host: dict[str, dict[str, torch.Tensor]], keys: list[str],
+                 order: list[list[str]], device: torch.device) -> None:
+        self.host, self.keys, self.order, self.device = host, keys, order, device
+        self.stream = torch.cuda.Stream(device) if device.type == "cuda" else None
+
+    def _copy(self, names: list[str]) -> tuple[dict[str, dict[str, torch.Tensor]], object]:
+        with torch.cuda.stream(self.stream) if self.stream is not None else nullcontext():
+            staged, event = {}, None
+            for key in self.keys:
+                staged[key] = {}
+                for name in names:
+                    t = self.host[key][name]
+                    if self.stream is not None:
+                        staged[key][name] = t.pin_memory().to(self.device, non_blocking=True)
+                    else:
+                        staged[key][name] = t.to(self.device, copy=True)
+            if self.stream is not None:
+                event = torch.cuda.Event()
+                event.record(self.stream)
+        return staged, event
+
+    def __iter__(self) -> Iterator[tuple[list[str], dict[str, dict[str, torch.Tensor]]]]:
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="evomerge-stream") as pool:
+            ahead = pool.submit(self._copy, self.order[0]) if self.order else None
+            for i, group in enumerate(self.order):
+                staged, event = ahead.result()
+                if i + 1 < len(self.order):
+                    ahead = pool.submit(self._copy, self.order[i + 1])
+                if event is not None:
+                    torch.cuda.current_stream(self.device).wait_event(event)
+                yield group, staged
+                del staged

@@ -4,30 +4,56 @@ Semantics follow mergekit 0.1.5 (``mergekit/merge_methods/generalized_task_arith
 ``sparsify.py``, ``linear.py``, ``slerp.py``, ``model_stock.py``), so a recipe found here means the
 same thing when taken to mergekit. Where we differ, it is on purpose and named:
 
-* Random masks (DARE, DELLA) draw from a ``torch.Generator`` seeded per (recipe seed, tensor name,
-  source index) instead of torch's global RNG, so one recipe reproduces the same model bit for bit
-  (on one device type). mergekit's masks cannot be reproduced; they agree in distribution.
-* Magnitude selection (TIES, breadcrumbs) compares against a threshold read from the sorted
-  magnitudes instead of scattering an argsort. This keeps the same elements except among exact
-  ties in |delta| at the threshold, where mergekit's pick is itself arbitrary; the sorted
-  magnitudes depend only on the sources, so the engine computes them once, not once per candidate.
+* **Memory.** Every method streams over a tensor in chunks of at most ``TensorInputs.chunk``
+  elements (DELLA: whole rows). Scratch is a fixed number of chunk-sized buffers, one 2^20-element
+  random block per source, and small per-source statistics; nothing shaped like a tensor or a
+  model is allocated besides the output. mergekit stacks every source's task vector, mask and sort
+  permutation at full size.
+* **Precision.** Inputs are read into a work dtype wider than they are (float32 for bf16/fp16,
+  float64 for float32/float64, see :func:`work_dtype`); every difference, product and sum happens
+  there and the result is rounded once, into ``out``'s dtype. mergekit computes in the inputs'
+  dtype (bf16 arithmetic for bf16 checkpoints).
+* **Exactly k, ties broken by position.** Magnitude selection (TIES, breadcrumbs) ranks |delta|
+  (delta exact in the work dtype) by a *stable* ascending sort: equal magnitudes rank by flat
+  index, lower index first. TIES keeps the ``k = max(1, int(density * n))`` highest ranks,
+  breadcrumbs the ranks ``[n_bot, n_bot + target)``: exactly mergekit's counts, with a
+  deterministic pick where mergekit's argsort is arbitrary. The threshold is found exactly at
+  every build (:func:`select_rank`), so the first build costs what every build costs.
+* **Reproducible random masks.** DARE/DELLA draw uniforms block by block: the elements
+  ``[b * 2^20, (b + 1) * 2^20)`` of a tensor come from a ``torch.Generator`` seeded per (recipe
+  seed, tensor name, source index, block b), so one recipe gives the same model bit for bit (on
+  one device type) whatever the chunk size. mergekit's masks come from the global RNG; they agree
+  in distribution.
 
-Every method is reached through :class:`TensorInputs`, which hands out the base, the sources and
-the derived per-source quantities (task vectors, sorted magnitudes, DELLA ranks, generators). A
-standalone call computes those on the fly; the engine passes a cached view.
+Every method is reached through :class:`TensorInputs`, which hands out the base, the sources, the
+chunk size and the optional caches the engine keeps across builds.
 """
 
 from __future__ import annotations
 
 import hashlib
 import math
-from collections.abc import Callable, Hashable, Mapping, Sequence
+from collections.abc import Callable, Hashable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
 Tensor = torch.Tensor
+
+#: Elements per chunk when the caller does not say (4 MB of float32 scratch per buffer).
+DEFAULT_CHUNK = 1 << 20
+#: Random masks are drawn in blocks of this many elements, each from its own seeded generator.
+RNG_BLOCK = 1 << 20
+#: Magnitude thresholds of tensors larger than one chunk are bracketed from a sorted sample of
+#: 1/SAMPLE_RATIO of |delta| (kept across builds: 1/256 of a source's elements).
+SAMPLE_RATIO = 256
+
+
+def work_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype methods compute in: wider than the inputs so the result is rounded only once."""
+    return torch.float64 if dtype in (torch.float32, torch.float64) else torch.float32
+
 
 # --------------------------------------------------------------------------------------------
 # Inputs of one tensor merge
@@ -44,24 +70,33 @@ def tensor_seed(seed: int, tensor_name: str, source_index: int) -> int:
     return int.from_bytes(digest.digest(), "little") & ((1 << 63) - 1)
 
 
-class Workspace:
-    """Reusable flat scratch buffers, viewed to each tensor's shape.
+def block_seed(seed: int, tensor_name: str, source_index: int, block: int) -> int:
+    """The seed of random block ``block``; block 0 keeps :func:`tensor_seed` so a tensor of at
+    most ``RNG_BLOCK`` elements draws exactly ``torch.rand(shape)`` from that seed."""
+    name = tensor_name if block == 0 else f"{tensor_name}\0block{block}"
+    return tensor_seed(seed, name, source_index)
 
-    Freshly allocated large CPU tensors are page-faulted in on every allocation (glibc maps them
-    anew), which costs as much as the arithmetic itself; a candidate build therefore reuses a
-    few buffers sized to the largest tensor: O(largest tensor) scratch, whatever the model.
+
+class Workspace:
+    """Reusable flat scratch buffers, one per (slot, dtype, device), grown to the largest request.
+
+    Freshly allocated large CPU tensors are page-faulted in on every allocation, which costs as
+    much as the arithmetic itself; methods therefore reuse a few chunk-sized buffers.
     """
 
     def __init__(self) -> None:
         self._buffers: dict[tuple, Tensor] = {}
 
-    def get(self, slot: int, like: Tensor, dtype: torch.dtype | None = None) -> Tensor:
-        dtype = dtype or like.dtype
-        key = (slot, dtype, like.device)
+    def get(self, slot: Hashable, numel: int, dtype: torch.dtype, device: torch.device) -> Tensor:
+        key = (slot, dtype, device)
         buf = self._buffers.get(key)
-        if buf is None or buf.numel() < like.numel():
-            buf = self._buffers[key] = torch.empty(like.numel(), dtype=dtype, device=like.device)
-        return buf[: like.numel()].view(like.shape)
+        if buf is None or buf.numel() < numel:
+            buf = self._buffers[key] = torch.empty(numel, dtype=dtype, device=device)
+        return buf[:numel]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(b.numel() * b.element_size() for b in self._buffers.values())
 
 
 @dataclass
@@ -69,190 +104,361 @@ class TensorInputs:
     """Everything a method may read to merge one tensor.
 
     ``sources`` are the non-base inputs in recipe order (for ``linear`` the base, when given, is
-    appended as the last source, as mergekit does). Derived quantities are computed lazily and
-    memoised in ``cache`` (a dict the caller may keep across calls: the engine keeps one per
-    tensor so task vectors and sort statistics are computed once per run, not per candidate).
-    Cache entries are keyed by ``base_key`` and ``source_keys`` (model identities) when given, so
-    recipes that reorder or change models never read another pair's task vector.
+    appended as the last source, as mergekit does). ``stats`` (small per-source statistics: L1
+    norms, sorted |delta| samples) and ``cache`` (opt-in, source-sized: fully sorted |delta|,
+    DELLA ranks) are dicts the engine keeps across builds; keys carry ``base_key`` and
+    ``source_keys`` (model identities) so recipes that reorder or swap models never read another
+    pair's entry. Standalone calls get fresh dicts.
     """
 
     name: str
     base: Tensor | None
     sources: Sequence[Tensor]
     seed: int = 0
-    cache: dict[tuple, Tensor] = field(default_factory=dict)
+    chunk: int = DEFAULT_CHUNK
+    stats: dict[tuple, Any] = field(default_factory=dict)
+    cache: dict[tuple, Tensor] | None = None
     source_keys: Sequence[Hashable] | None = None
     base_key: Hashable = None
     workspace: Workspace = field(default_factory=Workspace)
 
-    def _memo(self, kind: str, k: int, make: Callable[[], Tensor]) -> Tensor:
-        key = (kind, self.base_key, self.source_keys[k] if self.source_keys is not None else k)
-        if key not in self.cache:
-            self.cache[key] = make()
-        return self.cache[key]
+    def key(self, kind: str, k: int) -> tuple:
+        return (kind, self.base_key, self.source_keys[k] if self.source_keys is not None else k)
 
-    def delta(self, k: int) -> Tensor:
-        """Task vector of source k: ``source_k - base``."""
+    def spans(self, rows: bool = False) -> list[tuple[int, int]]:
+        """Flat ``[start, end)`` chunks of the tensor; with ``rows``, whole rows (dim 1)."""
+        ref = self.base if self.base is not None else self.sources[0]
+        n = ref.numel()
+        if rows:
+            width = ref.shape[1] if ref.dim() == 2 else n  # 1-D and >2-D: one piece
+            step = max(1, self.chunk // max(width, 1)) * width
+        else:
+            step = max(1, self.chunk)
+        return [(s, min(n, s + step)) for s in range(0, n, step)] or [(0, 0)]
+
+    def delta(self, k: int, start: int, end: int, base_chunk: Tensor, slot: Hashable = "delta"
+              ) -> Tensor:
+        """``source_k - base`` on ``[start, end)``, exact in the work dtype of ``base_chunk``."""
+        d = self.workspace.get(slot, end - start, base_chunk.dtype, base_chunk.device)
+        return d.copy_(_flat(self.sources[k])[start:end]).sub_(base_chunk)
+
+    def base_chunk(self, start: int, end: int) -> Tensor:
         assert self.base is not None
-        return self._memo("delta", k, lambda: self.sources[k] - self.base)
+        b = self.workspace.get("base", end - start, work_dtype(self.base.dtype), self.base.device)
+        return b.copy_(_flat(self.base)[start:end])
 
-    def sorted_abs(self, k: int) -> Tensor:
-        """|delta_k| flattened and sorted ascending, in float32 (float64 inputs stay float64)."""
-        return self._memo("sorted_abs", k, lambda: _work(self.delta(k)).abs().flatten().sort().values)
-
-    def abs_sum(self, k: int) -> Tensor:
-        """L1 norm of delta_k, the target of ``rescale``."""
-        return self._memo("abs_sum", k, lambda: torch.linalg.vector_norm(_work(self.delta(k)), 1))
-
-    def della_rank(self, k: int) -> Tensor:
-        """Per-row magnitude rank of delta_k normalised to [0, 1] (DELLA's keep-probability ramp)."""
-        return self._memo("della_rank", k, lambda: della_rank_norm(self.delta(k)))
-
-    def generator(self, k: int) -> torch.Generator:
-        """A fresh generator for source k's random mask, seeded per tensor and source."""
-        device = (self.base if self.base is not None else self.sources[k]).device
-        gen = torch.Generator(device=device)
-        gen.manual_seed(tensor_seed(self.seed, self.name, k))
-        return gen
+    def abs_sum(self, k: int) -> float:
+        """||delta_k||_1 (float64 sum), the target of ``rescale``; kept in ``stats``."""
+        key = self.key("abs_sum", k)
+        if key not in self.stats:
+            total = 0.0
+            for s, e in self.spans():
+                total += float(self.delta(k, s, e, self.base_chunk(s, e)).abs_().sum(
+                    dtype=torch.float64))
+            self.stats[key] = total
+        return self.stats[key]
 
 
-def _work(t: Tensor) -> Tensor:
-    """Sorting/statistics dtype: float32, or float64 when the tensor already is."""
-    return t if t.dtype == torch.float64 else t.float()
+def _flat(t: Tensor) -> Tensor:
+    return t.reshape(-1)
 
 
 # --------------------------------------------------------------------------------------------
-# Sparsification: keep-masks of delta's shape (1.0 keep, 0.0 drop), written into ``out``
+# Exact rank selection over |delta|, without a tensor-sized buffer
 # --------------------------------------------------------------------------------------------
-# Masks are float, not bool: float compare-and-multiply with ``out=`` runs several times faster
-# on CPU than ``torch.where`` on a bool mask, and the engine reuses the buffers across tensors.
 
 
-def magnitude_mask(delta: Tensor, density: float, sorted_abs: Tensor | None = None,
-                   out: Tensor | None = None) -> Tensor:
-    """Keep the ``k = max(1, int(density * n))`` largest |delta| (TIES "trim")."""
-    n = delta.numel()
-    if sorted_abs is None:
-        sorted_abs = _work(delta).abs().flatten().sort().values
-    k = max(1, int(density * n))
-    out = out if out is not None else torch.empty_like(delta)
-    torch.abs(delta, out=out)
-    return torch.ge(out, sorted_abs[n - k], out=out)
+@dataclass
+class Rank:
+    """Stable ascending rank ``r`` of |delta| located: its ``value`` and how many elements equal
+    to it rank below ``r`` (``ties_before``: those come first in flat-index order)."""
+
+    r: int
+    value: float = 0.0
+    ties_before: int = 0
 
 
-def magnitude_outliers_mask(delta: Tensor, density: float, gamma: float,
-                            sorted_abs: Tensor | None = None, out: Tensor | None = None,
-                            scratch: Tensor | None = None) -> Tensor:
-    """Model Breadcrumbs: drop the top ``gamma`` fraction by |delta|, then the smallest.
+def _abs_delta(inputs: TensorInputs, k: int, start: int, end: int, slot: str = "abs") -> Tensor:
+    return inputs.delta(k, start, end, inputs.base_chunk(start, end), slot).abs_()
 
-    Kept: ranks ``[n_bot, n_bot + target)`` in ascending magnitude, with ``target =
-    int(density * n)``, ``n_bot = max(0, n - target - int(gamma * n))``.
+
+def _sorted_sample(inputs: TensorInputs, k: int, n: int) -> Tensor:
+    """|delta_k| at ``n / SAMPLE_RATIO`` random positions (fixed per size), sorted; in stats."""
+    key = inputs.key("sample", k)
+    if key not in inputs.stats:
+        m = min(n, max(4096, n // SAMPLE_RATIO))
+        gen = torch.Generator().manual_seed(n)
+        idx = torch.randint(0, n, (m,), generator=gen).sort().values.to(inputs.base.device)
+        work = work_dtype(inputs.base.dtype)
+        src = _flat(inputs.sources[k]).index_select(0, idx).to(work)
+        inputs.stats[key] = src.sub_(_flat(inputs.base).index_select(0, idx).to(work)).abs_().sort(
+            ).values
+    return inputs.stats[key]
+
+
+def select_rank(inputs: TensorInputs, k: int, r: int) -> Rank:
+    """Locate stable ascending rank ``r`` (0 <= r < n) of |delta_k| exactly.
+
+    One pass over the tensor: a sorted sample of |delta| brackets the r-th value between two
+    sample values ``lo <= v <= hi`` (6 binomial sigmas wide); the pass counts elements below
+    ``lo``, equal to ``lo`` and ``hi``, and keeps only those strictly between (about
+    ``100 * sqrt(n)`` values), whose k-th value is the answer. A miss (probability ~1e-9) widens
+    the bracket to 48 sigmas, then (never seen; it would hold the whole tensor) to everything. With the opt-in cache, a fully sorted |delta| answers without a pass.
     """
-    n = delta.numel()
-    target = int(density * n)
-    out = out if out is not None else torch.empty_like(delta)
-    if target <= 0:
-        return out.zero_()
-    n_bot = max(0, n - target - int(gamma * n))
-    if sorted_abs is None:
-        sorted_abs = _work(delta).abs().flatten().sort().values
-    scratch = scratch if scratch is not None else torch.empty_like(delta)
-    torch.abs(delta, out=out)
-    torch.ge(out, sorted_abs[n_bot], out=scratch)
-    torch.le(out, sorted_abs[n_bot + target - 1], out=out)
-    return out.mul_(scratch)
+    n = inputs.base.numel()
+    if inputs.cache is not None:
+        key = inputs.key("sorted_abs", k)
+        if key not in inputs.cache:
+            inputs.cache[key] = torch.cat([_abs_delta(inputs, k, s, e).clone()
+                                           for s, e in inputs.spans()]).sort().values
+        ordered = inputs.cache[key]
+        value = ordered[r]
+        below = int(torch.searchsorted(ordered, value, right=False))
+        return Rank(r, float(value), r - below)
+    if n <= inputs.chunk:
+        a = _abs_delta(inputs, k, 0, n)
+        value = a.kthvalue(r + 1).values
+        return Rank(r, float(value), r - int((a < value).sum()))
+    sample = _sorted_sample(inputs, k, n)
+    m = sample.numel()
+    q = (r + 0.5) / n
+    for width in (6.0, 48.0, math.inf):
+        lo, hi = -math.inf, math.inf
+        if width < math.inf:
+            half = width * math.sqrt(m * q * (1 - q)) + 2
+            i_lo, i_hi = math.floor(q * m - half), math.ceil(q * m + half)
+            lo = float(sample[i_lo]) if i_lo >= 0 else lo
+            hi = float(sample[i_hi]) if i_hi < m else hi
+        found = _bracket_pass(inputs, k, r, lo, hi)
+        if found is not None:
+            return found
+    raise AssertionError("unreachable: an unbounded bracket always holds the rank")
 
 
-def bernoulli_mask(delta: Tensor, density: float, generator: torch.Generator,
-                   out: Tensor | None = None) -> Tensor:
-    """DARE: keep each entry independently with probability ``density``."""
-    out = _buffer(out, delta)
-    torch.rand(delta.shape, generator=generator, out=out)
-    return torch.lt(out, density, out=out)
+def _bracket_pass(inputs: TensorInputs, k: int, r: int, lo: float, hi: float) -> Rank | None:
+    below = eq_lo = eq_hi = 0
+    inside: list[Tensor] = []
+    for s, e in inputs.spans():
+        a = _abs_delta(inputs, k, s, e)
+        if lo > -math.inf:
+            below += int((a < lo).sum())
+            eq_lo += int((a == lo).sum())
+        if hi < math.inf and hi != lo:
+            eq_hi += int((a == hi).sum())
+        inside.append(a[(a > lo) & (a < hi)])
+    values = torch.cat(inside)
+    if r < below:
+        return None
+    if r < below + eq_lo:
+        return Rank(r, lo, r - below)
+    t = r - below - eq_lo
+    if t < values.numel():
+        value = values.kthvalue(t + 1).values
+        return Rank(r, float(value), t - int((values < value).sum()))
+    t -= values.numel()
+    return Rank(r, hi, t) if t < eq_hi else None
 
 
-def della_rank_norm(delta: Tensor) -> Tensor:
-    """Rank of |delta| along dim 1, scaled to [0, 1] (1-D tensors are one row), as mergekit."""
-    rows = _work(delta) if delta.dim() >= 2 else _work(delta)[None]
-    ranks = rows.abs().argsort(dim=1).argsort(dim=1).to(rows.dtype)
-    width = rows.shape[1] - 1
-    return (ranks / width if width > 0 else torch.zeros_like(ranks)).reshape(delta.shape)
+class _AtLeastRank:
+    """Float mask of ``rank >= r`` over consecutive chunks (ties kept from ``ties_before`` on)."""
 
+    def __init__(self, rank: Rank) -> None:
+        self.rank = rank
+        self.seen = 0  # elements equal to the value met in earlier chunks
 
-def della_mask(delta: Tensor, density: float, epsilon: float, generator: torch.Generator,
-               rank_norm: Tensor | None = None, out: Tensor | None = None,
-               scratch: Tensor | None = None) -> Tensor:
-    """DELLA MagPrune: keep with probability ``density - eps + 2 eps * rank_norm`` per row."""
-    if density + epsilon >= 1 or density - epsilon <= 0:
-        raise ValueError(
-            f"della needs 0 < density - epsilon and density + epsilon < 1, "
-            f"got density={density}, epsilon={epsilon}"
-        )
-    if rank_norm is None:
-        rank_norm = della_rank_norm(delta)
-    out, scratch = _buffer(out, delta), _buffer(scratch, delta)
-    torch.rand(delta.shape, generator=generator, out=out)
-    # u < (density - eps) + 2 eps r, as (u - density + eps) < 2 eps r
-    torch.mul(rank_norm, 2 * epsilon, out=scratch)
-    return torch.lt(out.sub_(density - epsilon), scratch, out=out)
-
-
-def _buffer(out: Tensor | None, delta: Tensor) -> Tensor:
-    return out if out is not None else torch.empty_like(delta, dtype=_work(delta).dtype)
-
-
-def l1_rescale_factor(kept: Tensor, l1_before: Tensor, eps: float = 1e-7) -> float:
-    """||delta||_1 / ||delta * mask||_1, or 1 when either is ~0 (mergekit's ``rescale``)."""
-    after = torch.linalg.vector_norm(_work(kept), 1)
-    if l1_before < eps or after < eps:
-        return 1.0
-    return float(l1_before / after)
+    def __call__(self, a: Tensor, out: Tensor) -> Tensor:
+        value, skip = self.rank.value, self.rank.ties_before
+        if skip == 0:
+            return torch.ge(a, value, out=out)
+        torch.gt(a, value, out=out)
+        eq = a == value
+        count = int(eq.sum())
+        first = skip - self.seen  # chunk-local ordinal of the first tie that is kept
+        if count and first < count:
+            if first > 0:
+                eq &= eq.cumsum(0) > first
+            out.add_(eq)
+        self.seen += count
+        return out
 
 
 # --------------------------------------------------------------------------------------------
-# The methods
+# Sparsification: one per-source mask maker per pass over the tensor
 # --------------------------------------------------------------------------------------------
 
 SPARSIFIERS = ("magnitude", "random", "magnitude_outliers", "della_magprune")
 
 
-def sparsified_delta(
-    inputs: TensorInputs,
-    k: int,
-    method: str | None,
-    density: float,
-    rescale: bool,
-    gamma: float = 0.01,
-    epsilon: float = 0.15,
-) -> tuple[Tensor, float]:
-    """(delta_k with dropped entries zeroed, its L1 rescale factor), in delta's dtype.
+class _Uniforms:
+    """Uniform [0, 1) float32 draws for flat positions of one (tensor, source), block-seeded."""
 
-    The factor is returned rather than applied so callers fold it into the source weight (one
-    pass instead of two). The result may live in ``inputs.workspace`` slot 0: use it before the
-    next call.
+    def __init__(self, inputs: TensorInputs, k: int) -> None:
+        self.seed, self.name, self.k = inputs.seed, inputs.name, k
+        ref = inputs.base if inputs.base is not None else inputs.sources[k]
+        self.n, self.device = ref.numel(), ref.device
+        self.buffer = inputs.workspace.get(("rng", k), min(self.n, RNG_BLOCK), torch.float32,
+                                           self.device)
+        self.block = -1
+
+    def fill(self, start: int, end: int, out: Tensor) -> Tensor:
+        pos = start
+        while pos < end:
+            b = pos // RNG_BLOCK
+            origin = b * RNG_BLOCK
+            if b != self.block:
+                length = min(RNG_BLOCK, self.n - origin)
+                gen = torch.Generator(device=self.device)
+                gen.manual_seed(block_seed(self.seed, self.name, self.k, b))
+                torch.rand(length, generator=gen, out=self.buffer[:length])
+                self.block = b
+            stop = min(end, origin + RNG_BLOCK)
+            out[pos - start:stop - start].copy_(self.buffer[pos - origin:stop - origin])
+            pos = stop
+        return out
+
+
+def della_ranks(a: Tensor) -> Tensor:
+    """Per-row rank of ``a`` (rows = dim 1; 1-D: one row), stable ascending, as int64."""
+    rows = a if a.dim() >= 2 else a[None]
+    order = rows.argsort(dim=1, stable=True)
+    ranks = torch.empty_like(order)
+    span = torch.arange(rows.shape[1], device=a.device).expand_as(order)
+    return ranks.scatter_(1, order, span).reshape(a.shape)
+
+
+def della_rank_norm(delta: Tensor) -> Tensor:
+    """Rank of |delta| along dim 1 scaled to [0, 1] (1-D tensors are one row), as mergekit."""
+    ranks = della_ranks(delta.abs()).to(work_dtype(delta.dtype))
+    width = (delta.shape[1] if delta.dim() >= 2 else delta.numel()) - 1
+    return ranks / width if width > 0 else torch.zeros_like(ranks)
+
+
+def _check_della(density: float, epsilon: float) -> None:
+    if density + epsilon >= 1 or density - epsilon <= 0:
+        raise ValueError(
+            f"della needs 0 < density - epsilon and density + epsilon < 1, "
+            f"got density={density}, epsilon={epsilon}"
+        )
+
+
+@dataclass(frozen=True)
+class Sparsify:
+    """One source's sparsification: method, density and its extra knobs."""
+
+    method: str | None
+    density: float
+    gamma: float = 0.01
+    epsilon: float = 0.15
+
+    @property
+    def keeps_all(self) -> bool:
+        return self.method is None or self.density >= 1
+
+    def keeps_none(self, n: int) -> bool:
+        if self.keeps_all:
+            return False
+        if self.method == "magnitude_outliers":
+            return int(self.density * n) <= 0
+        return self.density <= 0
+
+
+class _Masker:
+    """Writes one source's keep-mask (1.0 keep, 0.0 drop) chunk by chunk, in order, for one pass.
+
+    Thresholds (magnitude ranks) are located once per build; streaming state (tie counters, the
+    current random block) restarts with every new masker, so each pass sees the same mask.
     """
-    delta = inputs.delta(k)
-    if method is None or density >= 1:
-        return delta, 1.0
-    if density <= 0 and method in ("magnitude", "della_magprune"):
-        return torch.zeros_like(delta), 1.0
-    ws = inputs.workspace
-    # magnitude masks compare |delta| in delta's own dtype (exact); random ones draw in float32
-    mask_dtype = delta.dtype if method.startswith("magnitude") else _work(delta).dtype
-    mask, scratch = ws.get(1, delta, mask_dtype), ws.get(2, delta, mask_dtype)
-    if method == "magnitude":
-        magnitude_mask(delta, density, inputs.sorted_abs(k), out=mask)
-    elif method == "magnitude_outliers":
-        magnitude_outliers_mask(delta, density, gamma, inputs.sorted_abs(k), mask, scratch)
-    elif method == "random":
-        bernoulli_mask(delta, density, inputs.generator(k), out=mask)
-    elif method == "della_magprune":
-        della_mask(delta, density, epsilon, inputs.generator(k), inputs.della_rank(k), mask,
-                   scratch)
-    else:
-        raise ValueError(f"unknown sparsification {method!r}; known: {', '.join(SPARSIFIERS)}")
-    kept = torch.mul(delta, mask, out=ws.get(0, delta))
-    return kept, (l1_rescale_factor(kept, inputs.abs_sum(k)) if rescale else 1.0)
+
+    def __init__(self, inputs: TensorInputs, k: int, spec: Sparsify,
+                 ranks: tuple[Rank, ...]) -> None:
+        self.inputs, self.k, self.spec = inputs, k, spec
+        self.bounds = [_AtLeastRank(r) for r in ranks]
+        self.uniforms = _Uniforms(inputs, k) if spec.method in ("random", "della_magprune") \
+            else None
+
+    def __call__(self, start: int, end: int, delta: Tensor, out: Tensor) -> Tensor:
+        method, ws = self.spec.method, self.inputs.workspace
+        if method in ("magnitude", "magnitude_outliers"):
+            a = torch.abs(delta, out=ws.get("mask_abs", delta.numel(), delta.dtype, delta.device))
+            self.bounds[0](a, out)
+            if len(self.bounds) == 2:  # breadcrumbs: rank >= n_bot and not rank >= n_bot + target
+                upper = self.bounds[1](a, ws.get("mask_hi", delta.numel(), delta.dtype,
+                                                 delta.device))
+                out.sub_(upper)
+            return out
+        u = self.uniforms.fill(start, end, ws.get("uniform", end - start, torch.float32,
+                                                  delta.device))
+        if method == "random":
+            return torch.lt(u, self.spec.density, out=out)
+        # DELLA: keep with probability (density - eps) + 2 eps * rank / (width - 1), per row
+        d, eps = self.spec.density, self.spec.epsilon
+        ranks = self._ranks(start, end, delta)
+        ref = self.inputs.base
+        width = (ref.shape[1] if ref.dim() == 2 else ref.numel()) - 1
+        threshold = torch.mul(ranks, 2 * eps / width if width > 0 else 0.0,
+                              out=ws.get("della_p", delta.numel(), delta.dtype, delta.device))
+        return torch.lt(u.to(delta.dtype).sub_(d - eps), threshold, out=out)
+
+    def _ranks(self, start: int, end: int, delta: Tensor) -> Tensor:
+        inputs = self.inputs
+        shape = inputs.base.shape
+        view = delta.view(-1, shape[1]) if inputs.base.dim() == 2 else delta.view(shape)
+        if inputs.cache is None:
+            return della_ranks(view.abs()).reshape(-1).to(delta.dtype)
+        key = inputs.key("della_rank", self.k)
+        if key not in inputs.cache:  # int16 ranks when rows are narrow enough: 2 bytes/element
+            width = shape[1] if inputs.base.dim() == 2 else inputs.base.numel()
+            small = torch.int16 if width <= torch.iinfo(torch.int16).max else torch.int32
+            parts = []
+            for s, e in inputs.spans(rows=True):
+                d = inputs.delta(self.k, s, e, inputs.base_chunk(s, e), "rank_delta")
+                rows = d.view(-1, shape[1]) if inputs.base.dim() == 2 else d.view(shape)
+                parts.append(della_ranks(rows.abs()).reshape(-1).to(small))
+            inputs.cache[key] = torch.cat(parts)
+        return inputs.cache[key][start:end].to(delta.dtype)
+
+
+def locate_ranks(inputs: TensorInputs, k: int, spec: Sparsify) -> tuple[Rank, ...]:
+    """The rank boundaries a magnitude sparsifier needs (none for the random ones)."""
+    n = inputs.base.numel()
+    if spec.method == "magnitude":
+        keep = max(1, int(spec.density * n))
+        return (select_rank(inputs, k, n - keep),)
+    if spec.method == "magnitude_outliers":
+        target = int(spec.density * n)
+        n_bot = max(0, n - target - int(spec.gamma * n))
+        lower = select_rank(inputs, k, n_bot) if n_bot > 0 else Rank(0, -math.inf, 0)
+        upper = (select_rank(inputs, k, n_bot + target) if n_bot + target < n
+                 else Rank(n, math.inf, 0))
+        return (lower, upper)
+    return ()
+
+
+def keep_mask(inputs: TensorInputs, k: int, spec: Sparsify) -> Tensor:
+    """Source k's whole keep-mask as a bool tensor (for tests and benchmarks; the methods never
+    materialise it)."""
+    if spec.method not in SPARSIFIERS and spec.method is not None:
+        raise ValueError(f"unknown sparsification {spec.method!r}; known: {', '.join(SPARSIFIERS)}")
+    n = inputs.base.numel()
+    if spec.keeps_all:
+        return torch.ones(inputs.base.shape, dtype=torch.bool, device=inputs.base.device)
+    if spec.keeps_none(n):
+        return torch.zeros(inputs.base.shape, dtype=torch.bool, device=inputs.base.device)
+    if spec.method == "della_magprune":
+        _check_della(spec.density, spec.epsilon)
+    masker = _Masker(inputs, k, spec, locate_ranks(inputs, k, spec))
+    rows = spec.method == "della_magprune"
+    parts = []
+    for s, e in inputs.spans(rows=rows):
+        d = inputs.delta(k, s, e, inputs.base_chunk(s, e))
+        out = torch.empty_like(d)
+        parts.append(masker(s, e, d, out) > 0)
+    return torch.cat(parts).reshape(inputs.base.shape)
+
+
+# --------------------------------------------------------------------------------------------
+# The methods
+# --------------------------------------------------------------------------------------------
 
 
 def generalized_task_arithmetic(
@@ -271,55 +477,103 @@ def generalized_task_arithmetic(
 ) -> Tensor:
     """theta = base + lambda * [sum_k m_k u_k] / [normalize ? sum_k w_k m_k : 1].
 
-    ``u_k = w_k * s(delta_k)`` with ``s`` the sparsifier (and optional L1 rescale). With
-    ``consensus`` (TIES sign election) ``sign = sgn(sum_k u_k)`` (zero counts as +) and ``m_k =
-    [sgn(u_k) == sign]``; without it ``m_k = 1`` and the divisor is ``sum_k w_k`` (|.| < 1e-8 ->
-    1). mergekit stacks all u_k; here the sums are streamed over sources: the entries that
-    agree with the elected sign are exactly the positive (or negative) ones, so the result is
-    ``P ? sum_k max(u_k, 0) : sum_k min(u_k, 0)`` with ``P = [sum_k u_k >= 0]``, which needs a
-    fixed number of accumulators whatever the number of sources.
+    ``u_k = w_k * f_k * s_k(delta_k)`` with ``s_k`` the sparsifier's mask and ``f_k`` its L1
+    rescale factor ``||delta_k||_1 / ||s_k(delta_k)||_1`` (1 without ``rescale``, or when either
+    norm is below 1e-7). With ``consensus`` (TIES sign election) ``sign = sgn(sum_k u_k)`` (zero
+    counts as +) and ``m_k = [sgn(u_k) == sign]``; without it ``m_k = 1`` and the divisor is
+    ``sum_k w_k`` (|.| < 1e-8 -> 1). mergekit stacks every u_k; here each chunk streams over the
+    sources: the entries that agree with the elected sign are exactly the positive (or negative)
+    ones, so the result is ``P ? sum_k max(u_k, 0) : sum_k min(u_k, 0)`` with ``P = [sum_k u_k
+    >= 0]``: a fixed number of chunk buffers whatever the number of sources.
+
+    Passes over the tensor: one per magnitude threshold (exact rank selection), one for the L1
+    rescale factors when ``rescale`` and a mask is drawn, and the merge pass.
     """
     base = inputs.base
-    assert base is not None
+    if base is None:
+        raise ValueError(f"{inputs.name}: task-vector methods need a base model")
     n = len(inputs.sources)
     gammas = gammas or [0.01] * n
     epsilons = epsilons or [0.15] * n
-    acc = out if out is not None and out.dtype == base.dtype else torch.empty_like(base)
-    if not consensus:
-        total = float(sum(weights))
-        scale = lambda_ / (total if normalize and abs(total) >= 1e-8 else 1.0)
-        acc.copy_(base)
-        for k, w in enumerate(weights):
-            if w != 0:
-                kept, factor = sparsified_delta(
-                    inputs, k, sparsify, densities[k], rescale, gammas[k], epsilons[k])
-                acc.add_(kept, alpha=w * factor * scale)
-        return acc if acc is out else _into(out, acc, base.dtype)
+    specs = [Sparsify(sparsify, densities[k], gammas[k], epsilons[k]) for k in range(n)]
+    for spec in specs:
+        if spec.method is not None and spec.method not in SPARSIFIERS:
+            raise ValueError(f"unknown sparsification {spec.method!r}; known: "
+                             f"{', '.join(SPARSIFIERS)}")
+        if spec.method == "della_magprune" and not spec.keeps_all and spec.density > 0:
+            _check_della(spec.density, spec.epsilon)
+    numel = base.numel()
+    active = [k for k in range(n) if weights[k] != 0 and not specs[k].keeps_none(numel)]
+    ranks = {k: locate_ranks(inputs, k, specs[k]) for k in active if not specs[k].keeps_all}
+    rows = any(specs[k].method == "della_magprune" for k in ranks)
 
-    ws = inputs.workspace
-    total, pos = ws.get(3, base).zero_(), ws.get(4, base).zero_()
-    pos_w = ws.get(5, base).zero_() if normalize else None
-    neg_w = ws.get(6, base).zero_() if normalize else None
-    tmp = ws.get(7, base)
-    for k, w in enumerate(weights):
-        kept, factor = sparsified_delta(inputs, k, sparsify, densities[k], rescale, gammas[k],
-                                        epsilons[k])
-        u = kept.mul_(w * factor) if kept is not inputs.delta(k) else torch.mul(
-            kept, w * factor, out=ws.get(0, base))
-        total.add_(u)
-        pos.add_(torch.clamp(u, min=0, out=tmp))
-        if normalize:
-            pos_w.add_(torch.gt(u, 0, out=tmp), alpha=w)
-            neg_w.add_(torch.lt(u, 0, out=tmp), alpha=w)
-    elected = total >= 0  # the positive sign wins (ties count as +)
-    mixed = torch.where(elected, pos, total.sub_(pos), out=total)  # total - pos = negative part
-    if normalize:
-        divisor = torch.where(elected, pos_w, neg_w, out=pos_w)
-        mixed.div_(divisor.masked_fill_(divisor == 0, 1))
-    if lambda_ != 1:
-        mixed.mul_(lambda_)
-    torch.add(base, mixed, out=acc)
-    return acc if acc is out else _into(out, acc, base.dtype)
+    def maskers() -> dict[int, _Masker]:
+        return {k: _Masker(inputs, k, specs[k], r) for k, r in ranks.items()}
+
+    factors = {k: 1.0 for k in active}
+    if rescale and ranks:
+        factors.update(_rescale_factors(inputs, maskers(), rows))
+
+    if out is None:
+        out = torch.empty_like(base)
+    flat_out = _flat(out)
+    ws, work, device = inputs.workspace, work_dtype(base.dtype), base.device
+    total_w = float(sum(weights))
+    scale = lambda_ / (total_w if normalize and not consensus and abs(total_w) >= 1e-8 else 1.0)
+    masks = maskers()
+    for s, e in inputs.spans(rows=rows):
+        m = e - s
+        b = inputs.base_chunk(s, e)
+        acc = ws.get("acc", m, work, device).zero_()
+        if consensus:
+            pos = ws.get("pos", m, work, device).zero_()
+            tmp = ws.get("tmp", m, work, device)
+            if normalize:
+                pos_w = ws.get("pos_w", m, work, device).zero_()
+                neg_w = ws.get("neg_w", m, work, device).zero_()
+        for k in active:
+            u = inputs.delta(k, s, e, b)
+            if k in masks:
+                u.mul_(masks[k](s, e, u, ws.get("mask", m, work, device)))
+            w = weights[k] * factors[k]
+            if not consensus:
+                acc.add_(u, alpha=w)
+                continue
+            u.mul_(w)
+            acc.add_(u)
+            pos.add_(torch.clamp(u, min=0, out=tmp))
+            if normalize:
+                pos_w.add_(torch.gt(u, 0, out=tmp), alpha=weights[k])
+                neg_w.add_(torch.lt(u, 0, out=tmp), alpha=weights[k])
+        if consensus:
+            elected = acc >= 0  # the positive sign wins (ties count as +)
+            acc = torch.where(elected, pos, acc.sub_(pos), out=acc)  # total - pos = negatives
+            if normalize:
+                divisor = torch.where(elected, pos_w, neg_w, out=pos_w)
+                acc.div_(divisor.masked_fill_(divisor == 0, 1))
+        if scale != 1:
+            acc.mul_(scale)
+        flat_out[s:e].copy_(acc.add_(b))
+    return out
+
+
+def _rescale_factors(inputs: TensorInputs, maskers: dict[int, _Masker], rows: bool
+                     ) -> dict[int, float]:
+    """f_k = ||delta_k||_1 / ||mask_k * delta_k||_1 (1 when either is below 1e-7), one pass."""
+    base = inputs.base
+    ws, work = inputs.workspace, work_dtype(base.dtype)
+    kept = {k: 0.0 for k in maskers}
+    for s, e in inputs.spans(rows=rows):
+        b = inputs.base_chunk(s, e)
+        for k, masker in maskers.items():
+            d = inputs.delta(k, s, e, b)
+            d.mul_(masker(s, e, d, ws.get("mask", e - s, work, base.device)))
+            kept[k] += float(d.abs_().sum(dtype=torch.float64))
+    factors = {}
+    for k, after in kept.items():
+        before = inputs.abs_sum(k)
+        factors[k] = 1.0 if before < 1e-7 or after < 1e-7 else before / after
+    return factors
 
 
 def linear(
@@ -327,105 +581,122 @@ def linear(
     weights: Sequence[float],
     normalize: bool = True,
     out: Tensor | None = None,
+    chunk: int = DEFAULT_CHUNK,
+    workspace: Workspace | None = None,
 ) -> Tensor:
     """theta = sum_k w_k theta_k, divided by sum_k w_k when ``normalize`` (mergekit default).
 
-    Accumulates in float32 (float64 stays float64) and casts back, as mergekit does; a one-hot
-    weight therefore returns that tensor exactly (0 + 1 * x = x in every float format).
+    Accumulates in the work dtype and rounds once; a one-hot weight therefore returns that tensor
+    exactly (0 + 1 * x = x in every float format).
     """
     first = tensors[0]
     if not first.is_floating_point():
         raise TypeError(f"linear merging needs floating-point tensors, got {first.dtype}")
-    dtype = torch.float64 if first.dtype == torch.float64 else torch.float32
-    # Accumulate straight into ``out`` when it already has the work dtype: no scratch at all.
-    acc = out if out is not None and out.dtype == dtype else torch.empty(
-        first.shape, dtype=dtype, device=first.device)
-    torch.mul(first.to(dtype), weights[0], out=acc)
-    for tensor, w in zip(tensors[1:], weights[1:]):
-        if w != 0:
-            acc.add_(tensor.to(dtype), alpha=w)
-    if normalize:
-        acc.div_(sum(weights))
-    if acc is out:
-        return out
-    return _into(out, acc, first.dtype)
+    ws = workspace or Workspace()
+    work = work_dtype(first.dtype)
+    out = out if out is not None else torch.empty_like(first)
+    flat_out, n = _flat(out), first.numel()
+    divisor = float(sum(weights)) if normalize else 1.0
+    for s in range(0, n, chunk):
+        e = min(n, s + chunk)
+        acc = ws.get("acc", e - s, work, first.device).copy_(_flat(first)[s:e]).mul_(weights[0])
+        for tensor, w in zip(tensors[1:], weights[1:]):
+            if w != 0:
+                acc.add_(ws.get("x", e - s, work, first.device).copy_(_flat(tensor)[s:e]),
+                         alpha=w)
+        if normalize:
+            acc.div_(divisor)
+        flat_out[s:e].copy_(acc)
+    return out
 
 
 def slerp(t: float, v0: Tensor, v1: Tensor, dot_threshold: float = 0.9995, eps: float = 1e-8,
-          out: Tensor | None = None) -> Tensor:
+          out: Tensor | None = None, chunk: int = DEFAULT_CHUNK,
+          workspace: Workspace | None = None) -> Tensor:
     """Spherical interpolation of two tensors, each taken as one flattened vector (mergekit).
 
     Omega = arccos(<v0/|v0|, v1/|v1|>); result = sin((1-t) Omega)/sin Omega * v0 +
     sin(t Omega)/sin Omega * v1, falling back to (1-t) v0 + t v1 when |cos Omega| > threshold.
-    Computed in float32 (float64 stays float64).
+    Two passes: norms and dot product (per-chunk sums added in float64), then the mix.
     """
-    dtype = torch.float64 if v0.dtype == torch.float64 else torch.float32
-    a, b = v0.to(dtype).flatten(), v1.to(dtype).flatten()
+    ws = workspace or Workspace()
+    work = work_dtype(v0.dtype)
+    a, b, n = _flat(v0), _flat(v1), v0.numel()
     ca, cb = 1 - t, t
-    if a.numel():
-        aa, bb, ab = _norms_and_dot(a, b)
+    if n:
+        aa = bb = ab = 0.0
+        for s in range(0, n, chunk):
+            x = ws.get("x", min(n, s + chunk) - s, work, v0.device).copy_(a[s:s + chunk])
+            y = ws.get("y", x.numel(), work, v0.device).copy_(b[s:s + chunk])
+            aa, bb, ab = aa + float(x @ x), bb + float(y @ y), ab + float(x @ y)
         na, nb = math.sqrt(aa), math.sqrt(bb)
         dot = min(1.0, max(-1.0, ab / ((na if na > eps else 1.0) * (nb if nb > eps else 1.0))))
         if abs(dot) <= dot_threshold:
             theta = math.acos(dot)
             ca = math.sin((1 - t) * theta) / math.sin(theta)
             cb = math.sin(t * theta) / math.sin(theta)
-    result = torch.mul(a, ca).add_(b, alpha=cb)
-    return _into(out, result.reshape(v0.shape), v0.dtype)
-
-
-_CHUNK = 1 << 20
-
-
-def _norms_and_dot(a: Tensor, b: Tensor) -> tuple[float, float, float]:
-    """(|a|^2, |b|^2, <a, b>) of flat vectors: 1M-element chunks summed in float64.
-
-    One float32 reduction over tens of millions of elements drifts by ~0.1% here, enough to move
-    slerp's angle visibly on an embedding matrix; per-chunk partial sums keep it near exact.
-    """
-    aa = bb = ab = 0.0
-    for start in range(0, a.numel(), _CHUNK):
-        x, y = a[start:start + _CHUNK], b[start:start + _CHUNK]
-        aa += float(torch.dot(x, x))
-        bb += float(torch.dot(y, y))
-        ab += float(torch.dot(x, y))
-    return aa, bb, ab
+    out = out if out is not None else torch.empty_like(v0)
+    flat_out = _flat(out)
+    for s in range(0, n, chunk):
+        e = min(n, s + chunk)
+        x = ws.get("x", e - s, work, v0.device).copy_(a[s:e]).mul_(ca)
+        flat_out[s:e].copy_(x.add_(ws.get("y", e - s, work, v0.device).copy_(b[s:e]), alpha=cb))
+    return out
 
 
 def model_stock(base: Tensor, sources: Sequence[Tensor], filter_wise: bool = False,
-                out: Tensor | None = None) -> Tensor:
+                out: Tensor | None = None, chunk: int = DEFAULT_CHUNK,
+                workspace: Workspace | None = None) -> Tensor:
     """Model Stock: theta = t * mean(sources) + (1 - t) * base, t = N cos / (1 + (N - 1) cos).
 
-    cos is the mean pairwise cosine between the sources' offsets from the base (per row with
-    ``filter_wise``); at the singularity 1 + (N-1) cos ~ 0 the base is kept.
+    cos is the mean pairwise cosine between the sources' offsets from the base (per row, i.e. per
+    index of all but the last dim, with ``filter_wise``); at the singularity 1 + (N-1) cos ~ 0
+    the base is kept. Each block of rows (the whole tensor as one row without ``filter_wise``)
+    takes two passes over column chunks: the dot products (float64 sums), then the mix.
     """
-    shape = base.shape
-    if filter_wise:
-        w0 = base if base.dim() > 1 else base[None]
-        ws = [s if s.dim() > 1 else s[None] for s in sources]
+    out = out if out is not None else torch.empty_like(base)
+    if base.numel() == 0:
+        return out
+    ws = workspace or Workspace()
+    work, device = work_dtype(base.dtype), base.device
+    if filter_wise and base.dim() > 1:
+        width = base.shape[-1]
+        rows, per, step = base.numel() // width, max(1, chunk // width), width
     else:
-        w0 = base.reshape(-1)
-        ws = [s.reshape(-1) for s in sources]
-    offsets = [w - w0 for w in ws]
-    cosines = []
-    for i, oa in enumerate(offsets):
-        for ob in offsets[i + 1:]:
-            norms = (torch.norm(oa, dim=-1) * torch.norm(ob, dim=-1)).clamp(min=1e-6)
-            cosines.append(((oa * ob).sum(dim=-1) / norms).clamp(-1, 1))
-    cos = torch.stack(cosines).mean(dim=0).unsqueeze(-1)
-    n = len(ws)
-    denom = 1 + (n - 1) * cos
-    singular = denom.abs() < 1e-6
-    t = torch.where(singular, torch.zeros_like(cos), n * cos / torch.where(singular, 1, denom))
-    average = sum(ws) / n
-    return _into(out, (t * average + (1 - t) * w0).reshape(shape), base.dtype)
+        width, rows, per, step = base.numel(), 1, 1, chunk
+    views = [_flat(t).view(rows, width) for t in (base, *sources)]
+    flat_out = _flat(out).view(rows, width)
+    n = len(sources)
+    pairs = [(i, j) for i in range(n) for j in range(i + 1, n)]
 
+    def block(slot: Hashable, view: Tensor, r0: int, r1: int, c0: int, c1: int) -> Tensor:
+        buf = ws.get(slot, (r1 - r0) * (c1 - c0), work, device).view(r1 - r0, c1 - c0)
+        return buf.copy_(view[r0:r1, c0:c1])
 
-def _into(out: Tensor | None, value: Tensor, dtype: torch.dtype) -> Tensor:
-    """Write ``value`` into ``out`` (casting to out's dtype), else return it cast to ``dtype``."""
-    if out is None:
-        return value.to(dtype)
-    out.copy_(value)
+    for r0 in range(0, rows, per):
+        r1 = min(rows, r0 + per)
+        cols = [(c0, min(width, c0 + step)) for c0 in range(0, width, step)]
+        dots = torch.zeros(len(pairs), r1 - r0, dtype=torch.float64, device=device)
+        norms = torch.zeros(n, r1 - r0, dtype=torch.float64, device=device)
+        for c0, c1 in cols:
+            w0 = block("w0", views[0], r0, r1, c0, c1)
+            offs = [block(("off", i), views[i + 1], r0, r1, c0, c1).sub_(w0) for i in range(n)]
+            for i in range(n):
+                norms[i] += (offs[i] * offs[i]).sum(dim=-1, dtype=torch.float64)
+            for p, (i, j) in enumerate(pairs):
+                dots[p] += (offs[i] * offs[j]).sum(dim=-1, dtype=torch.float64)
+        cos = torch.stack([(dots[p] / (norms[i].sqrt() * norms[j].sqrt()).clamp(min=1e-6))
+                           .clamp(-1, 1) for p, (i, j) in enumerate(pairs)]).mean(dim=0)
+        denom = 1 + (n - 1) * cos
+        singular = denom.abs() < 1e-6
+        t = torch.where(singular, torch.zeros_like(cos), n * cos / torch.where(singular, 1, denom))
+        t = t.to(work).unsqueeze(-1)
+        for c0, c1 in cols:
+            mean = block("mean", views[1], r0, r1, c0, c1)
+            for v in views[2:]:
+                mean.add_(block("x", v, r0, r1, c0, c1))
+            w0 = block("w0", views[0], r0, r1, c0, c1)
+            flat_out[r0:r1, c0:c1].copy_(mean.div_(n).mul_(t).add_(w0.mul_(1 - t)))
     return out
 
 
@@ -550,7 +821,8 @@ register(MergeMethod(
     (ParamSpec("weight", float, "source", doc="this model's share"),
      ParamSpec("normalize", bool, "shared", True, doc="divide by sum of weights")),
     lambda inputs, shared, per_source, out: linear(
-        inputs.sources, [p["weight"] for p in per_source], shared["normalize"], out),
+        inputs.sources, [p["weight"] for p in per_source], shared["normalize"], out,
+        inputs.chunk, inputs.workspace),
     base="optional",
     min_inputs=1,
     reference="https://arxiv.org/abs/2203.05482",
@@ -558,7 +830,9 @@ register(MergeMethod(
 register(MergeMethod(
     "slerp",
     (ParamSpec("t", float, "shared", None, 0.0, 1.0, "0 = base, 1 = the other model"),),
-    lambda inputs, shared, per_source, out: slerp(shared["t"], inputs.base, inputs.sources[0], out=out),
+    lambda inputs, shared, per_source, out: slerp(
+        shared["t"], inputs.base, inputs.sources[0], out=out, chunk=inputs.chunk,
+        workspace=inputs.workspace),
     base="required",
     min_inputs=2,
     max_inputs=2,
@@ -568,7 +842,8 @@ register(MergeMethod(
     "model_stock",
     (ParamSpec("filter_wise", bool, "shared", False, doc="one interpolation ratio per row"),),
     lambda inputs, shared, per_source, out: model_stock(
-        inputs.base, inputs.sources, shared["filter_wise"], out=out),
+        inputs.base, inputs.sources, shared["filter_wise"], out=out, chunk=inputs.chunk,
+        workspace=inputs.workspace),
     base="required",
     min_inputs=3,
     reference="https://arxiv.org/abs/2403.19522",
