@@ -142,9 +142,9 @@ class TensorInputs:
         d = self.workspace.get(slot, end - start, base_chunk.dtype, base_chunk.device)
         return d.copy_(_flat(self.sources[k])[start:end]).sub_(base_chunk)
 
-    def base_chunk(self, start: int, end: int) -> Tensor:
+    def base_chunk(self, start: int, end: int, slot: Hashable = "base") -> Tensor:
         assert self.base is not None
-        b = self.workspace.get("base", end - start, work_dtype(self.base.dtype), self.base.device)
+        b = self.workspace.get(slot, end - start, work_dtype(self.base.dtype), self.base.device)
         return b.copy_(_flat(self.base)[start:end])
 
     def abs_sum(self, k: int) -> float:
@@ -411,7 +411,8 @@ class _Masker:
             small = torch.int16 if width <= torch.iinfo(torch.int16).max else torch.int32
             parts = []
             for s, e in inputs.spans(rows=True):
-                d = inputs.delta(self.k, s, e, inputs.base_chunk(s, e), "rank_delta")
+                # own slots: this runs inside another pass, whose chunk buffers stay live
+                d = inputs.delta(self.k, s, e, inputs.base_chunk(s, e, "rank_base"), "rank_delta")
                 rows = d.view(-1, shape[1]) if inputs.base.dim() == 2 else d.view(shape)
                 parts.append(della_ranks(rows.abs()).reshape(-1).to(small))
             inputs.cache[key] = torch.cat(parts)
