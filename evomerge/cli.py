@@ -314,8 +314,6 @@ def merge(
         help="Elements per scratch chunk of the merge engine (default: the engine's)."),
 ) -> None:
     """Merge models as a mergekit-format YAML config says."""
-    import inspect
-
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn
 
     from evomerge.merge.engine import Merger
@@ -323,24 +321,14 @@ def merge(
     from evomerge.recipe import RecipeError, MergeRecipe
 
     started = time.perf_counter()
-    try:
-        choice = cache.strip().lower()
-        if choice not in ("off", "on", "auto"):
-            try:
-                choice = parse_size(cache)
-            except ValueError:
-                raise ValueError(f"--cache: expected off, on, auto or a size such as 2GB, got "
-                                 f"{cache!r}") from None
-        # Engine options, for the keywords this engine has: today's takes cache as a bool
-        params = inspect.signature(Merger.__init__).parameters
-        options: dict[str, Any] = {}
-        if "cache" in params:
-            legacy = isinstance(params["cache"].default, bool)
-            options["cache"] = choice != "off" if legacy else choice
-        if chunk is not None and "chunk" in params:
-            options["chunk"] = chunk
-    except ValueError as exc:
-        _fail(exc)
+    choice: str | int = cache.strip().lower()
+    if choice not in ("off", "on", "auto"):
+        try:
+            choice = parse_size(cache)
+        except ValueError:
+            _fail(ValueError(f"--cache: expected off, on, auto or a size such as 2GB, got "
+                             f"{cache!r}"))
+    options: dict[str, Any] = {"cache": choice, "chunk": chunk}  # the Merger's engine keywords
     if _is_layer_recipe(config):
         _merge_layers(config, out, device, shard_size, overwrite, started, options)
         return
