@@ -238,14 +238,19 @@ def select_rank(inputs: TensorInputs, k: int, r: int) -> Rank:
 def _bracket_pass(inputs: TensorInputs, k: int, r: int, lo: float, hi: float) -> Rank | None:
     below = eq_lo = eq_hi = 0
     inside: list[Tensor] = []
+    ws = inputs.workspace
     for s, e in inputs.spans():
         a = _abs_delta(inputs, k, s, e)
+        # comparisons into reused buffers: fresh chunk-sized temporaries are page-faulted in
+        flag = ws.get("flag", e - s, torch.bool, a.device)
         if lo > -math.inf:
-            below += int((a < lo).sum())
-            eq_lo += int((a == lo).sum())
+            below += int(torch.lt(a, lo, out=flag).sum())
+            eq_lo += int(torch.eq(a, lo, out=flag).sum())
         if hi < math.inf and hi != lo:
-            eq_hi += int((a == hi).sum())
-        inside.append(a[(a > lo) & (a < hi)])
+            eq_hi += int(torch.eq(a, hi, out=flag).sum())
+        torch.gt(a, lo, out=flag).logical_and_(torch.lt(a, hi, out=ws.get(
+            "flag2", e - s, torch.bool, a.device)))
+        inside.append(a.masked_select(flag))
     values = torch.cat(inside)
     if r < below:
         return None
@@ -262,8 +267,8 @@ def _bracket_pass(inputs: TensorInputs, k: int, r: int, lo: float, hi: float) ->
 class _AtLeastRank:
     """Float mask of ``rank >= r`` over consecutive chunks (ties kept from ``ties_before`` on)."""
 
-    def __init__(self, rank: Rank) -> None:
-        self.rank = rank
+    def __init__(self, rank: Rank, workspace: Workspace) -> None:
+        self.rank, self.workspace = rank, workspace
         self.seen = 0  # elements equal to the value met in earlier chunks
 
     def __call__(self, a: Tensor, out: Tensor) -> Tensor:
@@ -271,7 +276,7 @@ class _AtLeastRank:
         if skip == 0:
             return torch.ge(a, value, out=out)
         torch.gt(a, value, out=out)
-        eq = a == value
+        eq = torch.eq(a, value, out=self.workspace.get("tie", a.numel(), torch.bool, a.device))
         count = int(eq.sum())
         first = skip - self.seen  # chunk-local ordinal of the first tie that is kept
         if count and first < count:
@@ -372,7 +377,7 @@ class _Masker:
     def __init__(self, inputs: TensorInputs, k: int, spec: Sparsify,
                  ranks: tuple[Rank, ...]) -> None:
         self.inputs, self.k, self.spec = inputs, k, spec
-        self.bounds = [_AtLeastRank(r) for r in ranks]
+        self.bounds = [_AtLeastRank(r, inputs.workspace) for r in ranks]
         self.uniforms = _Uniforms(inputs, k) if spec.method in ("random", "della_magprune") \
             else None
 
@@ -546,12 +551,13 @@ def generalized_task_arithmetic(
             if normalize:
                 pos_w.add_(torch.gt(u, 0, out=tmp), alpha=weights[k])
                 neg_w.add_(torch.lt(u, 0, out=tmp), alpha=weights[k])
-        if consensus:
-            elected = acc >= 0  # the positive sign wins (ties count as +)
+        if consensus:  # the positive sign wins (ties count as +)
+            elected = torch.ge(acc, 0, out=ws.get("flag", m, torch.bool, device))
             acc = torch.where(elected, pos, acc.sub_(pos), out=acc)  # total - pos = negatives
             if normalize:
                 divisor = torch.where(elected, pos_w, neg_w, out=pos_w)
-                acc.div_(divisor.masked_fill_(divisor == 0, 1))
+                zero = torch.eq(divisor, 0, out=ws.get("flag", m, torch.bool, device))
+                acc.div_(divisor.masked_fill_(zero, 1))
         if scale != 1:
             acc.mul_(scale)
         flat_out[s:e].copy_(acc.add_(b))
