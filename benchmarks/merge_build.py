@@ -5,8 +5,9 @@ What it measures, per merge method, on a synthetic Llama-shaped checkpoint set (
 fine-tunes, fp32, written as HF directories so evomerge and mergekit read the very same files):
 
 * ``build_s``: median wall time of ``--repeats`` in-place builds into one pre-allocated state dict
-  (the per-candidate cost in a search), after one warm-up build (``first_build_s``) that starts
-  from an empty engine cache and fills it (task vectors, sorted magnitudes, DELLA ranks).
+  (the per-candidate cost in a search), after one first build (``first_build_s``) that starts
+  from an empty engine (the default engine keeps no source-sized cache, only small sorted
+  samples of |delta|; the first build should cost what every build costs).
 * ``GBps``: effective bandwidth = (bytes of every model tensor the method reads + one model
   written) / build_s, and ``ratio_to_memcpy`` against a plain preallocated ``dst.copy_(src)`` over
   the same tensors measured in the same run ((bytes read + bytes written) / time).
@@ -443,8 +444,8 @@ def markdown_section(result: dict[str, Any], command: str) -> str:
         f"tensors, median over the start of the run and before every method): "
         f"{result['memcpy_s'] * 1e3:.1f} ms = **{result['memcpy_GBps']:.2f} GB/s** (read + write).",
         f"- `build_s`: median of {result['repeats']} in-place builds into one pre-allocated model "
-        "(warm engine cache); `first_build_s`: the warm-up build from an empty cache (computes "
-        "task vectors, sorted magnitudes, DELLA ranks). GB/s = (models read + one written) x "
+        "(default engine: no source-sized cache); `first_build_s`: the first build of a fresh "
+        "engine (it also draws the small sorted |delta| samples). GB/s = (models read + one written) x "
         "model bytes / build_s. mergekit s: one `run_merge` of the same config (reads the "
         "checkpoints, writes the merged model: its per-candidate cost); speedup = mergekit s / "
         "build_s.",
@@ -503,9 +504,10 @@ def markdown_section(result: dict[str, Any], command: str) -> str:
         "`vs mergekit` compares evomerge's in-place result with mergekit's output element by "
         "element (`torch.isclose`, rtol 1e-5, atol 1e-7; deterministic methods only: DARE/DELLA "
         "draw different random masks by design). A few mismatches for ties/breadcrumbs are "
-        "expected: evomerge keeps every element tied in |delta| at the magnitude threshold where "
-        "mergekit's argsort keeps an arbitrary subset (evomerge/merge/methods.py says so); any "
-        "other mismatch is a difference in semantics or precision. Every timed build started "
+        "expected: both keep exactly k elements, but where |delta| ties at the threshold "
+        "evomerge ranks by position (a stable sort) and mergekit's argsort arbitrarily, and "
+        "evomerge computes float32 checkpoints in float64 where mergekit uses float32 "
+        "(evomerge/merge/methods.py says so); any other mismatch is a difference in semantics. Every timed build started "
         "from a NaN-filled target and matched a fresh "
         "`Merger.build` exactly (max abs diff "
         + _num(max((e["max_abs_diff_vs_fresh_build"] for e in result["methods"].values()),

@@ -410,12 +410,6 @@ def _merge_layers(config: Path, out: Path, device: str, shard_size: str, overwri
                   f"[bold]{out}[/bold] in {time.perf_counter() - started:.1f} s.")
 
 
-def _torch_dtype(name: str | None):
-    import torch
-
-    return getattr(torch, name) if name else None
-
-
 def _tokenizer_source(recipe) -> Path:
     """Config and tokenizer come from the base model (else the first model), as in mergekit."""
     return Path(recipe.base_model or recipe.models[0].model)
