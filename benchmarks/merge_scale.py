@@ -127,8 +127,10 @@ class Shape:
         out = [("model.embed_tokens.weight", (self.vocab, h))]
         for i in range(self.layers):
             p = f"model.layers.{i}."
-            out += [(p + "self_attn.q_proj.weight", (h, h)), (p + "self_attn.k_proj.weight", (kv, h)),
-                    (p + "self_attn.v_proj.weight", (kv, h)), (p + "self_attn.o_proj.weight", (h, h)),
+            out += [(p + "self_attn.q_proj.weight", (h, h)),
+                    (p + "self_attn.k_proj.weight", (kv, h)),
+                    (p + "self_attn.v_proj.weight", (kv, h)),
+                    (p + "self_attn.o_proj.weight", (h, h)),
                     (p + "mlp.gate_proj.weight", (self.inter, h)),
                     (p + "mlp.up_proj.weight", (self.inter, h)),
                     (p + "mlp.down_proj.weight", (h, self.inter)),
@@ -503,7 +505,8 @@ def child_engine(opts: dict[str, Any]) -> dict[str, Any]:
     return {
         "load_s": load_s, "first_build_s": first_s, "steady_build_s": statistics.median(steady),
         "steady_times_s": steady, "output_bytes": out_bytes, "finite": finite,
-        "peak_rss": end.get("VmHWM"), "peak_private": max(max(ph["anon"] for ph in phases), end.get("RssAnon", 0)),
+        "peak_rss": end.get("VmHWM"),
+        "peak_private": max(max(ph["anon"] for ph in phases), end.get("RssAnon", 0)),
         "end_private": end.get("RssAnon"), "end_rss": end.get("VmRSS"),
         "end_file_rss": end.get("RssFile"),
         "private_after_alloc": anon_after_alloc,
@@ -692,10 +695,11 @@ def measure_size(token: str, shape: Shape, args: argparse.Namespace, methods: li
                          "--device", args.device], timeout)
         shutil.rmtree(out_dir, ignore_errors=True)
         m["merge"] = merge
-        log(f"    evomerge merge: " + (f"{merge['wall_s']:.1f} s, peak RSS "
-                                       f"{merge['peak_rss'] / GB:.2f} GB, private "
-                                       f"{merge['peak_private'] / GB:.2f} GB"
-                                       if "error" not in merge else "FAILED " + merge["error"][-400:]))
+        log("    evomerge merge: " + (f"{merge['wall_s']:.1f} s, peak RSS "
+                                      f"{merge['peak_rss'] / GB:.2f} GB, private "
+                                      f"{merge['peak_private'] / GB:.2f} GB"
+                                      if "error" not in merge
+                                      else "FAILED " + merge["error"][-400:]))
         m["mergekit"] = None
         if use_mergekit:
             out_dir = out_root / f"{method}-mergekit"
@@ -710,9 +714,10 @@ def measure_size(token: str, shape: Shape, args: argparse.Namespace, methods: li
             m["mergekit"] = mk
             if "error" not in mk and "error" not in search:
                 m["speedup_vs_mergekit"] = mk["wall_s"] / search["steady_build_s"]
-            log(f"    mergekit-yaml: " + (f"{mk['wall_s']:.1f} s, peak RSS {mk['peak_rss'] / GB:.2f}"
-                                          f" GB, private {mk['peak_private'] / GB:.2f} GB"
-                                          if "error" not in mk else "FAILED " + mk["error"][-400:]))
+            log("    mergekit-yaml: " + (f"{mk['wall_s']:.1f} s, peak RSS "
+                                         f"{mk['peak_rss'] / GB:.2f} GB, private "
+                                         f"{mk['peak_private'] / GB:.2f} GB"
+                                         if "error" not in mk else "FAILED " + mk["error"][-400:]))
         entry["methods"][method] = m
     shutil.rmtree(out_root, ignore_errors=True)
     return entry
@@ -1437,6 +1442,7 @@ def markdown(result: dict[str, Any]) -> str:
                   "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
         for method, m in e["methods"].items():
             sr, mg, mk = m.get("search") or {}, m.get("merge") or {}, m.get("mergekit") or {}
+            sp = m.get("speedup_vs_mergekit")
             err = [f"{k} failed" for k, v in (("search", sr), ("merge", mg), ("mergekit", mk))
                    if "error" in v]
             lines.append(
@@ -1448,7 +1454,7 @@ def markdown(result: dict[str, Any]) -> str:
                 f"{_gb(mg.get('peak_rss'))} | {_gb(mg.get('peak_private'))} | "
                 f"{_n(mk.get('wall_s'), '.1f')} | {_gb(mk.get('peak_rss'))} | "
                 f"{_gb(mk.get('peak_private'))} | "
-                f"{_n(m.get('speedup_vs_mergekit'), '.1f')}{'x' if m.get('speedup_vs_mergekit') else ''} |")
+                f"{_n(sp, '.1f')}{'x' if sp else ''} |")
         mem = [m["memcpy_GBps"] for m in e["methods"].values() if m.get("memcpy_GBps")]
         if mem:
             lines += ["", f"memcpy: median {statistics.median(mem):.2f} GB/s over the methods' "
@@ -1496,8 +1502,8 @@ def markdown(result: dict[str, Any]) -> str:
                 fit = figs.get(fig)
                 unit = 1 if fig.endswith("_s") else GB
                 cells.append("—" if not fit else
-                             f"{fit['intercept'] / unit:.3g} + {fit['slope_per_param'] * 1e9 / unit:.3g}"
-                             f" ({fit['r2']:.2f})")
+                             f"{fit['intercept'] / unit:.3g} + "
+                             f"{fit['slope_per_param'] * 1e9 / unit:.3g} ({fit['r2']:.2f})")
             lines.append(f"| {method} | " + " | ".join(cells) + " |")
     elif result["sizes"]:
         lines += ["", "Extrapolation: needs at least two sizes."]
@@ -1517,7 +1523,8 @@ def markdown(result: dict[str, Any]) -> str:
                 f"{_n(s.get('mean_eval_s'), '.2f')} s per candidate); peak RSS "
                 f"**{_gb(s['peak_rss'])} GB** (process tree {_gb(s.get('tree_peak_rss'))} GB), "
                 f"private {_gb(s['peak_private'])} GB; on a {mach['ram_bytes'] / 2**30:.0f} GiB "
-                f"machine: {'runs' if (s['peak_rss'] or 0) < mach['ram_bytes'] else 'does not fit'}.")
+                f"machine: "
+                f"{'runs' if (s['peak_rss'] or 0) < mach['ram_bytes'] else 'does not fit'}.")
     trows = result.get("targets") or []
     if trows:
         lines += ["", "### Targets (issue 12)", "", "| target | met | not met | not measured | "
@@ -1535,7 +1542,8 @@ def markdown(result: dict[str, Any]) -> str:
                     v, lim = t["value"], t["limit"]
                     if t["op"] == "==":
                         return abs(v - lim)
-                    return (v - lim) / abs(lim or 1) if t["op"] == "<=" else (lim - v) / abs(lim or 1)
+                    gap = v - lim if t["op"] == "<=" else lim - v
+                    return gap / abs(lim or 1)
                 w = max(miss, key=excess)
                 big = "RSS" in name or "private" in name
                 fmt = (lambda x: f"{x / GB:.2f} GB") if big else (lambda x: f"{x:.3g}")
