@@ -235,22 +235,29 @@ def select_rank(inputs: TensorInputs, k: int, r: int) -> Rank:
     raise AssertionError("unreachable: an unbounded bracket always holds the rank")
 
 
+def _count(flags: Tensor) -> int:
+    """How many 1.0s a float 0/1 tensor holds (float sums are exact below 2^24 terms)."""
+    return int(flags.sum(dtype=torch.float64) if flags.numel() > 1 << 24 else flags.sum())
+
+
 def _bracket_pass(inputs: TensorInputs, k: int, r: int, lo: float, hi: float) -> Rank | None:
     below = eq_lo = eq_hi = 0
     inside: list[Tensor] = []
     ws = inputs.workspace
     for s, e in inputs.spans():
         a = _abs_delta(inputs, k, s, e)
-        # comparisons into reused buffers: fresh chunk-sized temporaries are page-faulted in
-        flag = ws.get("flag", e - s, torch.bool, a.device)
+        # compare into reused float buffers: several times faster on CPU than bool outputs, and
+        # fresh chunk-sized temporaries would be page-faulted in on every call
+        flag = ws.get("flag", e - s, a.dtype, a.device)
         if lo > -math.inf:
-            below += int(torch.lt(a, lo, out=flag).sum())
-            eq_lo += int(torch.eq(a, lo, out=flag).sum())
+            under = _count(torch.lt(a, lo, out=flag))
+            below += under
+            eq_lo += _count(torch.le(a, lo, out=flag)) - under
         if hi < math.inf and hi != lo:
-            eq_hi += int(torch.eq(a, hi, out=flag).sum())
-        torch.gt(a, lo, out=flag).logical_and_(torch.lt(a, hi, out=ws.get(
-            "flag2", e - s, torch.bool, a.device)))
-        inside.append(a.masked_select(flag))
+            eq_hi += _count(torch.eq(a, hi, out=flag))
+        torch.gt(a, lo, out=flag).mul_(torch.lt(a, hi, out=ws.get("flag2", e - s, a.dtype,
+                                                                     a.device)))
+        inside.append(a.masked_select(flag.bool()))
     values = torch.cat(inside)
     if r < below:
         return None
@@ -276,15 +283,15 @@ class _AtLeastRank:
         if skip == 0:
             return torch.ge(a, value, out=out)
         torch.gt(a, value, out=out)
-        eq = torch.eq(a, value, out=self.workspace.get("tie", a.numel(), torch.bool, a.device))
-        count = int(eq.sum())
+        eq = torch.eq(a, value, out=self.workspace.get("tie", a.numel(), a.dtype, a.device))
+        count = _count(eq)
         first = skip - self.seen  # chunk-local ordinal of the first tie that is kept
-        if count and first < count:
-            if first > 0:
-                eq &= eq.cumsum(0) > first
-            out.add_(eq)
         self.seen += count
-        return out
+        if count == 0 or first >= count:  # every tie in this chunk ranks below r
+            return out
+        if first > 0:  # the one chunk where the kept ties start
+            eq.mul_(eq.cumsum(0) > first)
+        return out.add_(eq)
 
 
 # --------------------------------------------------------------------------------------------
@@ -551,13 +558,13 @@ def generalized_task_arithmetic(
             if normalize:
                 pos_w.add_(torch.gt(u, 0, out=tmp), alpha=weights[k])
                 neg_w.add_(torch.lt(u, 0, out=tmp), alpha=weights[k])
-        if consensus:  # the positive sign wins (ties count as +)
-            elected = torch.ge(acc, 0, out=ws.get("flag", m, torch.bool, device))
-            acc = torch.where(elected, pos, acc.sub_(pos), out=acc)  # total - pos = negatives
+        if consensus:  # the positive sign wins (ties count as +); 0/1 floats, not torch.where
+            plus = torch.ge(acc, 0, out=ws.get("plus", m, work, device))
+            minus = torch.lt(acc, 0, out=ws.get("minus", m, work, device))
+            acc.sub_(pos).mul_(minus).addcmul_(pos, plus)  # total - pos = the negative part
             if normalize:
-                divisor = torch.where(elected, pos_w, neg_w, out=pos_w)
-                zero = torch.eq(divisor, 0, out=ws.get("flag", m, torch.bool, device))
-                acc.div_(divisor.masked_fill_(zero, 1))
+                divisor = pos_w.mul_(plus).addcmul_(neg_w, minus)
+                acc.div_(divisor.add_(torch.eq(divisor, 0, out=minus)))  # an empty divisor is 1
         if scale != 1:
             acc.mul_(scale)
         flat_out[s:e].copy_(acc.add_(b))
