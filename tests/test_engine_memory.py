@@ -147,3 +147,20 @@ def test_chunk_and_cache_options_are_checked(family):
         Merger(family.all, chunk=0)
     with pytest.raises(ValueError, match="cache"):
         Merger(family.all, cache="plenty")
+
+
+@pytest.mark.parametrize("method", ["task_arithmetic", "ties", "dare_ties", "linear_like"])
+def test_a_wider_target_receives_the_merge_rounded_to_the_checkpoints_dtype(family, method):
+    """A float32 model over bf16 checkpoints (a fitness model) holds exactly the bf16 merge, so
+    what a search evaluates is what it exports."""
+    if method == "linear_like":
+        r = MergeRecipe.from_dict({"merge_method": "linear", "models": [
+            {"model": str(p), "parameters": {"weight": w}}
+            for p, w in zip(family.all, (0.3, 0.3, 0.25, 0.15))]})
+    else:
+        r = recipe(method, family)
+    merger = Merger(family.all, chunk=CHUNK)
+    narrow = {n: t.clone() for n, t in merger.build(r).items()}
+    wide = {n: torch.empty(t.shape, dtype=torch.float32) for n, t in narrow.items()}
+    merger.build(r, into=wide)
+    assert all(torch.equal(wide[n], narrow[n].float()) for n in narrow)

@@ -163,6 +163,19 @@ def _flat(t: Tensor) -> Tensor:
     return t.reshape(-1)
 
 
+def _store(out: Tensor, value: Tensor, dtype: torch.dtype, ws: Workspace) -> None:
+    """Round ``value`` once to the inputs' ``dtype`` and write it into ``out``.
+
+    A wider target (a float32 fitness model over bf16 checkpoints) still receives the
+    bf16-rounded merge, so the model a search evaluates is the one it exports.
+    """
+    if out.dtype == dtype or value.dtype == dtype:
+        out.copy_(value)
+    else:
+        out.copy_(ws.get("rounded", value.numel(), dtype, value.device).view(value.shape)
+                  .copy_(value))
+
+
 # --------------------------------------------------------------------------------------------
 # Exact rank selection over |delta|, without a tensor-sized buffer
 # --------------------------------------------------------------------------------------------
@@ -567,7 +580,7 @@ def generalized_task_arithmetic(
                 acc.div_(divisor.add_(torch.eq(divisor, 0, out=minus)))  # an empty divisor is 1
         if scale != 1:
             acc.mul_(scale)
-        flat_out[s:e].copy_(acc.add_(b))
+        _store(flat_out[s:e], acc.add_(b), base.dtype, ws)
     return out
 
 
@@ -620,7 +633,7 @@ def linear(
                          alpha=w)
         if normalize:
             acc.div_(divisor)
-        flat_out[s:e].copy_(acc)
+        _store(flat_out[s:e], acc, first.dtype, ws)
     return out
 
 
@@ -654,7 +667,8 @@ def slerp(t: float, v0: Tensor, v1: Tensor, dot_threshold: float = 0.9995, eps: 
     for s in range(0, n, chunk):
         e = min(n, s + chunk)
         x = ws.get("x", e - s, work, v0.device).copy_(a[s:e]).mul_(ca)
-        flat_out[s:e].copy_(x.add_(ws.get("y", e - s, work, v0.device).copy_(b[s:e]), alpha=cb))
+        y = ws.get("y", e - s, work, v0.device).copy_(b[s:e])
+        _store(flat_out[s:e], x.add_(y, alpha=cb), v0.dtype, ws)
     return out
 
 
@@ -710,7 +724,8 @@ def model_stock(base: Tensor, sources: Sequence[Tensor], filter_wise: bool = Fal
             for v in views[2:]:
                 mean.add_(block("x", v, r0, r1, c0, c1))
             w0 = block("w0", views[0], r0, r1, c0, c1)
-            flat_out[r0:r1, c0:c1].copy_(mean.div_(n).mul_(t).add_(w0.mul_(1 - t)))
+            _store(flat_out[r0:r1, c0:c1], mean.div_(n).mul_(t).add_(w0.mul_(1 - t)), base.dtype,
+                   ws)
     return out
 
 
