@@ -307,8 +307,9 @@ def merge(
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace OUT if it exists."),
     cache: str = typer.Option(
         "off", "--cache",
-        help="Keep derived tensors (task vectors, sort statistics) between builds: off, on, "
-             "auto, or a byte budget such as 2GB. One merge builds once: off saves memory."),
+        help="Source-sized caches of the merge engine (sorted |delta| for TIES/breadcrumbs, "
+             "DELLA ranks): off, on, auto (half the free memory) or a budget such as 2GB. One "
+             "merge builds once, so off is right here; searches gain from it."),
     chunk: Optional[int] = typer.Option(
         None, "--chunk", min=1, show_default=False,
         help="Elements per scratch chunk of the merge engine (default: the engine's)."),
@@ -316,19 +317,18 @@ def merge(
     """Merge models as a mergekit-format YAML config says."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn
 
-    from evomerge.merge.engine import Merger
+    import torch
+
+    from evomerge.merge.engine import Merger, cache_budget
     from evomerge.merge.io import CheckpointError, export_dtype, export_model, parse_size
     from evomerge.recipe import RecipeError, MergeRecipe
 
     started = time.perf_counter()
-    choice: str | int = cache.strip().lower()
-    if choice not in ("off", "on", "auto"):
-        try:
-            choice = parse_size(cache)
-        except ValueError:
-            _fail(ValueError(f"--cache: expected off, on, auto or a size such as 2GB, got "
-                             f"{cache!r}"))
-    options: dict[str, Any] = {"cache": choice, "chunk": chunk}  # the Merger's engine keywords
+    options: dict[str, Any] = {"cache": cache.strip().lower(), "chunk": chunk}  # engine keywords
+    try:
+        cache_budget(options["cache"], torch.device("cpu"))
+    except ValueError as exc:
+        _fail(ValueError(f"--{exc}"))
     if _is_layer_recipe(config):
         _merge_layers(config, out, device, shard_size, overwrite, started, options)
         return

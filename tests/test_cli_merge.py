@@ -434,7 +434,7 @@ def test_cache_and_chunk_reach_the_merger_and_do_not_change_the_result(zoo, tmp_
                           ties_config(str(zoo.base), [str(s) for s in zoo.sources]))
     runs = [((), {"cache": "off", "chunk": None}),
             (("--cache", "auto"), {"cache": "auto", "chunk": None}),
-            (("--cache", "2GB", "--chunk", "4096"), {"cache": 2 * 10**9, "chunk": 4096}),
+            (("--cache", "2GB", "--chunk", "4096"), {"cache": "2gb", "chunk": 4096}),
             (("--cache", "ON", "--chunk", "7"), {"cache": "on", "chunk": 7})]
     written = []
     for i, (args, want) in enumerate(runs):

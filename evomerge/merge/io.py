@@ -932,8 +932,9 @@ def export_model(
     Atomicity: everything is written and fsynced in a hidden sibling ``.{name}.tmp-*`` directory
     and renamed into place at the end, so ``out_dir`` is either absent, the old version, or the
     complete new one. Before the rename every file gets mode 0644 and every directory 0755, minus
-    the process umask (as if created by ``open``/``mkdir``), not the 0600/0700 of temp files. Any exception removes the temporary directory; a killed process leaves
-    only that hidden directory, which the next export to the same ``out_dir`` deletes.
+    the process umask (as if created by ``open``/``mkdir``), not the 0600/0700 of temp files.
+    Any exception removes the temporary directory; a killed process leaves only that hidden
+    directory, which the next export to the same ``out_dir`` deletes.
 
     Raises CheckpointError if ``out_dir`` exists and ``overwrite`` is False (nothing is written).
     Returns ``out_dir``.
