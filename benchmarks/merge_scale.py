@@ -1330,7 +1330,10 @@ def machine_info() -> dict[str, Any]:
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     if args.from_json is not None:
-        return json.loads(args.from_json.read_text())
+        result = json.loads(args.from_json.read_text())
+        for extra in args.add_json:
+            merge_runs(result, json.loads(extra.read_text()))
+        return result
     global THREADS
     THREADS = args.threads
     started = time.perf_counter()
@@ -1373,6 +1376,25 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     result["loadavg_1min"] = {"start": load_start, "end": loadavg()}
     result["wall_s"] = time.perf_counter() - started
     return _json_safe(result)
+
+
+def merge_runs(result: dict[str, Any], extra: dict[str, Any]) -> None:
+    """Fold another run's measurements into ``result`` (same machine and families assumed; its
+    commands are kept) and recompute what is derived from them."""
+    for token, size in extra["sizes"].items():
+        if token in result["sizes"]:
+            result["sizes"][token]["methods"].update(size["methods"])
+        else:
+            result["sizes"][token] = size
+    result["methods"] = list(dict.fromkeys([*result["methods"], *extra["methods"]]))
+    if extra.get("numerics") and result.get("numerics"):  # a re-measured method replaces its rows
+        redone = {r["method"] for r in extra["numerics"]["rows"]}
+        result["numerics"]["rows"] = [r for r in result["numerics"]["rows"]
+                                      if r["method"] not in redone] + extra["numerics"]["rows"]
+    result["command"] = f"{result['command']}; {extra['command']}"
+    result["fits"] = fits(result["sizes"])
+    result["extrapolation"] = extrapolate(result["fits"])
+    result["targets"] = targets(result)
 
 
 def _json_safe(obj: Any) -> Any:
@@ -1590,6 +1612,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--timeout", type=float, default=3600, help="per child process, seconds")
     p.add_argument("--from-json", type=Path, default=None,
                    help="skip the run: re-render the markdown (and --json) from a saved --json")
+    p.add_argument("--add-json", type=Path, action="append", default=[],
+                   help="with --from-json: also take the sizes, methods and numerics rows of "
+                        "another saved run (e.g. slow methods measured at fewer sizes); fits, "
+                        "extrapolation and targets are recomputed over the union")
     args = p.parse_args(argv)
     args.methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     unknown = [m for m in args.methods if m not in ALL_METHODS]

@@ -49,8 +49,9 @@ def recipe(method: str, family, seed: int = 0) -> MergeRecipe:
 
 def scratch_bound(n_sources: int, largest: int) -> int:
     """Chunk buffers (at most 24 slots, float32 work dtype for bf16) + one random block per
-    source + the values of a magnitude bracket (~100 sqrt(n) of the largest tensor)."""
-    return 24 * CHUNK * 4 + n_sources * min(largest, methods.RNG_BLOCK) * 4
+    source + the byte store of one tensor's random masks (MASK_STORE x chunk bytes)."""
+    return (24 * CHUNK * 4 + n_sources * min(largest, methods.RNG_BLOCK) * 4
+            + methods.MASK_STORE * CHUNK)
 
 
 @pytest.mark.parametrize("method", sorted(METHOD_PARAMS))

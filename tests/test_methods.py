@@ -955,3 +955,23 @@ def test_ties_at_bf16_matches_a_float64_reference_with_exact_k():
     divisor = sum(w * a.double() for w, a in zip(weights, agree))
     exact = (b + mixed / torch.where(divisor == 0, 1.0, divisor)).to(torch.bfloat16)
     assert (got != exact).double().mean() <= 1e-4
+
+
+@pytest.mark.parametrize("name", ["dare_ties", "dare_linear", "della", "della_linear"])
+def test_replayed_random_masks_equal_masks_drawn_again(name, monkeypatch):
+    """With rescale, masks are drawn for the L1 factors and either replayed from bytes (tensor
+    small enough) or drawn again in the merge pass: the same merge either way."""
+    import evomerge.merge.methods as methods
+
+    gen = torch.Generator().manual_seed(8)
+    base = torch.randn(30, 40, generator=gen).to(torch.bfloat16)
+    sources = [(base.float() + 0.05 * torch.randn(30, 40, generator=gen)).to(torch.bfloat16)
+               for _ in range(2)]
+    shared = {p.name: p.default for p in METHODS[name].params if p.scope == "shared"}
+    shared["rescale"] = True
+    per = [{"weight": 0.9, "density": 0.4, "epsilon": 0.1}, {"weight": 0.6, "density": 0.6,
+                                                              "epsilon": 0.2}]
+    replayed = call(name, TensorInputs("w", base, sources, seed=1, chunk=100), shared, per)
+    monkeypatch.setattr(methods, "MASK_STORE", 0)
+    drawn = call(name, TensorInputs("w", base, sources, seed=1, chunk=100), shared, per)
+    assert torch.equal(replayed, drawn)

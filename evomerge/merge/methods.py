@@ -45,6 +45,10 @@ Tensor = torch.Tensor
 DEFAULT_CHUNK = 1 << 20
 #: Random masks are drawn in blocks of this many elements, each from its own seeded generator.
 RNG_BLOCK = 1 << 20
+#: DARE/DELLA masks drawn for the rescale factors are replayed from bytes in the merge pass when
+#: one tensor's masks (a byte per element per source) fit in MASK_STORE x chunk bytes; larger
+#: tensors draw (and DELLA ranks) them again. 256 MB at the default CPU chunk.
+MASK_STORE = 256
 #: Magnitude thresholds of tensors larger than one chunk are bracketed from a sorted sample of
 #: 1/SAMPLE_RATIO of |delta| (kept across builds: 1/256 of a source's elements).
 SAMPLE_RATIO = 256
@@ -537,8 +541,16 @@ def generalized_task_arithmetic(
         return {k: _Masker(inputs, k, specs[k], r) for k, r in ranks.items()}
 
     factors = {k: 1.0 for k in active}
+    replay: dict[int, _Replay] = {}
     if rescale and ranks:
-        factors.update(_rescale_factors(inputs, maskers(), rows))
+        drawn = [k for k in ranks if specs[k].method in ("random", "della_magprune")]
+        store = None
+        if drawn and len(drawn) * numel <= MASK_STORE * inputs.chunk:
+            flat = inputs.workspace.get("mask_store", len(drawn) * numel, torch.uint8,
+                                        base.device)
+            store = {k: flat[i * numel:(i + 1) * numel] for i, k in enumerate(drawn)}
+        factors.update(_rescale_factors(inputs, maskers(), rows, store))
+        replay = {k: _Replay(t) for k, t in (store or {}).items()}
 
     if out is None:
         out = torch.empty_like(base)
@@ -546,7 +558,7 @@ def generalized_task_arithmetic(
     ws, work, device = inputs.workspace, work_dtype(base.dtype), base.device
     total_w = float(sum(weights))
     scale = lambda_ / (total_w if normalize and not consensus and abs(total_w) >= 1e-8 else 1.0)
-    masks = maskers()
+    masks = {**maskers(), **replay}
     for s, e in inputs.spans(rows=rows):
         m = e - s
         b = inputs.base_chunk(s, e)
@@ -584,9 +596,20 @@ def generalized_task_arithmetic(
     return out
 
 
-def _rescale_factors(inputs: TensorInputs, maskers: dict[int, _Masker], rows: bool
-                     ) -> dict[int, float]:
-    """f_k = ||delta_k||_1 / ||mask_k * delta_k||_1 (1 when either is below 1e-7), one pass."""
+class _Replay:
+    """A keep-mask replayed from the bytes an earlier pass over the same chunks recorded."""
+
+    def __init__(self, store: Tensor) -> None:
+        self.store = store
+
+    def __call__(self, start: int, end: int, delta: Tensor, out: Tensor) -> Tensor:
+        return out.copy_(self.store[start:end])
+
+
+def _rescale_factors(inputs: TensorInputs, maskers: dict[int, _Masker], rows: bool,
+                     store: dict[int, Tensor] | None = None) -> dict[int, float]:
+    """f_k = ||delta_k||_1 / ||mask_k * delta_k||_1 (1 when either is below 1e-7), one pass;
+    masks of the sources in ``store`` are recorded there for the merge pass."""
     base = inputs.base
     ws, work = inputs.workspace, work_dtype(base.dtype)
     kept = {k: 0.0 for k in maskers}
@@ -594,7 +617,10 @@ def _rescale_factors(inputs: TensorInputs, maskers: dict[int, _Masker], rows: bo
         b = inputs.base_chunk(s, e)
         for k, masker in maskers.items():
             d = inputs.delta(k, s, e, b)
-            d.mul_(masker(s, e, d, ws.get("mask", e - s, work, base.device)))
+            mask = masker(s, e, d, ws.get("mask", e - s, work, base.device))
+            if store is not None and k in store:
+                store[k][s:e].copy_(mask)
+            d.mul_(mask)
             kept[k] += float(d.abs_().sum(dtype=torch.float64))
     factors = {}
     for k, after in kept.items():
