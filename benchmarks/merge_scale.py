@@ -1391,6 +1391,8 @@ def merge_runs(result: dict[str, Any], extra: dict[str, Any]) -> None:
         redone = {r["method"] for r in extra["numerics"]["rows"]}
         result["numerics"]["rows"] = [r for r in result["numerics"]["rows"]
                                       if r["method"] not in redone] + extra["numerics"]["rows"]
+    if extra.get("search"):
+        result["search"] = extra["search"]
     result["command"] = f"{result['command']}; {extra['command']}"
     result["fits"] = fits(result["sizes"])
     result["extrapolation"] = extrapolate(result["fits"])
@@ -1504,14 +1506,17 @@ def markdown(result: dict[str, Any]) -> str:
         lines += ["", f"### Extrapolation (least-squares lines over {sizes}; base + 3 sources, "
                   "bf16)", "",
                   "GPU = inputs + output + measured scratch (the search build's private memory "
-                  "above its level after allocating the target), all resident on the device.", "",
-                  "| model | method | inputs GB | CPU RAM search | CPU RAM merge | CPU RAM "
-                  "mergekit | GPU memory | steady s (CPU) | mergekit s |",
-                  "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+                  "above its level after allocating the target), all resident on the device. "
+                  "CPU RAM = peak RSS, of which all but the private part is the memory-mapped "
+                  "inputs (page cache the kernel can drop and re-read).", "",
+                  "| model | method | inputs GB | CPU RAM search | of which private | CPU RAM "
+                  "merge | CPU RAM mergekit | GPU memory | steady s (CPU) | mergekit s |",
+                  "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
         for r in ext:
             lines.append(
                 f"| {r['model']} | {r['method']} | {_gb(r['inputs_bytes'], '.1f')} | "
-                f"{_gb(r['cpu_ram_search'], '.1f')} | {_gb(r['cpu_ram_merge'], '.1f')} | "
+                f"{_gb(r['cpu_ram_search'], '.1f')} | {_gb(r['private_search'], '.1f')} | "
+                f"{_gb(r['cpu_ram_merge'], '.1f')} | "
                 f"{_gb(r['cpu_ram_mergekit'], '.1f')} | {_gb(r['gpu_memory'], '.1f')} | "
                 f"{_n(r['steady_build_s_cpu'], '.1f')} | {_n(r['mergekit_wall_s'], '.0f')} |")
         cols = [f for f in FIGURES if f not in ("search_scratch", "search_gpu_scratch")]

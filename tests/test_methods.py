@@ -975,3 +975,15 @@ def test_replayed_random_masks_equal_masks_drawn_again(name, monkeypatch):
     monkeypatch.setattr(methods, "MASK_STORE", 0)
     drawn = call(name, TensorInputs("w", base, sources, seed=1, chunk=100), shared, per)
     assert torch.equal(replayed, drawn)
+
+
+def test_della_ranks_along_dim_1_of_any_shape():
+    """mergekit ranks |delta| along dim 1 (1-D: one row), also for tensors of 3 or more dims."""
+    gen = torch.Generator().manual_seed(4)
+    a = torch.randn(3, 5, 4, generator=gen).abs()
+    expected = a.argsort(dim=1, stable=True).argsort(dim=1)  # ranks of distinct values
+    assert torch.equal(della_rank_norm(a), expected.double() / 4)
+    for cache in (None, {}):
+        inputs = TensorInputs("w", torch.zeros(3, 5, 4), [a], cache=cache)
+        mask = keep_mask(inputs, 0, Sparsify("della_magprune", 0.5, epsilon=0.2))
+        assert mask.shape == a.shape

@@ -351,7 +351,8 @@ def della_ranks(a: Tensor) -> Tensor:
     rows = a if a.dim() >= 2 else a[None]
     order = rows.argsort(dim=1, stable=True)
     ranks = torch.empty_like(order)
-    span = torch.arange(rows.shape[1], device=a.device).expand_as(order)
+    span = torch.arange(rows.shape[1], device=a.device).view(
+        1, -1, *[1] * (rows.dim() - 2)).expand_as(order)
     return ranks.scatter_(1, order, span).reshape(a.shape)
 
 
@@ -423,7 +424,7 @@ class _Masker:
         d, eps = self.spec.density, self.spec.epsilon
         ranks = self._ranks(start, end, delta)
         ref = self.inputs.base
-        width = (ref.shape[1] if ref.dim() == 2 else ref.numel()) - 1
+        width = (ref.shape[1] if ref.dim() >= 2 else ref.numel()) - 1
         threshold = torch.mul(ranks, 2 * eps / width if width > 0 else 0.0,
                               out=ws.get("della_p", delta.numel(), delta.dtype, delta.device))
         return torch.lt(u.to(delta.dtype).sub_(d - eps), threshold, out=out)
@@ -436,7 +437,7 @@ class _Masker:
             return della_ranks(view.abs()).reshape(-1).to(delta.dtype)
         key = inputs.key("della_rank", self.k)
         if key not in inputs.cache:  # int16 ranks when rows are narrow enough: 2 bytes/element
-            width = shape[1] if inputs.base.dim() == 2 else inputs.base.numel()
+            width = shape[1] if inputs.base.dim() >= 2 else inputs.base.numel()
             small = torch.int16 if width <= torch.iinfo(torch.int16).max else torch.int32
             parts = []
             for s, e in inputs.spans(rows=True):
