@@ -987,3 +987,14 @@ def test_della_ranks_along_dim_1_of_any_shape():
         inputs = TensorInputs("w", torch.zeros(3, 5, 4), [a], cache=cache)
         mask = keep_mask(inputs, 0, Sparsify("della_magprune", 0.5, epsilon=0.2))
         assert mask.shape == a.shape
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_della_ranks_are_the_stable_order_with_ties(dtype):
+    from evomerge.merge.methods import della_ranks
+
+    gen = torch.Generator().manual_seed(6)
+    a = torch.randint(0, 5, (7, 300), generator=gen).to(dtype) * 0.125  # ties everywhere
+    stable = a.argsort(dim=1, stable=True).argsort(dim=1)
+    assert torch.equal(della_ranks(a), stable)
+    assert torch.equal(della_ranks(a[0]), a[0].argsort(stable=True).argsort())  # 1-D: one row

@@ -347,13 +347,22 @@ class _Uniforms:
 
 
 def della_ranks(a: Tensor) -> Tensor:
-    """Per-row rank of ``a`` (rows = dim 1; 1-D: one row), stable ascending, as int64."""
+    """Per-row rank of ``a`` >= 0 (rows = dim 1; 1-D: one row), stable ascending, as int64.
+
+    float32 magnitudes sort as int64 keys ``bits(a) << 32 | column``: non-negative floats order
+    like their bit patterns, and the column makes every key unique, so a plain sort gives the
+    stable order at about half the cost of a stable float argsort.
+    """
     rows = a if a.dim() >= 2 else a[None]
-    order = rows.argsort(dim=1, stable=True)
+    width = rows.shape[1]
+    column = torch.arange(width, device=a.device).view(1, -1, *[1] * (rows.dim() - 2))
+    if rows.dtype == torch.float32:
+        keys = rows.contiguous().view(torch.int32).to(torch.int64).bitwise_left_shift_(32)
+        order = keys.bitwise_or_(column).sort(dim=1).indices
+    else:
+        order = rows.argsort(dim=1, stable=True)
     ranks = torch.empty_like(order)
-    span = torch.arange(rows.shape[1], device=a.device).view(
-        1, -1, *[1] * (rows.dim() - 2)).expand_as(order)
-    return ranks.scatter_(1, order, span).reshape(a.shape)
+    return ranks.scatter_(1, order, column.expand_as(order)).reshape(a.shape)
 
 
 def della_rank_norm(delta: Tensor) -> Tensor:
