@@ -1439,7 +1439,10 @@ def markdown(result: dict[str, Any]) -> str:
         f"{mach.get('transformers', '?')}, mergekit {mach.get('mergekit', 'n/a')}, Python "
         f"{mach['python']}; {mach['date']}; 1-min load average {_n(load.get('start'), '.1f')} "
         f"at start, {_n(load.get('end'), '.1f')} at end; device {result['device']}.",
-        f"- Command: `{result['command']}`",
+        f"- Command: `{result['command']}`" + (
+            " (several runs, folded with `--from-json FIRST --add-json NEXT ...`: each method's "
+            "rows, the numerics and the search come from the last run that measured them; the "
+            "machine line is the first run's)" if "; " in result["command"] else ""),
         "- Families: synthetic Llama (vocab 32000, untied head), bf16, base + 3 sources "
         f"(source = base + {DELTA_SCALE} x 0.02 randn), ~200 MB safetensors shards + index, "
         "written tensor by tensor. Recipes: " + "; ".join(
