@@ -22,8 +22,8 @@ What it measures (issue 12, "Real scale merge engine"), on synthetic Llama-shape
    fp32): the fraction of elements of evomerge's and of mergekit's result that differ from the
    float64 formula rounded once to the dtype; TIES/breadcrumbs keep exactly k elements chosen by a
    stable ascending sort of |delta| computed in float64, and the kept counts are reported. DARE and
-   DELLA use evomerge's masks (``evomerge.merge.methods.keep_mask``; "pending" while it does not
-   exist) and mergekit is fed the same masks through a patched ``torch.bernoulli``.
+   DELLA use evomerge's masks (``evomerge.merge.methods.keep_mask``) and mergekit is fed the same
+   masks through a patched ``torch.bernoulli``.
 
 3. Least-squares lines of every figure against parameter count, and an extrapolation to 7B
    (Llama-2-7B shapes) and 8B (Llama-3-8B shapes) with base + 3 sources: CPU RAM (peak RSS) and
@@ -421,19 +421,6 @@ class Sampler:
 # =============================================================================================
 
 
-def _cache_kwarg(merger_cls: Any, cache: str | None) -> dict[str, Any]:
-    """``cache=`` for the Merger constructor, only when asked: today's takes a bool, the
-    rewritten one "off" | "on" | "auto" | bytes."""
-    if cache is None:
-        return {}
-    import inspect
-
-    default = inspect.signature(merger_cls).parameters.get("cache")
-    if default is not None and isinstance(default.default, bool):
-        return {"cache": cache == "on"}
-    return {"cache": cache}
-
-
 def child_engine(opts: dict[str, Any]) -> dict[str, Any]:
     """One method at one size, as a search uses the engine: load, allocate, build, build."""
     sampler = Sampler("self", 0.01).start()
@@ -459,7 +446,7 @@ def child_engine(opts: dict[str, Any]) -> dict[str, Any]:
     if opts.get("threads"):
         torch.set_num_threads(opts["threads"])
     recipe = MergeRecipe.from_dict(opts["recipe"])
-    kwargs = {"device": device, **_cache_kwarg(Merger, opts.get("cache"))}
+    kwargs = {"device": device, **({"cache": opts["cache"]} if opts.get("cache") else {})}
     sampler.phase()
     t0 = time.perf_counter()
     merger = Merger(recipe.model_paths(), **kwargs)
@@ -914,61 +901,22 @@ def mergekit_tensor(method: str, tensors: list[Any], dtype: Any) -> Any:
 
 
 def evomerge_keep_masks(method: str, name: str, tensors: list[Any], seed: int = 0
-                        ) -> tuple[list[Any] | None, str]:
-    """evomerge's keep-masks of one tensor, one per source, via ``methods.keep_mask(inputs, k,
-    spec)``; (None, reason) when that function does not exist (yet) or cannot be called so."""
-    import inspect
-
+                        ) -> tuple[list[Any], str]:
+    """evomerge's keep-masks of one tensor, one per source (``methods.keep_mask``)."""
     import torch
 
     from evomerge.merge import methods as em
 
-    fn = getattr(em, "keep_mask", None)
-    if fn is None:
-        return None, "pending (evomerge.merge.methods.keep_mask does not exist yet)"
-    sparsify = SPEC[method][0]
-    try:
-        inputs = em.TensorInputs(name=name, base=tensors[0], sources=list(tensors[1:]),
-                                 seed=seed)
-        known: dict[str, Any] = {"inputs": inputs, "method": sparsify, "density": DENSITY,
-                                 "gamma": GAMMA, "epsilon": EPSILON, "seed": seed, "name": name}
-        if hasattr(em, "Sparsify"):
-            known["spec"] = em.Sparsify(method=sparsify, density=DENSITY, gamma=GAMMA,
-                                        epsilon=EPSILON)
-        sig = inspect.signature(fn)
-        masks = []
-        for k in range(len(tensors) - 1):
-            values = dict(known, k=k, index=k, source_index=k)
-            kwargs = {p: values[p] for p in sig.parameters if p in values}
-            missing = [p for p, spec in sig.parameters.items()
-                       if p not in kwargs and spec.default is inspect.Parameter.empty]
-            if missing:
-                return None, f"keep_mask{sig}: cannot fill {', '.join(missing)}"
-            masks.append(torch.as_tensor(fn(**kwargs)).to(torch.float64))
-        return masks, "evomerge keep_mask"
-    except Exception as exc:  # noqa: BLE001 - an API still in flux: report, never crash
-        return None, f"keep_mask failed: {type(exc).__name__}: {exc}"
+    inputs = em.TensorInputs(name=name, base=tensors[0], sources=list(tensors[1:]), seed=seed)
+    spec = em.Sparsify(method=SPEC[method][0], density=DENSITY, gamma=GAMMA, epsilon=EPSILON)
+    masks = [em.keep_mask(inputs, k, spec).to(torch.float64) for k in range(len(tensors) - 1)]
+    return masks, "evomerge keep_mask"
 
 
-def evomerge_magnitude_kept(method: str, name: str, tensors: list[Any]) -> list[int] | None:
-    """Kept counts per source of evomerge's TIES/breadcrumbs selection (``keep_mask``; before it
-    existed, ``magnitude_mask`` / ``magnitude_outliers_mask`` on delta in the dtype)."""
-    from evomerge.merge import methods as em
-
+def evomerge_magnitude_kept(method: str, name: str, tensors: list[Any]) -> list[int]:
+    """Kept counts per source of evomerge's TIES/breadcrumbs selection."""
     masks, _ = evomerge_keep_masks(method, name, tensors)
-    if masks is not None:
-        return [int((m != 0).sum()) for m in masks]
-    magnitude = getattr(em, "magnitude_mask", None)
-    outliers = getattr(em, "magnitude_outliers_mask", None)
-    if magnitude is None or outliers is None:
-        return None
-    out = []
-    for s in tensors[1:]:
-        delta = s - tensors[0]
-        mask = (magnitude(delta, DENSITY) if SPEC[method][0] == "magnitude"
-                else outliers(delta, DENSITY, GAMMA))
-        out.append(int((mask != 0).sum()))
-    return out
+    return [int((m != 0).sum()) for m in masks]
 
 
 def run_numerics(token: str, shape: Shape, base: Path, sources: list[Path], methods: list[str],
@@ -986,7 +934,6 @@ def run_numerics(token: str, shape: Shape, base: Path, sources: list[Path], meth
         have_mk = False
     raw = numerics_tensors(base, sources, shape)
     rows: list[dict[str, Any]] = []
-    mask_status: dict[str, str] = {}
     root = workdir / "numerics"
     for dtype_name in NUMERICS_DTYPES:
         dtype = getattr(torch, dtype_name)
@@ -1015,22 +962,10 @@ def run_numerics(token: str, shape: Shape, base: Path, sources: list[Path], meth
                                        "mergekit_frac": None}
                 masks = None
                 if method in RANDOM_METHODS:
-                    masks, status = evomerge_keep_masks(method, name, ts, seed)
-                    row["masks"] = status
-                    mask_status[method] = status
+                    masks, row["masks"] = evomerge_keep_masks(method, name, ts, seed)
                 ref_masks = masks
-                if method in RANDOM_METHODS and masks is None:
-                    # evomerge's masks pending: mergekit is still checked, on masks drawn here
-                    gen = torch.Generator().manual_seed(_tensor_seed(seed, name, 99))
-                    if SPEC[method][0] == "random":
-                        ref_masks = [(torch.rand(ts[0].shape, generator=gen) < DENSITY).double()
-                                     for _ in ts[1:]]
-                    else:
-                        ref_masks = [_della_probs(t - ts[0]).bernoulli(generator=gen)
-                                     for t in ts[1:]]
-                    row["masks"] = "benchmark-drawn (mergekit only; evomerge " + status + ")"
                 ref = reference(method, ts, ref_masks).to(dtype)
-                if built is not None and (method not in RANDOM_METHODS or masks is not None):
+                if built is not None:
                     row["evomerge_frac"] = _frac_differ(built[name], ref)
                 if have_mk:
                     try:
@@ -1054,19 +989,7 @@ def run_numerics(token: str, shape: Shape, base: Path, sources: list[Path], meth
         del merger
     shutil.rmtree(root, ignore_errors=True)
     return {"family": token, "tensors": {n: list(ts[0].shape) for n, ts in raw.items()},
-            "dtypes": list(NUMERICS_DTYPES), "mergekit": have_mk, "rows": rows,
-            "random_masks": mask_status}
-
-
-def _della_probs(delta: Any) -> Any:
-    """DELLA's keep probabilities (mergekit's ramp, float64), delta's shape."""
-    import torch
-
-    t = delta.double() if delta.dim() >= 2 else delta.double()[None]
-    ranks = torch.argsort(torch.argsort(t.abs(), dim=1, stable=True), dim=1).double() + 1
-    lo, hi = ranks.min(dim=1, keepdim=True).values, ranks.max(dim=1, keepdim=True).values
-    norm = ((ranks - lo) / (hi - lo)).clamp(0, 1)
-    return ((DENSITY - EPSILON) + norm * 2 * EPSILON).reshape(delta.shape)
+            "dtypes": list(NUMERICS_DTYPES), "mergekit": have_mk, "rows": rows}
 
 
 # =============================================================================================

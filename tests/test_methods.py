@@ -15,7 +15,6 @@ import torch
 
 from evomerge.merge.methods import (
     METHODS,
-    RNG_BLOCK,
     Sparsify,
     TensorInputs,
     della_rank_norm,

@@ -28,7 +28,6 @@ and ``build(recipe, into=model)`` overwrites one pre-allocated model tensor by t
 from __future__ import annotations
 
 import math
-import os
 import re
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
