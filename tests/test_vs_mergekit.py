@@ -113,8 +113,9 @@ def _models(fam: Family, per_source: list[dict]) -> list[dict]:
     return [{"model": str(p), "parameters": params} for p, params in zip(fam.sources, per_source)]
 
 
-def _gta(method: str, fam: Family, per_source: list[dict], **shared) -> dict:
-    cfg = {"merge_method": method, "base_model": str(fam.base), "dtype": "float32",
+def _gta(method: str, fam: Family, per_source: list[dict], *, dtype: str = "float32",
+         **shared) -> dict:
+    cfg = {"merge_method": method, "base_model": str(fam.base), "dtype": dtype,
            "models": _models(fam, per_source)}
     if shared:
         cfg["parameters"] = shared
@@ -462,11 +463,7 @@ def bf16_family(tmp_path_factory) -> Family:
 
 
 def _bf16_gta(method: str, fam: Family, per_source: list[dict], **shared) -> dict:
-    cfg = {"merge_method": method, "base_model": str(fam.base), "dtype": "bfloat16",
-           "models": _models(fam, per_source)}
-    if shared:
-        cfg["parameters"] = shared
-    return cfg
+    return _gta(method, fam, per_source, dtype="bfloat16", **shared)
 
 
 def f32(x: float) -> float:

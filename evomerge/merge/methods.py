@@ -372,14 +372,6 @@ def della_rank_norm(delta: Tensor) -> Tensor:
     return ranks / width if width > 0 else torch.zeros_like(ranks)
 
 
-def _check_della(density: float, epsilon: float) -> None:
-    if density + epsilon >= 1 or density - epsilon <= 0:
-        raise ValueError(
-            f"della needs 0 < density - epsilon and density + epsilon < 1, "
-            f"got density={density}, epsilon={epsilon}"
-        )
-
-
 @dataclass(frozen=True)
 class Sparsify:
     """One source's sparsification: method, density and its extra knobs."""
@@ -399,6 +391,20 @@ class Sparsify:
         if self.method == "magnitude_outliers":
             return int(self.density * n) <= 0
         return self.density <= 0
+
+    def check(self) -> None:
+        """Raise ValueError for an unknown method, or a DELLA ramp reaching outside (0, 1)
+        (checked, as mergekit does, only when some but not all of delta is kept)."""
+        if self.method is not None and self.method not in SPARSIFIERS:
+            raise ValueError(f"unknown sparsification {self.method!r}; known: "
+                             f"{', '.join(SPARSIFIERS)}")
+        eps = self.epsilon
+        if (self.method == "della_magprune" and not self.keeps_all and self.density > 0
+                and (self.density + eps >= 1 or self.density - eps <= 0)):
+            raise ValueError(
+                f"della needs 0 < density - epsilon and density + epsilon < 1, "
+                f"got density={self.density}, epsilon={eps}"
+            )
 
 
 class _Masker:
@@ -441,9 +447,12 @@ class _Masker:
     def _ranks(self, start: int, end: int, delta: Tensor) -> Tensor:
         inputs = self.inputs
         shape = inputs.base.shape
-        view = delta.view(-1, shape[1]) if inputs.base.dim() == 2 else delta.view(shape)
+
+        def rows(flat: Tensor) -> Tensor:  # a row chunk of a matrix, else the whole tensor
+            return flat.view(-1, shape[1]) if len(shape) == 2 else flat.view(shape)
+
         if inputs.cache is None:
-            return della_ranks(view.abs()).reshape(-1).to(delta.dtype)
+            return della_ranks(rows(delta).abs()).reshape(-1).to(delta.dtype)
         key = inputs.key("della_rank", self.k)
         if key not in inputs.cache:  # int16 ranks when rows are narrow enough: 2 bytes/element
             width = shape[1] if inputs.base.dim() >= 2 else inputs.base.numel()
@@ -452,8 +461,7 @@ class _Masker:
             for s, e in inputs.spans(rows=True):
                 # own slots: this runs inside another pass, whose chunk buffers stay live
                 d = inputs.delta(self.k, s, e, inputs.base_chunk(s, e, "rank_base"), "rank_delta")
-                rows = d.view(-1, shape[1]) if inputs.base.dim() == 2 else d.view(shape)
-                parts.append(della_ranks(rows.abs()).reshape(-1).to(small))
+                parts.append(della_ranks(rows(d).abs()).reshape(-1).to(small))
             inputs.cache[key] = torch.cat(parts)
         return inputs.cache[key][start:end].to(delta.dtype)
 
@@ -477,15 +485,12 @@ def locate_ranks(inputs: TensorInputs, k: int, spec: Sparsify) -> tuple[Rank, ..
 def keep_mask(inputs: TensorInputs, k: int, spec: Sparsify) -> Tensor:
     """Source k's whole keep-mask as a bool tensor (for tests and benchmarks; the methods never
     materialise it)."""
-    if spec.method not in SPARSIFIERS and spec.method is not None:
-        raise ValueError(f"unknown sparsification {spec.method!r}; known: {', '.join(SPARSIFIERS)}")
+    spec.check()
     n = inputs.base.numel()
     if spec.keeps_all:
         return torch.ones(inputs.base.shape, dtype=torch.bool, device=inputs.base.device)
     if spec.keeps_none(n):
         return torch.zeros(inputs.base.shape, dtype=torch.bool, device=inputs.base.device)
-    if spec.method == "della_magprune":
-        _check_della(spec.density, spec.epsilon)
     masker = _Masker(inputs, k, spec, locate_ranks(inputs, k, spec))
     rows = spec.method == "della_magprune"
     parts = []
@@ -537,11 +542,7 @@ def generalized_task_arithmetic(
     epsilons = epsilons or [0.15] * n
     specs = [Sparsify(sparsify, densities[k], gammas[k], epsilons[k]) for k in range(n)]
     for spec in specs:
-        if spec.method is not None and spec.method not in SPARSIFIERS:
-            raise ValueError(f"unknown sparsification {spec.method!r}; known: "
-                             f"{', '.join(SPARSIFIERS)}")
-        if spec.method == "della_magprune" and not spec.keeps_all and spec.density > 0:
-            _check_della(spec.density, spec.epsilon)
+        spec.check()
     numel = base.numel()
     active = [k for k in range(n) if weights[k] != 0 and not specs[k].keeps_none(numel)]
     ranks = {k: locate_ranks(inputs, k, specs[k]) for k in active if not specs[k].keeps_all}
