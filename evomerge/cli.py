@@ -302,7 +302,11 @@ def merge(
     config: Path = typer.Argument(..., help="mergekit-format merge YAML.", show_default=False),
     out: Path = typer.Option(..., "--out", "-o", help="Output model directory.",
                              show_default=False),
-    device: str = typer.Option("cpu", "--device", help="Where to merge: cpu, cuda, cuda:1 ..."),
+    device: str = typer.Option(
+        "auto", "--device",
+        help="Where to merge: auto (the first GPU torch sees, else the CPU), cpu, cuda, "
+             "cuda:1 ... Inputs that do not fit the GPU stay in host memory and stream to it "
+             "one layer group at a time."),
     shard_size: str = typer.Option("5GB", "--shard-size", help="Largest safetensors shard."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace OUT if it exists."),
     cache: str = typer.Option(
@@ -323,11 +327,17 @@ def merge(
     from evomerge.merge.io import CheckpointError, export_dtype, export_model, parse_size
     from evomerge.recipe import RecipeError, MergeRecipe
 
+    from evomerge.execution.devices import DeviceError, resolve_device
+
     started = time.perf_counter()
     options: dict[str, Any] = {"cache": cache.strip().lower(), "chunk": chunk}  # engine keywords
     try:
         cache_budget(options["cache"], torch.device("cpu"))
     except ValueError as exc:
+        _fail(ValueError(f"--{exc}"))
+    try:
+        device = str(resolve_device(device))
+    except DeviceError as exc:
         _fail(ValueError(f"--{exc}"))
     if _is_layer_recipe(config):
         _merge_layers(config, out, device, shard_size, overwrite, started, options)

@@ -11,6 +11,7 @@ resume`` works from anywhere.
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -24,10 +25,19 @@ class ExperimentError(ValueError):
     """An experiment that cannot run; the message names the field."""
 
 
+DTYPE_NAMES = ("auto", "float32", "bfloat16", "float16")
+
+
 class Models(BaseModel):
+    """The checkpoints. ``dtype``: what the fitness model is allocated and evaluated in;
+    ``auto`` (default) is the checkpoints' own floating-point dtype (bf16 stays bf16). Merges
+    always compute in a wider dtype and round once to the checkpoints' dtype, so a ``float32``
+    override evaluates the very merge a bf16 export writes."""
+
     model_config = ConfigDict(frozen=True, extra="forbid")
     base: str | None = None
     sources: dict[str, str]
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
 
     @field_validator("sources")
     @classmethod
@@ -38,8 +48,9 @@ class Models(BaseModel):
 
     def resolved(self) -> "Models":
         absolute = lambda p: str(Path(p).expanduser().absolute())  # noqa: E731
-        return Models(base=absolute(self.base) if self.base else None,
-                      sources={k: absolute(p) for k, p in self.sources.items()})
+        return self.model_copy(update={
+            "base": absolute(self.base) if self.base else None,
+            "sources": {k: absolute(p) for k, p in self.sources.items()}})
 
     def missing(self) -> list[str]:
         fields = [("models.base", self.base)] if self.base else []
@@ -59,8 +70,47 @@ class Named(BaseModel):
         return dict(self.model_extra or {})
 
 
+class Engine(BaseModel):
+    """The merge engine's options (:class:`evomerge.merge.engine.Merger`): ``cache`` of
+    source-sized tables that make TIES/breadcrumbs/DELLA builds faster (``off``, ``on``,
+    ``auto`` = half the free memory, or a size such as ``4GB``), ``chunk`` elements per scratch
+    buffer (default: the engine's), and ``device_budget``: bytes of inputs that may live on a GPU
+    (``auto``: what is free after one output; larger inputs stay in host memory and stream)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+    cache: str = "off"
+    chunk: int | None = Field(None, ge=1)
+    device_budget: str | int = "auto"
+
+    @field_validator("cache", "device_budget", mode="before")
+    @classmethod
+    def _size(cls, value: Any, info: Any) -> Any:
+        from evomerge.merge.io import parse_size
+
+        named = {"cache": ("off", "on", "auto"), "device_budget": ("auto",)}[info.field_name]
+        text = str(value).strip().lower() if isinstance(value, str) else value
+        if text in named:
+            return text
+        try:
+            parse_size(text)
+        except (ValueError, TypeError):
+            raise ValueError(f"expected {', '.join(named)} or a size such as '4GB', "
+                             f"got {value!r}") from None
+        return value
+
+    def options(self) -> dict[str, Any]:
+        """The Merger keywords."""
+        return {"cache": self.cache, "chunk": self.chunk, "device_budget": self.device_budget}
+
+
 class Executor(BaseModel):
     """Where candidates are evaluated (see ``evomerge.execution.EXECUTORS``).
+
+    ``device``: ``auto`` (default: a GPU when torch sees one, else the CPU), ``cpu``, ``cuda``
+    or ``cuda:N``. N local workers on G visible GPUs take them round-robin (worker k gets GPU
+    k mod G); a SLURM task uses the GPU(s) Slurm allocated it (``CUDA_VISIBLE_DEVICES``); a Ray
+    actor the GPU Ray gave it (``gpus_per_worker``). Sources, the build target and the fitness
+    model all live on the worker's device.
 
     ``local``: in the driver (``workers: 0``) or in N local processes. ``ray``: N Ray actors at
     ``address``. ``slurm``: the driver only enqueues; N array-job workers started by
@@ -71,6 +121,7 @@ class Executor(BaseModel):
 
     model_config = ConfigDict(frozen=True, extra="forbid")
     kind: Literal["local", "ray", "slurm"] = "local"
+    device: str = Field("auto", description="auto | cpu | cuda | cuda:N")
     workers: int = Field(0, ge=0, description="0: evaluate in the driver process; N: N workers")
     address: str = Field("local", description="ray: local | auto | ray://host:port")
     cpus_per_worker: float = Field(1.0, gt=0)
@@ -82,10 +133,21 @@ class Executor(BaseModel):
     slurm: dict[str, str | int] = Field(default_factory=dict,
                                         description="sbatch options: partition, gres, time, ...")
 
+    @field_validator("device")
+    @classmethod
+    def _device(cls, value: str) -> str:
+        if re.fullmatch(r"auto|cpu|cuda(:[0-9]+)?", value.strip().lower()) is None:
+            raise ValueError(f"expected auto, cpu, cuda or cuda:N, got {value!r}")
+        return value.strip().lower()
+
     @model_validator(mode="after")
     def _remote_needs_workers(self) -> "Executor":
         if self.kind != "local" and self.workers < 1:
             raise ValueError(f"workers: executor kind {self.kind!r} needs workers >= 1")
+        if (self.kind == "ray" and self.device.startswith("cuda")
+                and self.gpus_per_worker == 0):
+            raise ValueError(f"device: {self.device!r} on Ray needs gpus_per_worker > 0 (Ray "
+                             "hides GPUs from actors that did not ask for one)")
         if self.grace_s <= self.heartbeat_s:
             raise ValueError(f"grace_s ({self.grace_s}) must exceed heartbeat_s "
                              f"({self.heartbeat_s})")
@@ -104,6 +166,7 @@ class Experiment(BaseModel):
     budget: int = Field(gt=0)
     seed: int = 0
     executor: Executor = Executor()
+    engine: Engine = Engine()
     storage: str | None = None
     run_dir: str | None = None
     export: bool = True
