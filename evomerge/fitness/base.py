@@ -57,6 +57,27 @@ class Fitness(ABC):
         """Score ``model`` on the ``search`` items (seen by the search) or the ``heldout`` ones."""
 
 
+#: ``dtype`` options of model-owning fitnesses (``auto``: the checkpoint's own, see below).
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def resolve_dtype(dtype: str | torch.dtype, config: Any) -> torch.dtype:
+    """The dtype a fitness allocates its model in. ``auto`` is what transformers'
+    ``from_pretrained(dtype="auto")`` uses: the config's ``dtype`` (``torch_dtype`` in older
+    configs), else float32. Executors pass the checkpoints' weight dtype explicitly."""
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype == "auto":
+        found = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
+        if isinstance(found, str):
+            found = DTYPES.get(found.removeprefix("torch."))
+        return found if isinstance(found, torch.dtype) and found in DTYPES.values() \
+            else torch.float32
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype: expected auto or one of {', '.join(DTYPES)}, got {dtype!r}")
+    return DTYPES[dtype]
+
+
 FITNESSES: dict[str, Callable[..., Fitness]] = {}
 
 
