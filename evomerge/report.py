@@ -22,7 +22,7 @@ import numpy as np
 from optuna.trial import FrozenTrial, TrialState
 
 from evomerge.merge.layerstack import parse_recipe
-from evomerge.store import INTERRUPTED, META, RESULT, Store
+from evomerge.store import INTERRUPTED, META, OWNER, RESULT, Store
 
 SUMMARY = "summary.json"
 BEST_RECIPE = "best_recipe.yaml"
@@ -215,6 +215,8 @@ def finish_run(plan: Any, store: Store, evaluator: Any, *, wall_s: float,
         "final": final,
         **({"base": base_scores} if base_scores else {}),
         "timing": _timings(complete),
+        "devices": {"driver": getattr(evaluator, "placement", None),
+                    "workers": _workers(trials)},
         "storage": store.url,
     }
     if reduction is not None:
@@ -228,6 +230,19 @@ def finish_run(plan: Any, store: Store, evaluator: Any, *, wall_s: float,
     write_atomic(run_dir / SUMMARY, json.dumps(summary, indent=2))
     plot_run(run_dir, complete, pareto, objectives, sources)
     return summary
+
+
+def _workers(trials: list[FrozenTrial]) -> dict[str, dict[str, Any]]:
+    """Where the trials ran: per worker (``host:pid``; ``in-process`` for the driver's own
+    evaluations) its device, dtype and GPU as it recorded them, and its number of trials."""
+    out: dict[str, dict[str, Any]] = {}
+    for trial in trials:
+        where = trial.user_attrs.get(RESULT, {}).get("worker")
+        if where:
+            entry = out.setdefault(trial.system_attrs.get(OWNER, "in-process"),
+                                   {**where, "trials": 0})
+            entry["trials"] += 1
+    return out
 
 
 def _timings(trials: list[FrozenTrial]) -> dict[str, float]:

@@ -431,8 +431,9 @@ class Store:
     def finish(self, claim: Claim, values: Sequence[float] | None, *,
                timings: Mapping[str, float] | None = None,
                item_scores: Mapping[str, np.ndarray] | None = None,
-               error: str | None = None) -> bool:
-        """COMPLETE with values, or FAIL with ``error``; timings and scores in one attribute.
+               error: str | None = None, worker: Mapping[str, Any] | None = None) -> bool:
+        """COMPLETE with values, or FAIL with ``error``; timings and scores in one attribute,
+        with ``worker``: where it ran (device, dtype; see execution/devices.describe).
 
         False when the trial is no longer this worker's to finish: a checker gave it back
         (:meth:`fail_stale`, a resuming driver), or the worker's lease ran out (see
@@ -445,6 +446,8 @@ class Store:
         ok = error is None and values is not None and all(math.isfinite(v) for v in values)
         if not ok:
             result["error"] = error or f"non-finite objective values {list(values or [])}"
+        if worker:
+            result["worker"] = dict(worker)
         result["finished_at"] = time.time()
         if ok and len(values) != self.n_objectives:
             raise ValueError(f"trial {claim.number}: {len(values)} values for "

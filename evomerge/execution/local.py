@@ -19,7 +19,7 @@ from evomerge.execution.worker import (Executor, drain, evaluator_for, worker_id
 from evomerge.store import Store
 
 
-def _worker_main(experiment_data: dict, store_args: dict, parent: int) -> None:
+def _worker_main(experiment_data: dict, store_args: dict, parent: int, slot: int) -> None:
     import torch
 
     from evomerge.experiment import Experiment
@@ -30,7 +30,9 @@ def _worker_main(experiment_data: dict, store_args: dict, parent: int) -> None:
     torch.set_num_threads(experiment.executor.threads
                           or max(1, (os.cpu_count() or 1) // experiment.executor.workers))
     store = Store(**store_args)
-    worker_loop(store, evaluator_for(experiment), parent=parent)
+    # worker k of N takes visible GPU k mod G (executor.device auto/cuda): one CUDA context
+    # per process, and a replaced worker keeps its predecessor's slot
+    worker_loop(store, evaluator_for(experiment, slot=slot), parent=parent)
 
 
 class LocalExecutor(Executor):
@@ -69,18 +71,18 @@ class LocalExecutor(Executor):
             if self._deaths > 3 * self.workers:
                 raise RuntimeError(f"{self._deaths} worker processes died (last exit code "
                                    f"{proc.exitcode}); see their output above")
-            self._procs[k] = self._spawn()
+            self._procs[k] = self._spawn(k)
 
     def _start(self) -> None:
         if self._procs:
             return
-        self._procs = [self._spawn() for _ in range(self.workers)]
+        self._procs = [self._spawn(k) for k in range(self.workers)]
 
-    def _spawn(self) -> mp.Process:
+    def _spawn(self, slot: int) -> mp.Process:
         ctx = mp.get_context("spawn")  # fresh interpreters: no forked torch/SQLite state
         proc = ctx.Process(target=_worker_main,
                            args=(self.experiment.model_dump(mode="json"), self.store_args,
-                                 os.getpid()),
+                                 os.getpid(), slot),
                            daemon=True)
         proc.start()
         return proc

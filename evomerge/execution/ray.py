@@ -74,6 +74,8 @@ class _Actor:
     """One Ray worker: the sources resident once, then one queued trial per :meth:`step`."""
 
     def __init__(self, experiment_data: dict, store_args: dict, device: str) -> None:
+        """``device``: the experiment's ``executor.device`` for an actor Ray gave GPUs (Ray
+        sets its ``CUDA_VISIBLE_DEVICES``, so ``auto`` is the actor's first GPU), else cpu."""
         from evomerge.experiment import Experiment
 
         experiment = Experiment.model_validate(experiment_data)
@@ -205,7 +207,7 @@ class RayExecutor(Executor):
             num_cpus=self.options.cpus_per_worker, num_gpus=gpus,
             max_restarts=0, max_task_retries=0,  # a retried trial would count twice
         ).remote(self.experiment.model_dump(mode="json"), self.store_args,
-                 "cuda" if gpus > 0 else "cpu")
+                 self.experiment.executor.device if gpus > 0 else "cpu")
         return actor, actor.owner_id.remote()
 
     def _connect(self) -> None:

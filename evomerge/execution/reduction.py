@@ -74,14 +74,14 @@ def _calibrate(plan: Any, options: dict[str, Any], spec: Any, progress: bool) ->
     """Score sources + a uniform design of the run's space on the full search items; fit."""
     from rich.progress import track
 
-    from evomerge.execution.worker import Evaluator
+    from evomerge.execution.worker import evaluator_for
     from evomerge.fitness.reduced import calibrate, source_recipe, uniform_design
 
     experiment = plan.experiment
     endpoints = [source_recipe(p) for p in experiment.models.sources.values()]
     design = [plan.space.decode(x)
               for x in uniform_design(plan.space.lower, plan.space.upper, spec.design, spec.seed)]
-    evaluator = Evaluator(plan.paths, experiment.fitness.name, options, experiment.models.base)
+    evaluator = evaluator_for(experiment, reduced=False)
 
     def score(recipes: list) -> list:
         items = track(recipes, description="IRT calibration (full search items)",

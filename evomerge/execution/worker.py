@@ -7,6 +7,7 @@ the recipe stored with each trial), so a worker can start anywhere the storage U
 
 from __future__ import annotations
 
+import inspect
 import math
 import os
 import signal
@@ -22,27 +23,49 @@ from typing import Any
 import numpy as np
 import torch
 
-from evomerge.fitness.base import EvalResult, Fitness, Objective, make_fitness
+from evomerge.execution.devices import describe, resolve_device
+from evomerge.fitness.base import (DTYPES, EvalResult, Fitness, Objective, fitness_class,
+                                   make_fitness)
 from evomerge.merge.engine import Merger
+from evomerge.merge.io import export_dtype
 from evomerge.merge.layerstack import LayerRecipe, LayerStack, ResidentSources, parse_recipe
 from evomerge.recipe import MergeRecipe
 from evomerge.store import EXPERIMENT, OWNER, Store, open_storage
 
 
 class Evaluator:
-    """Sources resident once, one model to build into, one fitness: scores recipes."""
+    """Sources resident once, one model to build into, one fitness: scores recipes.
+
+    ``device``: where sources, build target and fitness model live (a ``torch.device`` or its
+    name; :func:`evaluator_for` picks it from ``executor.device``). ``dtype``: the fitness
+    model's dtype, ``auto`` meaning the checkpoints' own (bf16 stays bf16). ``engine``: the
+    Merger's options (cache, chunk, device_budget). The fitness gets ``device`` and ``dtype``
+    when its constructor takes them and the experiment did not set them itself.
+    """
 
     def __init__(self, model_paths: list[str], fitness_name: str,
                  fitness_options: Mapping[str, Any], base_model: str | None,
-                 device: str = "cpu", reduction: Any = None) -> None:
-        self.merger = Merger(model_paths, device=device)
+                 device: str | torch.device = "cpu", reduction: Any = None,
+                 dtype: str = "auto", engine: Mapping[str, Any] | None = None) -> None:
+        self.device = torch.device(device)
+        weights = export_dtype(sources=model_paths)  # None: the checkpoints' dtypes differ
+        self.dtype = (weights or torch.float32) if dtype == "auto" else DTYPES[dtype]
+        # mixed-dtype checkpoints merge once cast to an explicit dtype; agreeing ones never cast
+        self.merger = Merger(model_paths, device=self.device, **(engine or {}),
+                             dtype=None if weights or dtype == "auto" else self.dtype)
+        placement = {"device": str(self.device), "dtype": str(self.dtype).removeprefix("torch.")}
+        takes = inspect.signature(fitness_class(fitness_name)).parameters
         #: the fitness as configured; ``fitness`` is what the search sees (maybe IRT-reduced)
-        self.inner: Fitness = make_fitness(fitness_name, base_model=base_model or model_paths[0],
-                                           **fitness_options)
+        self.inner: Fitness = make_fitness(
+            fitness_name, base_model=base_model or model_paths[0],
+            **{k: v for k, v in placement.items() if k in takes and k not in fitness_options},
+            **fitness_options)
         self.fitness: Fitness = self.inner
         if reduction is not None:
             self.reduce(*reduction)
-        self.model = self.fitness.new_model().to(device)
+        self.model = self.fitness.new_model().to(self.device)
+        #: what this worker records with each trial it evaluates (see devices.describe)
+        self.placement = describe(self.device, next(self.model.parameters()).dtype)
         self._stack: LayerStack | None = None
 
     def reduce(self, reduction: Any, estimator: str) -> None:
@@ -103,17 +126,22 @@ class Evaluator:
         return self.fitness.evaluate(self.model, split)
 
 
-def evaluator_for(experiment: Any, device: str = "cpu") -> Evaluator:
-    """The evaluator of an experiment's models and fitness (IRT-reduced when the experiment
-    says so: the driver has written the run's reduction before any trial exists)."""
+def evaluator_for(experiment: Any, slot: int = 0, device: str | None = None,
+                  reduced: bool = True) -> Evaluator:
+    """The evaluator of an experiment's models and fitness on the device of worker ``slot``
+    (``executor.device``, see :mod:`evomerge.execution.devices`; ``device`` overrides it), in
+    ``models.dtype`` with the ``engine`` options; IRT-reduced when the experiment says so and
+    ``reduced`` (the driver has written the run's reduction before any trial exists; its
+    calibration itself scores full items)."""
     from evomerge.execution import reduction
 
     models = experiment.models
     paths = ([models.base] if models.base else []) + list(models.sources.values())
     options, spec = reduction.split_options(experiment.fitness.options)
-    fitted = reduction.load(experiment.run_path, spec) if spec is not None else None
-    return Evaluator(paths, experiment.fitness.name, options, models.base, device=device,
-                     reduction=fitted)
+    fitted = reduction.load(experiment.run_path, spec) if spec is not None and reduced else None
+    where = resolve_device(device or experiment.executor.device, slot)
+    return Evaluator(paths, experiment.fitness.name, options, models.base, device=where,
+                     reduction=fitted, dtype=models.dtype, engine=experiment.engine.options())
 
 
 @contextmanager
@@ -142,7 +170,10 @@ class Executor:
     @property
     def evaluator(self) -> Evaluator:
         if self._evaluator is None:
-            self._evaluator = evaluator_for(self.experiment)
+            # a remote executor's driver (a SLURM driver job gets no --gres) uses a GPU only
+            # where it has one; the local executor's driver is worker slot 0 as asked
+            remote = self.experiment.executor.kind != "local"
+            self._evaluator = evaluator_for(self.experiment, device="auto" if remote else None)
         return self._evaluator
 
 
@@ -177,7 +208,8 @@ def process_one(store: Store, evaluator: Evaluator, owner: str | None = None) ->
             return True
         finite = all(math.isfinite(v) for v in values)
         store.finish(claim, values, timings=timings, item_scores=result.item_scores,
-                     error=None if finite else f"non-finite objectives {values}")
+                     error=None if finite else f"non-finite objectives {values}",
+                     worker=getattr(evaluator, "placement", None))
     return True
 
 
@@ -304,7 +336,10 @@ def serve(url: str, study: str, *, poll_s: float = 1.0, max_trials: int | None =
             # trial, so the driver gives the trial back if the task dies (kill -9, node loss).
             store_args = {**plan.store_args, "url": url, "study_name": study}
             store = Store(**store_args)
-            count = worker_loop(store, evaluator_for(experiment), poll_s=poll_s,
+            # Slurm gives the task its GPUs through CUDA_VISIBLE_DEVICES: slot 0 is the first
+            # of them; several tasks of one step sharing a node's GPUs take them by local id
+            slot = int(os.environ.get("SLURM_LOCALID", "0"))
+            count = worker_loop(store, evaluator_for(experiment, slot=slot), poll_s=poll_s,
                                 max_trials=max_trials)
         except Terminated:
             if store_args is not None:  # a fresh store: the old one may have been mid-call

@@ -91,13 +91,17 @@ def register(name: str) -> Callable[[type[Fitness]], type[Fitness]]:
     return wrap
 
 
-def make_fitness(name: str, **options: Any) -> Fitness:
+def fitness_class(name: str) -> Callable[..., Fitness]:
+    """The registered fitness ``name`` (KeyError listing the known names)."""
     _load_builtin()
     try:
-        cls = FITNESSES[name]
+        return FITNESSES[name]
     except KeyError:
         raise KeyError(f"unknown fitness {name!r}; known: {', '.join(sorted(FITNESSES))}") from None
-    return cls(**options)
+
+
+def make_fitness(name: str, **options: Any) -> Fitness:
+    return fitness_class(name)(**options)
 
 
 def _load_builtin() -> None:
