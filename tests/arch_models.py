@@ -9,17 +9,18 @@ under a second.
 
 Families (``FAMILIES``): ``llama``, ``mistral``, ``qwen2``, ``qwen3``, ``gemma2``, ``phi3``
 (fused ``qkv_proj`` / ``gate_up_proj``), ``gpt2`` (``Conv1D``, learned positions, tied head),
-``gpt_neox`` (named as Pythia checkpoints are: ``embed_out.weight``, which is also what
-transformers 5's ``save_pretrained`` writes although the class calls the head ``lm_head``),
-``gpt_neox_lm_head`` (the same model with the head stored as ``lm_head.weight``, the name the
-class uses), ``olmo2`` and ``tied`` (a Llama with tied input and output embeddings, as
-Llama-3.2-1B and Qwen2.5-0.5B are: no ``lm_head.weight`` in the checkpoint).
+``gpt_neox`` (stored as Pythia checkpoints are: the head as ``embed_out.weight``, which is
+also what transformers 5's ``save_pretrained`` writes although the class calls it ``lm_head``,
+and per-layer ``attention.bias`` / ``masked_bias`` / ``rotary_emb.inv_freq`` buffers that the
+class no longer keeps), ``gpt_neox_lm_head`` (the same model with the head stored as
+``lm_head.weight``, the class's name, and no old buffers: mergekit cannot read it), ``olmo2``
+and ``tied`` (a Llama with tied input and output embeddings, as Llama-3.2-1B and Qwen2.5-0.5B
+are: no ``lm_head.weight`` in the checkpoint).
 """
 
 from __future__ import annotations
 
 import copy
-import json
 from collections.abc import Callable
 from pathlib import Path
 
@@ -94,13 +95,38 @@ _CONFIGS: dict[str, Callable[[int, dict], transformers.PretrainedConfig]] = {
 #: every family make_family writes
 FAMILIES: tuple[str, ...] = tuple(_CONFIGS)
 
-#: the families mergekit (as installed) merges; the others have no architecture definition there
-MERGEKIT_FAMILIES: tuple[str, ...] = FAMILIES
+#: the families mergekit (as installed) merges: its gpt-neox definition wants Pythia's names
+MERGEKIT_FAMILIES: tuple[str, ...] = tuple(f for f in FAMILIES if f != "gpt_neox_lm_head")
 
 #: checkpoint-name changes applied after ``save_pretrained`` (regex-free: old prefix -> new)
 _RENAME: dict[str, dict[str, str]] = {
     "gpt_neox": {"lm_head.": "embed_out."},  # in case a transformers version saves lm_head
     "gpt_neox_lm_head": {"embed_out.": "lm_head."},
+}
+
+
+def _pythia_buffers(model: torch.nn.Module, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """The per-layer buffers Pythia checkpoints store (saved by transformers 4 when they were
+    persistent; transformers 5 ignores them on load, mergekit's gpt-neox definition needs them):
+    the causal mask ``attention.bias`` (bool), ``attention.masked_bias`` and the rotary
+    ``attention.rotary_emb.inv_freq`` (the model's own, now one buffer for all layers)."""
+    config = model.config
+    positions = config.max_position_embeddings
+    mask = torch.tril(torch.ones(positions, positions, dtype=torch.bool)).view(1, 1, positions,
+                                                                               positions)
+    inv_freq = dict(model.named_buffers())["gpt_neox.rotary_emb.inv_freq"]
+    out = {}
+    for i in range(config.num_hidden_layers):
+        prefix = f"gpt_neox.layers.{i}.attention."
+        out[prefix + "bias"] = mask.clone()
+        out[prefix + "masked_bias"] = torch.tensor(-1e9).to(dtype)
+        out[prefix + "rotary_emb.inv_freq"] = inv_freq.to(dtype)
+    return out
+
+
+#: tensors added to every checkpoint of a family after ``save_pretrained``
+_EXTRA: dict[str, Callable[[torch.nn.Module, torch.dtype], dict]] = {
+    "gpt_neox": _pythia_buffers,
 }
 
 
@@ -112,25 +138,19 @@ def config_for(family: str, vocab_size: int | None = None) -> transformers.Pretr
     return _CONFIGS[family](vocab_size or len(tok), _special(tok))
 
 
-def _rename_keys(path: Path, prefixes: dict[str, str]) -> None:
-    """Rename the tensors of every safetensors file in ``path`` whose names start with a key of
-    ``prefixes`` (and the index, when there is one)."""
+def _rewrite(path: Path, prefixes: dict[str, str], extra: dict[str, torch.Tensor]) -> None:
+    """Rename the tensors of the (single-file) checkpoint in ``path`` whose names start with a
+    key of ``prefixes``, and add ``extra``."""
     def new(name: str) -> str:
         for old, repl in prefixes.items():
             if name.startswith(old):
                 return repl + name[len(old):]
         return name
 
-    for file in sorted(path.glob("*.safetensors")):
-        state = safetensors.torch.load_file(file)
-        if any(new(k) != k for k in state):
-            safetensors.torch.save_file({new(k): v for k, v in state.items()}, file,
-                                        metadata={"format": "pt"})
-    index = path / "model.safetensors.index.json"
-    if index.is_file():
-        data = json.loads(index.read_text())
-        data["weight_map"] = {new(k): v for k, v in data["weight_map"].items()}
-        index.write_text(json.dumps(data, indent=2))
+    file = path / "model.safetensors"
+    assert not (path / "model.safetensors.index.json").exists(), "tiny models save one file"
+    state = {new(k): v for k, v in safetensors.torch.load_file(file).items()}
+    safetensors.torch.save_file({**state, **extra}, file, metadata={"format": "pt"})
 
 
 def make_family(family: str, root: str | Path, n_models: int = 3, seed: int = 0,
@@ -161,8 +181,9 @@ def make_family(family: str, root: str | Path, n_models: int = 3, seed: int = 0,
     def save(path: Path) -> Path:
         copy.deepcopy(model).to(dtype).save_pretrained(path)
         tok.save_pretrained(path)
-        if family in _RENAME:
-            _rename_keys(path, _RENAME[family])
+        if family in _RENAME or family in _EXTRA:
+            extra = _EXTRA[family](model, dtype) if family in _EXTRA else {}
+            _rewrite(path, _RENAME.get(family, {}), extra)
         return path
 
     paths = [save(root / "base")]
