@@ -321,6 +321,22 @@ def test_new_model_takes_the_base_weights(crafted, fitness, model):
     np.testing.assert_array_equal(fitness.evaluate(fresh).item_scores["gen"], crafted["gen"])
 
 
+def test_dtype_auto_is_the_base_configs_and_an_explicit_dtype_wins(crafted, tok, tmp_path):
+    half = tmp_path / "bf16"
+    tiny_llama(tok).to(torch.bfloat16).save_pretrained(half)
+    tok.save_pretrained(half)
+    fit = LMFitness(base_model=half, suite=crafted["suite"], max_items=2)
+    assert fit.dtype == torch.bfloat16 and fit.new_model().dtype == torch.bfloat16
+    assert LMFitness(base_model=crafted["base"], suite=crafted["suite"],
+                     max_items=2).new_model().dtype == torch.float32
+    assert LMFitness(base_model=half, suite=crafted["suite"], max_items=2,
+                     dtype="float32").new_model().dtype == torch.float32
+    assert LMFitness(base_model=half, suite=crafted["suite"], max_items=2,
+                     dtype=torch.float16).dtype == torch.float16
+    with pytest.raises(ValueError, match="dtype: expected auto or one of float32"):
+        LMFitness(base_model=crafted["base"], suite=crafted["suite"], dtype="float8")
+
+
 def test_tokenizer_without_pad_uses_eos(crafted, tok, model, tmp_path):
     base = tmp_path / "nopad"
     model.save_pretrained(base)

@@ -53,8 +53,17 @@ def load(run_dir: Path, spec: Any) -> tuple[Any, str]:
 
 def calibrate_run(plan: Any, *, progress: bool = True) -> dict[str, Any]:
     """Calibrate the run's reduction (or reuse the cached one) and write it where evaluators
-    read it; returns what summary.json reports about it."""
+    read it; returns what summary.json reports about it. A fitness that cannot be reduced
+    (:func:`evomerge.fitness.reduced.check_reducible`) is refused before anything is scored."""
+    from evomerge.experiment import ExperimentError
+    from evomerge.fitness.base import FITNESSES
+    from evomerge.fitness.reduced import check_reducible
+
     experiment = plan.experiment
+    try:
+        check_reducible(FITNESSES[experiment.fitness.name], experiment.fitness.name)
+    except ValueError as exc:
+        raise ExperimentError(str(exc)) from None
     options, spec = split_options(experiment.fitness.options)
     reduction = _calibrate(plan, options, spec, progress)
     gc.collect()  # the calibration evaluator (sources, model) is gone before workers start

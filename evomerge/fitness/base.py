@@ -109,3 +109,4 @@ def _load_builtin() -> None:
     import evomerge.fitness.digits  # noqa: F401
     import evomerge.fitness.lm  # noqa: F401
     import evomerge.fitness.lmeval  # noqa: F401
+    import evomerge.fitness.perplexity  # noqa: F401

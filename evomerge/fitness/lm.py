@@ -38,7 +38,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from evomerge.fitness.base import EvalResult, Fitness, Objective, register
+from evomerge.fitness.base import EvalResult, Fitness, Objective, register, resolve_dtype
 from evomerge.fitness.suite import (
     SPLITS,
     ChoiceItem,
@@ -62,7 +62,6 @@ __all__ = [
 #: Sequences per forward pass. Only the scored positions' logits are kept, so memory stays small;
 #: on CPU, 64 short sequences were ~30% faster per item than 32 (tiny-LM suite). On a GPU pass more.
 DEFAULT_BATCH_SIZE = 64
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 # --------------------------------------------------------------------------------------------
@@ -290,8 +289,10 @@ class LMFitness(Fitness):
     tensors and :meth:`new_model` live; a model elsewhere still works, batches follow it),
     ``max_items`` (the first N items of every task and split; for smoke runs),
     ``search_items`` (the first N items of every task's *search* split only: a cheaper search
-    whose winner is still judged on every held-out item), ``dtype`` of
-    :meth:`new_model`, and ``base_model`` (the base checkpoint dir: its config and tokenizer).
+    whose winner is still judged on every held-out item), ``dtype`` of :meth:`new_model`
+    (default ``auto``: the base config's, see :func:`evomerge.fitness.base.resolve_dtype`;
+    executors pass a concrete one), and ``base_model`` (the base checkpoint dir: its config and
+    tokenizer).
     """
 
     def __init__(
@@ -303,7 +304,7 @@ class LMFitness(Fitness):
         device: str | torch.device = "cpu",
         max_items: int | None = None,
         search_items: int | None = None,
-        dtype: str = "float32",
+        dtype: str | torch.dtype = "auto",
         tasks: Sequence[str] | None = None,
     ) -> None:
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
@@ -313,9 +314,9 @@ class LMFitness(Fitness):
                                       or value < 1):
                 raise ValueError(f"{key}: expected an integer >= 1 or null, got {value!r}")
         self.search_items = search_items
-        if dtype not in DTYPES:
-            raise ValueError(f"dtype: expected one of {', '.join(DTYPES)}, got {dtype!r}")
-        self.batch_size, self.max_items, self.dtype = batch_size, max_items, DTYPES[dtype]
+        if dtype != "auto":
+            resolve_dtype(dtype, None)  # a bad dtype is refused before any file is read
+        self.batch_size, self.max_items = batch_size, max_items
         self.device = torch.device(device)
         self.suite = load_suite(suite).select(tasks)
         self._objectives = resolve_objectives(
@@ -325,6 +326,7 @@ class LMFitness(Fitness):
         self.objectives: list[Objective] = [obj for obj, _ in self._objectives]
         self.base_model = Path(base_model)
         self.config, self.tokenizer = _load_base(self.base_model)
+        self.dtype = resolve_dtype(dtype, self.config)
         self._data = {split: {task.name: self._prepare(task, split) for task in self.suite.tasks}
                       for split in SPLITS}
 

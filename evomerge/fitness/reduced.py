@@ -36,7 +36,8 @@ from evomerge.fitness.irt import ESTIMATORS, Reduction, estimate
 from evomerge.recipe import MergeRecipe
 
 __all__ = ["ReducedFitness", "ReducedSpec", "SubsetFitness", "cached_responses", "calibrate",
-           "random_merges", "response_matrix", "source_recipe", "uniform_design", "validate"]
+           "check_reducible", "random_merges", "response_matrix", "source_recipe",
+           "uniform_design", "validate"]
 
 #: Scores recipes on the full search items: one ``{task: per-item scores}`` per recipe, in order.
 ScoreRecipes = Callable[[Sequence[MergeRecipe]], Sequence[Mapping[str, np.ndarray]]]
@@ -101,6 +102,22 @@ class ReducedSpec:
         return cls(**data)
 
 
+def check_reducible(fitness: Any, name: str | None = None) -> None:
+    """ValueError (``fitness.reduced: ...``) unless ``fitness`` (a fitness class or object,
+    registered as ``name``) can be IRT-reduced: it has the :class:`SubsetFitness` methods and
+    does not say why not in a ``not_reducible`` attribute. Drivers call it before any compute."""
+    cls = fitness if isinstance(fitness, type) else type(fitness)
+    what = f"the {name!r} fitness" if name else cls.__name__
+    reason = getattr(fitness, "not_reducible", None)
+    if reason:
+        raise ValueError(f"fitness.reduced: {what} cannot be IRT-reduced: {reason}")
+    for attr in ("num_items", "objectives_from_task_scores"):
+        if not callable(getattr(fitness, attr, None)):
+            raise ValueError(  # noqa: TRY004 - a configuration error, as drivers report them
+                f"fitness.reduced: {what} cannot be IRT-reduced: it has no "
+                f"{attr}() (see evomerge.fitness.reduced.SubsetFitness)")
+
+
 class ReducedFitness(Fitness):
     """``inner`` scored on the reduction's anchors during search, in full on ``heldout``.
 
@@ -111,10 +128,7 @@ class ReducedFitness(Fitness):
     def __init__(self, inner: SubsetFitness, reduction: Reduction, estimator: str) -> None:
         if estimator not in ESTIMATORS:
             raise ValueError(f"estimator: unknown {estimator!r}; known: {', '.join(ESTIMATORS)}")
-        for attr in ("num_items", "objectives_from_task_scores"):
-            if not callable(getattr(inner, attr, None)):
-                raise TypeError(f"{type(inner).__name__} cannot be reduced: it has no {attr}() "
-                                "(see evomerge.fitness.reduced.SubsetFitness)")
+        check_reducible(inner)
         sizes = inner.num_items("search")
         mismatch = {t: (sizes.get(t), r.num_items) for t, r in reduction.tasks.items()
                     if sizes.get(t) != r.num_items}
