@@ -21,9 +21,11 @@ from evomerge.fitness.base import make_fitness
 from evomerge.fitness.lmeval import (
     DEFAULT_INCLUDE_PATH,
     LmEvalFitness,
+    parse_gen_kwargs,
     resolve_data_files,
     scores_from_samples,
 )
+from evomerge.fitness.reduced import check_reducible
 
 pytest.importorskip("lm_eval")
 
@@ -169,10 +171,10 @@ def _split_tasks() -> dict[str, dict[str, str]]:
     return {s: {"say": f"say_{s}", "saymc": f"saymc_{s}"} for s in ("search", "heldout")}
 
 
-def _fitness(zoo: Path, **options) -> LmEvalFitness:
+def _fitness(zoo: Path, base: Path | None = None, **options) -> LmEvalFitness:
     options = {"split_tasks": _split_tasks(), "batch_size": 8,
                "include_path": str(zoo / "tasks"), **options}
-    return make_fitness("lm-eval", base_model=str(zoo / "base"), **options)
+    return make_fitness("lm-eval", base_model=str(base or zoo / "base"), **options)
 
 
 def _model(fit: LmEvalFitness, path: Path) -> torch.nn.Module:
@@ -460,6 +462,318 @@ def test_unknown_task_name_is_reported_with_where_it_was_looked_for(zoo):
 def test_base_model_without_tokenizer_is_rejected(tmp_path):
     with pytest.raises(ValueError, match="base_model"):
         LmEvalFitness(base_model=tmp_path, tasks=["x"])
+
+
+# --------------------------------------------------------------------------------------------
+# lm-eval options per task entry (num_fewshot, chat template, gen_kwargs, batch_size, limit)
+# --------------------------------------------------------------------------------------------
+
+CHAT_TEMPLATE = ("{% for m in messages %}<|{{ m.role }}|>{{ m.content }}<|end|>{% endfor %}"
+                 "{% if add_generation_prompt %}<|assistant|>{% endif %}")
+
+
+def _reference(zoo: Path, model, tok, tasks: list[str], monkeypatch, **kwargs) -> dict:
+    """lm-eval's own ``simple_evaluate`` on the in-memory model (HFLM): its logged samples."""
+    from lm_eval import simple_evaluate
+    from lm_eval.models.huggingface import HFLM
+    from lm_eval.tasks import TaskManager
+
+    with monkeypatch.context() as mp:
+        mp.chdir(zoo / "tasks")  # lm-eval resolves the YAMLs' data_files against the cwd
+        out = simple_evaluate(
+            model=HFLM(pretrained=model, tokenizer=tok, batch_size=8), tasks=tasks,
+            task_manager=TaskManager(include_path=str(zoo / "tasks"), include_defaults=False),
+            log_samples=True, bootstrap_iters=0, **kwargs)
+    return out["samples"]
+
+
+def _requests(fit: LmEvalFitness, split: str, key: str,
+              items: list[int] | None = None) -> dict[int, list[tuple]]:
+    """The request arguments ``(context, ...)`` of the last evaluation, by document index."""
+    task = fit.task(split, key)
+    docs = sorted(items) if items is not None else range(fit.num_items(split)[key])
+    out: dict[int, list[tuple]] = {}
+    for inst in sorted(task.instances, key=lambda i: (i.doc_id, i.idx)):
+        out.setdefault(docs[inst.doc_id], []).append(inst.args)
+    return out
+
+
+def _reference_requests(samples: list[dict]) -> dict[int, list[tuple]]:
+    first = samples[0]["filter"]
+    return {s["doc_id"]: [tuple(a) for a in s["arguments"]] for s in samples
+            if s["filter"] == first}
+
+
+def test_num_fewshot_gives_lm_evals_own_contexts_and_item_scores(zoo, monkeypatch):
+    fit = _fitness(zoo, num_fewshot=2, limit=12)
+    model = _model(fit, zoo / "base")
+    result = fit.evaluate(model, "search")
+    samples = _reference(zoo, model, fit.tokenizer, ["say_search", "saymc_search"], monkeypatch,
+                         num_fewshot=2, limit=12)
+    gen, _ = _items("search")
+    for key in ("say", "saymc"):
+        expected, _ = scores_from_samples(samples[f"{key}_search"])
+        assert sorted(expected) == list(range(12))
+        np.testing.assert_array_equal(result.item_scores[key], [expected[i] for i in range(12)])
+        assert _requests(fit, "search", key) == _reference_requests(samples[f"{key}_search"])
+    for doc, ((context, _),) in _requests(fit, "search", "say").items():
+        shots = context.split("\n\n")  # the tasks' fewshot_delimiter
+        assert len(shots) == 3 and shots[-1] == gen[doc]["prompt"]
+        for shot in shots[:2]:  # each few-shot example is an item's prompt and its answer
+            assert any(shot == f"{g['prompt']} {g['answer']}" for g in gen), shot
+    zero = _fitness(zoo, limit=12)
+    zero.evaluate(_model(zero, zoo / "base"), "search")
+    assert {d: c for d, ((c, _),) in _requests(zero, "search", "say").items()} == {
+        i: gen[i]["prompt"] for i in range(12)}
+    assert fit.options("search")["say"]["num_fewshot"] == 2
+    assert zero.options("search")["say"]["num_fewshot"] == 0
+
+
+def test_few_shot_examples_of_an_item_do_not_depend_on_which_items_are_scored(zoo):
+    """lm-eval draws few-shot examples from one seeded generator, document after document, so
+    scoring a subset would give its items other examples than the full run (and IRT anchors
+    other scores than those the IRT model was fitted on); the fitness pins each document's."""
+    fit = _fitness(zoo, num_fewshot=3)
+    model = _model(fit, zoo / "base")
+    full = fit.evaluate(model, "search")
+    full_requests = _requests(fit, "search", "saymc")
+    order = [17, 2, 9]
+    part = fit.evaluate(model, "search", items={"saymc": order})
+    assert _requests(fit, "search", "saymc", order) == {i: full_requests[i] for i in order}
+    np.testing.assert_array_equal(part.item_scores["saymc"], full.item_scores["saymc"][order])
+    again = fit.evaluate(model, "search")  # and the next candidate gets the same contexts
+    assert _requests(fit, "search", "saymc") == full_requests
+    np.testing.assert_array_equal(again.item_scores["say"], full.item_scores["say"])
+
+
+def test_limit_per_task_entry_keeps_the_first_items(zoo, monkeypatch):
+    split_tasks = {s: {"say": {"task": f"say_{s}", "limit": 5},
+                       "saymc": {"task": f"saymc_{s}", "limit": 0.25}} for s in ("search", "heldout")}
+    fit = _fitness(zoo, split_tasks=split_tasks, limit=10)
+    gen, mc = _items("heldout")
+    assert fit.num_items("heldout") == {"say": 5, "saymc": 6}  # 0.25 of 24, as lm-eval rounds
+    assert fit.item_ids("heldout") == {"say": [g["id"] for g in gen[:5]],
+                                       "saymc": [m["id"] for m in mc[:6]]}
+    model = _model(fit, zoo / "base")
+    result = fit.evaluate(model, "heldout")
+    samples = _reference(zoo, model, fit.tokenizer, ["say_heldout"], monkeypatch, limit=5)
+    expected, _ = scores_from_samples(samples["say_heldout"])
+    np.testing.assert_array_equal(result.item_scores["say"], [expected[i] for i in range(5)])
+    assert len(result.item_scores["saymc"]) == 6
+    with pytest.raises(ValueError, match=r"index 5 out of range 0\.\.4"):  # items index the limit
+        fit.evaluate(model, "heldout", items={"say": [5]})
+
+
+def test_gen_kwargs_change_generation_as_in_lm_eval(zoo, monkeypatch):
+    fit = _fitness(zoo, limit=8, gen_kwargs={"max_gen_toks": 1, "temperature": 0})
+    model = _model(fit, zoo / "base")
+    result = fit.evaluate(model, "search")
+    requests = _requests(fit, "search", "say")
+    assert all(kw == {"until": ["\n"], "do_sample": False, "max_gen_toks": 1, "temperature": 0}
+               for ((_, kw),) in requests.values())  # merged into the YAML's generation_kwargs
+    responses = [inst.resps[0] for inst in fit.task("search", "say").instances]
+    assert all(len(fit.tokenizer.encode(r, add_special_tokens=False)) <= 1 for r in responses)
+    assert result.item_scores["say"].sum() == 0  # no two-word answer fits in one token
+    assert _fitness(zoo, limit=8).evaluate(model, "search").item_scores["say"].sum() > 0
+    samples = _reference(zoo, model, fit.tokenizer, ["say_search"], monkeypatch, limit=8,
+                         gen_kwargs={"max_gen_toks": 1, "temperature": 0})
+    assert [s["resps"][0][0] for s in sorted(samples["say_search"], key=lambda s: s["doc_id"])] \
+        == responses
+    assert _requests(fit, "search", "say") == _reference_requests(samples["say_search"])
+
+
+def _chat_base(zoo: Path, tmp_path: Path) -> Path:
+    """The trained base with a tokenizer that has a chat template."""
+    from transformers import AutoTokenizer
+
+    base = tmp_path / "chat"
+    tok = AutoTokenizer.from_pretrained(zoo / "base")
+    tok.chat_template = CHAT_TEMPLATE
+    tok.save_pretrained(base)
+    for f in (zoo / "base").iterdir():
+        if f.name in ("config.json", "model.safetensors", "generation_config.json"):
+            (base / f.name).write_bytes(f.read_bytes())
+    return base
+
+
+def test_apply_chat_template_puts_the_templates_markers_in_the_context(zoo, tmp_path, monkeypatch):
+    base = _chat_base(zoo, tmp_path)
+    split_tasks = {s: {"say": {"task": f"say_{s}", "apply_chat_template": True, "num_fewshot": 1},
+                       "saymc": f"saymc_{s}"} for s in ("search", "heldout")}
+    fit = _fitness(zoo, base, split_tasks=split_tasks, limit=4)
+    model = _model(fit, zoo / "base")
+    fit.evaluate(model, "search")
+    gen, _ = _items("search")
+    say = _requests(fit, "search", "say")
+    for doc, ((context, _),) in say.items():  # few-shot example as a turn of its own
+        assert context.startswith("<|user|>") and context.endswith(
+            f"<|user|>{gen[doc]['prompt']}<|end|><|assistant|>")
+        assert context.count("<|user|>") == 2 and context.count("<|assistant|>") == 2
+    assert all("<|" not in args[0] for reqs in _requests(fit, "search", "saymc").values()
+               for args in reqs)  # the other entry has no chat template
+    samples = _reference(zoo, model, fit.tokenizer, ["say_search"], monkeypatch, limit=4,
+                         num_fewshot=1, apply_chat_template=True, fewshot_as_multiturn=True)
+    assert say == _reference_requests(samples["say_search"])
+    single = _fitness(zoo, base, split_tasks=split_tasks, limit=4, fewshot_as_multiturn=False)
+    single.evaluate(model, "search")
+    for (context, _), in _requests(single, "search", "say").values():  # one user turn
+        assert context.count("<|user|>") == 1 and context.count("<|assistant|>") == 1
+
+
+def test_a_chat_template_without_one_in_the_tokenizer_is_an_error(zoo):
+    with pytest.raises(ValueError, match=r"apply_chat_template: the tokenizer of .*base has no "
+                                         r"chat template"):
+        _fitness(zoo, apply_chat_template=True)
+
+
+def test_task_entry_options_override_the_fitness_defaults(zoo, monkeypatch):
+    import lm_eval.evaluator
+
+    calls: list[tuple] = []
+    real = lm_eval.evaluator.evaluate
+
+    def spy(lm, task_dict, **kwargs):
+        calls.append((sorted(task_dict["tasks"]), lm.batch_size))
+        return real(lm, task_dict, **kwargs)
+
+    split_tasks = {s: {"say": {"task": f"say_{s}", "num_fewshot": 0, "batch_size": 3,
+                               "gen_kwargs": {"until": [" "]}},
+                       "say2": f"say_{s}",  # the same lm-eval task, the defaults' options
+                       "saymc": f"saymc_{s}"} for s in ("search", "heldout")}
+    fit = _fitness(zoo, split_tasks=split_tasks, num_fewshot=2, limit=4, batch_size=5,
+                   gen_kwargs={"max_gen_toks": 4})
+    options = fit.options("search")
+    assert {k: (o["num_fewshot"], o["batch_size"]) for k, o in options.items()} == {
+        "say": (0, 3), "say2": (2, 5), "saymc": (2, 5)}
+    assert options["say"]["gen_kwargs"] == {"until": [" "], "do_sample": False, "max_gen_toks": 4}
+    assert options["say2"]["gen_kwargs"] == {"until": ["\n"], "do_sample": False,
+                                             "max_gen_toks": 4}
+    monkeypatch.setattr(lm_eval.evaluator, "evaluate", spy)
+    result = fit.evaluate(_model(fit, zoo / "base"), "search")
+    assert sorted(calls) == [(["say_search"], 3), (["say_search", "saymc_search"], 5)]
+    assert list(result.item_scores) == ["say", "say2", "saymc"]
+    gen, _ = _items("search")
+    assert {d: c for d, ((c, _),) in _requests(fit, "search", "say").items()} == {
+        i: gen[i]["prompt"] for i in range(4)}
+    assert all(c.count("\n\n") == 2 for ((c, _),) in _requests(fit, "search", "say2").values())
+    assert result.item_scores["say"].sum() == 0  # generation stops at the first space
+
+
+def test_options_of_a_tasks_entry_apply_to_every_task_it_expands_to(zoo):
+    fit = _fitness(zoo, split_tasks=None, tasks=[
+        {"task": "say_all_search", "num_fewshot": 1, "limit": 3},  # a tag: say_ and saymc_search
+        "say_heldout"], limit=5)
+    options = fit.options("heldout")
+    assert {k: (o["num_fewshot"], o["limit"]) for k, o in options.items()} == {
+        "say_search": (1, 3), "saymc_search": (1, 3), "say_heldout": (0, 5)}
+    assert fit.num_items("search") == {"say_search": 3, "saymc_search": 3, "say_heldout": 5}
+    with pytest.raises(ValueError, match=r"tasks\[1\]: task 'say_search' is also part of "
+                                         r"tasks\[0\]; list each task once"):
+        _fitness(zoo, split_tasks=None, tasks=["say_all_search", {"task": "say_search"}])
+
+
+def test_bad_task_options_are_all_reported_in_one_error(zoo):
+    split_tasks = {s: {"say": {"task": f"say_{s}", "num_shots": 2, "num_fewshot": -1,
+                               "gen_kwargs": {"max_gen_toks": 0, "temprature": 0}},
+                       "saymc": {"task": f"saymc_{s}", "batch_size": 0, "limit": -3,
+                                 "apply_chat_template": "yes"}}
+                   for s in ("search", "heldout")}
+    with pytest.raises(ValueError) as info:
+        _fitness(zoo, split_tasks=split_tasks, fewshot_as_multiturn=True, num_fewshot="2",
+                 dtype="float8")
+    message = str(info.value)
+    for expected in ("split_tasks.search.say: unknown key(s) 'num_shots'",
+                     "split_tasks.heldout.say.num_fewshot: expected an integer >= 0",
+                     "split_tasks.search.say.gen_kwargs.max_gen_toks: expected a positive integer",
+                     "split_tasks.search.say.gen_kwargs.temprature: unknown generation option",
+                     "split_tasks.search.saymc.batch_size: expected a positive integer",
+                     "split_tasks.search.saymc.limit: expected a positive integer",
+                     "split_tasks.search.saymc.apply_chat_template: expected true or false",
+                     "num_fewshot: expected an integer >= 0 or null, got '2'",
+                     "dtype: expected auto or one of"):
+        assert expected in message, (expected, message)
+    assert message.startswith("lm-eval fitness: 16 problems:")
+    with pytest.raises(ValueError, match="fewshot_as_multiturn is true but apply_chat_template "
+                                         "is false"):
+        _fitness(zoo, fewshot_as_multiturn=True)
+
+
+def test_options_that_do_not_fit_the_tasks_are_reported_before_compute(zoo):
+    split_tasks = {s: {"say": f"say_{s}",
+                       "saymc": {"task": f"saymc_{s}", "gen_kwargs": {"max_gen_toks": 3}}}
+                   for s in ("search", "heldout")}
+    with pytest.raises(ValueError) as info:
+        _fitness(zoo, split_tasks=split_tasks, gen_kwargs={"max_gen_toks": 64})
+    message = str(info.value)
+    for expected in (
+        # an entry's own gen_kwargs on a loglikelihood task (a default is skipped, as lm-eval does)
+        ("split_tasks.search.saymc.gen_kwargs: saymc_search is a multiple_choice task; "
+         "gen_kwargs apply to generate_until tasks only"),
+        ("split_tasks.search.say: say_search generates up to 64 tokens, not less than the "
+         "model's context length 64"),
+    ):
+        assert expected in message, (expected, message)
+
+
+def test_too_many_shots_for_the_documents_is_an_error_before_compute(zoo):
+    with pytest.raises(ValueError, match=r"say_search: cannot draw 30 few-shot examples"):
+        _fitness(zoo, num_fewshot=30)
+
+
+def test_gen_kwargs_accept_lm_evals_command_line_string():
+    assert parse_gen_kwargs("max_gen_toks=5,temperature=0", "g") == (
+        {"max_gen_toks": 5, "temperature": 0}, [])
+    assert parse_gen_kwargs({"top_p": 1.5}, "g")[1] == ["g.top_p: expected a number in (0, 1], got 1.5"]
+
+
+def test_the_fitness_can_be_irt_reduced(fitted):
+    fit, model = fitted
+    check_reducible(fit, "lm-eval")
+    result = fit.evaluate(model, "search")
+    task_scores = {k: float(v.mean()) for k, v in result.item_scores.items()}
+    assert fit.objectives_from_task_scores(task_scores) == pytest.approx(result.objectives)
+
+
+# --------------------------------------------------------------------------------------------
+# dtype
+# --------------------------------------------------------------------------------------------
+
+
+def test_new_model_is_allocated_in_the_checkpoints_dtype_and_bf16_scores_close_to_fp32(zoo,
+                                                                                        tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    base16 = tmp_path / "bf16"  # a bf16 checkpoint: auto means bf16
+    AutoModelForCausalLM.from_pretrained(zoo / "base", dtype=torch.bfloat16).save_pretrained(base16)
+    AutoTokenizer.from_pretrained(zoo / "base").save_pretrained(base16)
+    auto16 = _fitness(zoo, base16)
+    assert auto16.dtype == torch.bfloat16
+    model16 = auto16.new_model()
+    assert {p.dtype for p in model16.parameters()} == {torch.bfloat16}
+    fp32 = _fitness(zoo)  # the fp32 checkpoint: auto means fp32; an explicit dtype wins
+    assert fp32.dtype == torch.float32 and _fitness(zoo, dtype="bfloat16").dtype == torch.bfloat16
+    assert {p.dtype for p in fp32.new_model().parameters()} == {torch.float32}
+
+    weights = AutoModelForCausalLM.from_pretrained(zoo / "base").state_dict()
+    model16.load_state_dict(weights)  # cast to bf16 as the merge engine writes it
+    model32 = fp32.new_model()
+    model32.load_state_dict(weights)
+    r16, r32 = auto16.evaluate(model16, "search"), fp32.evaluate(model32, "search")
+    assert {p.dtype for p in model16.parameters()} == {torch.bfloat16}  # evaluated as bf16
+    for key in ("say", "saymc"):
+        agree = np.mean(r16.item_scores[key] == r32.item_scores[key])
+        assert agree >= 0.9, (key, agree)  # an item whose best two choices are close may flip
+        assert abs(r16.objectives[key] - r32.objectives[key]) <= 0.1
+    lm16 = auto16._wrap(model16)  # the log-likelihoods themselves: bf16 rounding only
+    lm32 = fp32._wrap(model32)
+    from lm_eval.api.instance import Instance
+
+    _, mc = _items("search")
+    reqs = [Instance("loglikelihood", {}, (it["prompt"], c), i)
+            for i, it in enumerate(mc[:6]) for c in it["choices"]]
+    ll16 = np.array([ll for ll, _ in lm16.loglikelihood(reqs)])
+    ll32 = np.array([ll for ll, _ in lm32.loglikelihood(reqs)])
+    np.testing.assert_allclose(ll16, ll32, rtol=0.01, atol=0.02)
 
 
 # --------------------------------------------------------------------------------------------
