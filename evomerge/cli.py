@@ -288,7 +288,11 @@ _MERGE_HELP = (
     "CONFIG uses mergekit's [bold]models:[/bold] form: merge_method, base_model, models (each with "
     "its parameters), global parameters, dtype/out_dtype. Methods: linear, task_arithmetic, "
     "ties, dare_linear, dare_ties, della, della_linear, breadcrumbs, breadcrumbs_ties, slerp, "
-    "model_stock. Model paths are local directories, relative to the current directory.\n\n"
+    "model_stock. Models are local directories (relative to the current directory) or Hugging "
+    "Face Hub ids, org/name or org/name@revision: read from the Hugging Face cache, downloaded "
+    "(safetensors weights, config, tokenizer only) unless HF_HUB_OFFLINE is set; an existing "
+    "local directory is always a path (write ./org/name to force one). OUT's recipe.yaml pins "
+    "each Hub id to the commit merged (org/name@sha, which mergekit reads too).\n\n"
     "Layer stacks (what DFS searches export) are read too: merge_method passthrough with "
     "[bold]slices:[/bold] (one source per slice, layer_range, optional scale parameters), or a "
     "mergekit-multi file whose earlier named documents are merges the slices read.\n\n"
@@ -347,6 +351,11 @@ def merge(
         parse_size(shard_size)
         if out.exists() and not overwrite:
             raise CheckpointError(f"{out}: already exists; pass --overwrite to replace it")
+        fields = [("base_model", recipe.base_model)] if recipe.base_model else []
+        fields += [(f"models[{i}].model", e.model) for i, e in enumerate(recipe.models)]
+        hub_models = _resolve_models(fields)
+        written = recipe.with_models({ref: r.pinned for ref, r in hub_models.items()})
+        recipe = recipe.with_models({ref: r.path for ref, r in hub_models.items()})
         columns = ("{task.description}", BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
         with Progress(*columns, console=console, transient=True) as bar:
             def track(items, what):
@@ -358,7 +367,7 @@ def merge(
             state = merger.build(recipe, progress=lambda names: track(names, "merging tensors"))
         # out_dtype, else dtype, else the sources' own: bf16 in, bf16 out
         dtype = export_dtype(recipe.out_dtype, recipe.dtype, sources=recipe.model_paths())
-        export_model(state, out, base_dir=_tokenizer_source(recipe), recipe_yaml=recipe.to_yaml(),
+        export_model(state, out, base_dir=_tokenizer_source(recipe), recipe_yaml=written.to_yaml(),
                      max_shard_size=shard_size, dtype=dtype, overwrite=overwrite,
                      progress=True)
     except (RecipeError, CheckpointError, ValueError) as exc:
@@ -396,13 +405,21 @@ def _merge_layers(config: Path, out: Path, device: str, shard_size: str, overwri
         parse_size(shard_size)
         if out.exists() and not overwrite:
             raise CheckpointError(f"{out}: already exists; pass --overwrite to replace it")
+        fields: dict[str, str] = {}  # reference -> the first field naming it
+        for i, s in enumerate(recipe.slices):
+            if s.model not in recipe.merged:
+                fields.setdefault(s.model, f"slices[{i}].sources[0].model")
+        for name, r in recipe.merged.items():
+            if r.base_model:
+                fields.setdefault(r.base_model, f"merged.{name}.base_model")
+            for j, e in enumerate(r.models):
+                fields.setdefault(e.model, f"merged.{name}.models[{j}].model")
+        hub_models = _resolve_models([(field, ref) for ref, field in fields.items()])
+        written = _rename_layer_models(recipe, {k: r.pinned for k, r in hub_models.items()})
+        recipe = _rename_layer_models(recipe, {k: r.path for k, r in hub_models.items()})
         paths = [m for m in recipe.models if m not in recipe.merged]
         paths += [p for r in recipe.merged.values() for p in r.model_paths()]
         paths = list(dict.fromkeys(paths))
-        missing = [p for p in paths if not Path(p).expanduser().is_dir()]
-        if missing:
-            raise RecipeError("models not found (local Hugging Face directories):\n  "
-                              + "\n  ".join(missing))
         with console.status("loading models"):
             sources = ResidentSources(Merger(paths, device=device, dtype=recipe.dtype,
                                              **(options or {})))
@@ -411,7 +428,7 @@ def _merge_layers(config: Path, out: Path, device: str, shard_size: str, overwri
         state, updates = stack.materialise(recipe)
         # the stack's dtype, else the sources' own: bf16 in, bf16 out
         dtype = export_dtype(recipe.dtype, sources=paths)
-        export_model(state, out, base_dir=paths[0], recipe_yaml=recipe.to_yaml(),
+        export_model(state, out, base_dir=paths[0], recipe_yaml=written.to_yaml(),
                      max_shard_size=shard_size, dtype=dtype, overwrite=overwrite, progress=True,
                      config_updates=updates)
     except (RecipeError, CheckpointError, ValueError, OSError) as exc:
@@ -421,8 +438,33 @@ def _merge_layers(config: Path, out: Path, device: str, shard_size: str, overwri
 
 
 def _tokenizer_source(recipe) -> Path:
-    """Config and tokenizer come from the base model (else the first model), as in mergekit."""
+    """Config and tokenizer come from the base model (else the first model), as in mergekit
+    (``recipe``'s Hub ids already resolved to local snapshots by :func:`_resolve_models`)."""
     return Path(recipe.base_model or recipe.models[0].model)
+
+
+def _resolve_models(fields: list[tuple[str, str]]) -> dict[str, Any]:
+    """``{hub id: evomerge.hub.Resolved}`` for the Hub ids among ``(field, reference)``, after
+    one RecipeError naming every reference that is neither a local directory nor resolvable
+    (checked before anything is downloaded)."""
+    from evomerge import hub
+    from evomerge.recipe import RecipeError
+
+    problems = hub.missing(fields)
+    if problems:
+        raise RecipeError("models not found (local Hugging Face directories, or Hub ids "
+                          "org/name[@revision]):\n  " + "\n  ".join(problems))
+    return {ref: hub.resolve(ref) for _, ref in fields if hub.is_hub_id(ref)}
+
+
+def _rename_layer_models(recipe, mapping: dict[str, str]):
+    """A LayerRecipe whose model references (slices and ``merged`` recipes) are renamed."""
+    import dataclasses
+
+    return dataclasses.replace(
+        recipe, slices=tuple(dataclasses.replace(s, model=mapping.get(s.model, s.model))
+                             for s in recipe.slices),
+        merged={name: r.with_models(mapping) for name, r in recipe.merged.items()})
 
 
 # =============================================================================================

@@ -16,7 +16,8 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator,
+                      model_validator)
 
 from evomerge.config_io import format_errors, read_yaml
 
@@ -29,15 +30,20 @@ DTYPE_NAMES = ("auto", "float32", "bfloat16", "float16")
 
 
 class Models(BaseModel):
-    """The checkpoints. ``dtype``: what the fitness model is allocated and evaluated in;
-    ``auto`` (default) is the checkpoints' own floating-point dtype (bf16 stays bf16). Merges
-    always compute in a wider dtype and round once to the checkpoints' dtype, so a ``float32``
-    override evaluates the very merge a bf16 export writes."""
+    """The checkpoints: local Hugging Face directories, or Hub ids ``org/name[@revision]``
+    (see :mod:`evomerge.hub`: resolved through the Hugging Face cache, downloaded unless
+    ``HF_HUB_OFFLINE`` is set; an existing local directory is always a path, write
+    ``./org/name`` to force one). ``dtype``: what the fitness model is allocated and evaluated
+    in; ``auto`` (default) is the checkpoints' own floating-point dtype (bf16 stays bf16).
+    Merges always compute in a wider dtype and round once to the checkpoints' dtype, so a
+    ``float32`` override evaluates the very merge a bf16 export writes."""
 
     model_config = ConfigDict(frozen=True, extra="forbid")
     base: str | None = None
     sources: dict[str, str]
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    # field -> the Hub model it was resolved from (set by resolved(); for provenance)
+    _hub: dict[str, Any] = PrivateAttr(default_factory=dict)
 
     @field_validator("sources")
     @classmethod
@@ -46,17 +52,55 @@ class Models(BaseModel):
             raise ValueError("at least one source model is needed")
         return v
 
+    def references(self) -> list[tuple[str, str]]:
+        """``(field, reference)`` of every model: ``models.base`` first, then each source."""
+        fields = [("models.base", self.base)] if self.base else []
+        return fields + [(f"models.sources.{k}", p) for k, p in self.sources.items()]
+
     def resolved(self) -> "Models":
-        absolute = lambda p: str(Path(p).expanduser().absolute())  # noqa: E731
-        return self.model_copy(update={
-            "base": absolute(self.base) if self.base else None,
-            "sources": {k: absolute(p) for k, p in self.sources.items()}})
+        """Every reference an absolute local directory: paths made absolute, Hub ids resolved
+        to their snapshot directory (downloaded if need be); the Hub models resolved are kept
+        for :meth:`hub_models`."""
+        from evomerge import hub
+
+        found = dict(self._hub)
+
+        def local(field: str, ref: str) -> str:
+            if not hub.is_hub_id(ref):
+                return str(Path(ref).expanduser().absolute())
+            try:
+                found[field] = hub.resolve(ref)
+            except hub.HubError as exc:
+                raise ExperimentError(f"{field}: {exc}") from None
+            return found[field].path
+
+        out = self.model_copy(update={
+            "base": local("models.base", self.base) if self.base else None,
+            "sources": {k: local(f"models.sources.{k}", p) for k, p in self.sources.items()}})
+        out._hub = found
+        return out
+
+    def hub_models(self) -> dict[str, dict[str, str | None]]:
+        """``field -> {repo_id, revision, commit, path}`` for each model that is a snapshot of
+        a Hugging Face cache (``revision``: as asked when this process resolved it, else None)."""
+        from evomerge import hub
+
+        out: dict[str, dict[str, str | None]] = {}
+        for field, path in self.references():
+            known = self._hub.get(field)
+            if known is not None and known.path == path:
+                out[field] = known.provenance()
+            elif (cached := hub.cached_model(path)) is not None:
+                out[field] = {"repo_id": cached.repo_id, "revision": None,
+                              "commit": cached.commit, "path": path}
+        return out
 
     def missing(self) -> list[str]:
-        fields = [("models.base", self.base)] if self.base else []
-        fields += [(f"models.sources.{k}", p) for k, p in self.sources.items()]
-        return [f"{field}: {path} is not a directory" for field, path in fields
-                if not Path(path).expanduser().is_dir()]
+        """One line per model that is neither a local directory nor a resolvable Hub id
+        (cache first; the Hub unless ``HF_HUB_OFFLINE``), naming the field."""
+        from evomerge import hub
+
+        return hub.missing(self.references())
 
 
 class Named(BaseModel):

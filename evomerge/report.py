@@ -44,25 +44,34 @@ def write_atomic(path: Path, text: str) -> None:
 
 
 def write_provenance(run_dir: Path, experiment: Any, *, resumed: bool) -> None:
-    """The resolved experiment (what ``resume`` reads) and the versions that ran it."""
+    """The resolved experiment (what ``resume`` reads), the versions that ran it and the Hub
+    models it read (repository, revision asked, commit)."""
     import evomerge
 
     write_atomic(run_dir / "experiment.yaml", experiment.to_yaml())
     versions = {}
-    for pkg in ("torch", "transformers", "safetensors", "optuna", "cma", "pymoo", "numpy",
-                "scikit-learn"):
+    for pkg in ("torch", "transformers", "huggingface_hub", "safetensors", "optuna", "cma", "pymoo",
+                "numpy", "scikit-learn"):
         try:
             versions[pkg] = metadata.version(pkg)
         except metadata.PackageNotFoundError:
             continue
     path = run_dir / "provenance.json"
-    history = json.loads(path.read_text())["starts"] if path.exists() else []
+    previous = json.loads(path.read_text()) if path.exists() else {}
+    history = previous.get("starts", [])
     history.append({"time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "resumed": resumed,
                     "argv": sys.argv})
+    # Hub models: field -> {repo_id, revision asked, commit, path}. A resumed run reads
+    # snapshot paths only; the revision its first start asked for is kept from the last file.
+    hub_models = experiment.models.hub_models()
+    for field, entry in hub_models.items():
+        before = previous.get("hub_models", {}).get(field, {})
+        if entry["revision"] is None and before.get("commit") == entry["commit"]:
+            entry["revision"] = before.get("revision")
     write_atomic(path, json.dumps({
         "evomerge": evomerge.__version__, "python": platform.python_version(),
         "platform": platform.platform(), "seed": experiment.seed, "packages": versions,
-        "starts": history}, indent=2))
+        "hub_models": hub_models, "starts": history}, indent=2))
 
 
 class _Bar:
