@@ -41,8 +41,9 @@ class Plan:
 
         missing = experiment.models.missing()
         if missing:
-            raise ExperimentError("models not found (build them first, e.g. `evomerge zoo build "
-                                  "digits`):\n  " + "\n  ".join(missing))
+            raise ExperimentError("models not found (local directories, e.g. built by `evomerge "
+                                  "zoo build digits`, or Hub ids in the Hugging Face cache):\n  "
+                                  + "\n  ".join(missing))
         self.experiment = experiment = experiment.resolved()
         models = experiment.models
         self.paths = ([models.base] if models.base else []) + list(models.sources.values())
@@ -128,12 +129,18 @@ def _objectives(fitness_cls: Any, experiment: Experiment) -> list:
     any compute."""
     from evomerge.execution.reduction import split_options
 
+    from evomerge.fitness.reduced import check_reducible
+
     try:
-        options, _ = split_options(experiment.fitness.options)
+        options, spec = split_options(experiment.fitness.options)
+        if spec is not None:  # refused before the run directory or the study exist
+            check_reducible(fitness_cls, experiment.fitness.name)
         fitness = fitness_cls(base_model=experiment.models.base or next(
             iter(experiment.models.sources.values())), **options)
     except (TypeError, ValueError) as exc:
-        raise ExperimentError(f"fitness: {exc}") from None
+        message = str(exc)
+        raise ExperimentError(message if message.startswith("fitness") else
+                              f"fitness: {message}") from None
     return list(fitness.objectives)
 
 
