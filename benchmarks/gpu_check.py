@@ -116,6 +116,15 @@ def memcpy_gbps(device: Any, nbytes: int) -> float:
     return 2 * 2 * n / best / GB
 
 
+def reset_peak_rss() -> None:
+    """Start this process's VmHWM afresh (Linux: ``5`` to ``/proc/self/clear_refs``), so each
+    mode's CPU peak is its own, not the maximum of both."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        log("    (cannot reset the peak RSS here: the streamed row's peak includes the first run)")
+
+
 def run_mode(args: argparse.Namespace, base: Path, sources: list[Path], work: Path, shape: Any,
              mode: str) -> dict[str, Any]:
     import torch
@@ -128,6 +137,8 @@ def run_mode(args: argparse.Namespace, base: Path, sources: list[Path], work: Pa
     if device.type == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
+    else:
+        reset_peak_rss()
     log(f"[{mode}] {args.budget} candidates on {device} ...")
     started = time.perf_counter()
     summary = Experiment.from_dict(experiment(args, base, sources, work, mode)).run(
@@ -181,7 +192,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
 def markdown(result: dict[str, Any]) -> str:
     m = result["machine"]
-    where = m["gpu"] or f"CPU only ({m['cpu']}, {m['threads']} threads)"
+    where = m["gpu"] or f"CPU only ({m['cpu']}, torch threads: {m['threads']})"
     lines = [START, "## gpu_check: a bf16 PS search, sources resident vs streamed", "",
              f"`python benchmarks/gpu_check.py --size {result['size']} --budget "
              f"{result['budget']} --items {result['items']}` on **{where}** "
