@@ -187,3 +187,58 @@ def test_merge_cli_refuses_a_missing_gpu(tmp_path):
                                       "--device", "cuda:3"])
     assert result.exit_code != 0
     assert "--device: 'cuda:3' does not exist here" in result.output
+
+
+# ---- dtype end to end ------------------------------------------------------------------------
+
+
+def _text(tmp_path):
+    path = tmp_path / "text.txt"
+    path.write_text("copy a b c = a b c\nreverse a b = b a\nsort c a b = a b c\n"
+                    "copy x y = x y\nreverse 1 2 3 = 3 2 1\n")
+    return path
+
+
+def _bf16_experiment(tmp_path, **models):
+    from arch_models import make_family
+
+    paths = make_family("llama", tmp_path / "family", n_models=3, seed=0, dtype=torch.bfloat16)
+    return Experiment.from_dict({
+        "name": "bf16", "models": {"base": str(paths[0]), "sources": {
+            f"s{k}": str(p) for k, p in enumerate(paths[1:])}, **models},
+        "space": "task_arithmetic_per_source",
+        "fitness": {"name": "perplexity", "data": str(_text(tmp_path))},
+        "strategy": {"name": "random", "popsize": 2}, "budget": 2,
+        "run_dir": str(tmp_path / "run")}).resolved()
+
+
+def test_bf16_checkpoints_evaluate_in_bf16_and_a_float32_override_scores_the_same_merge(tmp_path):
+    from evomerge.execution.worker import evaluator_for
+    from evomerge.recipe import MergeRecipe
+
+    auto = evaluator_for(_bf16_experiment(tmp_path))
+    wide = evaluator_for(_bf16_experiment(tmp_path, dtype="float32"))
+    assert auto.placement == {"device": "cpu", "dtype": "bfloat16"}
+    assert wide.placement == {"device": "cpu", "dtype": "float32"}
+    assert auto.inner.new_model().dtype == torch.bfloat16  # the fitness got the dtype too
+    paths = auto.merger.paths
+    recipe = MergeRecipe.from_dict({
+        "merge_method": "task_arithmetic", "base_model": str(paths[0]),
+        "models": [{"model": str(p), "parameters": {"weight": 0.7}} for p in paths[1:]]})
+    narrow = auto.build(recipe).state_dict()
+    for name, tensor in wide.build(recipe).state_dict().items():
+        assert tensor.dtype == torch.float32
+        # float32 evaluation of the very merge a bf16 export writes: the bf16 result, widened
+        assert torch.equal(tensor, narrow[name].float()), name
+
+
+@pytest.mark.slow
+def test_a_bf16_run_exports_bf16_and_records_its_dtype(tmp_path):
+    from evomerge.merge.io import inspect_model
+
+    summary = _bf16_experiment(tmp_path).run(progress=False)
+    assert summary["n_failed"] == 0
+    assert summary["devices"]["workers"]["in-process"] == {"device": "cpu", "dtype": "bfloat16",
+                                                           "trials": 2}
+    exported = inspect_model(tmp_path / "run" / "best_model")
+    assert {m.dtype for m in exported.tensors.values()} == {"BF16"}
