@@ -8,7 +8,11 @@ whole sequence is repeated ``r`` times: ``T = M * L * r`` slots. The genome hold
 * when ``scales`` is on, a matrix ``W`` (M x M, row = model left, column = model entered): the
   hidden state is multiplied by ``W[i, j]`` whenever the path goes from a block of model i to a
   block of model j (also i == j). :func:`evomerge.merge.layerstack.fold_scales` turns these into
-  output-projection scales, so the decoded recipe is a plain mergekit ``slices`` config.
+  per-slice residual scales, carried as the family's :class:`~evomerge.merge.layerstack.HopForm`
+  says: output projections (pre-norm decoders: Llama, Mistral, Qwen2/3, Phi-3, Gemma, GPT-2,
+  GPT-NeoX), post-branch norms (Gemma 2/3 sandwich norms) or post-branch norms and branch inputs
+  (OLMo 2/3), so the decoded recipe is a plain ``slices`` config of real tensors (mergekit's
+  ``scale`` except for Gemma's ``(1 + w)`` norms; see :mod:`evomerge.merge.layerstack`).
 
 An all-off genome decodes to the single slot with the largest value (a path is never empty).
 The search starts (``x0``) from the ``start`` model's blocks in order with ``W = 1``: exactly that
@@ -39,7 +43,14 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from evomerge.config_io import format_errors
-from evomerge.merge.layerstack import LayerRecipe, LayerSlice, fold_scales, output_projections
+from evomerge.merge.layerstack import (
+    HOP_FORMS,
+    HopForm,
+    LayerRecipe,
+    LayerSlice,
+    fold_scales,
+    hop_form,
+)
 from evomerge.recipe import MergeRecipe, RecipeError
 
 __all__ = ["BoundDfsSpace", "DfsSpace"]
@@ -109,20 +120,18 @@ class DfsSpace(BaseModel):
             problems.append(f"start: {self.start!r} is not a layer source ({', '.join(names)})")
         if num_layers < 1:
             problems.append("the models have no transformer blocks to route through")
-        projections: tuple[str, ...] = ()
+        form: HopForm | None = None
         if self.scales:
-            found = output_projections(model_type)
-            if found is None:
-                problems.append(f"scales: hop scales are supported for pre-norm decoders "
-                                f"(model_type one of llama, mistral, qwen2, qwen3, phi3, "
-                                f"gemma, gpt2), not {model_type!r}; set scales: false to "
-                                "search the path alone")
-            else:
-                projections = found
+            form = hop_form(model_type)
+            if form is None:
+                problems.append(f"scales: hop scales are supported for the families whose "
+                                f"blocks can carry them (model_type one of "
+                                f"{', '.join(HOP_FORMS)}), not {model_type!r}; set "
+                                "scales: false to search the path alone")
         if problems:
             raise ValueError("cannot bind dfs space:\n  " + "\n  ".join(problems))
         refs = [str(sources[n]) if n in sources else n for n in names]
-        return BoundDfsSpace(self, names, refs, num_layers, projections, merged)
+        return BoundDfsSpace(self, names, refs, num_layers, form, merged)
 
 
 def _resolved(path: str) -> str:
@@ -134,12 +143,13 @@ class BoundDfsSpace:
     """A DFS space over concrete layer sources: ``dim``, bounds, names, ``x0`` and ``decode``."""
 
     def __init__(self, space: DfsSpace, labels: Sequence[str], refs: Sequence[str],
-                 num_layers: int, projections: tuple[str, ...],
+                 num_layers: int, form: HopForm | None,
                  merged: Mapping[str, MergeRecipe]) -> None:
         self.space = space
         self.labels, self.refs = tuple(labels), tuple(refs)
         self.num_layers = num_layers
-        self.projections = projections
+        #: how the family carries the hop scales (None: ``scales: false``)
+        self.form = form
         self.merged = dict(merged)
         m, layers, r = len(self.refs), num_layers, space.repeats
         self.slots = [(k, i, b) for k in range(r) for i in range(m) for b in range(layers)]
@@ -208,5 +218,5 @@ class BoundDfsSpace:
             else:
                 slices.append(LayerSlice(ref, b, b + 1, scale))
         used = {s.model for s in slices}
-        return LayerRecipe(tuple(slices), self.projections, self.space.dtype,
-                           {n: r for n, r in self.merged.items() if n in used})
+        return LayerRecipe.of_form(slices, self.form, self.space.dtype,
+                                   {n: r for n, r in self.merged.items() if n in used})

@@ -124,11 +124,14 @@ def test_bad_spaces_name_the_field(family, options, message):
         bound(family, **options)
 
 
-def test_scales_need_a_known_pre_norm_family(family):
+def test_scales_need_a_family_that_can_carry_them(family):
     sources = {"a": str(family.sources[0])}
-    with pytest.raises(ValueError, match="scales: hop scales are supported.*gemma2"):
-        DfsSpace(kind="dfs").bind(sources, LAYERS, "gemma2")
-    assert DfsSpace(kind="dfs", scales=False).bind(sources, LAYERS, "gemma2").dim == LAYERS * 2
+    with pytest.raises(ValueError, match="scales: hop scales are supported.*gemma2.*'falcon'"):
+        DfsSpace(kind="dfs").bind(sources, LAYERS, "falcon")
+    assert DfsSpace(kind="dfs", scales=False).bind(sources, LAYERS, "falcon").dim == LAYERS * 2
+    # sandwich-norm and post-norm families carry them too (tests/test_layerstack_families.py)
+    for family_type in ("gemma2", "olmo2", "gpt_neox"):
+        assert DfsSpace(kind="dfs").bind(sources, LAYERS, family_type).dim == LAYERS * 2 + 1
 
 
 def test_scale_bounds_must_reach_one():
@@ -237,24 +240,29 @@ def test_materialised_export_loads_with_transformers(family, stack, tmp_path):
     assert LayerRecipe.from_yaml(out / "recipe.yaml") == recipe
 
 
-def test_materialised_export_equals_mergekit_passthrough(family, stack, tmp_path):
-    pytest.importorskip("mergekit")
+def run_mergekit(config: dict, out: Path) -> None:
+    """mergekit's own merge of ``config`` into ``out`` (in process, the global RNGs kept)."""
     from mergekit.config import MergeConfiguration
     from mergekit.merge import run_merge
     from mergekit.options import MergeOptions
 
-    builder, _ = stack
-    recipe = _mixed_recipe(family)
-    ours, _ = builder.materialise(recipe)
     states = random.getstate(), np.random.get_state(), torch.get_rng_state()
     try:
-        run_merge(MergeConfiguration.model_validate(recipe.to_mergekit()), str(tmp_path / "mk"),
+        run_merge(MergeConfiguration.model_validate(config), str(out),
                   options=MergeOptions(device="cpu", copy_tokenizer=False,
                                        write_model_card=False, quiet=True, lazy_unpickle=False))
     finally:
         random.setstate(states[0])
         np.random.set_state(states[1])
         torch.set_rng_state(states[2])
+
+
+def test_materialised_export_equals_mergekit_passthrough(family, stack, tmp_path):
+    pytest.importorskip("mergekit")
+    builder, _ = stack
+    recipe = _mixed_recipe(family)
+    ours, _ = builder.materialise(recipe)
+    run_mergekit(recipe.to_mergekit(), tmp_path / "mk")
     theirs = load_weights(tmp_path / "mk")
     assert set(ours) == set(theirs)
     for name in ours:

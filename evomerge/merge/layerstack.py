@@ -1,25 +1,69 @@
 """Layer stacks: models assembled from other models' transformer blocks (DFS merges).
 
 A :class:`LayerRecipe` is plain data in mergekit's ``passthrough`` + ``slices`` syntax: an ordered
-list of layer ranges, each from one model, each optionally scaling its blocks' *output
-projections* (the last linear map of attention and of the MLP: ``o_proj`` and ``down_proj`` in
-Llama-family models). Embeddings come from the first slice's model, the final norm and the head
-from the last slice's model -- mergekit's own convention, so a recipe without ``merged`` models
-runs unchanged in ``mergekit-yaml`` and gives the same checkpoint (tested). In models with tied
-embeddings the head *is* the first slice's embedding matrix.
+list of layer ranges, each from one model, each optionally carrying a *residual scale* ``s`` that
+multiplies what its blocks add to the residual stream (how depends on the family, below).
+Embeddings come from the first slice's model, the final norm and the head from the last slice's
+model -- mergekit's own convention. In models with tied embeddings the head *is* the first slice's
+embedding matrix. A stacked model keeps each block's own per-layer configuration: the config's
+``layer_types`` (sliding or full attention: Gemma 2/3, Mistral, Qwen, OLMo 3) and other per-layer
+lists (:data:`PER_LAYER_FIELDS`) are re-built to follow the path.
 
-Why output-projection scales: Sakana's DFS multiplies the hidden state by ``W[i, j]`` when the
-path hops from a layer of model i to one of model j. In a pre-norm decoder every block reads its
-input through a scale-invariant norm and the head reads the final norm, so multiplying the
-residual stream by ``s`` at one point is the same function (up to the norms' epsilon) as dividing
-the output projections of every later block by ``s``. Written that way the scales are ordinary
-weights: the exported checkpoint is a plain ``transformers`` model of ``len(path)`` blocks.
+mergekit: a recipe runs unchanged in ``mergekit-yaml`` and gives the same tensors (tested) when
+it has no ``merged`` models and its scales are written as mergekit ``scale`` parameters -- which
+they are exactly where multiplying the named tensors by the value is what the scale means:
+pre-norm and OLMo-style families. Gemma 2/3 scales are ``norm_scale`` parameters (mergekit's
+``scale`` would compute ``1 + s w``, another function); mergekit does not know them and ignores
+them (it writes the unscaled stack), so :meth:`LayerRecipe.to_yaml` says so in a comment and such
+recipes are materialised with ``evomerge merge``. mergekit changes only ``num_hidden_layers`` in
+the config: for families with ``layer_types`` (Gemma 2/3, Qwen2/3, Mistral, OLMo 3 in
+transformers 5) its stacks load only at the sources' depth and with the sources' layer types.
+
+Hop scales
+----------
+Sakana's DFS multiplies the hidden state by ``W[i, j]`` when the path hops from a layer of model i
+to one of model j. Let ``H_p`` be the residual stream entering path block ``p`` (after its hop
+scale ``w_p``; ``w_0 = 1``), ``c_p = w_1 ... w_p`` and ``f_p`` what block ``p`` adds, so
+``H_{p+1} = w_{p+1} (H_p + f_p(H_p))``. The stream ``g_p = H_p / c_p`` is never rescaled:
+
+    g_{p+1} = (H_p + f_p(H_p)) / c_p = g_p + s_p f_p(g_p / s_p),    s_p = 1 / c_p
+
+(:func:`fold_scales`: ``s_p`` is the scale of the slice holding block ``p``), and the final
+norm reads ``s H`` (``s`` of the last block) where Sakana's model has ``H``. So a plain model of
+the path's blocks computes Sakana's function when block ``p`` (a) reads its input as
+``g_p / s_p`` and (b) has its contribution multiplied by ``s_p``, which the families allow as
+follows (:data:`HOP_FORMS`):
+
+* **Pre-norm** (Llama, Mistral, Qwen2/3, Phi-3, Gemma, GPT-2, GPT-NeoX -- parallel or
+  sequential residual, both branches read the stream through their own input norm): each branch
+  reads the stream through a scale-invariant norm (RMSNorm or LayerNorm, ``s > 0``), so (a)
+  holds as is; a branch's contribution is its *output projection*'s output (``o_proj`` /
+  ``down_proj``, GPT-2's ``c_proj``, NeoX's ``attention.dense`` / ``dense_4h_to_h``), linear in
+  its weight and bias, so (b) multiplies both by ``s`` -- mergekit's ``scale``.
+* **Sandwich norms** (Gemma 2, Gemma 3: a norm before *and after* each branch): (a) holds as
+  above; the contribution is the post-branch norm's output ``x^ (1 + w)`` (scaling the output
+  projection would be undone by that norm), so (b) multiplies that norm's output by ``s``:
+  ``w -> s (1 + w) - 1``, exact. mergekit's ``scale`` would give ``1 + s w``, hence
+  ``norm_scale``. The embeddings are not touched, so tied embeddings stay tied.
+* **Post-branch norms, no input norms** (OLMo 2/3): a branch reads the raw stream, so (a)
+  divides the weights (not the biases) of the maps that read it -- ``q/k/v_proj``,
+  ``gate/up_proj`` -- by ``s``: ``W (g / s) + b``; the contribution is the post-branch norm's
+  output ``w x^``, so (b) multiplies ``w`` by ``s``. Both are mergekit ``scale`` values (``s``
+  on the norms, ``1 / s`` on ``*_proj.weight``).
+
+Every form is exact but for the epsilon of the scale-invariant norms that read ``g`` instead of
+``H`` (``x / sqrt(mean(x^2) + eps)``): all norms before a branch and the final norm in pre-norm
+and sandwich families, only the final norm in OLMo. On trained models (``mean(x^2) >> eps``)
+that is far below the dtype's rounding. A family outside the table cannot carry scales: the DFS
+space refuses ``scales: true`` for it; a mergekit file's ``scale`` parameters are applied as
+written (multiply the named tensors).
 
 :class:`LayerStack` builds a recipe *by reference*: a shell model of the path's depth is made on
 the meta device and its parameters are assigned the resident tensors of the source blocks (no
-weight copies); scales are forward hooks on the shell's own output-projection modules, so two
-positions of one source block can carry different scales. ``materialise`` writes the same
-function as real tensors (scales folded into the weights) for export.
+weight copies); scales are forward (pre-)hooks on the shell's own modules -- outputs times ``s``,
+inputs divided by ``s`` -- so two positions of one source block can carry different scales, and
+the stacked model is the function :meth:`LayerStack.materialise` writes as real tensors (scales
+folded into the weights) for export.
 """
 
 from __future__ import annotations
@@ -34,35 +78,69 @@ import torch
 import yaml
 
 from evomerge.merge.engine import BLOCK, layer_group
+from evomerge.merge.names import model_names
 from evomerge.recipe import FlowListDumper, MergeRecipe, RecipeError
 
 __all__ = [
-    "OUTPUT_PROJECTIONS",
+    "HOP_FORMS",
+    "PER_LAYER_FIELDS",
+    "HopForm",
     "LayerRecipe",
     "LayerSlice",
     "LayerStack",
-    "output_projections",
+    "hop_form",
     "parse_recipe",
 ]
 
-#: Pre-norm decoder families and the substrings naming their blocks' output projections.
-#: Families with norms *after* a block's branches (Gemma 2/3, OLMo 2) are not listed: scaling
-#: their projections would be undone by the norm.
-OUTPUT_PROJECTIONS: dict[str, tuple[str, ...]] = {
-    "llama": ("o_proj", "down_proj"),
-    "mistral": ("o_proj", "down_proj"),
-    "qwen2": ("o_proj", "down_proj"),
-    "qwen3": ("o_proj", "down_proj"),
-    "phi3": ("o_proj", "down_proj"),
-    "gemma": ("o_proj", "down_proj"),
-    "gpt2": ("c_proj",),
+
+@dataclass(frozen=True)
+class HopForm:
+    """Where a family's blocks take a slice's residual scale ``s`` (derived in the module
+    docstring). Names are tensor-name filters, matched as mergekit matches them (substring).
+
+    ``outputs``: modules whose output is multiplied by ``s`` (weight and bias, or a norm's
+    weight); ``inputs``: linear maps whose input is divided by ``s`` (their weight only: the
+    filters end in ``.weight``); ``offset``: the outputs are Gemma norms, ``x^ (1 + w)``, folded as
+    ``w -> s (1 + w) - 1`` and written as ``norm_scale``, not mergekit's ``scale``.
+    """
+
+    kind: str
+    outputs: tuple[str, ...]
+    inputs: tuple[str, ...] = ()
+    offset: bool = False
+
+
+_PRE_NORM = HopForm("pre-norm", ("o_proj", "down_proj"))
+_SANDWICH = HopForm("sandwich norms", ("post_attention_layernorm", "post_feedforward_layernorm"),
+                    offset=True)
+_POST_NORM = HopForm("post-branch norms", ("post_attention_layernorm",
+                                           "post_feedforward_layernorm"),
+                     inputs=("q_proj.weight", "k_proj.weight", "v_proj.weight",
+                             "gate_proj.weight", "up_proj.weight"))
+
+#: model_type -> how its blocks carry hop scales (families not listed cannot carry them)
+HOP_FORMS: dict[str, HopForm] = {
+    "llama": _PRE_NORM,
+    "mistral": _PRE_NORM,
+    "qwen2": _PRE_NORM,
+    "qwen3": _PRE_NORM,
+    "phi3": _PRE_NORM,
+    "gemma": _PRE_NORM,
+    "gpt2": HopForm("pre-norm", ("c_proj",)),
+    "gpt_neox": HopForm("pre-norm", ("attention.dense", "dense_4h_to_h")),
+    "gemma2": _SANDWICH,
+    "gemma3_text": _SANDWICH,
+    "olmo2": _POST_NORM,
+    "olmo3": _POST_NORM,
 }
 
+#: config fields holding one entry per block: a stack's entries follow its path
+PER_LAYER_FIELDS: tuple[str, ...] = ("layer_types", "mlp_layer_types", "no_rope_layers")
 
 
-def output_projections(model_type: str | None) -> tuple[str, ...] | None:
-    """The output-projection filters of a model family (None: unknown, scales unsupported)."""
-    return OUTPUT_PROJECTIONS.get(model_type or "")
+def hop_form(model_type: str | None) -> HopForm | None:
+    """How a family carries hop scales (None: unknown, scales unsupported)."""
+    return HOP_FORMS.get(model_type or "")
 
 
 def block_of(name: str) -> int | None:
@@ -78,7 +156,8 @@ def renumbered(name: str, index: int) -> str:
 
 @dataclass(frozen=True)
 class LayerSlice:
-    """Blocks ``start .. end - 1`` of ``model``; ``scale`` multiplies their output projections."""
+    """Blocks ``start .. end - 1`` of ``model``; ``scale`` is their residual scale: what they add
+    to the residual stream is multiplied by it (see the module docstring for how)."""
 
     model: str
     start: int
@@ -97,20 +176,37 @@ class LayerSlice:
 class LayerRecipe:
     """A layer path as mergekit ``slices`` (see the module docstring).
 
-    ``merged`` names in-memory merges that may serve as slice models (PS+DFS: the PS merge of
-    the sources); in YAML they become earlier documents of a mergekit-multi file.
+    ``projections``: filters of the tensors a slice's scale multiplies (the :class:`HopForm`'s
+    ``outputs``); ``inputs``: filters of the tensors it divides; ``offset``: the projections are
+    Gemma ``(1 + w)`` norms (scales written as ``norm_scale``). ``merged`` names in-memory merges
+    that may serve as slice models (PS+DFS: the PS merge of the sources); in YAML they become
+    earlier documents of a mergekit-multi file.
     """
 
     slices: tuple[LayerSlice, ...]
     projections: tuple[str, ...] = ()
     dtype: str | None = None
     merged: Mapping[str, MergeRecipe] = field(default_factory=dict)
+    inputs: tuple[str, ...] = ()
+    offset: bool = False
 
     def __post_init__(self) -> None:
         if not self.slices:
             raise RecipeError("slices: a layer recipe needs at least one slice")
         if any(s.scale != 1.0 for s in self.slices) and not self.projections:
             raise RecipeError("slices: scales given but no output projections to apply them to")
+        if self.inputs and any(s.scale == 0.0 for s in self.slices):
+            raise RecipeError("slices: a zero scale cannot divide the input projections "
+                              f"{list(self.inputs)}")
+
+    @classmethod
+    def of_form(cls, slices: Sequence[LayerSlice], form: HopForm | None, dtype: str | None = None,
+                merged: Mapping[str, MergeRecipe] | None = None) -> LayerRecipe:
+        """A recipe whose scales a family carries as ``form`` says (None: no scales)."""
+        if form is None:
+            return cls(tuple(slices), (), dtype, dict(merged or {}))
+        return cls(tuple(slices), form.outputs, dtype, dict(merged or {}), form.inputs,
+                   form.offset)
 
     @property
     def path(self) -> list[tuple[str, int, float]]:
@@ -121,6 +217,12 @@ class LayerRecipe:
     def models(self) -> list[str]:
         return list(dict.fromkeys(s.model for s in self.slices))
 
+    @property
+    def scale_parameter(self) -> str:
+        """The slice parameter the scales are written as: mergekit's ``scale`` (multiply the
+        named tensors), or ``norm_scale`` for Gemma's ``(1 + w)`` norms."""
+        return "norm_scale" if self.offset else "scale"
+
     # ---- plain data ----------------------------------------------------------------------------
 
     def to_dict(self) -> dict[str, Any]:
@@ -129,14 +231,19 @@ class LayerRecipe:
         for s in self.slices:
             source: dict[str, Any] = {"model": s.model, "layer_range": [s.start, s.end]}
             if s.scale != 1.0:
-                source["parameters"] = {"scale": [{"filter": f, "value": s.scale}
-                                                  for f in self.projections]}
+                setting = [{"filter": f, "value": s.scale} for f in self.projections]
+                setting += [{"filter": f, "value": 1.0 / s.scale} for f in self.inputs]
+                source["parameters"] = {self.scale_parameter: setting}
             slices.append({"sources": [source]})
         out: dict[str, Any] = {"merge_method": "passthrough", "slices": slices}
         if self.dtype:
             out["dtype"] = self.dtype
         if self.projections:
             out["output_projections"] = list(self.projections)
+        if self.inputs:
+            out["input_projections"] = list(self.inputs)
+        if self.offset:
+            out["offset_norms"] = True
         if self.merged:
             out["merged"] = {name: r.to_dict() for name, r in self.merged.items()}
         return out
@@ -144,8 +251,8 @@ class LayerRecipe:
     def to_mergekit(self) -> dict[str, Any]:
         """The passthrough document alone, as ``mergekit-yaml`` reads it."""
         out = self.to_dict()
-        out.pop("merged", None)
-        out.pop("output_projections", None)
+        for key in ("merged", *_FORM_KEYS):
+            out.pop(key, None)
         return out
 
     def to_yaml(self) -> str:
@@ -153,7 +260,10 @@ class LayerRecipe:
         each named, the layer stack last and named ``dfs``)."""
         docs = [{"name": name, **r.to_dict()} for name, r in self.merged.items()]
         docs.append({"name": "dfs", **self.to_mergekit()} if docs else self.to_mergekit())
-        return yaml.dump_all(docs, Dumper=FlowListDumper, sort_keys=False)
+        text = yaml.dump_all(docs, Dumper=FlowListDumper, sort_keys=False)
+        if self.offset and any(s.scale != 1.0 for s in self.slices):
+            text = NORM_SCALE_NOTE + text
+        return text
 
     @classmethod
     def from_yaml(cls, path: str | Path) -> LayerRecipe:
@@ -184,11 +294,15 @@ class LayerRecipe:
         if data.get("merge_method") != "passthrough":
             raise RecipeError(f"{where}.merge_method: a layer recipe is 'passthrough', got "
                               f"{data.get('merge_method')!r}")
-        unknown = sorted(set(data) - {"merge_method", "slices", "dtype", "output_projections",
-                                      "merged"})
+        unknown = sorted(set(data) - {"merge_method", "slices", "dtype", "merged", *_FORM_KEYS})
         if unknown:
             raise RecipeError(f"{where}: unknown key(s) {', '.join(unknown)}")
-        projections = tuple(data.get("output_projections") or ()) or _filters_in(data)
+        offset = bool(data.get("offset_norms")) or _setting_in(data, "norm_scale") is not None
+        parameter = "norm_scale" if offset else "scale"
+        projections = tuple(data.get("output_projections") or ())
+        inputs = tuple(data.get("input_projections") or ())
+        if not projections:
+            projections, inputs = _filters_in(data, parameter)
         slices = []
         for i, entry in enumerate(data.get("slices") or []):
             sources = entry.get("sources") if isinstance(entry, Mapping) else None
@@ -196,35 +310,71 @@ class LayerRecipe:
                 raise RecipeError(f"{where}.slices[{i}].sources: expected exactly one source")
             src = sources[0]
             lo, hi = src.get("layer_range", (None, None))
-            scale = _scale_of(src.get("parameters") or {}, projections, f"{where}.slices[{i}]")
+            scale = _scale_of(src.get("parameters") or {}, parameter, projections, inputs,
+                              f"{where}.slices[{i}]")
             slices.append(LayerSlice(str(src["model"]), int(lo), int(hi), scale))
         merged = {name: MergeRecipe.from_dict(r, where=f"{where}.merged.{name}")
                   for name, r in (data.get("merged") or {}).items()}
-        return cls(tuple(slices), projections, data.get("dtype"), merged)
+        return cls(tuple(slices), projections, data.get("dtype"), merged, inputs, offset)
 
 
-def _filters_in(data: Mapping[str, Any]) -> tuple[str, ...]:
-    """The output projections a mergekit file scales (its first ``scale`` setting's filters)."""
+#: the first lines of a recipe file with Gemma norm scales
+NORM_SCALE_NOTE = ("# norm_scale: the residual scale of Gemma's (1 + weight) post-branch norms, "
+                   "weight -> s (1 + weight) - 1.\n# It is evomerge's own parameter: mergekit "
+                   "ignores it; materialise this file with `evomerge merge`.\n")
+
+#: recipe keys that say how the scales apply (evomerge's own: not in mergekit's document)
+_FORM_KEYS = ("output_projections", "input_projections", "offset_norms")
+
+
+def _setting_in(data: Mapping[str, Any], parameter: str) -> Any:
+    """The first slice setting of ``parameter`` in a passthrough file, None if there is none."""
     for entry in data.get("slices") or []:
         for src in (entry.get("sources") or []) if isinstance(entry, Mapping) else []:
-            setting = (src.get("parameters") or {}).get("scale") if isinstance(src, Mapping) else None
-            if isinstance(setting, list):
-                return tuple(str(c.get("filter")) for c in setting if isinstance(c, Mapping))
-    return ()
+            params = src.get("parameters") if isinstance(src, Mapping) else None
+            if isinstance(params, Mapping) and params.get(parameter) is not None:
+                return params[parameter]
+    return None
 
 
-def _scale_of(params: Mapping[str, Any], projections: Sequence[str], where: str) -> float:
-    setting = params.get("scale")
+def _filters_in(data: Mapping[str, Any], parameter: str) -> tuple[tuple[str, ...],
+                                                                  tuple[str, ...]]:
+    """(multiplied, divided) filters of a mergekit file's scales, from its first ``parameter``
+    setting: all multiplied, unless they are a :class:`HopForm`'s outputs and inputs (OLMo)."""
+    setting = _setting_in(data, parameter)
+    if not isinstance(setting, list):
+        return (), ()
+    filters = tuple(str(c.get("filter")) for c in setting if isinstance(c, Mapping))
+    for form in HOP_FORMS.values():
+        if form.inputs and set(filters) == {*form.outputs, *form.inputs}:
+            return form.outputs, form.inputs
+    return filters, ()
+
+
+def _scale_of(params: Mapping[str, Any], parameter: str, projections: Sequence[str],
+              inputs: Sequence[str], where: str) -> float:
+    other = "scale" if parameter == "norm_scale" else "norm_scale"
+    if params.get(other) is not None:
+        raise RecipeError(f"{where}.parameters.{other}: this recipe's scales are {parameter} "
+                          "parameters (one kind per recipe)")
+    setting = params.get(parameter)
     if setting is None:
         return 1.0
     if not isinstance(setting, list) or not all(isinstance(c, Mapping) and "value" in c
                                                  for c in setting):
-        raise RecipeError(f"{where}.parameters.scale: expected a list of {{filter, value}}")
+        raise RecipeError(f"{where}.parameters.{parameter}: expected a list of {{filter, value}}")
     values = {c.get("filter"): float(c["value"]) for c in setting}
-    if set(values) != set(projections) or len(set(values.values())) != 1:
-        raise RecipeError(f"{where}.parameters.scale: expected one value for each output "
-                          f"projection {list(projections)}, got {setting}")
-    return next(iter(values.values()))
+    scales = {values.get(f) for f in projections}
+    if set(values) != {*projections, *inputs} or len(scales) != 1:
+        raise RecipeError(f"{where}.parameters.{parameter}: expected one value for each output "
+                          f"projection {list(projections)}"
+                          + (f" and its inverse for each input {list(inputs)}" if inputs else "")
+                          + f", got {setting}")
+    scale = next(iter(scales))
+    if any(abs(values[f] * scale - 1.0) > 1e-9 for f in inputs):
+        raise RecipeError(f"{where}.parameters.{parameter}: the inputs {list(inputs)} must be "
+                          f"scaled by 1 / {scale}, got {setting}")
+    return scale
 
 
 def parse_recipe(data: Mapping[str, Any], *, where: str = "recipe") -> MergeRecipe | LayerRecipe:
@@ -271,9 +421,10 @@ class LayerStack:
     """Builds layer recipes over resident tensors.
 
     ``tensors(model)`` returns one model's resident state dict (checkpoint names); ``config`` is
-    the shared HF config (equal hidden sizes are what make stacking possible); ``template`` is a
-    real model of that config whose non-persistent buffers (rotary frequencies) the shells borrow
-    (only :meth:`build` needs it).
+    the shared HF config (equal hidden sizes are what make stacking possible; its per-layer
+    fields are every source's); ``template`` is a real model of that config whose
+    non-persistent buffers (rotary frequencies, Gemma's embedding scale) the shells borrow (only
+    :meth:`build` needs it).
     """
 
     def __init__(self, tensors: Callable[[str], Mapping[str, torch.Tensor]], config: Any,
@@ -282,6 +433,10 @@ class LayerStack:
         self.config = config
         self.buffers = dict(template.named_buffers()) if template is not None else {}
         self._blocks: dict[str, dict[int, list[str]]] = {}  # model -> block -> tensor names
+
+    @property
+    def family(self) -> str:
+        return str(getattr(self.config, "model_type", None) or "unknown")
 
     def _block_names(self, model: str, state: Mapping[str, torch.Tensor]) -> dict[int, list[str]]:
         """Tensor names per block of one model, read once (every candidate needs them)."""
@@ -295,7 +450,7 @@ class LayerStack:
         return self._blocks[model]
 
     def _named(self, recipe: LayerRecipe) -> dict[str, torch.Tensor]:
-        """Shell tensor name -> resident source tensor, for the recipe's path."""
+        """Stacked checkpoint tensor name -> resident source tensor, for the recipe's path."""
         path = recipe.path
         first, last = self.tensors(path[0][0]), self.tensors(path[-1][0])
         out: dict[str, torch.Tensor] = {}
@@ -314,33 +469,59 @@ class LayerStack:
                 out[renumbered(name, position)] = state[name]
         return out
 
-    def shell_config(self, depth: int) -> Any:
+    def per_layer(self, blocks: Sequence[int]) -> dict[str, list[Any]]:
+        """The config's per-layer fields (:data:`PER_LAYER_FIELDS`) for a stack of the source
+        blocks ``blocks`` (one per position): each position keeps its block's entry."""
+        depth = self.config.num_hidden_layers
+        out = {}
+        for name in PER_LAYER_FIELDS:
+            values = getattr(self.config, name, None)
+            if isinstance(values, (list, tuple)) and len(values) == depth:
+                out[name] = [values[b] for b in blocks]
+        return out
+
+    def shell_config(self, blocks: Sequence[int]) -> Any:
+        """The sources' config with the depth of ``blocks`` and per-layer fields following them."""
         config = copy.deepcopy(self.config)
-        config.num_hidden_layers = depth
-        types = getattr(config, "layer_types", None)
-        if isinstance(types, list) and types:
-            if len(set(types)) > 1:
-                raise RecipeError("layer stacks of models with mixed layer types (sliding and "
-                                  "full attention) are not supported")
-            config.layer_types = [types[0]] * depth
+        per_layer = self.per_layer(blocks)
+        config.num_hidden_layers = len(blocks)
+        for name, values in per_layer.items():
+            setattr(config, name, values)
         return config
+
+    def _check(self, recipe: LayerRecipe) -> None:
+        """Scales this family's modules mean what the recipe says (the module docstring)."""
+        if all(s.scale == 1.0 for s in recipe.slices):
+            return
+        form = hop_form(self.family)
+        if recipe.offset and not (form is not None and form.offset):
+            raise RecipeError(f"norm_scale: scales of (1 + weight) norms (Gemma 2/3) do not "
+                              f"apply to {self.family} models; use mergekit's scale")
+        if (form is not None and form.offset and not recipe.offset
+                and set(recipe.projections) & set(form.outputs)):
+            raise RecipeError(f"scale: {self.family} norms compute x (1 + weight), so scaling "
+                              "their weights does not scale their outputs; write the scales as "
+                              "norm_scale parameters")
 
     def build(self, recipe: LayerRecipe) -> torch.nn.Module:
         """The stacked model, sharing every weight with the resident sources."""
         from transformers import AutoModelForCausalLM
 
+        self._check(recipe)
         path = recipe.path
-        with torch.device("meta"):
-            shell = AutoModelForCausalLM.from_config(self.shell_config(len(path)))
         named = self._named(recipe)
-        expected = set(shell.state_dict())
-        missing = sorted(expected - set(named))
+        with torch.device("meta"):
+            shell = AutoModelForCausalLM.from_config(self.shell_config([b for _, b, _ in path]))
+        expected = shell.state_dict()
+        # checkpoint names -> the class's (GPT-NeoX: embed_out -> lm_head), as from_pretrained
+        targets = model_names(shell, list(named), expected)
+        assigned = {targets[n]: t for n, t in named.items() if targets[n] in expected}
+        missing = sorted(set(expected) - set(assigned))
         if self.config.tie_word_embeddings:
             missing = [n for n in missing if not _is_head(n)]
         if missing:
             raise RecipeError(f"cannot stack: no source tensor for {', '.join(missing[:5])}")
-        shell.load_state_dict({n: t for n, t in named.items() if n in expected}, strict=False,
-                              assign=True)
+        shell.load_state_dict(assigned, strict=False, assign=True)
         if self.config.tie_word_embeddings:
             shell.tie_weights()
         for name, buffer in list(shell.named_buffers()):
@@ -352,26 +533,26 @@ class LayerStack:
                 setattr(shell.get_submodule(module_name), attr, source)
         for position, (_, _, scale) in enumerate(path):
             if scale != 1.0:
-                _scale_outputs(shell, position, recipe.projections, scale)
+                _hook_scale(shell, position, recipe, scale)
         return shell.eval()
 
     def materialise(self, recipe: LayerRecipe) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-        """Real tensors of the stacked model (scales folded into the output projections) and the
-        config fields that differ from the sources' (``num_hidden_layers``, ``layer_types``)."""
-        scales = {position: scale for position, (_, _, scale) in enumerate(recipe.path)}
+        """Real tensors of the stacked model under the checkpoints' names (scales folded into the
+        weights as the recipe's YAML says: mergekit's ``scale`` multiplies the named tensors,
+        ``norm_scale`` makes ``1 + w`` into ``s (1 + w)``) and the config fields that differ
+        from the sources' (depth, per-layer fields)."""
+        self._check(recipe)
+        path = recipe.path
+        scales = {position: scale for position, (_, _, scale) in enumerate(path)}
         state: dict[str, torch.Tensor] = {}
         for name, tensor in self._named(recipe).items():
             position = block_of(name)
             scale = scales.get(position, 1.0) if position is not None else 1.0
-            if scale != 1.0 and any(f in name for f in recipe.projections):
-                state[name] = tensor * scale
-            else:
-                state[name] = tensor.clone()
-        config = self.shell_config(len(recipe.path))
-        updates = {"num_hidden_layers": config.num_hidden_layers}
-        if getattr(config, "layer_types", None):
-            updates["layer_types"] = list(config.layer_types)
-        return state, updates
+            state[name] = _folded(name, tensor, scale, recipe)
+        blocks = [b for _, b, _ in path]
+        depth = getattr(self.config, "attribute_map", {}).get("num_hidden_layers",
+                                                              "num_hidden_layers")
+        return state, {depth: len(path), **self.per_layer(blocks)}
 
 
 def _is_head(name: str) -> bool:
@@ -388,14 +569,54 @@ def _template_name(name: str) -> str:
     return renumbered(name, 0) if block_of(name) is not None else name
 
 
-def _scale_outputs(shell: torch.nn.Module, position: int, projections: Sequence[str],
-                   scale: float) -> None:
-    """Multiply the outputs of block ``position``'s projection modules by ``scale`` (the shell's
-    own module objects: the same source block elsewhere in the path is unaffected)."""
+def _role(name: str, recipe: LayerRecipe) -> str | None:
+    """``"out"`` for a tensor a slice's scale multiplies, ``"in"`` for one it divides, else None
+    (mergekit's rule: the first filter contained in the name decides)."""
+    for f in recipe.projections:
+        if f in name:
+            return "out"
+    for f in recipe.inputs:
+        if f in name:
+            return "in"
+    return None
+
+
+def _folded(name: str, tensor: torch.Tensor, scale: float, recipe: LayerRecipe) -> torch.Tensor:
+    """One stacked tensor with its slice's scale folded in (a copy)."""
+    role = _role(name, recipe) if scale != 1.0 else None
+    if role == "out" and recipe.offset:  # x (1 + w) * s = x (1 + (s (1 + w) - 1))
+        return ((1.0 + tensor.float()) * scale - 1.0).to(tensor.dtype)
+    if role == "out":
+        return tensor * scale
+    if role == "in":
+        return tensor * (1.0 / scale)  # as mergekit applies the written value 1 / s
+    return tensor.clone()
+
+
+def _hook_scale(shell: torch.nn.Module, position: int, recipe: LayerRecipe,
+                scale: float) -> None:
+    """Block ``position``'s scale as hooks on the shell's own modules (the same source block
+    elsewhere in the path is unaffected): a module all of whose tensors the scale multiplies
+    gets its output multiplied, a linear map whose weight alone it divides gets its input
+    divided -- the functions of the folded tensors."""
     hooked = 0
     for name, module in shell.named_modules():
-        if block_of(name + ".") == position and name.rsplit(".", 1)[-1] in projections:
+        if block_of(name + ".") != position:
+            continue
+        roles = {p: _role(f"{name}.{p}", recipe)
+                 for p, _ in module.named_parameters(recurse=False)}
+        if roles and all(r == "out" for r in roles.values()):
             module.register_forward_hook(lambda _m, _i, out, s=scale: out * s)
-            hooked += 1
+        elif roles.get("weight") == "in" and roles.get("bias") is None and len(
+                [r for r in roles.values() if r]) == 1:
+            module.register_forward_pre_hook(
+                lambda _m, args, s=1.0 / scale: (args[0] * s, *args[1:]))
+        elif any(roles.values()):
+            raise RecipeError(f"scale filters select only some tensors of {name} "
+                              f"({', '.join(p for p, r in roles.items() if r)}): a stacked "
+                              "model scales whole module outputs or linear inputs")
+        else:
+            continue
+        hooked += 1
     if not hooked:
-        raise RecipeError(f"no output projection {list(projections)} in block {position}")
+        raise RecipeError(f"no output projection {list(recipe.projections)} in block {position}")
