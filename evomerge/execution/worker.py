@@ -88,8 +88,12 @@ class Evaluator:
         base's (a layer stack's depth)."""
         if isinstance(recipe, LayerRecipe):
             return self._stack_for(recipe).materialise(recipe)
-        model = self.build(recipe)
-        return {n: p.detach() for n, p in model.state_dict().items()}, {}
+        built = self.merger.build(recipe, into=self.model)
+        # by the checkpoints' names (GPT-NeoX: embed_out, not the class's lm_head), with the
+        # tensors the model does not keep (old buffers such as Pythia's attention masks) as the
+        # base holds them: the export has the sources' layout
+        base = self.merger.state(recipe.base_model or self.merger.paths[0])
+        return {n: (built[n] if n in built else base[n]).detach() for n in self.merger.names}, {}
 
     def _stack_for(self, recipe: LayerRecipe) -> LayerStack:
         """The layer stacker, with the recipe's ``merged`` models (PS+DFS) built once each."""
@@ -118,11 +122,7 @@ class Evaluator:
 
     def evaluate_source(self, path: str, split: str = "search") -> EvalResult:
         """Score an input model as it is (no merge)."""
-        with torch.inference_mode():
-            state = self.merger.state(path)
-            for name, tensor in self.model.state_dict().items():
-                if name in state:
-                    tensor.copy_(state[name])
+        self.merger.copy(path, into=self.model)
         return self.fitness.evaluate(self.model, split)
 
 

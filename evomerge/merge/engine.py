@@ -39,6 +39,7 @@ import torch
 
 from evomerge.merge.io import check_compatible, load_state_dict, parse_size
 from evomerge.merge.methods import DEFAULT_CHUNK, TensorInputs, Workspace, work_dtype
+from evomerge.merge.names import model_names
 from evomerge.recipe import MergeRecipe, RecipeError
 
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
@@ -240,10 +241,12 @@ class Merger:
               ) -> dict[str, torch.Tensor]:
         """Write the merge described by ``recipe`` into ``into`` in place and return its tensors.
 
-        ``into`` is an ``nn.Module`` whose state dict has the checkpoint's tensor names (an HF
-        model made from the base config), a dict of tensors (see :meth:`allocate`), or None for a
-        fresh allocation. Every problem (unknown model, missing tensor) is raised before the first
-        tensor is written.
+        ``into`` is an ``nn.Module`` that holds every checkpoint tensor (an HF model made from
+        the base config; its names may differ from the checkpoint's where transformers renames
+        on load, see :meth:`target_names`), a dict of tensors by checkpoint name (see
+        :meth:`allocate`), or None for a fresh allocation. The tensors come back by checkpoint
+        name. Every problem (unknown model, missing tensor) is raised before the first tensor
+        is written.
         """
         method = recipe.method
         base_key = self._resolve_ref(recipe.base_model, "base_model") if recipe.base_model else None
@@ -258,6 +261,8 @@ class Merger:
             for group, tensors in self._groups(keys):
                 for name in group:
                     next(names, None)
+                    if name not in targets:  # a tensor the target model does not keep
+                        continue
                     shared, per_source = recipe.resolve(
                         name, gradient_position(self.groups[name], self.num_layers))
                     inputs = TensorInputs(
@@ -312,18 +317,54 @@ class Merger:
             raise RecipeError(f"{field}: model {ref} is not loaded in this Merger (loaded: {loaded})")
         return key
 
+    def target_names(self, model: torch.nn.Module) -> dict[str, str | None]:
+        """Checkpoint tensor name -> the name ``model``'s state dict has for it (as transformers'
+        ``from_pretrained`` maps it, e.g. GPT-NeoX ``embed_out.weight`` -> ``lm_head.weight``),
+        or None for a tensor the model does not keep (old buffers it recomputes); see
+        :mod:`evomerge.merge.names`."""
+        return model_names(model, self.names)
+
+    def copy(self, model: str | Path, into: torch.nn.Module | dict[str, torch.Tensor]
+             ) -> dict[str, torch.Tensor]:
+        """Write one loaded model's tensors, as they are, into ``into`` (a build target)."""
+        state = self.state(model)
+        targets = self._targets(into)
+        with torch.inference_mode():
+            for name in self.names:
+                if name in targets:
+                    targets[name].copy_(state[name])
+        return targets
+
     def _targets(self, into: torch.nn.Module | dict[str, torch.Tensor] | None
                  ) -> dict[str, torch.Tensor]:
+        """The tensors to write, by checkpoint name (a model's own names translated; tensors
+        the model does not keep are left out)."""
         if into is None:
             return self.allocate()
+        names = self.names
         if isinstance(into, torch.nn.Module):
-            into = {n: p.data for n, p in into.state_dict(keep_vars=True).items()}
-        missing = [n for n in self.names if n not in into]
+            state = {n: p.data for n, p in into.state_dict(keep_vars=True).items()}
+            renamed = model_names(into, self.names, state)
+            names = [n for n in names if renamed[n] is not None]
+            into = {n: state[renamed[n]] for n in names if renamed[n] in state}
+        missing = [n for n in names if n not in into]
         ref = self._reference
         wrong = [f"{n} {tuple(into[n].shape)} != {tuple(ref[n].shape)}"
-                 for n in self.names if n in into and into[n].shape != ref[n].shape]
-        if missing or wrong:
-            lines = [f"missing tensor {n}" for n in missing] + [f"shape {w}" for w in wrong]
+                 for n in names if n in into and into[n].shape != ref[n].shape]
+        # two checkpoint tensors in one target tensor (a tied model, untied checkpoints): the
+        # second write would silently overwrite the first
+        first: dict[tuple[int, int], str] = {}
+        tied = []
+        for n in names:
+            if n in into and into[n].numel():
+                where = (into[n].untyped_storage().data_ptr(), into[n].storage_offset())
+                if where in first:
+                    tied.append(f"{n} and {first[where]} are one tensor in the target (tied "
+                                "weights; the checkpoints store them apart)")
+                first.setdefault(where, n)
+        if missing or wrong or tied:
+            lines = ([f"missing tensor {n}" for n in missing] + [f"shape {w}" for w in wrong]
+                     + tied)
             raise ValueError("build target does not match the checkpoints:\n  " + "\n  ".join(lines))
         return into
 
