@@ -13,8 +13,11 @@ Every family (``tests/arch_models.py``: tiny random bf16 checkpoints, base + 2 s
   and ours agree on every family);
 * search: ``evomerge run`` with a per-layer TIES space (4 candidates, CPU, the ``lm`` fitness on
   a 6-item multiple-choice suite) fails no candidate, exports bf16 under the sources' names, and
-  the export, loaded with ``AutoModelForCausalLM.from_pretrained``, gives bit for bit the logits
-  of the candidate as the search built and scored it.
+  the export, loaded with ``AutoModelForCausalLM.from_pretrained``, holds the candidate's
+  weights bit for bit and gives its logits (xfail, named, where the fitness's model holds its
+  rotary frequencies in bf16 and from_pretrained in float32: a fitness-side difference).
+
+Known gap (xfail, strict): evomerge's ``linear`` refuses Pythia's bool ``attention.bias``.
 """
 
 from __future__ import annotations
@@ -36,10 +39,10 @@ from evomerge.merge.engine import Merger
 from evomerge.recipe import MergeRecipe
 
 try:
-    from arch_models import FAMILIES, MERGEKIT_FAMILIES, make_family
+    from arch_models import FAMILIES, MERGEKIT_FAMILIES, config_for, make_family
     from helpers import cast_model, load_weights
 except ImportError:  # tests/ imported as a package
-    from tests.arch_models import FAMILIES, MERGEKIT_FAMILIES, make_family
+    from tests.arch_models import FAMILIES, MERGEKIT_FAMILIES, config_for, make_family
     from tests.helpers import cast_model, load_weights
 
 PROMPT = "copy a b c d = a b c d </s> sort q 3 z = 3 q z"
@@ -102,6 +105,23 @@ def test_checkpoint_names_land_where_from_pretrained_puts_them(family, families)
             assert torch.equal(made.state_dict()[model], want[model]), checkpoint
     tok = transformers.AutoTokenizer.from_pretrained(s0)
     assert torch.equal(logits(made, tok), logits(loaded, tok))
+
+
+def test_names_follow_from_pretrained_rules():
+    """Beyond the families: a bare base-model checkpoint (no ``model.`` prefix) maps into the
+    ``*ForCausalLM`` class as from_pretrained maps it; a module that is not a transformers model
+    keeps the checkpoint's names."""
+    from evomerge.merge.names import model_names
+
+    with torch.device("meta"):
+        model = transformers.AutoModelForCausalLM.from_config(config_for("llama"))
+    bare = ["embed_tokens.weight", "layers.0.self_attn.q_proj.weight", "norm.weight"]
+    assert model_names(model, bare) == {n: f"model.{n}" for n in bare}
+    assert model_names(model, ["lm_head.weight"]) == {"lm_head.weight": "lm_head.weight"}
+    assert model_names(model, ["model.layers.0.self_attn.rotary_emb.inv_freq"]) == {
+        "model.layers.0.self_attn.rotary_emb.inv_freq": None}
+    plain = torch.nn.Linear(2, 2)
+    assert model_names(plain, ["weight", "other"]) == {"weight": "weight", "other": "other"}
 
 
 @pytest.mark.parametrize("change", ["fewer layers", "tied head"])
