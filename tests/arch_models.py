@@ -120,7 +120,7 @@ def _pythia_buffers(model: torch.nn.Module, dtype: torch.dtype) -> dict[str, tor
         prefix = f"gpt_neox.layers.{i}.attention."
         out[prefix + "bias"] = mask.clone()
         out[prefix + "masked_bias"] = torch.tensor(-1e9).to(dtype)
-        out[prefix + "rotary_emb.inv_freq"] = inv_freq.to(dtype)
+        out[prefix + "rotary_emb.inv_freq"] = inv_freq.to(dtype).clone()
     return out
 
 

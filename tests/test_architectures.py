@@ -14,10 +14,10 @@ Every family (``tests/arch_models.py``: tiny random bf16 checkpoints, base + 2 s
 * search: ``evomerge run`` with a per-layer TIES space (4 candidates, CPU, the ``lm`` fitness on
   a 6-item multiple-choice suite) fails no candidate, exports bf16 under the sources' names, and
   the export, loaded with ``AutoModelForCausalLM.from_pretrained``, holds the candidate's
-  weights bit for bit and gives its logits (xfail, named, where the fitness's model holds its
-  rotary frequencies in bf16 and from_pretrained in float32: a fitness-side difference).
+  weights and buffers bit for bit and gives its logits.
 
-Known gap (xfail, strict): evomerge's ``linear`` refuses Pythia's bool ``attention.bias``.
+Pythia's bool ``attention.bias`` passes through every method unchanged (equal in all models);
+mergekit writes it as a bf16 tensor of 0/1.
 """
 
 from __future__ import annotations
@@ -188,13 +188,7 @@ def test_evomerge_merge_cli_writes_the_sources_names(families, tmp_path):
                        load_weights(tmp_path / "out")["embed_out.weight"])
 
 
-# Pythia's bool causal mask: evomerge's linear refuses non-float tensors (TIES/task arithmetic
-# keep them as the base's); mergekit turns it into a bf16 tensor of 0/1
-BOOL_LINEAR = pytest.mark.xfail(raises=TypeError, strict=True,
-                                reason="linear merging needs floating-point tensors (Pythia's "
-                                       "bool attention.bias)")
-MERGE_CASES = [pytest.param(f, m, id=f"{f}-{m}",
-                            marks=BOOL_LINEAR if (f, m) == ("gpt_neox", "linear") else ())
+MERGE_CASES = [pytest.param(f, m, id=f"{f}-{m}")
                for f in MERGEKIT_FAMILIES for m in ("ties", "task_arithmetic", "linear")]
 
 
@@ -212,7 +206,8 @@ def test_bf16_merge_against_mergekit(family, method, families, tmp_path):
     floats = {n: t for n, t in ev.items() if t.is_floating_point()}
     ref = {n: r for n, r in reference64(config).items() if n in floats}
     assert all(t.dtype == mk[n].dtype == torch.bfloat16 for n, t in floats.items())
-    assert all(torch.equal(t, mk[n]) for n, t in ev.items() if n not in floats)
+    # non-float tensors (Pythia's bool mask) keep their values; mergekit's linear writes bf16
+    assert all(torch.equal(t, mk[n].to(t.dtype)) for n, t in ev.items() if n not in floats)
     ours, n = mismatches(floats, ref)
     theirs, _ = mismatches(mk, ref)
     # a handful of float32 straddles of a bf16 boundary (test_vs_mergekit measured up to 8 in
@@ -328,12 +323,9 @@ def test_search_exports_the_candidate_it_scored(family, families, suite, tmp_pat
     theirs = source.state_dict()
     assert all(torch.equal(t, theirs[n]) for n, t in scored.model.state_dict().items())
 
-    if not torch.equal(logits(exported, tok), logits(candidate, tok)):
-        cast = buffers_cast(candidate, exported)
-        if cast:
-            pytest.xfail(f"equal weights, other logits: the lm fitness's model holds {cast} in "
-                         "bf16 (from_config(...).to(bf16)); from_pretrained keeps them float32")
-        pytest.fail("the exported model computes other logits than the candidate it scored")
+    # buffers too: rotary frequencies stay float32 in both, as from_pretrained keeps them
+    assert not buffers_cast(candidate, exported)
+    assert torch.equal(logits(exported, tok), logits(candidate, tok))
     assert torch.equal(logits(scored.model, tok), logits(source, tok))
 
 

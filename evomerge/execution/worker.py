@@ -24,8 +24,14 @@ import numpy as np
 import torch
 
 from evomerge.execution.devices import describe, resolve_device
-from evomerge.fitness.base import (DTYPES, EvalResult, Fitness, Objective, fitness_class,
-                                   make_fitness)
+from evomerge.fitness.base import (
+    DTYPES,
+    EvalResult,
+    Fitness,
+    Objective,
+    fitness_class,
+    make_fitness,
+)
 from evomerge.merge.engine import Merger
 from evomerge.merge.io import export_dtype
 from evomerge.merge.layerstack import LayerRecipe, LayerStack, ResidentSources, parse_recipe

@@ -378,10 +378,7 @@ class LMFitness(Fitness):
 
     def new_model(self) -> torch.nn.Module:
         """A freshly initialised model of the base's config on ``device``, in eval mode."""
-        from transformers import AutoModelForCausalLM
-
-        model = AutoModelForCausalLM.from_config(self.config)
-        return model.to(device=self.device, dtype=self.dtype).eval()
+        return new_causal_lm(self.config, self.dtype, self.device)
 
     # ---- scoring -----------------------------------------------------------------------------
 
@@ -461,6 +458,16 @@ class LMFitness(Fitness):
                 raise ValueError(f"items: objective {obj.name!r} needs task(s) "
                                  f"{', '.join(empty)}, which have no items selected")
         return chosen
+
+
+def new_causal_lm(config: Any, dtype: torch.dtype, device: torch.device) -> torch.nn.Module:
+    """A model of ``config`` in ``dtype`` on ``device``, in eval mode, laid out as
+    ``from_pretrained(dtype=...)`` lays it out: parameters in ``dtype``, buffers the class
+    computes in float32 (rotary ``inv_freq``) left in float32. A blanket ``.to(dtype)`` would
+    round those too, and the model a search scores would not be the one it exports."""
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_config(config, dtype=dtype).to(device).eval()
 
 
 def _check_fits(path: Path, item: GenerateItem | ChoiceItem, positions: int,

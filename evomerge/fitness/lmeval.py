@@ -903,10 +903,9 @@ class LmEvalFitness(Fitness):
     def new_model(self) -> torch.nn.Module:
         """A model of the base's architecture in ``self.dtype`` (weights to be written by the
         merge engine)."""
-        from transformers import AutoModelForCausalLM
+        from evomerge.fitness.lm import new_causal_lm
 
-        model = AutoModelForCausalLM.from_config(self.config, dtype=self.dtype)
-        return model.to(device=self.device, dtype=self.dtype).eval()
+        return new_causal_lm(self.config, self.dtype, self.device)
 
     def _wrap(self, model: torch.nn.Module):
         """The HFLM around ``model``: created on first use, reused while the object is the same."""

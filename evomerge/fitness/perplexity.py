@@ -68,7 +68,7 @@ import numpy as np
 import torch
 
 from evomerge.fitness.base import EvalResult, Fitness, Objective, register, resolve_dtype
-from evomerge.fitness.lm import _load_base, left_pad, sequence_loglikelihoods
+from evomerge.fitness.lm import _load_base, left_pad, new_causal_lm, sequence_loglikelihoods
 
 __all__ = ["DEFAULT_BATCH_SIZE", "DEFAULT_MAX_LENGTH", "OBJECTIVES", "TASK", "PerplexityFitness",
            "TextDataError", "read_texts"]
@@ -223,10 +223,7 @@ class PerplexityFitness(Fitness):
 
     def new_model(self) -> torch.nn.Module:
         """A freshly initialised model of the base's config on ``device``, in eval mode."""
-        from transformers import AutoModelForCausalLM
-
-        model = AutoModelForCausalLM.from_config(self.config)
-        return model.to(device=self.device, dtype=self.dtype).eval()
+        return new_causal_lm(self.config, self.dtype, self.device)
 
     def evaluate(self, model: torch.nn.Module, split: str = "search") -> EvalResult:
         """Per-item mean token log-likelihoods and the token-weighted objective on ``split``."""

@@ -651,14 +651,19 @@ def linear(
     """theta = sum_k w_k theta_k, divided by sum_k w_k when ``normalize`` (mergekit default).
 
     Accumulates in the work dtype and rounds once; a one-hot weight therefore returns that tensor
-    exactly (0 + 1 * x = x in every float format).
+    exactly (0 + 1 * x = x in every float format). Non-float tensors (Pythia's bool causal mask)
+    cannot be averaged: they pass through when every input holds the same values, as the
+    task-vector methods keep the base's.
     """
     first = tensors[0]
+    out = out if out is not None else torch.empty_like(first)
     if not first.is_floating_point():
-        raise TypeError(f"linear merging needs floating-point tensors, got {first.dtype}")
+        if any(not torch.equal(first, t) for t in tensors[1:]):
+            raise TypeError(f"linear merging of {first.dtype} tensors needs them equal in every "
+                            "model; they differ")
+        return out.copy_(first)
     ws = workspace or Workspace()
     work = work_dtype(first.dtype)
-    out = out if out is not None else torch.empty_like(first)
     flat_out, n = _flat(out), first.numel()
     divisor = float(sum(weights)) if normalize else 1.0
     for s in range(0, n, chunk):
