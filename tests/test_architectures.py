@@ -29,6 +29,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import safetensors
+import safetensors.torch
 import torch
 import transformers
 import yaml
@@ -124,26 +125,65 @@ def test_names_follow_from_pretrained_rules():
     assert model_names(plain, ["weight", "other"]) == {"weight": "weight", "other": "other"}
 
 
-@pytest.mark.parametrize("change", ["fewer layers", "tied head"])
-def test_a_target_that_does_not_fit_is_refused_before_writing(change, families):
-    """The `build target does not match` check names what a target lacks, and refuses a tied
-    target for untied checkpoints (the head would silently overwrite the embeddings)."""
+def test_a_target_that_does_not_fit_is_refused_before_writing(families):
+    """The `build target does not match` check names what a target lacks; nothing is written."""
     base, s0, s1 = families("llama")
     config = transformers.AutoConfig.from_pretrained(base)
-    if change == "fewer layers":
-        config.num_hidden_layers -= 1
-        expected = "missing tensor model.layers.2.mlp.down_proj.weight"
-    else:
-        config.tie_word_embeddings = True
-        expected = "model.embed_tokens.weight and lm_head.weight are one tensor"
+    config.num_hidden_layers -= 1
     made = transformers.AutoModelForCausalLM.from_config(config)
     before = {k: v.clone() for k, v in made.state_dict().items()}
     recipe = MergeRecipe.from_dict({"merge_method": "linear", "models": [
         {"model": str(s0), "parameters": {"weight": 1.0}}]})
     with pytest.raises(ValueError, match="build target does not match") as err:
         Merger([base, s0, s1]).build(recipe, into=made)
-    assert expected in str(err.value)
+    assert "missing tensor model.layers.2.mlp.down_proj.weight" in str(err.value)
     assert all(torch.equal(before[k], v) for k, v in made.state_dict().items())
+
+
+def _tied_storing_head(families, tmp_path, head) -> list[Path]:
+    """The tied family, each checkpoint also storing ``lm_head.weight = head(embeddings)``."""
+    paths = []
+    for k, src in enumerate(families("tied")):
+        out = cast_model(src, tmp_path / f"m{k}", torch.bfloat16)
+        weights = load_weights(out)
+        weights["lm_head.weight"] = head(weights["model.embed_tokens.weight"]).contiguous()
+        safetensors.torch.save_file(weights, str(out / "model.safetensors"),
+                                    metadata={"format": "pt"})
+        paths.append(out)
+    return paths
+
+
+def test_a_stored_tied_head_equal_to_the_embeddings_is_written_once(families, suite, tmp_path):
+    """Tied-embedding checkpoints that store lm_head.weight anyway, equal to the embeddings (as
+    some releases do): from_pretrained ties them; the candidate and its export hold the merged
+    embeddings in both."""
+    from evomerge.execution.worker import Evaluator
+
+    paths = _tied_storing_head(families, tmp_path, lambda e: e.clone())
+    loaded = transformers.AutoModelForCausalLM.from_pretrained(paths[1])
+    assert loaded.lm_head.weight.data_ptr() == loaded.model.embed_tokens.weight.data_ptr()
+    recipe = MergeRecipe.from_dict({
+        "merge_method": "task_arithmetic", "base_model": str(paths[0]),
+        "models": [{"model": str(p), "parameters": {"weight": 0.6}} for p in paths[1:]]})
+    evaluator = Evaluator([str(p) for p in paths], "lm", {"suite": str(suite)}, str(paths[0]))
+    state, _ = evaluator.materialise(recipe)
+    merged = Merger.for_recipe(recipe).build(recipe)
+    assert torch.equal(state["model.embed_tokens.weight"], merged["model.embed_tokens.weight"])
+    assert torch.equal(state["lm_head.weight"], merged["lm_head.weight"])
+
+
+def test_a_stored_tied_head_that_differs_is_refused_naming_the_fix(families, suite, tmp_path):
+    """... but when a checkpoint's stored head differs, transformers unties the model on load,
+    which a tied build target cannot follow: refused before anything is written."""
+    paths = _tied_storing_head(families, tmp_path, lambda e: e.flip(0))
+    loaded = transformers.AutoModelForCausalLM.from_pretrained(paths[1])
+    assert not torch.equal(loaded.lm_head.weight, loaded.model.embed_tokens.weight)
+    made = transformers.AutoModelForCausalLM.from_config(loaded.config)
+    recipe = MergeRecipe.from_dict({"merge_method": "linear", "models": [
+        {"model": str(paths[1]), "parameters": {"weight": 1.0}}]})
+    with pytest.raises(ValueError, match="model.embed_tokens.weight and lm_head.weight are one "
+                                         "tensor .* tie_word_embeddings: false"):
+        Merger([str(p) for p in paths]).build(recipe, into=made)
 
 
 # --------------------------------------------------------------------------------------------

@@ -95,11 +95,14 @@ class Evaluator:
         if isinstance(recipe, LayerRecipe):
             return self._stack_for(recipe).materialise(recipe)
         built = self.merger.build(recipe, into=self.model)
-        # by the checkpoints' names (GPT-NeoX: embed_out, not the class's lm_head), with the
-        # tensors the model does not keep (old buffers such as Pythia's attention masks) as the
-        # base holds them: the export has the sources' layout
+        # by the checkpoints' names (GPT-NeoX: embed_out, not the class's lm_head); a tied half
+        # the checkpoints store anyway as the model holds it (the merged embeddings); tensors
+        # the model does not keep (old buffers such as Pythia's attention masks) as the base
+        # holds them: the export has the sources' layout
+        own = self.model.state_dict()
         base = self.merger.state(recipe.base_model or self.merger.paths[0])
-        return {n: (built[n] if n in built else base[n]).detach() for n in self.merger.names}, {}
+        return {n: (built[n] if n in built else own[n] if n in own else base[n]).detach()
+                for n in self.merger.names}, {}
 
     def _stack_for(self, recipe: LayerRecipe) -> LayerStack:
         """The layer stacker, with the recipe's ``merged`` models (PS+DFS) built once each."""

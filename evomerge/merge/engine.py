@@ -176,6 +176,7 @@ class Merger:
         self._stats: dict[str, dict] = {name: {} for name in self.names}
         self._cache: dict[str, dict] = {}
         self._cache_reserved = 0
+        self._same: dict[tuple[str, str], bool] = {}
         self._workspace = Workspace()
 
     def _streams(self, device_budget: int | str | None) -> bool:
@@ -335,6 +336,14 @@ class Merger:
                     targets[name].copy_(state[name])
         return targets
 
+    def _same_everywhere(self, a: str, b: str) -> bool:
+        """Whether every loaded model stores equal values under tensor names ``a`` and ``b``
+        (computed once per pair: the inputs never change)."""
+        key = (a, b)
+        if key not in self._same:
+            self._same[key] = all(torch.equal(t[a], t[b]) for t in self.tensors.values())
+        return self._same[key]
+
     def _targets(self, into: torch.nn.Module | dict[str, torch.Tensor] | None
                  ) -> dict[str, torch.Tensor]:
         """The tensors to write, by checkpoint name (a model's own names translated; tensors
@@ -351,17 +360,23 @@ class Merger:
         ref = self._reference
         wrong = [f"{n} {tuple(into[n].shape)} != {tuple(ref[n].shape)}"
                  for n in names if n in into and into[n].shape != ref[n].shape]
-        # two checkpoint tensors in one target tensor (a tied model, untied checkpoints): the
-        # second write would silently overwrite the first
+        # two checkpoint tensors in one target tensor (a tied model): harmless when every
+        # checkpoint stores the same values under both names (written once, as from_pretrained
+        # ties them); otherwise the second write would silently overwrite the first
         first: dict[tuple[int, int], str] = {}
         tied = []
         for n in names:
             if n in into and into[n].numel():
                 where = (into[n].untyped_storage().data_ptr(), into[n].storage_offset())
-                if where in first:
+                if where not in first:
+                    first[where] = n
+                elif self._same_everywhere(first[where], n):
+                    into = {k: v for k, v in into.items() if k != n}
+                else:
                     tied.append(f"{n} and {first[where]} are one tensor in the target (tied "
-                                "weights; the checkpoints store them apart)")
-                first.setdefault(where, n)
+                                "weights) but the checkpoints store different values (transformers "
+                                "unties such checkpoints on load: set tie_word_embeddings: false "
+                                "in the base's config.json)")
         if missing or wrong or tied:
             lines = ([f"missing tensor {n}" for n in missing] + [f"shape {w}" for w in wrong]
                      + tied)
