@@ -196,7 +196,7 @@ def markdown(result: dict[str, Any]) -> str:
     lines = [START, "## gpu_check: a bf16 PS search, sources resident vs streamed", "",
              f"`python benchmarks/gpu_check.py --size {result['size']} --budget "
              f"{result['budget']} --items {result['items']}` on **{where}** "
-             f"(torch {m['torch']}, load {m['load']}): a {result['params'] / 1e6:.0f}M-parameter "
+             f"(torch {m['torch']}, load {m['load']:.2f}): a {result['params'] / 1e6:.0f}M-parameter "
              f"bf16 Llama family (base + 3 sources), `dare_ties_layerwise`, random search, "
              f"`perplexity` fitness on {result['items']} lines, `executor.device: auto`.", "",
              "| inputs | device | candidates (failed) | build s | eval s | build GB/s | memcpy "
