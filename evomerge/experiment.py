@@ -26,6 +26,29 @@ class ExperimentError(ValueError):
     """An experiment that cannot run; the message names the field."""
 
 
+RUN_RECORD = "experiment.yaml"  # a run directory's copy of its resolved experiment
+# files only a run directory holds (provenance.json: every run since issue 4; run.json: its id)
+RUN_MARKERS = ("run.json", "provenance.json")
+
+
+def is_run_dir(path: str | Path) -> bool:
+    """Whether ``path`` is a run directory (what ``evomerge run`` wrote), not a folder that
+    merely holds an experiment file."""
+    path = Path(path)
+    return (path / RUN_RECORD).is_file() and any((path / m).is_file() for m in RUN_MARKERS)
+
+
+def _rebased(url: str, old: Path, new: Path) -> str:
+    """A file store URL inside ``old`` moved to the same place inside ``new``; else ``url``."""
+    for prefix in ("sqlite:///", "journal://"):  # what follows is the path, as open_storage reads it
+        if url.startswith(prefix):
+            try:
+                return prefix + str(new / Path(url.removeprefix(prefix)).relative_to(old))
+            except ValueError:
+                return url
+    return url
+
+
 DTYPE_NAMES = ("auto", "float32", "bfloat16", "float16")
 
 
@@ -247,7 +270,29 @@ class Experiment(BaseModel):
 
     @classmethod
     def from_yaml(cls, path: str | Path, **overrides: Any) -> "Experiment":
+        """An experiment file; a run directory's own ``experiment.yaml`` (see
+        :func:`is_run_dir`) is read as :meth:`from_run_dir` reads it."""
+        path = Path(path)
+        if path.name == RUN_RECORD and is_run_dir(path.parent):
+            return cls.from_run_dir(path.parent, **overrides)
         data = read_yaml(path, ExperimentError, "experiment")
+        return cls.from_dict(data, where=str(path), **overrides)
+
+    @classmethod
+    def from_run_dir(cls, run_dir: str | Path, **overrides: Any) -> "Experiment":
+        """The experiment recorded in ``run_dir``, *living in* ``run_dir``: the directory as
+        named now, not the absolute ``run_dir`` recorded when the run started, so a run
+        directory that was copied or moved resumes (and its dashboard reads) the copy, never the
+        original. A file store (``sqlite:///``, ``journal:///``) recorded inside the old
+        directory follows too; any other store stays where it is."""
+        run_dir = Path(run_dir).absolute()
+        path = run_dir / RUN_RECORD
+        data = read_yaml(path, ExperimentError, "experiment")
+        if isinstance(data, dict):
+            recorded = data.get("run_dir")
+            data = {**data, "run_dir": str(run_dir)}
+            if recorded and isinstance(data.get("storage"), str):
+                data["storage"] = _rebased(data["storage"], Path(recorded), run_dir)
         return cls.from_dict(data, where=str(path), **overrides)
 
     def resolved(self) -> "Experiment":

@@ -24,6 +24,7 @@ import base64
 import fcntl
 import logging
 import math
+import socket
 import threading
 import time
 import warnings
@@ -48,6 +49,89 @@ INTERRUPTED = "interrupted"
 EXPERIMENT = "experiment"  # study user attribute: the resolved experiment, for remote workers
 OWNER = "evomerge:owner"  # system attribute: the worker ("host:pid") running a trial
 HEARTBEAT = "evomerge:heartbeat"  # system attribute: a worker's last beat (its time.time())
+PARAMS = "evomerge:params"  # study user attribute: the Optuna parameter names, x[i] -> PARAMS[i]
+RUN = "evomerge:run"  # study user attribute: the run that owns the study ({"id", "run_dir", ...})
+NOTE_PIECE = 2045  # optuna-dashboard's longest note piece (optuna_dashboard._note)
+
+
+def legacy_names(dim: int) -> list[str]:
+    """The parameter names of studies made before parameters were named: ``x0 .. x{dim-1}``."""
+    return [f"x{i}" for i in range(dim)]
+
+
+class StoreError(RuntimeError):
+    """A store that cannot be used as asked; the message says why and what to do."""
+
+
+class RunOwnedError(StoreError):
+    """The study belongs to another run (see :meth:`Store.claim_run`)."""
+
+
+class StoreFullError(StoreError):
+    """A write failed for lack of disk space (see :func:`explain_write_errors`)."""
+
+
+_NO_SPACE = ("database or disk is full", "no space left on device", "disk full",
+             "could not extend file")
+
+
+def no_space_cause(exc: BaseException) -> str | None:
+    """The line of ``exc``'s chain that says the disk is full, or None.
+
+    Optuna reports a failed commit as ``StorageInternalError`` ("invalid data in the commit,
+    e.g. exceeding max length"); the real cause (SQLite's ``database or disk is full``,
+    PostgreSQL's ``could not extend file ... No space left on device``, the journal's
+    ``OSError(ENOSPC)``) is further down the chain."""
+    import errno
+
+    seen: set[int] = set()
+    todo: list[BaseException | None] = [exc]
+    while todo:
+        e = todo.pop()
+        if e is None or id(e) in seen:
+            continue
+        seen.add(id(e))
+        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+            return f"{e.strerror or e} ({e.filename})" if e.filename else str(e.strerror or e)
+        text = str(getattr(e, "orig", None) or e)
+        if any(k in text.lower() for k in _NO_SPACE):
+            return text.strip().splitlines()[0]
+        todo += [e.__cause__, e.__context__, getattr(e, "orig", None)]
+    return None
+
+
+@contextmanager
+def explain_write_errors(url: str, resume_hint: str = "evomerge resume RUN_DIR") -> Iterator[None]:
+    """Turn a store write that failed for lack of disk space into one clear
+    :class:`StoreFullError` naming the cause; every other error passes unchanged."""
+    try:
+        yield
+    except StoreError:
+        raise
+    except Exception as exc:
+        cause = no_space_cause(exc)
+        if cause is None:
+            raise
+        raise StoreFullError(no_space_message(url, cause, resume_hint)) from exc
+
+
+def no_space_message(url: str, cause: str, resume_hint: str = "evomerge resume RUN_DIR") -> str:
+    where = _file_of(url)
+    disk = f"the disk that holds {where}" if where else "the database server's disk"
+    kept = ("nothing was corrupted: the journal keeps every write that completed"
+            if url.startswith("journal:") else
+            "nothing was corrupted: the database rolled the failed write back")
+    return (f"the store cannot be written: {cause} ({disk} is full). {kept[0].upper()}"
+            f"{kept[1:]}, and every finished trial is kept. Free some space, then continue "
+            f"the run with `{resume_hint}`.")
+
+
+def _file_of(url: str) -> Path | None:
+    """The file behind a ``sqlite:///`` or ``journal:///`` URL; None for a server."""
+    for prefix in ("sqlite:///", "journal://"):
+        if url.startswith(prefix):
+            return Path(url.removeprefix(prefix))
+    return None
 
 
 def storage_url(url: str | None, run_dir: Path) -> str:
@@ -165,15 +249,24 @@ def check_heartbeat(heartbeat_s: float | None, grace_s: float | None) -> None:
 class Store:
     """An Optuna study used as record and queue. ``lower``/``upper`` define the parameters.
 
+    ``param_names`` (the bound space's ``names``) name them in Optuna, so the dashboard shows
+    ``weight[expert_add][layers.3]`` rather than ``x7``. The names a study was made with are
+    kept in its user attribute ``PARAMS`` and win over the arguments: a study made before
+    parameters were named keeps ``x0 .. xN`` (:func:`legacy_names`) and still resumes. The only
+    mapping between ``x`` and names is ``x[i] <-> names[i]`` (see :func:`x_of`).
+
     With ``heartbeat_s``/``grace_s``, workers beat while they hold a trial and
     :meth:`fail_stale` gives back the trials of silent ones (see :meth:`beating`).
     """
 
     def __init__(self, url: str, study_name: str, directions: Sequence[str],
                  lower: Sequence[float], upper: Sequence[float], *,
+                 param_names: Sequence[str] | None = None,
                  objective_names: Sequence[str] | None = None,
                  heartbeat_s: float | None = None, grace_s: float | None = None) -> None:
         check_heartbeat(heartbeat_s, grace_s)
+        if len(lower) != len(upper):
+            raise ValueError(f"{len(lower)} lower bounds for {len(upper)} upper bounds")
         self.heartbeat_s, self.grace_s = heartbeat_s, grace_s
         # fail_stale: trial id -> (last heartbeat value seen, monotonic time it was first seen)
         self._seen: dict[int, tuple[Any, float]] = {}
@@ -181,38 +274,158 @@ class Store:
         self._leases: dict[int, float] = {}
         self._waiting: deque[FrozenTrial] = deque()  # pop's snapshot of the queue (see _claim)
         self.url = url
-        self.storage = open_storage(url)
-        self.study = optuna.create_study(storage=self.storage, study_name=study_name,
-                                         directions=list(directions), load_if_exists=True)
+        self.run_id: str | None = None  # set by claim_run: enqueue checks the study is still ours
+        self.resume_hint = "evomerge resume RUN_DIR"
+        with explain_write_errors(url):
+            self.storage = open_storage(url)
+            self.created = True  # whether this store made the study (see claim_run)
+            try:
+                self.study = optuna.create_study(storage=self.storage, study_name=study_name,
+                                                 directions=list(directions))
+            except optuna.exceptions.DuplicatedStudyError:
+                self.created = False
+                self.study = optuna.load_study(storage=self.storage, study_name=study_name)
         if [d.name.lower() for d in self.study.directions] != [d.lower() for d in directions]:
             raise ValueError(f"study {study_name!r} in {url} has directions "
                              f"{[d.name.lower() for d in self.study.directions]}, "
                              f"the experiment asks for {list(directions)}")
-        if objective_names:
-            with warnings.catch_warnings():  # experimental since Optuna 3.2, stable in practice
-                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-                self.study.set_metric_names(list(objective_names))
+        with explain_write_errors(url):
+            if objective_names and self.study.metric_names != list(objective_names):
+                with warnings.catch_warnings():  # experimental since Optuna 3.2, stable
+                    warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                    self.study.set_metric_names(list(objective_names))
+            self.names = self._param_names(param_names, len(lower))
         self.n_objectives = len(directions)
         self._lock_path = (Path(url.removeprefix("sqlite:///")).with_suffix(".claim.lock")
                            if url.startswith("sqlite:///") else None)
-        self.distributions = {f"x{i}": FloatDistribution(float(lo), float(hi))
-                              for i, (lo, hi) in enumerate(zip(lower, upper))}
+        self.distributions = {name: FloatDistribution(float(lo), float(hi))
+                              for name, lo, hi in zip(self.names, lower, upper)}
+
+    def _param_names(self, asked: Sequence[str] | None, dim: int) -> list[str]:
+        """The names this study's parameters have: as recorded in the study, else ``asked``
+        (recorded now) for a new study, ``x0..`` for one made before names were recorded."""
+        recorded = self.user_attrs().get(PARAMS)
+        if recorded is not None:
+            recorded = list(recorded)
+            if len(recorded) != dim:
+                raise ValueError(f"study {self.study.study_name!r} in {self.url} has "
+                                 f"{len(recorded)} parameters, the search space {dim}: the "
+                                 "experiment must be the one the run started with")
+            if asked is not None and recorded not in (list(asked), legacy_names(dim)):
+                first = next(i for i, (a, b) in enumerate(zip(recorded, asked)) if a != b)
+                raise ValueError(f"study {self.study.study_name!r} in {self.url} names its "
+                                 f"parameter {first} {recorded[first]!r}, the search space "
+                                 f"{list(asked)[first]!r}: the experiment must be the one the "
+                                 "run started with")
+            return recorded
+        names = legacy_names(dim)
+        if asked is not None and not self.study.get_trials(deepcopy=False):
+            names = [str(n) for n in asked]
+            if len(names) != dim or len(set(names)) != dim or not all(names):
+                raise ValueError(f"param_names: expected {dim} distinct, non-empty names, "
+                                 f"got {names}")
+        self.study.set_user_attr(PARAMS, names)
+        return names
+
+    def user_attrs(self) -> dict[str, Any]:
+        """The study's user attributes, read now (not cached)."""
+        return self.storage.get_study_user_attrs(self.study._study_id)
+
+    # ---- the run that owns the study ---------------------------------------------------------
+
+    def claim_run(self, run_id: str, run_dir: str | Path, *, resume: bool) -> None:
+        """Make the study this run's, or refuse with one :class:`RunOwnedError` that says whose
+        it is and what to do. ``run_id`` is the run's identity (kept in ``RUN_DIR/run.json``).
+
+        A new run (``resume=False``) takes a study nobody owns and that holds no trial; a resume
+        takes a study it owns already, or one nobody owns (made before runs had an identity).
+        Afterwards :meth:`enqueue` checks the owner before every trial it adds, so two drivers
+        that raced for the same study name cannot both add trials to it: the one whose claim was
+        overwritten stops at its next enqueue.
+        """
+        run_dir = str(Path(run_dir).absolute())
+        self.resume_hint = f"evomerge resume {run_dir}"
+        owner = self.user_attrs().get(RUN)
+        if owner is None and not self.created and not resume:
+            time.sleep(0.2)  # a driver that has just created the study writes its owner next
+            owner = self.user_attrs().get(RUN)
+        if owner is not None and owner.get("id") != run_id:
+            raise RunOwnedError(self._owned_message(owner, run_dir, resume))
+        n = len(self.trials())
+        if owner is None and n and not resume:
+            raise RunOwnedError(
+                f"study {self.study.study_name!r} in {self.url} already holds {n} trials of "
+                f"a run that has no identity recorded (made by an older evomerge): continue it "
+                f"with `evomerge resume RUN_DIR` from its run directory, or give this "
+                "experiment another `name:` (the study name) or `storage:`")
+        if owner is None:
+            with explain_write_errors(self.url, self.resume_hint):
+                self.study.set_user_attr(RUN, {"id": run_id, "run_dir": run_dir,
+                                               "host": socket.gethostname(),
+                                               "claimed_at": time.time()})
+        self.run_id = run_id
+        self.check_owner()  # a driver that claimed at the same moment wrote last: it wins
+
+    def check_owner(self) -> None:
+        """RunOwnedError when another run has taken the study since :meth:`claim_run`."""
+        if self.run_id is None:
+            return
+        owner = self.user_attrs().get(RUN) or {}
+        if owner.get("id") != self.run_id:
+            raise RunOwnedError(self._owned_message(owner, None, False))
+
+    def _owned_message(self, owner: Mapping[str, Any], run_dir: str | None,
+                       resume: bool) -> str:
+        name, there = self.study.study_name, owner.get("run_dir", "?")
+        if run_dir is not None and there == run_dir and not resume:
+            return (f"{run_dir} already holds run {owner.get('id')} (study {name!r} in "
+                    f"{self.url}, {len(self.trials())} trials): continue it with `evomerge "
+                    f"resume {run_dir}`, or remove it, or pick another --run-dir")
+        return (f"study {name!r} in {self.url} belongs to another run (id {owner.get('id')}, "
+                f"run directory {there}, host {owner.get('host', '?')}): give this experiment "
+                f"another `name:` (the study name) or `storage:`, or continue that run with "
+                f"`evomerge resume {there}`")
 
     # ---- driver side ---------------------------------------------------------------------
 
-    def enqueue(self, x: np.ndarray, slot: Slot, recipe: Mapping[str, Any] | None = None) -> int:
+    def enqueue(self, x: np.ndarray, slot: Slot, recipe: Mapping[str, Any] | None = None, *,
+                note: str | None = None) -> int:
         """Record a candidate as a WAITING trial (before anyone evaluates it); its trial id.
 
-        The same as ``study.enqueue_trial``, through the storage so the id comes back.
+        The same as ``study.enqueue_trial``, through the storage so the id comes back. ``note``:
+        Markdown that optuna-dashboard shows on the trial's page (two writes more). After
+        :meth:`claim_run`, refuses (:class:`RunOwnedError`) once another run owns the study.
         """
-        params = {f"x{i}": float(v) for i, v in enumerate(x)}
+        x = np.asarray(x, dtype=float).ravel()
+        if x.size != len(self.names):
+            raise ValueError(f"x: {x.size} values for {len(self.names)} parameters")
+        params = {name: float(v) for name, v in zip(self.names, x)}
         meta: dict[str, Any] = {"generation": slot.generation, "index": slot.index}
         if recipe is not None:
             meta["recipe"] = dict(recipe)
         template = optuna.trial.create_trial(state=TrialState.WAITING,
                                              system_attrs={"fixed_params": params},
                                              user_attrs={META: meta})
-        return self.storage.create_new_trial(self.study._study_id, template_trial=template)
+        with explain_write_errors(self.url, self.resume_hint):
+            self.check_owner()
+            trial_id = self.storage.create_new_trial(self.study._study_id,
+                                                     template_trial=template)
+            if note:
+                self.save_note(trial_id, note)
+        return trial_id
+
+    def save_note(self, trial_id: int, text: str) -> None:
+        """``text`` (Markdown) as the trial's note in optuna-dashboard, written as
+        ``optuna_dashboard.save_note`` writes it (study system attributes, version 1, 2045
+        characters a piece) minus its read of every study system attribute, which grows with
+        each note and would make a run's notes cost quadratic time."""
+        prefix = f"dashboard:{trial_id}:note_str:"
+        self.storage.set_study_system_attr(self.study._study_id,
+                                           f"dashboard:{trial_id}:note_ver", 1)
+        for i in range(0, max(len(text), 1), NOTE_PIECE):
+            self.storage.set_study_system_attr(self.study._study_id,
+                                               f"{prefix}{i // NOTE_PIECE}",
+                                               text[i:i + NOTE_PIECE])
 
     def get(self, trial_id: int) -> FrozenTrial:
         return self.storage.get_trial(trial_id)
@@ -287,14 +500,16 @@ class Store:
     def _give_back(self, trial_id: int) -> bool:
         """RUNNING -> FAIL(interrupted); False if the trial had finished (someone was first)."""
         try:
-            self.storage.set_trial_user_attr(trial_id, RESULT, {"error": INTERRUPTED})
-            return self.storage.set_trial_state_values(trial_id, TrialState.FAIL)
+            with explain_write_errors(self.url, self.resume_hint):
+                self.storage.set_trial_user_attr(trial_id, RESULT, {"error": INTERRUPTED})
+                return self.storage.set_trial_state_values(trial_id, TrialState.FAIL)
         except optuna.exceptions.UpdateFinishedTrialError:
             return False
 
     def set_finished(self, finished: bool = True) -> None:
         """Tell workers polling the queue that no more work will come."""
-        self.study.set_user_attr("finished", finished)
+        with explain_write_errors(self.url, self.resume_hint):
+            self.study.set_user_attr("finished", finished)
 
     def is_finished(self) -> bool:
         return bool(self.storage.get_study_user_attrs(self.study._study_id).get("finished"))
@@ -309,13 +524,14 @@ class Store:
         worker dies; the in-process executor skips it (one storage write less per trial).
         """
         claimed_at = time.monotonic()
-        with self._claim_lock():
-            waiting = self._claim(owner)
-        if waiting is None:
-            return None
-        trial = optuna.trial.Trial(self.study, waiting._trial_id)
-        for name, dist in self.distributions.items():
-            trial.suggest_float(name, dist.low, dist.high)
+        with explain_write_errors(self.url, self.resume_hint):
+            with self._claim_lock():
+                waiting = self._claim(owner)
+            if waiting is None:
+                return None
+            trial = optuna.trial.Trial(self.study, waiting._trial_id)
+            for name, dist in self.distributions.items():
+                trial.suggest_float(name, dist.low, dist.high)
         return Claim(trial, dict(waiting.user_attrs[META]), claimed_at)
 
     def _claim(self, owner: str | None) -> FrozenTrial | None:
@@ -458,6 +674,12 @@ class Store:
             _log.warning("trial %d: this worker's heartbeats failed for longer than its lease; "
                          "the trial was given back and its result dropped", claim.number)
             return False
+        with explain_write_errors(self.url, self.resume_hint):
+            return self._finish(claim, trial_id, result, values if ok else None)
+
+    def _finish(self, claim: Claim, trial_id: int, result: dict[str, Any],
+                values: Sequence[float] | None) -> bool:
+        ok = values is not None
         try:
             self.storage.set_trial_user_attr(trial_id, RESULT, result)
             # Written directly rather than through Study.tell, which re-reads and deep-copies
@@ -502,7 +724,11 @@ def slot_of(trial: FrozenTrial) -> Slot:
     return Slot(int(meta["generation"]), int(meta["index"]))
 
 
-def x_of(trial: FrozenTrial, dim: int) -> np.ndarray:
-    """The candidate vector of a trial (from its params, or the enqueued fixed params)."""
+def x_of(trial: FrozenTrial, names: Sequence[str] | int) -> np.ndarray:
+    """The candidate vector of a trial (from its params, or the enqueued fixed params):
+    ``x[i]`` is the parameter ``names[i]`` (:attr:`Store.names`); an int ``dim`` means the
+    unnamed ``x0 .. x{dim-1}``."""
+    if isinstance(names, int):
+        names = legacy_names(names)
     params = trial.params or trial.system_attrs.get("fixed_params", {})
-    return np.array([params[f"x{i}"] for i in range(dim)], dtype=float)
+    return np.array([params[name] for name in names], dtype=float)

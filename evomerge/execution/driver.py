@@ -6,13 +6,22 @@ strategy asks the same points; a mismatch is an error, never silently mixed), th
 already have a finished trial are told from the store, and only the missing ones are enqueued.
 Trials left RUNNING by a killed process are marked FAIL("interrupted") and their slot is
 enqueued again, so a run always ends with exactly ``budget`` evaluated slots.
+
+A run has an identity: a random id kept in ``RUN_DIR/run.json`` and in the study (see
+:meth:`evomerge.store.Store.claim_run`), so a second run that names the same study in a shared
+store is refused with one clear error instead of mixing its trials into the first run's. Trials
+are stored with the space's parameter names and a readable recipe as their optuna-dashboard note.
 """
 
 from __future__ import annotations
 
 import fcntl
+import json
 import os
+import re
+import sys
 import time
+import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -26,8 +35,10 @@ from evomerge.experiment import Experiment, ExperimentError
 from evomerge.execution import make_executor
 from evomerge.execution.worker import torch_threads
 from evomerge.search import Strategy, make_strategy
-from evomerge.store import (EXPERIMENT, INTERRUPTED, META, RESULT, Slot, Store,
-                            storage_url, x_of)
+from evomerge.store import (EXPERIMENT, INTERRUPTED, RESULT, RunOwnedError, Slot, Store,
+                            explain_write_errors, storage_url, x_of)
+
+RUN_FILE = "run.json"  # RUN_DIR/run.json: {"run_id", "study"}: the run's identity
 
 
 class Plan:
@@ -88,6 +99,7 @@ class Plan:
                                study_name=experiment.name, directions=directions,
                                lower=list(map(float, self.space.lower)),
                                upper=list(map(float, self.space.upper)),
+                               param_names=list(self.space.names),
                                objective_names=[o.name for o in self.objectives],
                                # Always on: only workers with an owner beat (one write per
                                # heartbeat_s each), the in-process executor never does.
@@ -188,39 +200,152 @@ def _run_locked(plan: Plan, resume: bool, progress: bool,
     from evomerge import report
 
     run_dir = plan.experiment.run_path
-    store = Store(**plan.store_args)
-    existing = store.trials()
-    if existing and not resume:
-        raise ExperimentError(f"{run_dir} already holds {len(existing)} trials of this study: "
-                              f"continue it with `evomerge resume {run_dir}`, or remove it")
+    try:  # the store's own writes name a full disk (StoreFullError) themselves
+        store = Store(**plan.store_args)
+    except ValueError as exc:  # parameters named otherwise: another space
+        raise ExperimentError(f"resume: {exc}" if resume else str(exc)) from None
+    _claim(store, run_dir, resume)
     report.write_provenance(run_dir, plan.experiment, resumed=resume)
-    if resume:
-        store.fail_interrupted()
+    resumed = _resume_facts(store, plan.experiment.budget) if resume else None
+    if resumed is not None:
+        _say(progress, resumed["line"])
     store.set_finished(False)
     reduction = None
     if "reduced" in plan.experiment.fitness.options:  # before any evaluator reads it
         from evomerge.execution.reduction import calibrate_run
 
         reduction = calibrate_run(plan, progress=progress)
-    # Remote workers (`evomerge worker --storage URL --study NAME`) read the experiment from here.
-    store.study.set_user_attr(EXPERIMENT, plan.experiment.model_dump(mode="json"))
+    with explain_write_errors(plan.store_args["url"], store.resume_hint):
+        # Remote workers (`evomerge worker --storage URL --study NAME`) read the experiment here.
+        store.study.set_user_attr(EXPERIMENT, plan.experiment.model_dump(mode="json"))
     executor = make_executor(plan.experiment, plan.store_args)
     budget = plan.experiment.budget
+    before = _previous_summary(run_dir) if resume else None
     with report.progress_bar(budget, enabled=progress) as bar:
         try:
             strategy = _search(plan, store, executor, bar, on_trial)
+        except RunOwnedError as exc:
+            raise ExperimentError(str(exc)) from None
         finally:
             executor.close(store)
     report.write_strategy_report(strategy, run_dir)
-    return report.finish_run(plan, store, executor.evaluator,
-                             wall_s=time.perf_counter() - started, reduction=reduction)
+    wall_s = time.perf_counter() - started
+    summary = report.finish_run(plan, store, executor.evaluator,
+                                wall_s=before["wall_s"] if before else wall_s,
+                                reduction=reduction)
+    if resumed is not None:
+        _record_resume(run_dir, summary, resumed, wall_s)
+    return summary
+
+
+# ---- the run's identity, resume facts ---------------------------------------------------------
+
+
+def _claim(store: Store, run_dir: Path, resume: bool) -> str:
+    """This run's id, the study claimed for it (see Store.claim_run); a new run gets a new id,
+    a resume the one in RUN_DIR/run.json (a run made before ids gets one now). run.json is
+    written only once the claim holds, so a refused run never overwrites another's."""
+    path = run_dir / RUN_FILE
+    recorded = None
+    if resume and path.is_file():
+        try:
+            recorded = json.loads(path.read_text()).get("run_id")
+        except (ValueError, AttributeError):
+            raise ExperimentError(f"{path}: not a run identity file (expected JSON with "
+                                  "run_id); restore it, or remove it to resume as a run "
+                                  "that had none") from None
+    run_id = recorded or uuid.uuid4().hex
+    try:
+        store.claim_run(run_id, run_dir, resume=resume)
+    except RunOwnedError as exc:
+        raise ExperimentError(str(exc)) from None
+    if recorded is None:
+        from evomerge.report import write_atomic
+
+        write_atomic(path, json.dumps({"run_id": run_id, "study": store.study.study_name},
+                                      indent=2) + "\n")
+    return run_id
+
+
+def _resume_facts(store: Store, budget: int) -> dict[str, Any]:
+    """Mark the trials a dead run left RUNNING as interrupted; what the resume starts from:
+    ``replayed`` (finished slots, told from the store), ``interrupted`` (marked now), ``left``
+    (slots still to evaluate) and the line that says so."""
+    interrupted = len(store.fail_interrupted())
+    replayed = sum(t.state.is_finished() for t in store.slots().values())
+    left = max(budget - replayed, 0)
+    line = (f"resume: replayed {replayed} trial{'s' * (replayed != 1)} from the store, "
+            f"{interrupted} marked failed as interrupted (evaluated again), {left} of "
+            f"{budget} slot{'s' * (budget != 1)} left")
+    return {"replayed": replayed, "interrupted": interrupted, "left": left, "line": line}
+
+
+def _say(progress: bool, line: str) -> None:
+    """One line for the person at the terminal (stderr, so it never mixes into output
+    that is parsed), and the log."""
+    import logging
+
+    logging.getLogger("evomerge").info(line)
+    if progress:
+        print(line, file=sys.stderr, flush=True)
+
+
+def _previous_summary(run_dir: Path) -> dict[str, Any] | None:
+    """The summary a finished run wrote before this resume (None when it never finished)."""
+    from evomerge.report import SUMMARY
+
+    try:
+        data = json.loads((run_dir / SUMMARY).read_text())
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) and isinstance(data.get("wall_s"), (int, float)) \
+        else None
+
+
+def _record_resume(run_dir: Path, summary: dict[str, Any], resumed: dict[str, Any],
+                   wall_s: float) -> None:
+    """summary.json keeps the run's own ``wall_s`` (the first run's, when that one finished: a
+    resume of a finished run must not replace it with its own few seconds) and says what the
+    latest resume did under ``resume``: its seconds, trials replayed, interrupted, left."""
+    from evomerge.report import SUMMARY, write_atomic
+
+    summary["resume"] = {"wall_s": round(wall_s, 3),
+                         **{k: resumed[k] for k in ("replayed", "interrupted", "left")}}
+    write_atomic(run_dir / SUMMARY, json.dumps(summary, indent=2))
+
+
+def _note(space: Any, recipe: Any, slot: Slot) -> str:
+    """A trial's recipe as optuna-dashboard shows it on the trial's page (Markdown): the
+    mergekit YAML with models by their short names and numbers to 4 decimals, then which
+    model each short name is."""
+    names = _model_names(space)
+    text = recipe.to_yaml()
+    for ref in sorted(names, key=len, reverse=True):
+        text = text.replace(ref, names[ref])
+    text = re.sub(r"(?<![\w.])-?\d+\.\d{5,}(?:e[-+]?\d+)?",
+                  lambda m: repr(round(float(m.group()), 4)), text)
+    legend = "\n".join(f"- `{short}`: `{ref}`" for ref, short in names.items())
+    return (f"### Recipe: generation {slot.generation}, candidate {slot.index}\n\n"
+            f"```yaml\n{text.rstrip()}\n```\n\n**Models**\n\n{legend}\n")
+
+
+def _model_names(space: Any) -> dict[str, str]:
+    """Model reference -> its short name in the space (the names its parameters carry)."""
+    from evomerge.spaces import BoundSpace
+
+    if isinstance(space, BoundSpace):
+        names = dict(zip(space.inputs, space.labels))
+        if space.base_model and space.base_model not in names:
+            names[space.base_model] = Path(space.base_model).name or space.base_model
+        return names
+    return {ref: label for ref, label in zip(space.refs, space.labels) if ref != label}
 
 
 def _search(plan: Plan, store: Store, executor: Any, bar: Any,
             on_trial: Callable[[int, int], None] | None) -> Strategy:
     """Ask, enqueue, evaluate and tell until the budget is spent; the told strategy."""
     experiment = plan.experiment
-    budget, dim = experiment.budget, plan.space.dim
+    budget = experiment.budget
     strategy = plan.new_strategy()
     stored = store.slots()  # read once: what a previous (killed) run left
     done = sum(t.state.is_finished() for t in stored.values())
@@ -236,7 +361,7 @@ def _search(plan: Plan, store: Store, executor: Any, bar: Any,
         for i, cand in enumerate(candidates[:size]):
             trial = stored.get(Slot(generation, i))
             if trial is not None:
-                if not np.allclose(x_of(trial, dim), cand.x, rtol=0, atol=1e-12):
+                if not np.allclose(x_of(trial, store.names), cand.x, rtol=0, atol=1e-12):
                     raise ExperimentError(
                         f"resume: trial {trial.number} (generation {generation}, candidate {i}) "
                         "does not match what the strategy asks now; the experiment (seed, space, "
@@ -245,8 +370,7 @@ def _search(plan: Plan, store: Store, executor: Any, bar: Any,
                 if trial.state.is_finished():
                     finished[trial._trial_id] = trial
             else:
-                ids.append(store.enqueue(cand.x, Slot(generation, i),
-                                         plan.space.decode(cand.x).to_dict()))
+                ids.append(_enqueue(store, plan.space, cand.x, Slot(generation, i)))
         already = len(finished)
 
         def generation_done() -> bool:
@@ -275,8 +399,8 @@ def _search(plan: Plan, store: Store, executor: Any, bar: Any,
             if not lost:  # a dead worker's trial comes back: evaluate its slot again
                 break
             for k in lost:
-                recipe = finished.pop(ids[k]).user_attrs[META].get("recipe")
-                ids[k] = store.enqueue(candidates[k].x, Slot(generation, k), recipe)
+                finished.pop(ids[k])
+                ids[k] = _enqueue(store, plan.space, candidates[k].x, Slot(generation, k))
         trials = [finished[tid] for tid in ids]
         done += len(trials) - already
         for t in trials:
@@ -291,6 +415,13 @@ def _search(plan: Plan, store: Store, executor: Any, bar: Any,
                 strategy.tell(candidates, values)
         generation += 1
     return strategy
+
+
+def _enqueue(store: Store, space: Any, x: np.ndarray, slot: Slot) -> int:
+    """One candidate into the store: its parameters by name, its recipe (data, and readable as
+    the trial's dashboard note)."""
+    recipe = space.decode(x)
+    return store.enqueue(x, slot, recipe.to_dict(), note=_note(space, recipe, slot))
 
 
 class _Best:
