@@ -221,6 +221,23 @@ class Executor(BaseModel):
         return self
 
 
+def _unknown_names(strategy: Any, fitness: Any) -> list[str]:
+    """A line per strategy or fitness name (a string; anything else is pydantic's to report)
+    that is not registered."""
+    from evomerge.fitness.base import FITNESSES, _load_builtin
+    from evomerge.search import STRATEGIES
+
+    _load_builtin()
+    problems = []
+    if isinstance(strategy, str) and strategy not in STRATEGIES:
+        problems.append(f"strategy.name: unknown strategy {strategy!r}; known: "
+                        f"{', '.join(sorted(STRATEGIES))}")
+    if isinstance(fitness, str) and fitness not in FITNESSES:
+        problems.append(f"fitness.name: unknown fitness {fitness!r}; known: "
+                        f"{', '.join(sorted(FITNESSES))}")
+    return problems
+
+
 class Experiment(BaseModel):
     """A search. ``budget`` counts evaluated candidates (failed ones included)."""
 
@@ -241,17 +258,7 @@ class Experiment(BaseModel):
 
     @model_validator(mode="after")
     def _names_exist(self) -> "Experiment":
-        from evomerge.fitness.base import FITNESSES, _load_builtin
-        from evomerge.search import STRATEGIES
-
-        _load_builtin()
-        problems = []
-        if self.strategy.name not in STRATEGIES:
-            problems.append(f"strategy.name: unknown strategy {self.strategy.name!r}; known: "
-                            f"{', '.join(sorted(STRATEGIES))}")
-        if self.fitness.name not in FITNESSES:
-            problems.append(f"fitness.name: unknown fitness {self.fitness.name!r}; known: "
-                            f"{', '.join(sorted(FITNESSES))}")
+        problems = _unknown_names(self.strategy.name, self.fitness.name)
         if problems:
             raise ValueError("\n".join(problems))
         return self
@@ -266,7 +273,13 @@ class Experiment(BaseModel):
         try:
             return cls.model_validate(data)
         except ValidationError as exc:
-            raise ExperimentError(f"{where}: invalid experiment:\n{format_errors(exc)}") from None
+            text = format_errors(exc)
+            # Field errors stop pydantic before _names_exist: name the unknown names too.
+            names = [data[k].get("name") if isinstance(data.get(k), dict) else None
+                     for k in ("strategy", "fitness")]
+            extra = [f"  {p}" for p in _unknown_names(*names) if p not in text]
+            raise ExperimentError(f"{where}: invalid experiment:\n"
+                                  + "\n".join([text, *extra])) from None
 
     @classmethod
     def from_yaml(cls, path: str | Path, **overrides: Any) -> "Experiment":
