@@ -24,9 +24,13 @@ app = typer.Typer(
     name="evomerge",
     help=(
         "[bold]evomerge[/bold]: find good merge recipes for a set of fine-tuned models.\n\n"
-        "Build the offline toy zoo with [green]evomerge zoo build toy[/green], "
-        "then merge it with "
-        "[green]evomerge merge experiments/toy_merge.yaml --out merged/toy[/green]."
+        "Quick start (the README's; under a minute on 2 CPU cores): train the digits experts "
+        "with [green]evomerge zoo build digits[/green] (into models/digits/), search their "
+        "per-layer merge with [green]evomerge run experiments/digits_cmaes.yaml[/green] "
+        "(results in runs/digits_cmaes/), and browse its trials with "
+        "[green]evomerge dashboard runs/digits_cmaes[/green].\n\n"
+        "[green]evomerge COMMAND --help[/green] says what a command does, its defaults and "
+        "where its output goes."
     ),
     rich_markup_mode="rich",
     no_args_is_help=True,
@@ -60,7 +64,8 @@ def main(
 # =============================================================================================
 
 zoo_app = typer.Typer(
-    help="Build the offline model zoos that experiments and tests use (no downloads).",
+    help="Build the offline model zoos (digits, toy, tiny-lm) that experiments and tests use: "
+         "small real experts trained on this machine, no downloads; into models/NAME/.",
     rich_markup_mode="rich",
     no_args_is_help=True,
 )
@@ -88,13 +93,15 @@ _ZOO_BUILD_HELP = (
     "The [bold]digits[/bold] zoo trains a small MLP base on scikit-learn's bundled 8x8 digits "
     "(all ten classes, briefly), then two experts from it on the classes 0-4 and 5-9 only; "
     "it prints each model's held-out accuracy on all digits, 0-4 and 5-9. A few seconds; "
-    "--size and --eval-items apply to the toy zoo only.\n\n"
+    "--size and --eval-items do not apply.\n\n"
     "The [bold]tiny-lm[/bold] zoo trains a small Llama base (byte-level BPE tokenizer) on four "
     "generated text tasks ([italic]add[/italic], [italic]reverse[/italic], [italic]sort[/italic], "
     "[italic]translate[/italic] to a made-up second language), then one expert per task; it "
-    "prints each model's held-out exact match. --size small: about 10 min on 2 CPU cores; "
-    "tiny: seconds.\n\n"
-    "A second run with the same seed and size reuses the built models."
+    "prints each model's held-out exact match. --size small: about 5 min on an idle core, "
+    "8-10 min on two busy ones; tiny: seconds.\n\n"
+    "Output: OUT (default models/NAME) gets one Hugging Face directory per model (base/, "
+    "expert_*/) and the zoo.json manifest (seed, size, training losses, scores). A second run "
+    "with the same seed and size reuses the built models (--force rebuilds)."
 )
 
 
@@ -102,9 +109,10 @@ _ZOO_BUILD_HELP = (
 def zoo_build(
     name: ZooName = typer.Argument(
         ...,
-        help="Which zoo. [bold]toy[/bold]: a tiny Llama base plus three experts "
-        "(expert_copy, expert_reverse, expert_sort). [bold]digits[/bold]: an MLP base plus "
-        "two experts (expert_0_4, expert_5_9).",
+        help="Which zoo. [bold]digits[/bold]: an MLP base plus two experts (expert_0_4, "
+        "expert_5_9). [bold]toy[/bold]: a tiny Llama base plus three experts (expert_copy, "
+        "expert_reverse, expert_sort). [bold]tiny-lm[/bold]: a small Llama base plus four "
+        "experts (expert_add, expert_reverse, expert_sort, expert_translate).",
         show_default=False,
     ),
     out: Optional[Path] = typer.Option(
@@ -119,17 +127,18 @@ def zoo_build(
         ToyZooSize.small,
         "--size",
         help="Toy and tiny-lm zoos. [bold]small[/bold]: toy 4 layers x 64 wide, 30-60 s on 2 CPU "
-        "cores; tiny-lm 4 layers x 128 wide, about 10 min. "
+        "cores; tiny-lm 4 layers x 128 wide, 5-10 min. "
         "[bold]tiny[/bold]: 2 layers x 32 wide, a few seconds (for tests).",
     ),
     force: bool = typer.Option(
         False, "--force", help="Rebuild even if OUT already holds this seed and size."
     ),
     eval_items: int = typer.Option(
-        256, "--eval-items", min=1, help="Held-out examples per task for the loss table."
+        256, "--eval-items", min=1,
+        help="Toy zoo: held-out examples per task for the printed loss table."
     ),
 ) -> None:
-    """Build (or reuse) an offline model zoo and print each model's loss on each task."""
+    """Build (or reuse) an offline model zoo and print each model's scores on each task."""
     from evomerge.zoo.toy import build_toy_zoo, loss_table, toy_zoo_is_built
 
     out_dir = out if out is not None else Path("models") / name.value
@@ -304,14 +313,15 @@ _MERGE_HELP = (
 @app.command("merge", help=_MERGE_HELP)
 def merge(
     config: Path = typer.Argument(..., help="mergekit-format merge YAML.", show_default=False),
-    out: Path = typer.Option(..., "--out", "-o", help="Output model directory.",
-                             show_default=False),
+    out: Path = typer.Option(..., "--out", "-o", show_default=False,
+                             help="Output model directory (must not exist unless --overwrite)."),
     device: str = typer.Option(
         "auto", "--device",
         help="Where to merge: auto (the first GPU torch sees, else the CPU), cpu, cuda, "
              "cuda:1 ... Inputs that do not fit the GPU stay in host memory and stream to it "
              "one layer group at a time."),
-    shard_size: str = typer.Option("5GB", "--shard-size", help="Largest safetensors shard."),
+    shard_size: str = typer.Option("5GB", "--shard-size",
+                                   help="Largest safetensors shard (e.g. 500MB, 2GB)."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace OUT if it exists."),
     cache: str = typer.Option(
         "off", "--cache",
@@ -478,8 +488,11 @@ _RUN_HELP = (
     "blocks), a fitness, a strategy (cmaes, nsga2, optuna, random, map, m2n2) "
     "and a budget of evaluations. Every candidate is recorded in an Optuna study "
     "(default sqlite at runs/NAME/study.db) before it is evaluated; the run directory receives "
-    "summary.json, best_recipe.yaml (mergekit format), the exported best model and PNG plots.\n\n"
-    "Killed runs continue with [green]evomerge resume runs/NAME[/green].\n\n"
+    "summary.json, best_recipe.yaml (mergekit format), the exported best model (best_model/) "
+    "and PNG plots. The whole file is checked before any compute; a run directory that already "
+    "holds trials is refused.\n\n"
+    "Killed runs continue with [green]evomerge resume runs/NAME[/green]; "
+    "[green]evomerge dashboard runs/NAME[/green] shows the trials, also while it runs.\n\n"
     "A from-scratch config (a [bold]setting:[/bold] key instead of models/space, e.g. "
     "experiments/digits_m2n2_scratch.yaml) runs each of its [bold]seeds[/bold] in its own process "
     "in RUN_DIR/seed_<s>/; summary.json holds each seed's held-out accuracy, wall time and peak "
@@ -513,10 +526,15 @@ def _run(experiment, resume: bool) -> None:
 def run(
     experiment_file: Path = typer.Argument(..., metavar="EXPERIMENT.yaml", show_default=False,
                                            help="Experiment YAML."),
-    budget: Optional[int] = typer.Option(None, "--budget", help="Override the budget."),
-    seed: Optional[int] = typer.Option(None, "--seed", help="Override the seed."),
-    run_dir: Optional[Path] = typer.Option(None, "--run-dir",
-                                           help="Where to write the run [default: runs/NAME]."),
+    budget: Optional[int] = typer.Option(None, "--budget", min=1, show_default=False,
+                                         help="Evaluations to run \\[default: the experiment's "
+                                              "budget]."),
+    seed: Optional[int] = typer.Option(None, "--seed", show_default=False,
+                                       help="Seed of the strategy \\[default: the experiment's "
+                                            "seed]."),
+    run_dir: Optional[Path] = typer.Option(None, "--run-dir", show_default=False,
+                                           help="Where to write the run \\[default: the "
+                                                "experiment's run_dir, else runs/NAME]."),
 ) -> None:
     """Run a merge search described by an experiment YAML."""
     from evomerge.execution.scratch import scratch_config
@@ -543,7 +561,11 @@ def run(
 def resume(run_dir: Path = typer.Argument(..., metavar="RUN_DIR", show_default=False,
                                           help="A run directory, e.g. runs/digits_cmaes.")) -> None:
     """Continue a run that was interrupted: replay the stored trials into the seeded strategy
-    and evaluate only what is missing; the run ends with exactly the budgeted trials."""
+    and evaluate only what is missing; the run ends with exactly the budgeted trials.
+
+    The experiment is RUN_DIR/experiment.yaml (written by [green]evomerge run[/green]); the
+    trials go to the run's study and the summary, recipe, best model and plots to RUN_DIR, as
+    [green]evomerge run[/green] writes them. From-scratch runs resume each seed's journal."""
     from evomerge.execution.scratch import scratch_config
     from evomerge.experiment import Experiment, ExperimentError
 
@@ -599,35 +621,89 @@ def _run_scratch(config: dict, run_dir: Path | None, resume: bool, where: str) -
     console.print(f"Run directory: [bold]{summary['run_dir']}[/bold]")
 
 
-@app.command("dashboard")
+_DASHBOARD_HELP = (
+    "Serve optuna-dashboard for a run's study: trials, parameters, objectives, Pareto front, "
+    "and the run's plots when RUN_DIR/artifacts holds them.\n\n"
+    "Safe by default: the server binds 127.0.0.1 (this machine only), is [bold]read-only[/bold] "
+    "(any request but GET/HEAD is refused with 405, so nobody can rename, delete or annotate "
+    "studies through it; --allow-writes lifts that), and answers only requests whose Host header "
+    "is localhost, 127.0.0.1 or \\[::1] with the port, plus --host and --allow-host (403 "
+    "otherwise, which stops DNS-rebinding pages). Ctrl-C or SIGTERM stops it and frees the "
+    "port.\n\n"
+    "The study is the one in RUN_DIR (default sqlite RUN_DIR/study.db, else the experiment's "
+    "storage); nothing is written to RUN_DIR. Open the printed URL in a browser."
+)
+
+
+@app.command("dashboard", help=_DASHBOARD_HELP)
 def dashboard(
-    run_dir: Path = typer.Argument(..., metavar="RUN_DIR", show_default=False),
+    run_dir: Path = typer.Argument(..., metavar="RUN_DIR", show_default=False,
+                                   help="A run directory, e.g. runs/digits_cmaes."),
     host: str = typer.Option("127.0.0.1", "--host",
-                             help="Interface to bind; the default serves this machine only."),
-    port: int = typer.Option(8080, "--port"),
+                             help="Interface to bind; the default serves this machine only. "
+                                  "Requests naming this host are accepted too."),
+    port: int = typer.Option(8080, "--port", min=0, max=65535,
+                             help="Port to listen on (0: any free port)."),
+    allow_writes: bool = typer.Option(
+        False, "--allow-writes",
+        help="Let the dashboard change the study (notes, renames, deletes, tells). Off: every "
+             "request but GET/HEAD gets 405."),
+    allow_host: list[str] = typer.Option(
+        [], "--allow-host", show_default=False,
+        help="Another Host header name to accept (repeatable), e.g. the machine's name when "
+             "--host 0.0.0.0 \\[default: none]."),
     seed: int | None = typer.Option(None, "--seed", help="From-scratch runs: which seed's study "
-                                    "(default: the first)."),
+                                    "\\[default: the first]."),
 ) -> None:
-    """Serve optuna-dashboard for a run's study (trials, parameters, Pareto front)."""
+    """Serve optuna-dashboard for a run's study, read-only, on 127.0.0.1."""
+    from evomerge import dashboard as board
     from evomerge.execution.scratch import scratch_config
+
+    try:
+        import optuna_dashboard  # noqa: F401
+    except ImportError:
+        _fail(RuntimeError("optuna-dashboard is not installed: pip install optuna-dashboard"))
+    if scratch_config(run_dir / "experiment.yaml") is not None:
+        storage, where = _scratch_storage(run_dir, seed)
+    else:
+        storage, where = _run_storage(run_dir)
+    try:
+        server = board.make_server(storage, host=host, port=port, allow_writes=allow_writes,
+                                   allow_hosts=allow_host, artifact_dir=run_dir / board.ARTIFACTS)
+    except OSError as exc:
+        _fail(OSError(f"cannot listen on {host}:{port}: {exc.strerror or exc} "
+                      "(another --port, or stop what holds it)"))
+    bound = server.server_address[1]
+    mode = "read-write (--allow-writes)" if allow_writes else "read-only"
+    console.print(f"optuna-dashboard for {where}, {mode}, on {board.url(host, bound)}",
+                  soft_wrap=True)
+    console.print("Ctrl-C stops it.")
+    board.serve(server)
+
+
+def _run_storage(run_dir: Path) -> tuple[Any, str]:
+    """The study of the run in ``run_dir`` (the directory given, even when the run was copied or
+    moved there: a storage file inside the recorded run directory is looked up in ``run_dir``);
+    a missing SQLite file is an error rather than a new, empty study."""
     from evomerge.experiment import Experiment, ExperimentError
     from evomerge.store import open_storage, storage_url
 
     try:
-        from optuna_dashboard import run_server
-    except ImportError:
-        _fail(RuntimeError("optuna-dashboard is not installed: pip install optuna-dashboard"))
-    if scratch_config(run_dir / "experiment.yaml") is not None:
-        storage, url = _scratch_storage(run_dir, seed)
-    else:
+        recorded = Experiment.from_yaml(run_dir / "experiment.yaml")
+    except ExperimentError as exc:
+        _fail(exc)
+    url = storage_url(recorded.storage, run_dir.absolute())
+    prefix = next((p for p in ("sqlite:///", "journal://") if url.startswith(p)), None)
+    if prefix is not None:
+        path = Path(url.removeprefix(prefix)).absolute()
         try:
-            experiment = Experiment.from_yaml(run_dir / "experiment.yaml")
-        except ExperimentError as exc:
-            _fail(exc)
-        url = storage_url(experiment.storage, experiment.run_path)
-        storage = open_storage(url)
-    console.print(f"optuna-dashboard for {url} on http://{host}:{port}/dashboard/")
-    run_server(storage, host=host, port=port)
+            path = run_dir.absolute() / path.relative_to(recorded.run_path)
+        except ValueError:
+            pass  # a store outside the recorded run directory stays where it is
+        if not path.is_file():
+            _fail(FileNotFoundError(f"{run_dir}: no study at {path} yet (has the run started?)"))
+        url = prefix + str(path)
+    return open_storage(url), url
 
 
 def _scratch_storage(run_dir: Path, seed: int | None) -> tuple[Any, str]:
@@ -655,15 +731,18 @@ def worker(
     study: str = typer.Option(..., "--study", help="The study name (the experiment's name).",
                               show_default=False),
     poll: float = typer.Option(1.0, "--poll", min=0.01, help="Seconds between queue polls."),
-    max_trials: int | None = typer.Option(None, "--max-trials", min=1,
-                                             help="Stop after this many trials."),
+    max_trials: int | None = typer.Option(None, "--max-trials", min=1, show_default=False,
+                                          help="Stop after this many trials \\[default: no "
+                                               "limit]."),
     wait: float = typer.Option(600.0, "--wait", min=0,
                                help="Seconds to wait for the driver to create the study."),
 ) -> None:
     """Serve a run's queue: evaluate its trials until the study is finished and the queue empty.
 
-    The experiment comes from the study (stored there by [green]evomerge run[/green]). SIGTERM
-    (scancel, preemption, a time limit's --signal) gives the running trial back and exits 0.
+    The experiment comes from the study (stored there by [green]evomerge run[/green]); each
+    result is written to that study, nothing to local files. Waits up to --wait seconds for the
+    driver to create the study, polls the queue every --poll seconds. SIGTERM (scancel,
+    preemption, a time limit's --signal) gives the running trial back and exits 0.
     """
     from evomerge.execution.worker import serve
     from evomerge.experiment import ExperimentError
@@ -690,20 +769,23 @@ class DriverWhere(str, Enum):
     here = "here"
 
 
+_SBATCH = " \\[default: executor.slurm's, else sbatch's]"
+
+
 @slurm_app.command("submit")
 def slurm_submit(
     experiment_file: Path = typer.Argument(..., metavar="EXPERIMENT.yaml", show_default=False,
                                            help="Experiment YAML."),
     workers: int = typer.Option(..., "--workers", "-n", min=1, show_default=False,
                                 help="Array tasks (one `evomerge worker` each)."),
-    partition: str | None = typer.Option(None, "--partition", help="sbatch --partition."),
+    partition: str | None = typer.Option(None, "--partition", help=f"sbatch --partition.{_SBATCH}"),
     gres: str | None = typer.Option(None, "--gres", help="sbatch --gres (workers only), "
-                                       "e.g. gpu:1."),
-    time_limit: str | None = typer.Option(None, "--time", help="sbatch --time."),
-    mem: str | None = typer.Option(None, "--mem", help="sbatch --mem."),
-    account: str | None = typer.Option(None, "--account", help="sbatch --account."),
+                                       f"e.g. gpu:1.{_SBATCH}"),
+    time_limit: str | None = typer.Option(None, "--time", help=f"sbatch --time.{_SBATCH}"),
+    mem: str | None = typer.Option(None, "--mem", help=f"sbatch --mem.{_SBATCH}"),
+    account: str | None = typer.Option(None, "--account", help=f"sbatch --account.{_SBATCH}"),
     cpus_per_task: int | None = typer.Option(None, "--cpus-per-task", min=1,
-                                                help="sbatch --cpus-per-task."),
+                                                help=f"sbatch --cpus-per-task.{_SBATCH}"),
     storage: str | None = typer.Option(None, "--storage", help="Storage URL \\[default: the "
                                           "experiment's, else sqlite in the run directory]."),
     driver: DriverWhere = typer.Option(DriverWhere.job, "--driver", help="[bold]job[/bold]: "
@@ -713,7 +795,9 @@ def slurm_submit(
 ) -> None:
     """Submit a search: an array of N workers (slurm/worker.sbatch) and its driver
     (slurm/driver.sbatch, or here). sbatch options: the experiment's executor.slurm mapping,
-    overridden by the flags. Scripts, logs and job ids go to RUN_DIR/slurm/."""
+    overridden by the flags (unset: sbatch's defaults). Scripts, logs and job ids go to
+    RUN_DIR/slurm/ (RUN_DIR: the experiment's run_dir, default runs/NAME); the run's results go
+    to RUN_DIR as with [green]evomerge run[/green]."""
     from evomerge.execution import slurm
     from evomerge.experiment import Experiment, ExperimentError
 
@@ -769,10 +853,16 @@ def irt_validate(
     anchors: str = typer.Option("10,20,50,100", "--anchors", help="Anchors per task to try."),
     dim: int = typer.Option(2, "--dim", min=1, help="IRT dimension."),
     max_items: Optional[int] = typer.Option(None, "--max-items", min=1,
-                                            help="Only the first N items of every task."),
+                                            show_default=False,
+                                            help="Only the first N items of every task "
+                                                 "\\[default: all]."),
     cache: Optional[Path] = typer.Option(None, "--cache",
-                                         help="Keep the response matrix here; reruns reuse it."),
-    json_out: Optional[Path] = typer.Option(None, "--json", help="Write the rows as JSON here."),
+                                         show_default=False,
+                                         help="Keep the response matrix here; reruns reuse it "
+                                              "\\[default: none kept]."),
+    json_out: Optional[Path] = typer.Option(None, "--json", show_default=False,
+                                            help="Write the rows as JSON here "
+                                                 "\\[default: not written]."),
     results: bool = typer.Option(False, "--results",
                                  help="Write the table to benchmarks/RESULTS.md (section irt)."),
     seed: int = typer.Option(0, "--seed", help="Seed of the merge design and of k-means."),
@@ -780,7 +870,10 @@ def irt_validate(
     """Score the zoo's sources and random merges on the FULL search items, fit the IRT
     reduction on the sources plus the first half of the merges, and report for each estimator
     and anchor count the error against full evaluation on the other half: MAE in accuracy
-    points, Spearman rank correlation of the macro-mean accuracy, and the reduction factor."""
+    points, Spearman rank correlation of the macro-mean accuracy, and the reduction factor.
+
+    Prints the table; writes files only when asked: --cache (the response matrix), --json
+    (the rows), --results (benchmarks/RESULTS.md)."""
     import json
 
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn
@@ -895,8 +988,8 @@ def _write_irt_results(rows: list[dict], *, suite: str, models: Path, merges: in
     load = results.loadavg()
     lines += ["", f"{elapsed:.0f} s on {results.cpu_name()}"
               + (f" (load {load:.1f})" if load is not None else "") + ".", "<!-- irt:end -->"]
-    results.write_section(root / "benchmarks" / "RESULTS.md", "\n".join(lines), "<!-- irt:start -->",
-                  "<!-- irt:end -->")
+    results.write_section(root / "benchmarks" / "RESULTS.md", "\n".join(lines),
+                          "<!-- irt:start -->", "<!-- irt:end -->")
 
 
 if __name__ == "__main__":
