@@ -355,9 +355,9 @@ class Store:
         if owner is None and n and not resume:
             raise RunOwnedError(
                 f"study {self.study.study_name!r} in {self.url} already holds {n} trials of "
-                f"a run that has no identity recorded (made by an older evomerge): continue it "
-                f"with `evomerge resume RUN_DIR` from its run directory, or give this "
-                "experiment another `name:` (the study name) or `storage:`")
+                f"a run that has no identity recorded (made by an older evomerge): if that is "
+                f"the run in {run_dir}, continue it with `evomerge resume {run_dir}`; else "
+                "give this experiment another `name:` (the study name) or `storage:`")
         if owner is None:
             with explain_write_errors(self.url, self.resume_hint):
                 self.study.set_user_attr(RUN, {"id": run_id, "run_dir": run_dir,
