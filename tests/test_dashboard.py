@@ -236,17 +236,6 @@ def test_run_artifacts_are_served_when_the_run_has_them(study_url, tmp_path):
         assert json.loads(body)["artifact_is_available"] is False
 
 
-def test_a_port_in_use_fails_clearly(tmp_path, study_url):
-    run_dir = tmp_path / "run"
-    run_dir.mkdir()
-    with socket.socket() as held:
-        held.bind(("127.0.0.1", 0))
-        held.listen()
-        port = held.getsockname()[1]
-        with pytest.raises(OSError):
-            board.make_server(study_url, port=port)
-
-
 # ---- the command on a finished run -------------------------------------------------------------
 
 
@@ -382,6 +371,17 @@ def test_dashboard_of_a_copied_run_reads_the_copy(run_dir, tmp_path):
     assert not (copy / "study.db").exists()
 
 
+@pytest.mark.slow
+def test_a_port_in_use_fails_clearly(run_dir):
+    with socket.socket() as held:
+        held.bind(("127.0.0.1", 0))
+        held.listen()
+        port = held.getsockname()[1]
+        result = CliRunner().invoke(app, ["dashboard", str(run_dir), "--port", str(port)])
+    assert result.exit_code == 2
+    assert f"cannot listen on 127.0.0.1:{port}" in " ".join(result.output.split())
+
+
 def test_dashboard_of_a_directory_without_a_run_fails_clearly(tmp_path):
     result = CliRunner().invoke(app, ["dashboard", str(tmp_path), "--port", str(free_port())])
     assert result.exit_code == 2
@@ -487,3 +487,14 @@ def test_the_trial_page_shows_named_parameters_and_the_recipe(run_dir, tmp_path)
     for entry in recipe["models"]:
         label = Path(entry["model"]).name
         assert label in shown_recipe or entry["model"] in shown_recipe, label
+
+
+@pytest.mark.slow
+@pytest.mark.xfail(strict=True, reason="an in-process run (executor.workers: 0) leaves the "
+                   "study's `finished` user attribute False: LocalExecutor.close returns before "
+                   "store.set_finished(True) when it has no worker processes "
+                   "(evomerge/execution/local.py)")
+def test_a_finished_run_shows_as_finished(run_dir):
+    with serving(f"sqlite:///{run_dir}/study.db") as port:
+        (study,) = studies(port)
+    assert {a["key"]: a["value"] for a in study["user_attrs"]}["finished"] == "True"
