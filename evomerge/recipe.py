@@ -13,6 +13,7 @@ Recipes are frozen values: everything that crosses a process boundary is a recip
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, Union
@@ -124,8 +125,14 @@ class MergeRecipe(BaseModel):
     # ---- mergekit YAML -----------------------------------------------------------------------
 
     @classmethod
-    def from_dict(cls, data: Mapping[str, Any], *, where: str = "recipe") -> "MergeRecipe":
-        """Validate a parsed mergekit config; one RecipeError naming every bad field."""
+    def from_dict(cls, data: Mapping[str, Any], *, where: str = "recipe",
+                  check_models: bool = False) -> "MergeRecipe":
+        """Validate a parsed mergekit config; one RecipeError naming every bad field.
+
+        ``check_models``: when the recipe is invalid, the error also names each model
+        reference that is neither a local directory (from the current directory) nor a
+        resolvable Hub id, so a file with several mistakes is fixed in one go (a valid recipe's
+        models are the loader's to check)."""
         if not isinstance(data, Mapping):
             raise RecipeError(f"{where}: expected a mapping with merge_method and models")
         for unsupported in ("slices", "modules"):
@@ -141,14 +148,35 @@ class MergeRecipe(BaseModel):
         try:
             return cls.model_validate(data)
         except ValidationError as exc:
-            raise RecipeError(f"{where}: invalid merge recipe:\n" + format_errors(exc)) from None
+            missing = _missing_models(data) if check_models else []
+            lines = [format_errors(exc), *cls._other_problems(data, exc)]
+            lines += [f"  {p}" for p in missing]
+            raise RecipeError(f"{where}: invalid merge recipe:\n" + "\n".join(lines)) from None
+
+    @classmethod
+    def _other_problems(cls, data: Mapping[str, Any], exc: ValidationError) -> list[str]:
+        """The recipe-level problems pydantic did not get to: a field error (an unknown
+        top-level key, a seed that is not a number) stops it before :meth:`_check`. Validated
+        again without the bad top-level fields, lines about those fields left out; errors inside
+        ``models``/``parameters`` would change what the rest means, so then nothing is added."""
+        locs = [e["loc"] for e in exc.errors()]
+        if any(not loc or loc[0] in ("merge_method", "models", "parameters") for loc in locs):
+            return []
+        dropped = tuple(str(loc[0]) for loc in locs)
+        try:
+            cls.model_validate({k: v for k, v in data.items() if k not in dropped})
+        except ValidationError as again:
+            return [line for line in format_errors(again).split("\n")
+                    if not line.strip().startswith(dropped)]
+        return []
 
     @classmethod
     def from_yaml(cls, source: str | Path) -> "MergeRecipe":
         """Read a mergekit YAML config from a path or a YAML string (``yaml.safe_load``)."""
         if isinstance(source, Path) or (isinstance(source, str) and "\n" not in source
                                         and source.endswith((".yaml", ".yml"))):
-            return cls.from_dict(read_yaml(source, RecipeError, "recipe"), where=str(source))
+            return cls.from_dict(read_yaml(source, RecipeError, "recipe"), where=str(source),
+                                 check_models=True)
         try:
             data = yaml.safe_load(source)
         except yaml.YAMLError as exc:
@@ -253,6 +281,8 @@ def _check_params(params: dict[str, Setting] | None, scope: str, where: str,
                 problems.append(f"{where}.{name}: expected true/false, got {value!r}")
             elif spec.type is float and (isinstance(value, bool) or not isinstance(value, (int, float))):
                 problems.append(f"{where}.{name}: expected a number, got {value!r}")
+            elif spec.type is float and not math.isfinite(value):
+                problems.append(f"{where}.{name}: {value} is not a finite number")
             elif spec.type is float and (
                 (spec.low is not None and value < spec.low) or (spec.high is not None and value > spec.high)
             ):
@@ -286,8 +316,6 @@ def validate_recipe(recipe: MergeRecipe) -> list[str]:
     problems += _check_params(recipe.parameters, "global", "parameters", method)
     for i, entry in enumerate(recipe.models):
         problems += _check_params(entry.parameters, "source", f"models[{i}].parameters", method)
-    if problems:
-        return problems
     for spec in method.params:
         if spec.scope == "shared" and spec.required and spec.name not in (recipe.parameters or {}):
             problems.append(f"parameters.{spec.name}: required by {method.name}")
@@ -299,6 +327,20 @@ def validate_recipe(recipe: MergeRecipe) -> list[str]:
                 where = f"models[{index}].parameters" if index is not None else "parameters"
                 problems.append(f"{where}.{name}: required by {method.name} for model {entry.model}")
     return problems
+
+
+def _missing_models(data: Mapping[str, Any]) -> list[str]:
+    """``field: why`` for each model reference of a (raw, maybe invalid) recipe that is neither a
+    local directory nor a resolvable Hub id, so that an invalid recipe's error names them too
+    instead of leaving them to the next run (:func:`evomerge.hub.missing`)."""
+    from evomerge import hub
+
+    fields = [("base_model", data.get("base_model"))]
+    models = data.get("models")
+    if isinstance(models, (list, tuple)):
+        fields += [(f"models[{i}].model", e.get("model")) for i, e in enumerate(models)
+                   if isinstance(e, Mapping)]
+    return hub.missing([(f, ref) for f, ref in fields if isinstance(ref, str) and ref])
 
 
 def _as_number(text: str) -> float | str:

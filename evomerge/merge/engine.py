@@ -37,7 +37,8 @@ from pathlib import Path
 
 import torch
 
-from evomerge.merge.io import check_compatible, load_state_dict, parse_size
+from evomerge.merge.io import (InputModelsError, check_compatible, check_finite, dtype_code,
+                               load_state_dict, nonfinite_problems, parse_size)
 from evomerge.merge.methods import DEFAULT_CHUNK, TensorInputs, Workspace, work_dtype
 from evomerge.merge.names import model_names
 from evomerge.recipe import MergeRecipe, RecipeError
@@ -87,6 +88,20 @@ def _key(ref: str | Path) -> str:
     """One identity per model whether written relative, absolute or with trailing slashes."""
     path = Path(ref).expanduser()
     return str(path.resolve()) if path.exists() else str(ref)
+
+
+def _distinct(models: Sequence[str | Path]) -> dict[str, str | Path]:
+    """Each model once, by identity, as first named."""
+    out: dict[str, str | Path] = {}
+    for m in models:
+        out.setdefault(_key(m), m)
+    return out
+
+
+def _cast(info, dtype: torch.dtype | None) -> torch.dtype | None:
+    """``dtype`` when loading casts some floating-point tensor of ``info`` to it, else None."""
+    stored = {m.dtype for m in info.tensors.values() if m.dtype in ("F64", "F32", "F16", "BF16")}
+    return dtype if dtype is not None and stored - {dtype_code(dtype)} else None
 
 
 def _nbytes(tensors: Iterable[torch.Tensor]) -> int:
@@ -155,7 +170,13 @@ class Merger:
         self.chunk = chunk or (DEFAULT_CHUNK if self.device.type == "cpu" else 4 * DEFAULT_CHUNK)
         self._cache_budget = cache_budget(cache, self.device)
         # Checkpoints stored in different dtypes merge fine once cast to one explicit dtype.
-        self.infos = check_compatible(list(models), check_dtypes=dtype is None)
+        # Every problem of the inputs (headers, the config.json of the first, NaN/inf weights)
+        # is raised as one error before the first build.
+        try:
+            self.infos = check_compatible(list(models), check_dtypes=dtype is None)
+        except InputModelsError as exc:
+            extra = check_finite(models)
+            raise (InputModelsError if extra else type(exc))(exc.problems + extra) from None
         self.dtype = dtype
         self.paths = [Path(m) for m in models]
         self.streaming = self._streams(device_budget)
@@ -164,6 +185,13 @@ class Merger:
         self.tensors: dict[str, dict[str, torch.Tensor]] = {
             _key(m): load_state_dict(m, device=home, dtype=dtype) for m in loader(models)
         }
+        # One pass over the weights (see nonfinite_tensors for its cost): a NaN/inf input
+        # would make every candidate NaN, found only as a search's worst scores.
+        info = dict(zip(map(_key, models), self.infos))
+        problems = [p for key, m in _distinct(models).items()
+                    for p in nonfinite_problems(m, self.tensors[key], cast=_cast(info[key], dtype))]
+        if problems:
+            raise InputModelsError(problems)
         first = self._reference = next(iter(self.tensors.values()))
         self.names: list[str] = list(first)
         self.groups = {name: layer_group(name) for name in self.names}

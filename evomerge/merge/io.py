@@ -18,6 +18,7 @@ converts back.
 
 from __future__ import annotations
 
+import errno
 import glob
 import json
 import logging
@@ -39,13 +40,18 @@ import torch
 
 __all__ = [
     "CheckpointError",
+    "InputModelsError",
     "IncompatibleModelsError",
+    "DiskFullError",
     "TensorMeta",
     "ModelInfo",
     "weight_files",
     "inspect_model",
     "load_state_dict",
     "check_compatible",
+    "nonfinite_tensors",
+    "nonfinite_problems",
+    "check_finite",
     "export_model",
     "export_dtype",
     "parse_size",
@@ -86,6 +92,11 @@ _SIDECAR_DIRS = ("additional_chat_templates",)
 _MAX_HEADER_BYTES = 100 * 1024 * 1024
 # How many tensor names one problem line lists before it summarises the rest.
 _MAX_LISTED = 20
+# How many non-finite tensors one problem line names (with their counts) before a total.
+_NONFINITE_LISTED = 3
+# Elements per isfinite() pass when counting the non-finite values of a flagged tensor: the bool
+# temporary stays at 16 MB whatever the tensor's size.
+_FINITE_CHUNK = 1 << 24
 _OWNER_FILE = ".evomerge-export-owner"
 # Temp dirs of exports running in this process (threads), which stale-cleanup must not delete.
 _ACTIVE_TMP: set[Path] = set()
@@ -124,24 +135,49 @@ class CheckpointError(ValueError):
     """A checkpoint is missing, malformed or unsafe to load; the message names the path."""
 
 
-class IncompatibleModelsError(CheckpointError):
-    """Models cannot be merged together; ``problems`` holds every reason, one string each.
+class InputModelsError(CheckpointError):
+    """Input models that cannot be merged as they are; ``problems`` holds every reason, one
+    string each, each naming the model (missing config, unreadable or non-finite weights,
+    incompatibilities).
 
     All problems are gathered before raising so a user fixes their model list in one go instead of
     discovering the mismatches one run at a time.
     """
 
+    what = "problem(s) with the input models"
+
     def __init__(self, problems: Sequence[str]) -> None:
         self.problems: list[str] = list(problems)
         lines = "\n".join(f"  - {p}" for p in self.problems)
         super().__init__(
-            f"{len(self.problems)} compatibility problem(s); fix or drop the models named below:\n"
-            f"{lines}"
+            f"{len(self.problems)} {self.what}; fix or drop the models named below:\n{lines}"
         )
 
     def __reduce__(self) -> tuple[type, tuple[list[str]]]:
         # Exceptions cross process boundaries (Ray, multiprocessing); keep `problems` intact.
         return (type(self), (self.problems,))
+
+
+class IncompatibleModelsError(InputModelsError):
+    """Models cannot be merged together (architecture, tensor names, shapes, dtypes)."""
+
+    what = "compatibility problem(s)"
+
+
+class DiskFullError(CheckpointError, OSError):
+    """An export ran out of disk space (or quota); the message is one line saying what was being
+    written, that nothing was written, and to free space and run again. Also an ``OSError``
+    whose ``errno`` is ``ENOSPC``/``EDQUOT``, for callers that handle those."""
+
+    def __init__(self, message: str, code: int = errno.ENOSPC) -> None:
+        OSError.__init__(self, code, message)
+        self.message = message
+
+    def __str__(self) -> str:
+        return self.message
+
+    def __reduce__(self) -> tuple[type, tuple[str, int]]:
+        return (type(self), (self.message, self.errno))
 
 
 @dataclass(frozen=True)
@@ -453,6 +489,81 @@ def _load_file(file: Path, device: str | torch.device) -> dict[str, torch.Tensor
         raise CheckpointError(f"{file}: cannot load safetensors file ({exc})") from exc
 
 
+def nonfinite_tensors(state: Mapping[str, torch.Tensor]) -> dict[str, int]:
+    """``{name: how many NaN/inf values}`` for every floating-point tensor that holds any.
+
+    One read-only pass over the weights, cheap enough to run at every load: ``torch.aminmax``
+    per tensor (a NaN anywhere makes both ends NaN, an infinity shows at one end), a reduction
+    that allocates nothing. Measured on two CPU cores (bf16, fp16, fp32 alike): about 50-70 ms
+    per GB with the pages in memory, 200-250 ms per GB with the cores shared by other work; a
+    Merger made over freshly memory-mapped files pays 350-400 ms per GB there, mostly mapping
+    the pages the first build would map anyway (reading a cold checkpoint from disk costs what
+    the disk costs, once). ``torch.isfinite(t).all()`` in chunks took 1.6-9 s per GB on the same
+    cores. Only a tensor found non-finite is counted, ``_FINITE_CHUNK`` elements at a time, so
+    no temporary as large as the tensor is ever made. Integer and bool tensors are skipped.
+    """
+    bad: dict[str, int] = {}
+    for name, t in state.items():
+        if not t.is_floating_point() or t.numel() == 0 or _finite(t):
+            continue
+        bad[name] = sum(int((~torch.isfinite(part)).sum()) for part in _chunks(t))
+    return bad
+
+
+def _chunks(t: torch.Tensor) -> Iterator[torch.Tensor]:
+    """Views of ``t`` of at most ``_FINITE_CHUNK`` elements that cover it (never a copy)."""
+    if t.dim() > 1 and not t.is_contiguous():
+        for sub in t:
+            yield from _chunks(sub)
+        return
+    flat = t.reshape(-1)  # a view: contiguous, or at most one dimension
+    for i in range(0, flat.numel(), _FINITE_CHUNK):
+        yield flat[i:i + _FINITE_CHUNK]
+
+
+def _finite(t: torch.Tensor) -> bool:
+    try:
+        lo, hi = torch.aminmax(t)
+    except (RuntimeError, NotImplementedError):  # dtypes without a min/max kernel (float8)
+        return all(bool(torch.isfinite(part.float()).all()) for part in _chunks(t))
+    return bool(torch.isfinite(lo)) and bool(torch.isfinite(hi))
+
+
+def nonfinite_problems(model: PathLike, state: Mapping[str, torch.Tensor],
+                       cast: torch.dtype | None = None) -> list[str]:
+    """One line naming ``model`` and (a few of) its tensors that hold NaN/inf, with counts; empty
+    when every value is finite. ``cast``: the dtype the tensors were cast to on load, named in
+    the line (values beyond its range become inf)."""
+    bad = nonfinite_tensors(state)
+    if not bad:
+        return []
+    shown = ", ".join(f"{n} ({c} of {state[n].numel()})"
+                      for n, c in list(bad.items())[:_NONFINITE_LISTED])
+    more = f", and {len(bad) - _NONFINITE_LISTED} more" if len(bad) > _NONFINITE_LISTED else ""
+    after = (f" (as cast to {str(cast).removeprefix('torch.')} on load: values beyond its "
+             "range become inf)" if cast is not None else "")
+    return [f"{model}: {len(bad)} tensor(s) hold NaN/inf values{after}: {shown}{more}; a merge "
+            "of them is NaN too: re-export or drop this model"]
+
+
+def check_finite(paths: Sequence[PathLike]) -> list[str]:
+    """:func:`nonfinite_problems` of each checkpoint in ``paths`` that loads (memory-mapped, as
+    stored; unreadable ones are skipped: :func:`check_compatible` names them). One pass over
+    the weights: for a driver that wants NaN/inf inputs refused before a run starts, or an
+    error about some models' headers that should name the others' NaN/inf too."""
+    problems: list[str] = []
+    distinct: dict[Path, PathLike] = {}
+    for p in paths:
+        distinct.setdefault(Path(p).expanduser().resolve(), p)
+    for path in distinct.values():
+        try:
+            state = load_state_dict(path)
+        except CheckpointError:
+            continue
+        problems += nonfinite_problems(path, state)
+    return problems
+
+
 # --------------------------------------------------------------------------------------------
 # Compatibility
 # --------------------------------------------------------------------------------------------
@@ -503,18 +614,36 @@ def _compare(info: ModelInfo, ref: ModelInfo, check_dtypes: bool = True) -> list
     return problems + _capped(dtypes, "dtype mismatches", p)
 
 
-def check_compatible(paths: Sequence[PathLike], *, check_dtypes: bool = True) -> list[ModelInfo]:
+def config_problems(path: PathLike) -> list[str]:
+    """Why ``path`` cannot give a merge its ``config.json`` (none when it can): a merged model
+    without one does not load, so the model the output's config comes from (the base, or the
+    first model) must be a directory holding it."""
+    root = Path(path)
+    if not root.is_dir():
+        return []  # a weight file, or no such path (inspect_model reports that)
+    if not (root / CONFIG).is_file():
+        return [f"{root}: no {CONFIG}; the merged model's config comes from this model (the base, "
+                "or the first model), and a model without one does not load: use the full "
+                "Hugging Face model directory"]
+    return []
+
+
+def check_compatible(paths: Sequence[PathLike], *, check_dtypes: bool = True,
+                     needs_config: bool = True) -> list[ModelInfo]:
     """Check that the checkpoints can be merged; returns their infos in order.
 
     Every model is compared with the first (or, if the first cannot be read, the first that can):
     architecture (when both configs name one), tensor names, shapes and dtypes. Unreadable paths
-    count as problems too. ``check_dtypes=False`` tolerates dtype differences, for callers that
-    cast every model to one dtype on load. Only headers are read, and all problems across all models are raised
-    together as one :class:`IncompatibleModelsError`.
+    count as problems too, and so (``needs_config``) does a first path that is a directory
+    without ``config.json``: the merge's config comes from it. ``check_dtypes=False`` tolerates
+    dtype differences, for callers that cast every model to one dtype on load. Only headers are
+    read, and all problems across all models are raised together as one
+    :class:`IncompatibleModelsError`.
     """
     if not paths:
         raise CheckpointError("check_compatible: no model paths given; pass at least one directory")
-    problems: list[str] = []
+    no_config = config_problems(paths[0]) if needs_config else []
+    problems: list[str] = list(no_config)
     infos: list[ModelInfo] = []
     for path in paths:
         try:
@@ -526,7 +655,7 @@ def check_compatible(paths: Sequence[PathLike], *, check_dtypes: bool = True) ->
         for info in infos[1:]:
             problems.extend(_compare(info, ref, check_dtypes))
     if problems:
-        raise IncompatibleModelsError(problems)
+        raise (InputModelsError if no_config else IncompatibleModelsError)(problems)
     return infos
 
 
@@ -663,6 +792,12 @@ def _header_overhead(name: str, t: torch.Tensor, code: str) -> int:
     return len(json.dumps(entry))
 
 
+def _written_bytes(name: str, t: torch.Tensor, out_dtype: torch.dtype | None) -> int:
+    """Bytes one tensor adds to a shard (data and an upper bound on its header entry)."""
+    dt = out_dtype if out_dtype is not None and t.is_floating_point() else t.dtype
+    return t.numel() * dt.itemsize + _header_overhead(name, t, dtype_code(dt))
+
+
 def _plan_shards(
     names: list[str], state_dict: Mapping[str, torch.Tensor], out_dtype: torch.dtype | None,
     limit: int,
@@ -674,9 +809,7 @@ def _plan_shards(
     current: list[str] = []
     used = base
     for name in names:
-        t = state_dict[name]
-        dt = out_dtype if out_dtype is not None and t.is_floating_point() else t.dtype
-        cost = t.numel() * dt.itemsize + _header_overhead(name, t, dtype_code(dt))
+        cost = _written_bytes(name, state_dict[name], out_dtype)
         if current and used + cost > limit:
             shards.append(current)
             current, used = [], base
@@ -949,6 +1082,8 @@ def export_model(
     base = Path(base_dir) if base_dir is not None else None
     if base is not None and not base.is_dir():
         raise CheckpointError(f"{base}: base_dir is not a directory; pass the base model's folder")
+    if base is not None and config_problems(base):
+        raise CheckpointError(config_problems(base)[0])
     limit = parse_size(max_shard_size)
     _validate_state_dict(state_dict)
 
@@ -963,6 +1098,8 @@ def export_model(
 
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     _clean_stale(out_dir)
+    need = _export_bytes(state_dict, shards, dtype, base)
+    _check_free_space(out_dir, need)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
     _ACTIVE_TMP.add(tmp)
     try:
@@ -979,10 +1116,74 @@ def export_model(
         _publishable(tmp)
         _fsync_path(tmp)
         _publish(tmp, out_dir)
-    except BaseException:
+    except BaseException as exc:
         shutil.rmtree(tmp, ignore_errors=True)
+        code = _disk_full(exc)
+        if code is not None:
+            raise DiskFullError(_disk_full_message(out_dir, need, code), code) from None
         raise
     finally:
         _ACTIVE_TMP.discard(tmp)
     return out_dir
+
+
+def _export_bytes(state_dict: Mapping[str, torch.Tensor], shards: list[list[str]],
+                  out_dtype: torch.dtype | None, base: Path | None) -> int:
+    """About what an export writes: the shards (headers included) and the base's sidecars."""
+    total = sum(_written_bytes(n, state_dict[n], out_dtype) for names in shards for n in names)
+    if base is not None:
+        for pattern in (CONFIG, *_SIDECAR_PATTERNS):
+            for f in base.glob(pattern):
+                if f.is_file() and f.suffix not in (".safetensors", ".bin"):
+                    total += f.stat().st_size
+    return total
+
+
+def _free_bytes(directory: Path) -> int | None:
+    """Bytes this process may still write under ``directory`` (root may use the reserved
+    blocks); None when the filesystem does not say (it reports no size at all)."""
+    try:
+        st = os.statvfs(directory)
+    except OSError:
+        return None
+    if st.f_blocks == 0:
+        return None
+    blocks = st.f_bfree if hasattr(os, "geteuid") and os.geteuid() == 0 else st.f_bavail
+    return blocks * st.f_frsize
+
+
+def _check_free_space(out_dir: Path, need: int) -> None:
+    """Refuse before writing when the filesystem already says the export cannot fit."""
+    free = _free_bytes(out_dir.parent)
+    if free is not None and need > free:
+        raise DiskFullError(_disk_full_message(out_dir, need, errno.ENOSPC, free))
+
+
+def _disk_full(exc: BaseException) -> int | None:
+    """``ENOSPC``/``EDQUOT`` when ``exc`` is a write that ran out of space or quota: an OSError,
+    or safetensors' own error, whose text carries the OS error number."""
+    codes = {errno.ENOSPC} | ({errno.EDQUOT} if hasattr(errno, "EDQUOT") else set())
+    if isinstance(exc, OSError):
+        return exc.errno if exc.errno in codes else None
+    if isinstance(exc, safetensors.SafetensorError):
+        for code in codes:
+            if f"(os error {code})" in str(exc):
+                return code
+    return None
+
+
+def _disk_full_message(out_dir: Path, need: int, code: int, free: int | None = None) -> str:
+    free = _free_bytes(out_dir.parent) if free is None else free
+    what = "no space left on device" if code == errno.ENOSPC else "disk quota exceeded"
+    room = f", {_human(free)} free" if free is not None else ""
+    kept = " (the existing one is unchanged)" if out_dir.exists() else ""
+    return (f"{what} writing {out_dir}: the model needs about {_human(need)} in "
+            f"{out_dir.parent}{room}; nothing was written{kept}; free space and run again")
+
+
+def _human(n: int) -> str:
+    for unit, size in (("GB", 10**9), ("MB", 10**6), ("kB", 10**3)):
+        if n >= size:
+            return f"{n / size:.1f} {unit}"
+    return f"{n} bytes"
 
