@@ -281,6 +281,27 @@ def test_interrupted_build_is_redone(tiny_zoo, tmp_path):
     assert _same_weights(out / "expert_sort", paths["expert_sort"])
 
 
+def test_the_build_trains_on_portable_kernels_and_records_them(tiny_zoo, tmp_path):
+    """Training runs in a child process on PORTABLE_ENV (so the weights do not depend on the
+    CPU); the manifest says so and what it ran on, and a zoo of native kernels is not reused."""
+    from evomerge.zoo._common import PORTABLE_ENV
+    from evomerge.zoo.tinylm import _build
+
+    paths, _ = tiny_zoo
+    manifest = json.loads((paths["base"].parent / MANIFEST).read_text())
+    assert manifest["kernels"] == PORTABLE_ENV
+    assert manifest["built_on"]["cpu_capability"] == "DEFAULT"
+    assert {"cpu", "torch", "transformers", "tokenizers"} <= set(manifest["built_on"])
+    old = tmp_path / "old"
+    shutil.copytree(paths["base"].parent, old)
+    del manifest["kernels"]
+    manifest["format"] = 1
+    (old / MANIFEST).write_text(json.dumps(manifest))
+    assert not tinylm_zoo_is_built(old, seed=0, size="tiny")
+    with pytest.raises(RuntimeError, match="portable kernels"):
+        _build(str(tmp_path / "native"), 0, "tiny", False)  # this process runs native kernels
+
+
 def test_another_seed_gives_other_weights(tiny_zoo, tmp_path):
     paths, _ = tiny_zoo
     other = build_tinylm_zoo(tmp_path / "other", seed=1, size="tiny", progress=False)

@@ -1,5 +1,6 @@
 """Scaffolding every zoo builder shares: the manifest cache, atomic JSON, pinned torch threads,
-quiet Hugging Face logging and the training progress bar.
+portable CPU kernels (a build reproducible across machines), quiet Hugging Face logging and the
+training progress display (a rich bar on a terminal, plain periodic lines in a log).
 
 Each zoo writes its models first and its ``zoo.json`` manifest last (atomically), so a directory
 holds a usable zoo exactly when its manifest is there and agrees with the requested build.
@@ -8,11 +9,16 @@ holds a usable zoo exactly when its manifest is there and agrees with the reques
 from __future__ import annotations
 
 import json
+import math
 import os
+import subprocess
+import sys
 import tempfile
-from collections.abc import Iterable, Iterator
+import time
+from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any, TextIO
 
 import torch
 
@@ -81,10 +87,136 @@ def quiet_hf() -> Iterator[None]:
             hf_logging.enable_progress_bar()
 
 
+#: The environment a portable build trains under. Float training amplifies the last bit of
+#: every kernel into different weights, and torch picks its kernels by CPU: ATen's vectorised
+#: kernels by instruction set (AVX512 / AVX2 / default) and MKL's GEMMs by vendor and model
+#: (an Intel Xeon and an AMD EPYC run different sgemm code even at equal ``cpu_capability``).
+#: ``ATEN_CPU_CAPABILITY=default`` and ``MKL_CBWR=COMPATIBLE,STRICT`` (MKL's conditional
+#: numerical reproducibility: one SSE2 code path on every x86-64 CPU, results independent of
+#: array alignment) select code that runs alike everywhere; one OpenMP/MKL thread fixes the
+#: reduction order. Both are read once per process, before the first kernel runs, so a
+#: portable build trains in a child process started with them (:func:`run_portable`).
+PORTABLE_ENV: dict[str, str] = {
+    "ATEN_CPU_CAPABILITY": "default",
+    "MKL_CBWR": "COMPATIBLE,STRICT",
+    "OMP_NUM_THREADS": "1",
+    "MKL_NUM_THREADS": "1",
+}
+
+
+def portable_kernels_active() -> bool:
+    """Whether this process already runs on the portable kernels of :data:`PORTABLE_ENV`
+    (it was started with that environment, and torch took ATen's default capability)."""
+    return (all(os.environ.get(k) == v for k, v in PORTABLE_ENV.items())
+            and torch.backends.cpu.get_cpu_capability() == "DEFAULT")
+
+
+def run_portable(module: str, function: str, kwargs: Mapping[str, Any]) -> None:
+    """Call ``module.function(**kwargs)`` (JSON-able arguments) in a child Python started with
+    :data:`PORTABLE_ENV`; its output goes where this process's goes. Raises RuntimeError naming
+    the exit status when the child fails (its traceback is printed above)."""
+    root = str(Path(__file__).resolve().parents[2])  # the directory that holds evomerge/
+    env = {**os.environ, **PORTABLE_ENV}
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p)
+    code = ("import importlib, json, sys; "
+            f"getattr(importlib.import_module({module!r}), {function!r})"
+            "(**json.loads(sys.argv[1]))")
+    sys.stdout.flush()
+    sys.stderr.flush()
+    done = subprocess.run([sys.executable, "-c", code, json.dumps(dict(kwargs))], env=env,
+                          check=False)
+    if done.returncode != 0:
+        raise RuntimeError(f"{module}.{function} failed in its portable-kernel child process "
+                           f"(exit status {done.returncode}); its error is printed above")
+
+
+def kernel_facts() -> dict[str, str]:
+    """What a build ran on, for its manifest: CPU, ATen capability, library versions."""
+    import platform
+
+    facts = {"cpu": _cpu_model() or platform.processor() or platform.machine(),
+             "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+             "torch": torch.__version__}
+    for lib in ("transformers", "tokenizers"):
+        try:
+            facts[lib] = __import__(lib).__version__
+        except ImportError:
+            pass
+    return facts
+
+
+def _cpu_model() -> str | None:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return None
+
+
+#: Seconds between two plain progress lines of one job (besides its first and last).
+PLAIN_INTERVAL_S = 30.0
+
+
+class PlainProgress:
+    """The progress display where no terminal shows a live bar (stderr redirected to a file or
+    a pipe): one line per job when it starts, then at most every ``interval`` seconds, and when
+    it finishes, flushed at once, e.g.
+    ``[zoo] base (all tasks): 120/250 steps, loss 2.345, 41 s``. Same calls as rich's
+    ``Progress``: ``add_task(label, total=..., loss=...)``, ``update(job, advance=..., loss=...)``.
+    """
+
+    def __init__(self, stream: TextIO | None = None, interval: float = PLAIN_INTERVAL_S) -> None:
+        self.stream, self.interval = stream, interval
+        self._jobs: list[dict[str, Any]] = []
+
+    def __enter__(self) -> PlainProgress:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+    def add_task(self, description: str, total: float | None = None, **fields: Any) -> int:
+        now = time.monotonic()
+        self._jobs.append({"label": description, "total": total, "done": 0, "fields": fields,
+                           "started": now, "printed": now})
+        self._print(self._jobs[-1], "started")
+        return len(self._jobs) - 1
+
+    def update(self, job: int, *, advance: float = 0, **fields: Any) -> None:
+        entry = self._jobs[job]
+        entry["done"] += advance
+        entry["fields"].update(fields)
+        finished = entry["total"] is not None and entry["done"] >= entry["total"]
+        if finished or time.monotonic() - entry["printed"] >= self.interval:
+            self._print(entry, "done" if finished else None)
+
+    def _print(self, entry: dict[str, Any], state: str | None) -> None:
+        entry["printed"] = time.monotonic()
+        done, total = entry["done"], entry["total"]
+        parts = [f"{done:g}/{total:g} steps" if total is not None else f"{done:g} steps"]
+        loss = entry["fields"].get("loss")
+        if isinstance(loss, float) and math.isfinite(loss):
+            parts.append(f"loss {loss:.3f}")
+        parts.append(f"{entry['printed'] - entry['started']:.0f} s")
+        if state:
+            parts.append(state)
+        stream = self.stream or sys.stderr
+        print(f"[zoo] {entry['label']}: {', '.join(parts)}", file=stream, flush=True)
+
+
 def progress_bar(enabled: bool):
-    """A rich progress display on stderr with one row per training job and its running loss
-    (``progress.add_task(label, total=steps, loss=nan)``); ``enabled=False`` shows nothing."""
+    """The training progress display, one row per job with its running loss
+    (``progress.add_task(label, total=steps, loss=nan)``): a rich bar on stderr when stderr is a
+    terminal, else :class:`PlainProgress` lines on stderr (a build logged to a file or a pipe
+    is not silent); ``enabled=False`` shows nothing."""
     from rich.console import Console
+
+    console = Console(stderr=True)
+    if enabled and not console.is_terminal:
+        return PlainProgress(sys.stderr)
     from rich.progress import (
         BarColumn,
         MofNCompleteColumn,
@@ -99,6 +231,6 @@ def progress_bar(enabled: bool):
         MofNCompleteColumn(),
         TextColumn("loss {task.fields[loss]:.3f}"),
         TimeElapsedColumn(),
-        console=Console(stderr=True),
+        console=console,
         disable=not enabled,
     )

@@ -71,9 +71,13 @@ import torch
 
 from evomerge.zoo._common import (
     MANIFEST,
+    PORTABLE_ENV,
+    kernel_facts,
     manifest_matches,
+    portable_kernels_active,
     progress_bar,
     quiet_hf,
+    run_portable,
     torch_threads,
     write_json_atomic,
 )
@@ -96,7 +100,9 @@ __all__ = [
     "write_task_data",
 ]
 
-FORMAT_VERSION = 1
+#: 2: trained on portable kernels (:data:`evomerge.zoo._common.PORTABLE_ENV`); a format-1 zoo
+#: (native kernels, machine-dependent weights) is rebuilt.
+FORMAT_VERSION = 2
 KIND = "tiny-lm"
 
 TASKS: tuple[str, ...] = ("add", "reverse", "sort", "translate")
@@ -158,12 +164,14 @@ class TinyLMSize:
 
 TINYLM_SIZES: dict[str, TinyLMSize] = {
     # 1.08M parameters. 250 mixed steps leave the base partial on sort / translate / reverse and
-    # near zero on add (held-out exact match 0.75 / 0.40 / 0.18 / 0.00); 500 steps per expert at
-    # lr 5e-4 with 25 % distilled replay reach 0.39 (add) and 1.00 (the others) on its task and
+    # near zero on add (held-out exact match 0.72 / 0.38 / 0.13 / 0.00); 500 steps per expert at
+    # lr 5e-4 with 25 % distilled replay reach 0.16 (add) and 1.00 (the others) on its task and
     # stay within a few points of the base elsewhere. Task arithmetic of the four at weight 0.7
-    # scores 0.634 on the held-out mean (every expert <= 0.523, base 0.334); at lr 1e-3 without
-    # replay the experts forgot everything else and that merge scored 0.003. 314 s measured on
-    # a nearly idle machine; about 8-9 min with the 2 cores shared by several other processes.
+    # scores 0.556 on the held-out mean (every expert <= 0.504, base 0.307); at lr 1e-3 without
+    # replay the experts forgot everything else and that merge scored 0.003. Portable kernels
+    # (format 2) cost about 1.6x native ones per step: about 8 min on an idle core (native: 314 s
+    # measured), 19 min measured with the 2 cores shared by about six other processes. The
+    # native-kernel zoo of format 1 differed per CPU (Intel Xeon: add expert 0.39, TA 0.634).
     "small": TinyLMSize(
         hidden_size=128, num_layers=4, num_heads=4, intermediate_size=512,
         batch_size=64, base_steps=250, base_lr=2e-3, expert_steps=500, expert_lr=5e-4,
@@ -556,6 +564,7 @@ def _expected_manifest(seed: int, size: str) -> dict:
         "size": size,
         "hyperparameters": asdict(TINYLM_SIZES[size]),
         "torch_threads": BUILD_THREADS,
+        "kernels": dict(PORTABLE_ENV),
         "tasks": list(TASKS),
         "models": {name: name for name in _model_names()},
         "experts": {task: expert_name(task) for task in TASKS},
@@ -589,12 +598,20 @@ def build_tinylm_zoo(
     """Train the tiny-lm zoo into ``out_dir`` (or reuse it); returns ``{model name: directory}``.
 
     Names: ``base`` and ``expert_<task>`` for each of :data:`TASKS`. A pure function of
-    ``(seed, size)`` for a given torch build (training runs on :data:`BUILD_THREADS` threads):
-    the same arguments give bit-identical tensors. If ``out_dir/zoo.json`` records the same seed,
-    size and hyper-parameters and every model directory is complete, nothing is retrained (unless
-    ``force``). The manifest, with the held-out exact-match table, is written last and atomically,
-    so an interrupted build is redone, never reused. The caller's torch RNG state and thread count
-    are left untouched.
+    ``(seed, size)`` for given torch / transformers / tokenizers versions: training and the
+    held-out table run in a child process on portable kernels
+    (:data:`evomerge.zoo._common.PORTABLE_ENV`: ATen's default capability, MKL's compatible
+    code path, :data:`BUILD_THREADS` thread), so neither the thread count, the hash seed nor the
+    CPU's instruction set or vendor selects other arithmetic (native kernels gave an Intel Xeon
+    and an AMD EPYC different zoos: ``expert_add`` 0.393 against 0.220 on ``add``). Checked
+    bit for bit across ATen instruction sets, MKL settings, threads and hash seeds on one CPU;
+    ``tests/test_reproducible.py`` pins the tiny zoo's digests so a run elsewhere checks the
+    cross-machine half (x86-64 with MKL; other architectures use other kernels). If
+    ``out_dir/zoo.json`` records the same seed, size, hyper-parameters and kernels and every model
+    directory is complete, nothing is retrained (unless ``force``). The manifest, with the
+    held-out exact-match table, is written last and atomically, so an interrupted build is
+    redone, never reused. The caller's torch RNG state and thread count are left untouched.
+    Progress: a rich bar on a terminal, plain periodic lines when stderr is a file or a pipe.
     """
     _check_size(size)
     out = Path(out_dir)
@@ -602,9 +619,27 @@ def build_tinylm_zoo(
     paths = {name: out / d for name, d in expected["models"].items()}
     if not force and tinylm_zoo_is_built(out, seed=seed, size=size):
         return paths
-
     out.mkdir(parents=True, exist_ok=True)
     (out / MANIFEST).unlink(missing_ok=True)  # the directory is incomplete until we finish
+    if portable_kernels_active():
+        _build(str(out), seed, size, progress)
+    else:
+        run_portable(__name__, "_build",
+                     {"out": str(out), "seed": seed, "size": size, "progress": progress})
+    if not tinylm_zoo_is_built(out, seed=seed, size=size):
+        raise RuntimeError(f"{out}: the tiny-lm build ended without a complete zoo")
+    return paths
+
+
+def _build(out: str, seed: int, size: str, progress: bool) -> None:
+    """Train every model and write the manifest (the body of :func:`build_tinylm_zoo`, run on
+    portable kernels)."""
+    if not portable_kernels_active():
+        raise RuntimeError("the tiny-lm zoo trains on portable kernels only: call "
+                           "build_tinylm_zoo, which starts a process with PORTABLE_ENV")
+    root = Path(out)
+    expected = _expected_manifest(seed, size)
+    paths = {name: root / d for name, d in expected["models"].items()}
     hp = TINYLM_SIZES[size]
     tokenizer = make_tokenizer()
     started = time.perf_counter()
@@ -645,7 +680,7 @@ def build_tinylm_zoo(
         "heldout_exact_match": table,
         "train_seconds": round(train_seconds, 2),
         "build_seconds": round(time.perf_counter() - started, 2),
+        "built_on": kernel_facts(),
         "torch": torch.__version__,
     }
-    write_json_atomic(out / MANIFEST, manifest)
-    return paths
+    write_json_atomic(root / MANIFEST, manifest)
