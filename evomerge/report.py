@@ -74,23 +74,108 @@ def write_provenance(run_dir: Path, experiment: Any, *, resumed: bool) -> None:
         "hub_models": hub_models, "starts": history}, indent=2))
 
 
+#: seconds between plain progress lines when stdout is not a terminal (default 30; 0: a line
+#: at every step)
+PROGRESS_ENV = "EVOMERGE_PROGRESS_S"
+PROGRESS_S = 30.0
+
+
+def progress_interval() -> float:
+    """Seconds between plain progress lines (``EVOMERGE_PROGRESS_S``, else 30)."""
+    raw = os.environ.get(PROGRESS_ENV, "").strip()
+    try:
+        return max(float(raw), 0.0) if raw else PROGRESS_S
+    except ValueError:
+        raise ValueError(f"{PROGRESS_ENV}={raw!r}: expected seconds between progress lines "
+                         "(a number, 0 for a line at every step)") from None
+
+
+def live_display() -> bool:
+    """True when stdout shows a live display (a terminal, Jupyter); False for a log file or a
+    pipe (nohup, SLURM), where progress is written as plain periodic lines instead."""
+    from rich.console import Console
+
+    console = Console()
+    return console.is_terminal or console.is_jupyter
+
+
+def _hms(seconds: float) -> str:
+    seconds = round(seconds)
+    return f"{seconds // 3600:02d}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
+
+
+class LogLines:
+    """Progress as plain lines on stdout, for logs: one at the start, then at most one per
+    ``interval`` seconds (a step that changed nothing is repeated only when ``interval`` > 0,
+    as a heartbeat), and the last step always, e.g.
+    ``[02:14:07] trials 40/600, best acc 0.5120, 12.3 s/trial, elapsed 00:08:13, ETA 01:55:10``.
+    The rate counts only the steps done since this object was made (a resumed run's replayed
+    trials took no time now)."""
+
+    def __init__(self, label: str, total: int, *, unit: str = "trial",
+                 interval: float | None = None, clock: Callable[[], float] = time.monotonic
+                 ) -> None:
+        self.label, self.total, self.unit = label, total, unit
+        self.interval = progress_interval() if interval is None else interval
+        self.clock = clock
+        self.started = clock()
+        self.first: int | None = None  # steps done at the first update
+        self.shown: int | None = None  # steps done at the last line
+        self.last = -float("inf")
+
+    def update(self, done: int, best: str | None = None) -> None:
+        now = self.clock()
+        if self.first is None:
+            self.first = done
+        due = now - self.last >= self.interval and (done != self.shown or self.interval > 0)
+        if due or (done >= self.total and done != self.shown):
+            print(self.line(done, best, now), file=sys.stdout, flush=True)
+            self.shown, self.last = done, now
+
+    def line(self, done: int, best: str | None, now: float) -> str:
+        parts = [f"[{time.strftime('%H:%M:%S')}] {self.label} {done}/{self.total}"]
+        if best and best != "-":
+            parts.append(best if best.endswith("objectives") else f"best {best}")
+        new = done - (self.first or 0)
+        if new > 0:
+            per = (now - self.started) / new
+            parts.append(f"{per:.1f} s/{self.unit}")
+        parts.append(f"elapsed {_hms(now - self.started)}")
+        if new > 0 and done < self.total:
+            parts.append(f"ETA {_hms(per * (self.total - done))}")
+        return ", ".join(parts)
+
+
 class _Bar:
-    def __init__(self, progress: Any, task: Any) -> None:
-        self.progress, self.task = progress, task
+    def __init__(self, progress: Any = None, task: Any = None, lines: LogLines | None = None
+                 ) -> None:
+        self.progress, self.task, self.lines = progress, task, lines
 
     def update(self, done: int, best: str) -> None:
         if self.progress is not None:
             self.progress.update(self.task, completed=done, best=best)
+        elif self.lines is not None:
+            self.lines.update(done, best)
 
 
 @contextmanager
 def progress_bar(budget: int, *, enabled: bool = True) -> Iterator[_Bar]:
-    """trials done/budget, best so far, elapsed and ETA."""
+    """trials done/budget, best so far, elapsed and ETA: a live bar on a terminal, plain
+    periodic lines (:class:`LogLines`) when stdout is a file or a pipe."""
     if not enabled:
-        yield _Bar(None, None)
+        yield _Bar()
         return
-    from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn,
-                               TimeElapsedColumn, TimeRemainingColumn)
+    if not live_display():
+        yield _Bar(lines=LogLines("trials", budget))
+        return
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
 
     columns = (TextColumn("trials"), BarColumn(), MofNCompleteColumn(),
                TextColumn("best {task.fields[best]}"), TimeElapsedColumn(), TextColumn("ETA"),
@@ -98,6 +183,25 @@ def progress_bar(budget: int, *, enabled: bool = True) -> Iterator[_Bar]:
     with Progress(*columns) as progress:
         task = progress.add_task("search", total=budget, best="-")
         yield _Bar(progress, task)
+
+
+def track(items: Sequence[Any], description: str, *, enabled: bool = True,
+          unit: str = "model") -> Iterator[Any]:
+    """``items``, one by one, with progress: rich's transient bar on a terminal, plain periodic
+    lines (:class:`LogLines`) in a log, nothing when not ``enabled``."""
+    if not enabled:
+        yield from items
+        return
+    if live_display():
+        from rich.progress import track as rich_track
+
+        yield from rich_track(items, description=description, transient=True)
+        return
+    lines = LogLines(description, len(items), unit=unit)
+    lines.update(0)
+    for k, item in enumerate(items):
+        yield item
+        lines.update(k + 1)
 
 
 # ---- the summary -----------------------------------------------------------------------------
@@ -121,7 +225,7 @@ def _earliest(trial: FrozenTrial) -> tuple[int, int]:
 
 
 def _rescore(complete: list[FrozenTrial], objectives: list, evaluator: Any, k: int,
-             objs: Callable[[Any], dict[str, float]]
+             objs: Callable[[Any], dict[str, float]], *, progress: bool = False
              ) -> tuple[FrozenTrial, list[dict[str, Any]]]:
     """The winner's-curse guard of a reduced fitness: the ``k`` best trials by their estimates
     are scored on the full search items and the best of those full scores wins.
@@ -133,7 +237,8 @@ def _rescore(complete: list[FrozenTrial], objectives: list, evaluator: Any, k: i
     top = sorted(complete, key=lambda t: (_score(t, objectives), *_earliest(t)),
                  reverse=True)[:k]
     rows, scored = [], []
-    for trial in top:
+    for trial in track(top, "re-scoring the best estimates on all search items",
+                       enabled=progress, unit="trial"):
         model = evaluator.build(parse_recipe(trial.user_attrs[META]["recipe"]))
         full = objs(evaluator.inner.evaluate(model, "search"))
         rows.append({"trial": trial.number, "estimate": dict(zip(full, trial.values)),
@@ -150,12 +255,15 @@ def write_strategy_report(strategy: Any, run_dir: Path) -> None:
 
 
 def finish_run(plan: Any, store: Store, evaluator: Any, *, wall_s: float,
-               reduction: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Score best and sources on both splits, export the best, plot, write summary.json.
+               reduction: dict[str, Any] | None = None, progress: bool = False
+               ) -> dict[str, Any]:
+    """Score best and sources on both splits, export the best, plot, write summary.json, and
+    put the plots in the study's artifact store (RUN_DIR/artifacts, for optuna-dashboard).
 
     With an IRT-reduced fitness (``reduction``: its calibration facts), trial values and the
     sources' ``search`` scores are estimates from anchor items; ``final`` (held-out) scores are
-    always full evaluations.
+    always full evaluations, and so are ``fitness_reduction.best_search_full`` and
+    ``sources_search_full``. ``progress``: a line per phase (and the re-scoring's progress).
     """
     from evomerge.merge.io import export_dtype, export_model
 
@@ -176,10 +284,14 @@ def finish_run(plan: Any, store: Store, evaluator: Any, *, wall_s: float,
     # numbers) reports the same best as an uninterrupted one
     best = max(pareto, key=lambda t: (_score(t, objectives), *_earliest(t)))
     rescored: list[dict[str, Any]] = []
-    if reduction is not None and reduction.get("rescore", 0) > 0:
-        best, rescored = _rescore(complete, objectives, evaluator, reduction["rescore"], objs)
+    rescore = reduction.get("rescore", 0) if reduction is not None else 0
+    if rescore > 0:
+        best, rescored = _rescore(complete, objectives, evaluator, rescore, objs,
+                                  progress=progress)
     recipe = parse_recipe(best.user_attrs[META]["recipe"])
     write_atomic(run_dir / BEST_RECIPE, recipe.to_yaml())
+    _say(progress, f"final scores: the best (trial {best.number}) and the sources on the "
+                   "search and held-out items")
 
     sources = {name: objs(evaluator.evaluate_source(path, "search"))
                for name, path in experiment.models.sources.items()}
@@ -200,6 +312,7 @@ def finish_run(plan: Any, store: Store, evaluator: Any, *, wall_s: float,
     heldout, _ = evaluator.evaluate(recipe, "heldout")
     final = {"best": objs(heldout), **final}
     if experiment.export:
+        _say(progress, f"exporting the best model to {run_dir / BEST_MODEL}")
         state, config_updates = evaluator.materialise(recipe)
         config_dir = experiment.models.base or next(iter(experiment.models.sources.values()))
         # the fitness model the best is materialised from computes in its own dtype (float32):
@@ -217,7 +330,7 @@ def finish_run(plan: Any, store: Store, evaluator: Any, *, wall_s: float,
         "budget": experiment.budget,
         "objectives": [{"name": o.name, "direction": o.direction} for o in objectives],
         "best": {"trial": best.number, "objectives": dict(zip(names, best.values)),
-                 "recipe": recipe.to_dict()},
+                 "rule": best_rule(objectives, len(rescored)), "recipe": recipe.to_dict()},
         "pareto": [{"trial": t.number, "objectives": dict(zip(names, t.values))}
                    for t in sorted(pareto, key=lambda t: t.number)],
         "sources": sources,
@@ -227,6 +340,8 @@ def finish_run(plan: Any, store: Store, evaluator: Any, *, wall_s: float,
         "devices": {"driver": getattr(evaluator, "placement", None),
                     "workers": _workers(trials)},
         "storage": store.url,
+        "outputs": {"run_dir": str(run_dir), "best_recipe": str(run_dir / BEST_RECIPE),
+                    "best_model": str(run_dir / BEST_MODEL) if experiment.export else None},
     }
     if reduction is not None:
         # the search saw estimates from anchor items; the best's full search score shows how
@@ -234,11 +349,75 @@ def finish_run(plan: Any, store: Store, evaluator: Any, *, wall_s: float,
         full = next((r["full"] for r in rescored if r["trial"] == best.number), None)
         if full is None:
             full = objs(evaluator.inner.evaluate(evaluator.build(recipe), "search"))
+        # the sources' full scores, next to their estimates (as calibration scored them)
+        from evomerge.fitness.reduced import source_recipe
+
+        sources_full = {
+            name: objs(evaluator.inner.evaluate(evaluator.build(source_recipe(path)), "search"))
+            for name, path in experiment.models.sources.items()}
         summary["fitness_reduction"] = {**reduction, "best_search_full": full,
+                                        "sources_search_full": sources_full,
                                         "rescored": rescored}
     write_atomic(run_dir / SUMMARY, json.dumps(summary, indent=2))
-    plot_run(run_dir, complete, pareto, objectives, sources)
+    plots = plot_run(run_dir, complete, pareto, objectives, sources, best=best,
+                     estimated=reduction is not None)
+    upload_plots(store, run_dir, plots)
     return summary
+
+
+def best_rule(objectives: list, rescore: int = 0) -> str:
+    """How finish_run picks "the best" (see ``_score``, ``_earliest``, ``_rescore``), in words:
+    summary.json's ``best.rule`` and the final table's caption."""
+    if len(objectives) == 1:
+        obj = objectives[0]
+        rule = (f"the trial with the {'largest' if obj.direction == 'maximize' else 'smallest'} "
+                f"{obj.name}")
+    else:
+        rule = ("the trial with the largest mean of the objectives, each signed so that larger "
+                "is better (minimized ones negated)")
+    if rescore > 0:
+        rule += (f", by its full re-score on all search items, among the {rescore} best by "
+                 "their IRT estimates")
+    elif len(objectives) > 1:
+        rule = rule.replace("the trial", "the Pareto-optimal trial", 1)
+    return rule + "; ties go to the earliest slot (generation, then candidate)"
+
+
+def _say(progress: bool, line: str) -> None:
+    if progress:
+        print(f"[{time.strftime('%H:%M:%S')}] {line}", file=sys.stdout, flush=True)
+
+
+ARTIFACTS = "artifacts"
+
+
+def upload_plots(store: Store, run_dir: Path, paths: Sequence[Path]) -> Path | None:
+    """The plots as study artifacts (optuna-dashboard shows them with ``--artifact-dir
+    RUN_DIR/artifacts``): files in RUN_DIR/artifacts, their entries in the study (wherever the
+    study lives: SQLite, a journal, PostgreSQL). A resumed run rewrites an entry's file rather
+    than adding a second entry of the same name. A failure only warns: the run is done."""
+    import warnings
+
+    from optuna.artifacts import FileSystemArtifactStore, get_all_artifact_meta, upload_artifact
+
+    where = run_dir / ARTIFACTS
+    try:
+        where.mkdir(exist_ok=True)
+        artifacts = FileSystemArtifactStore(where)
+        known = {meta.filename: meta.artifact_id
+                 for meta in get_all_artifact_meta(store.study)}
+        for path in paths:
+            if path.name in known:
+                with open(path, "rb") as fh:
+                    artifacts.write(known[path.name], fh)
+            else:
+                upload_artifact(artifact_store=artifacts, file_path=str(path),
+                                study_or_trial=store.study)
+    except Exception as exc:  # noqa: BLE001 - the dashboard's copy of plots on disk already
+        warnings.warn(f"the plots were not added to the study's artifacts ({where}): "
+                      f"{type(exc).__name__}: {exc}", RuntimeWarning, stacklevel=2)
+        return None
+    return where
 
 
 def _workers(trials: list[FrozenTrial]) -> dict[str, dict[str, Any]]:
@@ -267,12 +446,22 @@ def _timings(trials: list[FrozenTrial]) -> dict[str, float]:
 
 
 def plot_run(run_dir: Path, trials: list[FrozenTrial], pareto: list[FrozenTrial],
-             objectives: list, sources: dict[str, dict[str, float]]) -> list[Path]:
-    """convergence.png (every objective per trial, best so far); pareto.png for 2+ objectives."""
+             objectives: list, sources: dict[str, dict[str, float]], *,
+             best: FrozenTrial | None = None, estimated: bool = False) -> list[Path]:
+    """convergence.png (every objective per trial, best so far); pareto.png for 2+ objectives.
+    ``best``: the run's best, circled on both; ``estimated``: trial values are IRT estimates
+    (the axes say so)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
+    def label(name: str) -> str:
+        return f"{name} (IRT estimate)" if estimated else name
+
+    def mark(ax: Any, x: float, y: float) -> None:
+        ax.scatter([x], [y], s=160, facecolors="none", edgecolors="black", linewidths=1.5,
+                   zorder=5, label=f"best (trial {best.number})")
 
     written = []
     trials = sorted(trials, key=lambda t: t.number)
@@ -285,8 +474,11 @@ def plot_run(run_dir: Path, trials: list[FrozenTrial], pareto: list[FrozenTrial]
         ax.plot(xs, running, color="C3", label="best so far")
         for j, (name, vals) in enumerate(sources.items()):
             ax.axhline(vals[obj.name], ls="--", lw=0.8, color=f"C{j + 4}", label=name)
+        at = [i for i, t in enumerate(trials) if best is not None and t.number == best.number]
+        if at:
+            mark(ax, xs[at[0]], ys[at[0]])
         ax.set_xlabel("evaluation")
-        ax.set_ylabel(obj.name)
+        ax.set_ylabel(label(obj.name))
         ax.legend(fontsize=7)
     fig.tight_layout()
     written.append(_save(fig, run_dir / "convergence.png"))
@@ -300,8 +492,10 @@ def plot_run(run_dir: Path, trials: list[FrozenTrial], pareto: list[FrozenTrial]
         for j, (name, vals) in enumerate(sources.items()):
             ax.scatter([vals[objectives[0].name]], [vals[objectives[1].name]], marker="*", s=120,
                        color=f"C{j + 4}", label=name)
-        ax.set_xlabel(objectives[0].name)
-        ax.set_ylabel(objectives[1].name)
+        if best is not None:
+            mark(ax, best.values[0], best.values[1])
+        ax.set_xlabel(label(objectives[0].name))
+        ax.set_ylabel(label(objectives[1].name))
         ax.legend(fontsize=7)
         fig.tight_layout()
         written.append(_save(fig, run_dir / "pareto.png"))
@@ -317,26 +511,68 @@ def _save(fig: Any, path: Path) -> Path:
 
 
 def print_summary(summary: dict[str, Any], console: Any) -> None:
-    """The final table: best vs every source, per objective, on search and held-out items."""
+    """The final table: best vs every source, per objective, on search and held-out items;
+    its caption says how the best was picked and, for an IRT-reduced fitness, which search
+    scores are estimates; then where the best recipe and model are."""
+    from rich.markup import escape
     from rich.table import Table
 
     names = [o["name"] for o in summary["objectives"]]
+    reduced = summary.get("fitness_reduction")
+    caption = [f"best: {summary['best'].get('rule', 'see summary.json')}."]
+    if reduced:
+        caption.append(
+            f"search (IRT estimate): the {reduced.get('estimator', 'IRT')} estimate from "
+            f"{reduced.get('items_per_candidate', '?')} anchor items of "
+            f"{reduced.get('full_items', '?')}, what the search saw; search (full): every "
+            "search item; held-out: every held-out item.")
     table = Table(title=f"{summary['experiment']}: {summary['n_trials']} trials "
                         f"({summary['n_failed']} failed) in {summary['wall_s']:.1f} s",
-                  title_justify="left")
+                  title_justify="left", caption=escape(" ".join(caption)),
+                  caption_justify="left")
     table.add_column("model")
     for n in names:
-        table.add_column(f"{n} (search)", justify="right")
+        if reduced:
+            table.add_column(f"{n} search (IRT estimate)", justify="right")
+            table.add_column(f"{n} search (full)", justify="right")
+        else:
+            table.add_column(f"{n} (search)", justify="right")
         table.add_column(f"{n} (held-out)", justify="right")
-    rows = {"best": (summary["best"]["objectives"], summary["final"]["best"])}
-    rows |= {m: (summary["sources"].get(m), held) for m, held in summary["final"].items()
+    full = (reduced or {}).get("sources_search_full", {})
+    rows = {"best": (summary["best"]["objectives"], (reduced or {}).get("best_search_full"),
+                     summary["final"]["best"])}
+    rows |= {m: (summary["sources"].get(m), full.get(m), held)
+             for m, held in summary["final"].items()
              if m != "best"}  # sources, then merges a DFS space routes through
     if "search" in summary.get("base", {}):
-        rows["base (not a source)"] = (summary["base"]["search"], summary["base"]["heldout"])
-    for model, (search, heldout) in rows.items():
+        rows["base (not a source)"] = (summary["base"]["search"], None,
+                                       summary["base"]["heldout"])
+
+    def cell(scores: dict[str, float] | None, n: str) -> str:
+        return f"{scores[n]:.4f}" if scores else "-"
+
+    for model, (search, search_full, heldout) in rows.items():
         cells = []
         for n in names:
-            cells += [f"{search[n]:.4f}" if search else "-", f"{heldout[n]:.4f}"]
-        label = f"[bold]best (trial {summary['best']['trial']})[/bold]" if model == "best" else model
+            cells += [cell(search, n), *([cell(search_full, n)] if reduced else []),
+                      cell(heldout, n)]
+        label = (f"[bold]best (trial {summary['best']['trial']})[/bold]" if model == "best"
+                 else escape(model))
         table.add_row(label, *cells)
-    console.print(table)
+    if console.is_terminal:
+        console.print(table)
+    else:  # a log: its natural width (a file does not wrap), never squeezed to 80 columns
+        from rich.measure import Measurement
+
+        natural = Measurement.get(console, console.options.update_width(10_000), table).maximum
+        width = console.width
+        console.width = max(width, min(natural, 400))
+        try:
+            console.print(table)
+        finally:
+            console.width = width
+    outputs = summary.get("outputs") or {}
+    if outputs.get("best_recipe"):
+        console.print(f"Best recipe: {escape(outputs['best_recipe'])}", soft_wrap=True)
+    if outputs.get("best_model"):
+        console.print(f"Best model:  {escape(outputs['best_model'])}/", soft_wrap=True)

@@ -5,10 +5,12 @@ so a run on Ray actors must reproduce the in-process run of the same seed exactl
 An actor killed with SIGKILL must give its trial back and the run still end with every slot
 evaluated once. The first test lets the executor start (and stop) its own local Ray; the others
 share one Ray started by a module fixture, which the executor joins (Ray start-up costs seconds).
+A local Ray listens on loopback only: every LISTEN socket of every Ray process during a run.
 """
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import signal
 import threading
@@ -16,6 +18,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import psutil
 import pytest
 import ray
 from optuna.trial import TrialState
@@ -32,7 +35,13 @@ from run_helpers import (
 )
 
 from evomerge.execution.driver import Plan, run_experiment
-from evomerge.execution.ray import RayExecutor, check_address, cpus_needed, missing_resources
+from evomerge.execution.ray import (
+    RayExecutor,
+    check_address,
+    cpus_needed,
+    missing_resources,
+    start_local_ray,
+)
 from evomerge.experiment import Experiment, ExperimentError
 from evomerge.store import OWNER, RESULT, Slot, Store
 
@@ -62,15 +71,43 @@ def reference(zoo, tmp_path_factory):
 def shared_ray(tmp_path_factory):
     """One local Ray for the tests after the first; executors join it (``ray.is_initialized``)
     and leave it running."""
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     temp = tmp_path_factory.mktemp("r")  # Ray's socket paths must stay short
-    ray.init(num_cpus=2, include_dashboard=False, _temp_dir=str(temp), configure_logging=False)
+    start_local_ray(2, str(temp))
     yield
     ray.shutdown()
 
 
+def listeners() -> dict[str, list[str]]:
+    """``{process: [ip:port, ...]}``: the LISTEN sockets of this process and its descendants
+    (GCS, raylet, agents, monitor, dashboard, actors: a local Ray's processes all descend from
+    the driver that started it)."""
+    out: dict[str, list[str]] = {}
+    for proc in [psutil.Process(), *psutil.Process().children(recursive=True)]:
+        try:
+            name = " ".join(proc.cmdline()[:2]) or proc.name()
+            socks = proc.net_connections(kind="inet")
+        except psutil.Error:  # exited meanwhile
+            continue
+        found = [f"{c.laddr.ip}:{c.laddr.port}" for c in socks if c.status == psutil.CONN_LISTEN]
+        if found:
+            out[f"{proc.pid} {name}"] = found
+    return out
+
+
+def is_loopback(address: str) -> bool:
+    ip = ipaddress.ip_address(address.rsplit(":", 1)[0])
+    mapped = getattr(ip, "ipv4_mapped", None)  # ::ffff:127.0.0.1 on a dual-stack socket
+    return (mapped or ip).is_loopback
+
+
 # ---- pure helpers (no Ray) ---------------------------------------------------------------------
+
+
+def test_loopback_addresses():
+    assert [is_loopback(a) for a in ("127.0.0.1:80", "::1:80", "::ffff:127.0.0.1:80")] == [
+        True] * 3
+    assert not [a for a in ("0.0.0.0:80", ":::80", "192.0.2.2:80", "::ffff:10.0.0.1:80")
+                if is_loopback(a)]
 
 
 def test_address_must_be_local_auto_or_a_ray_url():
@@ -111,10 +148,23 @@ def test_ray_with_no_workers_is_refused_before_any_compute(zoo, tmp_path):
 def test_two_actors_reproduce_the_in_process_run(zoo, reference, tmp_path):
     """Both actors serve and the trajectory is the in-process one. Run first (in file order),
     the executor starts its own local Ray and ``close`` shuts it down again; after the module's
-    shared Ray is up, it joins that one and leaves it running."""
+    shared Ray is up, it joins that one and leaves it running. Either Ray listens on loopback
+    only: every LISTEN socket of its processes, read while the actors serve."""
     ray_was_running = ray.is_initialized()
     run_dir = tmp_path / "run"
-    summary = run_in_process(_ray_data(zoo, run_dir))
+    seen: dict[str, list[str]] = {}
+
+    def sockets(count: int, budget: int) -> None:
+        if count >= POPSIZE and not seen:  # the actors have served a generation
+            seen.update(listeners())
+
+    summary = run_experiment(Experiment.from_dict(_ray_data(zoo, run_dir)), progress=False,
+                             on_trial=sockets)
+    names = " ".join(seen)
+    for part in ("gcs_server", "raylet", "DashboardAgent", "RuntimeEnvAgent", "_Actor"):
+        assert part in names, f"no listener of {part} among {seen}"
+    open_ = {proc: [a for a in found if not is_loopback(a)] for proc, found in seen.items()}
+    assert not {proc: found for proc, found in open_.items() if found}, seen
     trials = load_trials(run_dir, NAME)
     assert_exactly_budget(trials, BUDGET, POPSIZE)
     assert not [t for t in trials if is_interrupted(t)]

@@ -13,8 +13,25 @@ until the next generation is enqueued.
 ``auto`` or ``ray://host:port`` joins an existing cluster, whose nodes must have evomerge
 installed and reach the storage URL (SQLite only works when every actor shares the driver's
 disk; use PostgreSQL across nodes). A process that has already called ``ray.init`` keeps its Ray:
-the executor joins it and leaves it running. Ray 2.60 binds its own gRPC servers to the node's
-address even for a local Ray (it rewrites 127.0.0.1 to it); evomerge opens no port of its own.
+the executor joins it and leaves it running.
+
+The private Ray listens on loopback only (:func:`start_local_ray`). Ray has no bind-host
+setting; every listener follows the node address. The gRPC servers (GCS, raylet, the core
+workers of the driver and of each actor, the dashboard agent's) and the metrics servers (the
+autoscaler monitor's, the dashboard process's, the dashboard agent's) bind loopback when the node
+address is exactly ``127.0.0.1`` and all interfaces otherwise; the dashboard agent's HTTP server
+(port 52365) and the runtime-env agent bind the node address itself. ``ray.init`` rewrites
+``_node_ip_address="127.0.0.1"`` to the machine's network address unless Ray's cluster mode is
+off (``ray._private.ray_constants.ENABLE_RAY_CLUSTER``, which ``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER``
+sets when ray is imported), so the executor turns it off for the duration of its ``ray.init``.
+Measured with Ray 2.60 (psutil, every LISTEN socket of the driver and its descendants during a
+run, ``tests/test_ray.py``): before, GCS, raylet, the core workers and the agent's gRPC server on
+``[::]``, the three metrics servers on ``0.0.0.0``, the agent's HTTP and the runtime-env agent on
+the network address (the agent's HTTP on 127.0.0.1 too); after, every one on 127.0.0.1 (the gRPC
+servers as ``::ffff:127.0.0.1``: IPv4 loopback on a dual-stack socket). Ray's dashboard stays
+off unless ``EVOMERGE_RAY_DASHBOARD=1`` (then on 127.0.0.1:8265); the dashboard process itself
+always starts, as Ray starts it, serving only its metrics. evomerge opens no port of its own.
+A joined cluster (``auto``, ``ray://``) binds as it was started.
 
 Sources are read from their files in each actor, not put in Ray's object store: safetensors
 loads are memory maps, so actors on one node already share the sources' pages through the page
@@ -30,11 +47,13 @@ which the driver enqueues again) and is replaced; repeated deaths end the run wi
 
 from __future__ import annotations
 
+import ipaddress
 import math
 import os
 import shutil
 import tempfile
 import time
+import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -46,6 +65,8 @@ from evomerge.experiment import ExperimentError
 from evomerge.store import Store
 
 POLL_S = 0.05  # how often the driver re-checks the generation while actors are busy
+LOOPBACK = "127.0.0.1"
+DASHBOARD_ENV = "EVOMERGE_RAY_DASHBOARD"  # "1": a local Ray serves its dashboard (on loopback)
 
 
 def check_address(address: str) -> str:
@@ -215,12 +236,35 @@ class RayExecutor(Executor):
         if ray.is_initialized():
             return
         address = self.options.address
-        os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # else Ray writes ~/.ray/auth_token
-        os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")  # no usage reports home
         if address != "local":
+            _quiet_env()
             ray.init(address=address, configure_logging=False)
             return
         self._temp_dir = tempfile.mkdtemp(prefix="evomerge-ray-")  # short: Ray puts sockets here
-        ray.init(num_cpus=cpus_needed(self.workers, self.options.cpus_per_worker),
-                 include_dashboard=False, _temp_dir=self._temp_dir, configure_logging=False)
+        start_local_ray(cpus_needed(self.workers, self.options.cpus_per_worker), self._temp_dir,
+                        dashboard=os.environ.get(DASHBOARD_ENV, "") == "1")
         self._started_ray = True
+
+
+def start_local_ray(num_cpus: int, temp_dir: str, *, dashboard: bool = False) -> None:
+    """``ray.init`` of a private single-node Ray whose every listener is on 127.0.0.1 (see the
+    module docstring); its dashboard only when ``dashboard``, also on 127.0.0.1."""
+    import ray._private.ray_constants as constants
+
+    _quiet_env()
+    cluster_mode = constants.ENABLE_RAY_CLUSTER
+    constants.ENABLE_RAY_CLUSTER = False  # else ray.init replaces 127.0.0.1 by the LAN address
+    try:
+        ray.init(num_cpus=num_cpus, include_dashboard=dashboard, dashboard_host=LOOPBACK,
+                 _node_ip_address=LOOPBACK, _temp_dir=temp_dir, configure_logging=False)
+    finally:
+        constants.ENABLE_RAY_CLUSTER = cluster_mode
+    node = ray.util.get_node_ip_address()
+    if not ipaddress.ip_address(node).is_loopback:  # a Ray that resolves it another way
+        warnings.warn(f"the local Ray runs on {node}, not on loopback: its listeners are "
+                      "reachable from the network", RuntimeWarning, stacklevel=2)
+
+
+def _quiet_env() -> None:
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # else Ray writes ~/.ray/auth_token
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")  # no usage reports home

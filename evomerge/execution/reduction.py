@@ -35,8 +35,9 @@ def split_options(options: dict[str, Any]) -> tuple[dict[str, Any], Any]:
     if block is None:
         return options, None
     if not isinstance(block, dict):
-        raise ValueError("fitness.reduced: expected a mapping (estimator, anchors, design, "
-                         f"...), got {block!r}")
+        raise ValueError(  # noqa: TRY004 - a configuration error, as drivers report them
+            "fitness.reduced: expected a mapping (estimator, anchors, design, "
+            f"...), got {block!r}")
     return options, ReducedSpec.from_dict(block)
 
 
@@ -80,11 +81,12 @@ def calibrate_run(plan: Any, *, progress: bool = True) -> dict[str, Any]:
 
 
 def _calibrate(plan: Any, options: dict[str, Any], spec: Any, progress: bool) -> Any:
-    """Score sources + a uniform design of the run's space on the full search items; fit."""
-    from rich.progress import track
-
+    """Score sources + a uniform design of the run's space on the full search items; fit.
+    Progress: a bar on a terminal, plain periodic lines in a log (:func:`evomerge.report.track`).
+    """
     from evomerge.execution.worker import evaluator_for
     from evomerge.fitness.reduced import calibrate, source_recipe, uniform_design
+    from evomerge.report import track
 
     experiment = plan.experiment
     endpoints = [source_recipe(p) for p in experiment.models.sources.values()]
@@ -93,8 +95,7 @@ def _calibrate(plan: Any, options: dict[str, Any], spec: Any, progress: bool) ->
     evaluator = evaluator_for(experiment, reduced=False)
 
     def score(recipes: list) -> list:
-        items = track(recipes, description="IRT calibration (full search items)",
-                      disable=not progress, transient=True)
+        items = track(list(recipes), "IRT calibration (full search items)", enabled=progress)
         return [evaluator.score_items([r])[0] for r in items]
 
     return calibrate(score, endpoints, design, spec,
