@@ -99,7 +99,8 @@ def live_display() -> bool:
     return console.is_terminal or console.is_jupyter
 
 
-def _hms(seconds: float) -> str:
+def hms(seconds: float) -> str:
+    """``HH:MM:SS`` of a duration (hours past 99 widen it)."""
     seconds = round(seconds)
     return f"{seconds // 3600:02d}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
 
@@ -140,9 +141,9 @@ class LogLines:
         if new > 0:
             per = (now - self.started) / new
             parts.append(f"{per:.1f} s/{self.unit}")
-        parts.append(f"elapsed {_hms(now - self.started)}")
+        parts.append(f"elapsed {hms(now - self.started)}")
         if new > 0 and done < self.total:
-            parts.append(f"ETA {_hms(per * (self.total - done))}")
+            parts.append(f"ETA {hms(per * (self.total - done))}")
         return ", ".join(parts)
 
 
