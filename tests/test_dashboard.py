@@ -490,6 +490,28 @@ def test_the_trial_page_shows_named_parameters_and_the_recipe(run_dir, tmp_path)
 
 
 @pytest.mark.slow
+def test_the_study_page_shows_the_run_plots(run_dir, tmp_path):
+    """The run's PNG plots are the study's artifacts (RUN_DIR/artifacts): the study page shows
+    each as an image whose URL serves the very file in RUN_DIR."""
+    browser = _chromium()
+    require(browser is not None, "headless Chromium (apt-get install chromium)")
+    plots = sorted(p.name for p in run_dir.glob("*.png"))
+    assert plots, f"the run wrote no plots: {sorted(p.name for p in run_dir.iterdir())}"
+
+    with dashboard_process(run_dir, tmp_path / "dashboard.log") as (_, port):
+        _, _, body = request(port, "GET", "/api/studies/1")
+        artifacts = {a["filename"]: a["artifact_id"] for a in json.loads(body)["artifacts"]}
+        assert sorted(artifacts) == plots
+        dom = _rendered_dom(browser, f"http://127.0.0.1:{port}/dashboard/studies/1", tmp_path)
+        images = dict(re.findall(r'<img\b[^>]*\balt="([^"]+)"[^>]*\bsrc="([^"]+)"', dom))
+        for name, artifact_id in artifacts.items():
+            assert images.get(name) == f"/artifacts/1/{artifact_id}", (name, images)
+            status, headers, data = request(port, "GET", images[name])
+            assert (status, headers["Content-Type"]) == (200, "image/png")
+            assert data == (run_dir / name).read_bytes()
+
+
+@pytest.mark.slow
 @pytest.mark.xfail(strict=True, reason="an in-process run (executor.workers: 0) leaves the "
                    "study's `finished` user attribute False: LocalExecutor.close returns before "
                    "store.set_finished(True) when it has no worker processes "
