@@ -156,20 +156,39 @@ def _cpu_model() -> str | None:
     return None
 
 
-#: Seconds between two plain progress lines of one job (besides its first and last).
+#: Environment variable with the seconds between two plain progress lines of one job (the one
+#: ``evomerge run`` reads too); 0 prints a line at every step.
+PROGRESS_ENV = "EVOMERGE_PROGRESS_S"
 PLAIN_INTERVAL_S = 30.0
 
 
+def plain_interval() -> float:
+    """Seconds between plain progress lines: ``EVOMERGE_PROGRESS_S``, else 30."""
+    raw = os.environ.get(PROGRESS_ENV, "").strip()
+    try:
+        return max(float(raw), 0.0) if raw else PLAIN_INTERVAL_S
+    except ValueError:
+        raise ValueError(f"{PROGRESS_ENV}={raw!r}: expected seconds between progress lines "
+                         "(a number, 0 for a line at every step)") from None
+
+
+def _hms(seconds: float) -> str:
+    seconds = round(seconds)
+    return f"{seconds // 3600:02d}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
+
+
 class PlainProgress:
-    """The progress display where no terminal shows a live bar (stderr redirected to a file or
-    a pipe): one line per job when it starts, then at most every ``interval`` seconds, and when
-    it finishes, flushed at once, e.g.
-    ``[zoo] base (all tasks): 120/250 steps, loss 2.345, 41 s``. Same calls as rich's
-    ``Progress``: ``add_task(label, total=..., loss=...)``, ``update(job, advance=..., loss=...)``.
+    """The progress display where no terminal shows a live bar (stdout is a log file or a
+    pipe): for each job a line when it starts, then at most one per ``interval`` seconds, and
+    one when it finishes, each flushed at once, e.g.
+    ``[02:14:07] expert_add 120/500, loss 1.302, 0.4 s/step, elapsed 00:00:52, ETA 00:02:45``.
+    Same calls as rich's ``Progress``: ``add_task(label, total=..., loss=...)``,
+    ``update(job, advance=..., loss=...)``.
     """
 
-    def __init__(self, stream: TextIO | None = None, interval: float = PLAIN_INTERVAL_S) -> None:
-        self.stream, self.interval = stream, interval
+    def __init__(self, stream: TextIO | None = None, interval: float | None = None) -> None:
+        self.stream = stream
+        self.interval = plain_interval() if interval is None else interval
         self._jobs: list[dict[str, Any]] = []
 
     def __enter__(self) -> PlainProgress:
@@ -182,7 +201,7 @@ class PlainProgress:
         now = time.monotonic()
         self._jobs.append({"label": description, "total": total, "done": 0, "fields": fields,
                            "started": now, "printed": now})
-        self._print(self._jobs[-1], "started")
+        self._print(self._jobs[-1])
         return len(self._jobs) - 1
 
     def update(self, job: int, *, advance: float = 0, **fields: Any) -> None:
@@ -191,32 +210,42 @@ class PlainProgress:
         entry["fields"].update(fields)
         finished = entry["total"] is not None and entry["done"] >= entry["total"]
         if finished or time.monotonic() - entry["printed"] >= self.interval:
-            self._print(entry, "done" if finished else None)
+            self._print(entry)
 
-    def _print(self, entry: dict[str, Any], state: str | None) -> None:
-        entry["printed"] = time.monotonic()
-        done, total = entry["done"], entry["total"]
-        parts = [f"{done:g}/{total:g} steps" if total is not None else f"{done:g} steps"]
+    def _print(self, entry: dict[str, Any]) -> None:
+        now = entry["printed"] = time.monotonic()
+        done, total, elapsed = entry["done"], entry["total"], now - entry["started"]
+        parts = [f"[{time.strftime('%H:%M:%S')}] {entry['label']} {done:g}"
+                 + (f"/{total:g}" if total is not None else "")]
         loss = entry["fields"].get("loss")
         if isinstance(loss, float) and math.isfinite(loss):
             parts.append(f"loss {loss:.3f}")
-        parts.append(f"{entry['printed'] - entry['started']:.0f} s")
-        if state:
-            parts.append(state)
-        stream = self.stream or sys.stderr
-        print(f"[zoo] {entry['label']}: {', '.join(parts)}", file=stream, flush=True)
+        if done > 0:
+            parts.append(f"{elapsed / done:.2f} s/step")
+        parts.append(f"elapsed {_hms(elapsed)}")
+        if done > 0 and total is not None and done < total:
+            parts.append(f"ETA {_hms(elapsed / done * (total - done))}")
+        print(", ".join(parts), file=self.stream or sys.stdout, flush=True)
+
+
+def live_display() -> bool:
+    """Whether stdout shows a live display (a terminal, Jupyter); not a log file or a pipe."""
+    from rich.console import Console
+
+    console = Console()
+    return console.is_terminal or console.is_jupyter
 
 
 def progress_bar(enabled: bool):
     """The training progress display, one row per job with its running loss
-    (``progress.add_task(label, total=steps, loss=nan)``): a rich bar on stderr when stderr is a
-    terminal, else :class:`PlainProgress` lines on stderr (a build logged to a file or a pipe
-    is not silent); ``enabled=False`` shows nothing."""
+    (``progress.add_task(label, total=steps, loss=nan)``): a rich bar on stderr when stdout is
+    a terminal, else :class:`PlainProgress` lines on stdout (a build logged to a file or a pipe,
+    as under nohup or SLURM, is not silent); ``enabled=False`` shows nothing."""
     from rich.console import Console
 
+    if enabled and not live_display():
+        return PlainProgress(sys.stdout)
     console = Console(stderr=True)
-    if enabled and not console.is_terminal:
-        return PlainProgress(sys.stderr)
     from rich.progress import (
         BarColumn,
         MofNCompleteColumn,
