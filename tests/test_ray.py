@@ -175,6 +175,22 @@ def test_two_actors_reproduce_the_in_process_run(zoo, reference, tmp_path):
 
 
 @pytest.mark.slow
+def test_the_dashboard_when_asked_for_is_on_loopback_too(tmp_path_factory):
+    """``EVOMERGE_RAY_DASHBOARD=1``: Ray's dashboard serves, on 127.0.0.1 like the rest."""
+    if ray.is_initialized():
+        pytest.skip("needs a Ray of its own (run before the shared one)")
+    start_local_ray(1, str(tmp_path_factory.mktemp("d")), dashboard=True)  # short socket paths
+    try:
+        url = ray.worker.get_dashboard_url()
+        seen = listeners()
+    finally:
+        ray.shutdown()
+    assert url.startswith("127.0.0.1:"), url
+    assert any(url in found for found in seen.values()), (url, seen)
+    assert all(is_loopback(a) for found in seen.values() for a in found), seen
+
+
+@pytest.mark.slow
 def test_run_completes_after_an_actor_is_killed(zoo, reference, tmp_path, shared_ray):
     """SIGKILL of an actor process that holds a claimed trial (its owner "host:pid" recorded):
     the driver must see the actor die, mark that trial FAIL(interrupted), evaluate its slot

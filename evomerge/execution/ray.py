@@ -252,7 +252,7 @@ def start_local_ray(num_cpus: int, temp_dir: str, *, dashboard: bool = False) ->
     import ray._private.ray_constants as constants
 
     _quiet_env()
-    cluster_mode = constants.ENABLE_RAY_CLUSTER
+    cluster_mode = getattr(constants, "ENABLE_RAY_CLUSTER", True)
     constants.ENABLE_RAY_CLUSTER = False  # else ray.init replaces 127.0.0.1 by the LAN address
     try:
         ray.init(num_cpus=num_cpus, include_dashboard=dashboard, dashboard_host=LOOPBACK,
@@ -260,7 +260,7 @@ def start_local_ray(num_cpus: int, temp_dir: str, *, dashboard: bool = False) ->
     finally:
         constants.ENABLE_RAY_CLUSTER = cluster_mode
     node = ray.util.get_node_ip_address()
-    if not ipaddress.ip_address(node).is_loopback:  # a Ray that resolves it another way
+    if not ipaddress.ip_address(node).is_loopback:  # a Ray that decides it another way
         warnings.warn(f"the local Ray runs on {node}, not on loopback: its listeners are "
                       "reachable from the network", RuntimeWarning, stacklevel=2)
 
