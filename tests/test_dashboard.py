@@ -512,10 +512,6 @@ def test_the_study_page_shows_the_run_plots(run_dir, tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=True, reason="an in-process run (executor.workers: 0) leaves the "
-                   "study's `finished` user attribute False: LocalExecutor.close returns before "
-                   "store.set_finished(True) when it has no worker processes "
-                   "(evomerge/execution/local.py)")
 def test_a_finished_run_shows_as_finished(run_dir):
     with serving(f"sqlite:///{run_dir}/study.db") as port:
         (study,) = studies(port)

@@ -88,10 +88,10 @@ class LocalExecutor(Executor):
         return proc
 
     def close(self, store: Store) -> None:
-        """Tell workers the study is finished and wait for them."""
+        """Mark the study finished (workers stop; the dashboard shows it) and wait for them."""
+        store.set_finished(True)
         if not self._procs:
             return
-        store.set_finished(True)
         for proc in self._procs:
             proc.join(timeout=30)
             if proc.is_alive():

@@ -166,6 +166,7 @@ def run_scratch(config: Mapping[str, Any], *, run_dir: str | Path | None = None,
         storage = journal(run / JOURNAL)
     study = optuna.create_study(storage=storage, study_name=config["name"],
                                 direction="maximize", load_if_exists=True)
+    study.set_metric_names(["train_acc"])  # the dashboard names the objective
     stored = _stored(study)
     if stored and not resume:
         raise ValueError(f"{run} already holds {len(stored)} evaluations of {config['name']}: "
