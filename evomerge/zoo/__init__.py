@@ -2,7 +2,8 @@
 
 ``build_toy_zoo`` trains a tiny Llama base and three task experts (copy / reverse / sort).
 ``build_digits_zoo`` trains a small MLP base on scikit-learn's digits and two experts on the
-class halves 0-4 and 5-9.
+class halves 0-4 and 5-9 (``import evomerge.zoo.digits_hf`` registers its model type with
+transformers' ``AutoConfig`` / ``AutoModel``, so exported digits models load with ``AutoModel``).
 ``build_tinylm_zoo`` trains a small Llama base (BPE tokenizer) and four experts on generated text
 tasks (add / reverse / sort / translate), the zoo language-model experiments merge.
 """
