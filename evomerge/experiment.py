@@ -40,7 +40,7 @@ def is_run_dir(path: str | Path) -> bool:
 
 def _rebased(url: str, old: Path, new: Path) -> str:
     """A file store URL inside ``old`` moved to the same place inside ``new``; else ``url``."""
-    for prefix in ("sqlite:///", "journal://"):  # what follows is the path, as open_storage reads it
+    for prefix in ("sqlite:///", "journal://"):  # then the path, as open_storage reads it
         if url.startswith(prefix):
             try:
                 return prefix + str(new / Path(url.removeprefix(prefix)).relative_to(old))
@@ -292,13 +292,13 @@ class Experiment(BaseModel):
         return cls.from_dict(data, where=str(path), **overrides)
 
     @classmethod
-    def from_run_dir(cls, run_dir: str | Path, **overrides: Any) -> "Experiment":
-        """The experiment recorded in ``run_dir``, *living in* ``run_dir``: the directory as
+    def from_run_dir(cls, directory: str | Path, /, **overrides: Any) -> "Experiment":
+        """The experiment recorded in ``directory``, *living in* it: the directory as
         named now, not the absolute ``run_dir`` recorded when the run started, so a run
         directory that was copied or moved resumes (and its dashboard reads) the copy, never the
         original. A file store (``sqlite:///``, ``journal:///``) recorded inside the old
         directory follows too; any other store stays where it is."""
-        run_dir = Path(run_dir).absolute()
+        run_dir = Path(directory).absolute()
         path = run_dir / RUN_RECORD
         data = read_yaml(path, ExperimentError, "experiment")
         if isinstance(data, dict):

@@ -26,13 +26,12 @@ import numpy as np
 import optuna
 import pytest
 import yaml
+from run_helpers import build_zoo, cli, experiment_data, run_cli, run_in_process, write_experiment
 from typer.testing import CliRunner
 
 from evomerge.cli import app
 from evomerge.experiment import Experiment
-from evomerge.store import (PARAMS, RUN, RunOwnedError, Slot, Store, StoreFullError,
-                            no_space_cause)
-from run_helpers import build_zoo, cli, experiment_data, run_cli, run_in_process, write_experiment
+from evomerge.store import PARAMS, RUN, RunOwnedError, Slot, Store, StoreFullError, no_space_cause
 
 NAME = "digits_cmaes"  # experiments/digits_cmaes.yaml: popsize 8
 
@@ -117,6 +116,10 @@ def test_a_file_store_recorded_inside_the_old_run_directory_follows_it(tmp_path,
         loaded = Experiment.from_yaml(new / "experiment.yaml")
         assert loaded.run_path == new and loaded.storage == expected
         assert Experiment.from_run_dir(new).storage == expected
+    # `evomerge run RUN_DIR/experiment.yaml [--run-dir D]`: None overrides nothing, D wins
+    assert Experiment.from_yaml(new / "experiment.yaml", run_dir=None, budget=None).run_path == new
+    assert Experiment.from_yaml(new / "experiment.yaml", run_dir=str(tmp_path / "d")).run_path \
+        == tmp_path / "d"
     # an experiment file that is not a run directory's record keeps its run_dir
     plain = write_experiment(tmp_path / "exp.yaml", data)
     assert Experiment.from_yaml(plain).run_path == old

@@ -16,13 +16,13 @@ import optuna
 import pytest
 import yaml
 from optuna_dashboard import get_note
+from run_helpers import build_zoo, experiment_data, run_in_process
 
 from evomerge.dfs import DfsSpace
 from evomerge.execution import driver
 from evomerge.execution.driver import Plan, _note
 from evomerge.experiment import Experiment
 from evomerge.store import PARAMS, RUN, Slot, Store, legacy_names, x_of
-from run_helpers import build_zoo, experiment_data, run_in_process
 
 NAME = "digits_cmaes"
 NAMES = tuple(f"weight[{s}][layers.{i}]" for s in ("expert_0_4", "expert_5_9") for i in range(3))

@@ -338,7 +338,8 @@ def _model_names(space: Any) -> dict[str, str]:
         if space.base_model and space.base_model not in names:
             names[space.base_model] = Path(space.base_model).name or space.base_model
         return names
-    return {ref: label for ref, label in zip(space.refs, space.labels) if ref != label}
+    refs, labels = getattr(space, "refs", ()), getattr(space, "labels", ())  # DFS
+    return {ref: label for ref, label in zip(refs, labels) if ref != label}
 
 
 def _search(plan: Plan, store: Store, executor: Any, bar: Any,
