@@ -42,7 +42,7 @@ def run(zoo, tmp_path_factory):
 
 
 def test_trials_carry_the_space_parameter_names_and_the_objective_names(run, zoo, tmp_path):
-    run_dir, study = run
+    _, study = run
     plan = Plan(Experiment.from_dict(experiment_data("cmaes", zoo, tmp_path, budget=16)))
     assert plan.space.names == NAMES
     assert study.metric_names == ["acc"]
@@ -57,7 +57,7 @@ def test_trials_carry_the_space_parameter_names_and_the_objective_names(run, zoo
 
 
 def test_every_trial_shows_its_recipe_as_a_readable_dashboard_note(run):
-    run_dir, study = run
+    _, study = run
     for trial in study.trials:
         note = get_note(optuna.trial.Trial(study, trial._trial_id))
         meta = trial.user_attrs["evomerge"]
@@ -77,7 +77,7 @@ def test_the_note_is_where_optuna_dashboard_reads_it(run):
     """The dashboard's own reader (what its trial page calls) finds the note."""
     from optuna_dashboard._note import get_note_from_system_attrs
 
-    run_dir, study = run
+    _, study = run
     attrs = study._storage.get_study_system_attrs(study._study_id)
     trial = study.trials[0]
     note = get_note_from_system_attrs(attrs, trial._trial_id)
