@@ -89,6 +89,7 @@ def test_a_copied_run_resumes_into_the_copy_and_leaves_the_original_untouched(zo
         (original / "run.json").read_text())
 
 
+@pytest.mark.slow
 def test_a_moved_run_resumes_where_it_is_now(zoo, tmp_path):
     old = tmp_path / "old"
     run_in_process(experiment_data("cmaes", zoo, old, budget=8))
