@@ -222,8 +222,9 @@ def test_an_exported_digits_best_model_loads_with_automodel(tmp_path):
     Experiment.from_dict(data).run(progress=False)
     best = tmp_path / "run" / "best_model"
 
-    import evomerge.zoo.digits_hf  # noqa: F401 - registers the digits model type
     from transformers import AutoConfig, AutoModel
+
+    import evomerge.zoo.digits_hf  # noqa: F401 - registers the digits model type
 
     assert AutoConfig.from_pretrained(best).layer_sizes == [64, 128, 128, 10]
     model = AutoModel.from_pretrained(best).eval()

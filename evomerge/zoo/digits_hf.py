@@ -20,6 +20,7 @@ of start-up).
 from __future__ import annotations
 
 from collections.abc import Sequence
+from itertools import pairwise
 
 import torch
 from torch import nn
@@ -52,7 +53,7 @@ class DigitsMLPModel(PreTrainedModel):
     def __init__(self, config: DigitsMLPConfig) -> None:
         super().__init__(config)
         sizes = DigitsMLP(config.layer_sizes, init=False).layer_sizes  # validates the sizes
-        self.layers = nn.ModuleList(nn.Linear(a, b) for a, b in zip(sizes[:-1], sizes[1:]))
+        self.layers = nn.ModuleList(nn.Linear(a, b) for a, b in pairwise(sizes))
         self.post_init()
 
     def _init_weights(self, module: nn.Module) -> None:
