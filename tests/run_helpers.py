@@ -294,6 +294,6 @@ def by_slot(trials: list[FrozenTrial]) -> dict[tuple[int, int], tuple[list[float
     out = {}
     for t in counted(trials):
         params = t.params or t.system_attrs.get("fixed_params", {})
-        x = [params[k] for k in sorted(params, key=lambda k: int(k[1:]))]
+        x = [params[k] for k in sorted(params)]  # any fixed order: runs are compared
         out[slot(t)] = (x, list(t.values or []))
     return out

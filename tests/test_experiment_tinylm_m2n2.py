@@ -15,6 +15,7 @@ import json
 from pathlib import Path
 
 import numpy as np
+import optuna
 import pytest
 import yaml
 
@@ -101,7 +102,10 @@ def test_tinylm_m2n2_runs_end_to_end_and_every_child_is_a_crossover_of_earlier_o
     assert all(0.0 <= v["mean_acc"] <= 1.0 for v in summary["final"].values())
 
     trials = sorted(load_trials(tmp_path / "run", data["name"]), key=lambda t: t.number)
-    xs = np.array([[t.params[f"x{i}"] for i in range(dim)] for t in trials])
+    names = optuna.load_study(study_name=data["name"], storage=f"sqlite:///{tmp_path / 'run'}"
+                              "/study.db").user_attrs["evomerge:params"]
+    assert len(names) == dim
+    xs = np.array([[t.params[n] for n in names] for t in trials])
     values = np.array([t.values[0] for t in trials])
     # steady state: generation 0 holds the experts, then one child per generation
     generations = [int(t.user_attrs[META]["generation"]) for t in trials]

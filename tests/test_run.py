@@ -208,7 +208,7 @@ def test_strategy_sees_decoded_candidates_inside_the_space(zoo, tmp_path):
     Experiment.from_dict(experiment(zoo, tmp_path, budget=16)).run(progress=False)
     study = optuna.load_study(study_name="t", storage=f"sqlite:///{tmp_path / 'run' / 'study.db'}")
     for trial in study.trials:
-        x = np.array([trial.params[f"x{i}"] for i in range(len(trial.params))])
+        x = np.array([trial.params[n] for n in study.user_attrs["evomerge:params"]])
         assert np.all(x >= 0.0) and np.all(x <= 1.5)
         weights = [m["parameters"]["weight"] for m in trial.user_attrs["evomerge"]["recipe"]["models"]]
         assert np.allclose(np.concatenate(weights), x)  # layer gradients, source-major

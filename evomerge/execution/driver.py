@@ -47,37 +47,56 @@ class Plan:
     def __init__(self, experiment: Experiment) -> None:
         from evomerge.fitness.base import FITNESSES
         from evomerge.merge.engine import layer_group
-        from evomerge.merge.io import check_compatible
+        from evomerge.merge.io import CheckpointError, check_compatible, check_finite
         from evomerge.spaces import SearchSpace, load_space
 
+        problems: list[str] = []  # every problem the file has, raised together below
         missing = experiment.models.missing()
         if missing:
-            raise ExperimentError("models not found (local directories, e.g. built by `evomerge "
-                                  "zoo build digits`, or Hub ids in the Hugging Face cache):\n  "
-                                  + "\n  ".join(missing))
-        self.experiment = experiment = experiment.resolved()
+            problems.append("models not found (local directories, e.g. built by `evomerge zoo "
+                            "build digits`, or Hub ids in the Hugging Face cache):\n  "
+                            + "\n  ".join(missing))
+        else:
+            experiment = experiment.resolved()
+        self.experiment = experiment
         models = experiment.models
         self.paths = ([models.base] if models.base else []) + list(models.sources.values())
-        infos = check_compatible(self.paths)
-        names = list(infos[0].tensors)
-        groups = [layer_group(n) for n in names]
-        num_layers = 1 + max((g.layer for g in groups if g.layer is not None), default=-1)
-        non_layer = [n for n, g in zip(names, groups) if g.layer is None]
+        infos = None
+        if not missing:
+            try:
+                infos = check_compatible(self.paths)
+            except CheckpointError as exc:
+                problems.append(str(exc))
+            # NaN/inf weights, before the run directory exists (one pass; workers check again)
+            problems += check_finite(self.paths)
         try:
-            if isinstance(experiment.space, dict) and experiment.space.get("kind") == "dfs":
+            dfs = isinstance(experiment.space, dict) and experiment.space.get("kind") == "dfs"
+            if dfs:
                 from evomerge.dfs import DfsSpace
 
-                self.space = DfsSpace.from_dict(experiment.space).bind(
-                    models.sources, num_layers, infos[0].config.get("model_type"),
-                    loaded=self.paths)
+                space = DfsSpace.from_dict(experiment.space)
             else:
                 space = (SearchSpace.from_dict(experiment.space, where="space")
                          if isinstance(experiment.space, dict) else load_space(experiment.space))
-                self.space = space.bind(models.base, list(models.sources.values()), num_layers,
-                                        non_layer)
+            if infos is not None:  # binding needs the models' layers
+                names = list(infos[0].tensors)
+                groups = [layer_group(n) for n in names]
+                num_layers = 1 + max((g.layer for g in groups if g.layer is not None),
+                                     default=-1)
+                non_layer = [n for n, g in zip(names, groups) if g.layer is None]
+                self.space = (space.bind(models.sources, num_layers,
+                                         infos[0].config.get("model_type"), loaded=self.paths)
+                              if dfs else space.bind(models.base, list(models.sources.values()),
+                                                     num_layers, non_layer))
         except (ValueError, KeyError, FileNotFoundError) as exc:
-            raise ExperimentError(f"space: {exc}") from None
-        self.objectives = _objectives(FITNESSES[experiment.fitness.name], experiment)
+            message = str(exc)
+            problems.append(message if message.startswith("space:") else f"space: {message}")
+        try:
+            self.objectives = _objectives(FITNESSES[experiment.fitness.name], experiment)
+        except ExperimentError as exc:
+            problems.append(str(exc))
+        if problems:
+            raise ExperimentError("\n".join(problems))
         directions = [o.direction for o in self.objectives]
         self.strategy_kwargs = dict(lower=self.space.lower, upper=self.space.upper,
                                     directions=directions, seed=experiment.seed,
@@ -232,7 +251,7 @@ def _run_locked(plan: Plan, resume: bool, progress: bool,
     wall_s = time.perf_counter() - started
     summary = report.finish_run(plan, store, executor.evaluator,
                                 wall_s=before["wall_s"] if before else wall_s,
-                                reduction=reduction)
+                                reduction=reduction, progress=progress)
     if resumed is not None:
         _record_resume(run_dir, summary, resumed, wall_s)
     return summary
