@@ -285,3 +285,44 @@ def test_an_experiment_reports_field_errors_and_unknown_names_together(family):
     assert "strategy.name: unknown strategy 'cmaess'" in message
     assert "fitness.name: unknown fitness 'digitz'" in message
     assert message.count("unknown strategy") == 1
+
+
+def test_an_experiment_with_several_mistakes_reports_them_all_before_any_compute(tmp_path):
+    """A missing model, a misspelt space parameter and an unknown fitness option: one error
+    naming all three (not three runs), with no run directory created."""
+    from run_helpers import build_zoo
+
+    zoo = build_zoo(tmp_path / "zoo")
+    data = {"name": "bad", "run_dir": str(tmp_path / "run"),
+            "models": {"base": str(zoo["base"]),
+                       "sources": {"a": str(zoo["expert_0_4"]), "b": str(tmp_path / "nope")}},
+            "space": {"method": "task_arithmetic",
+                      "params": [{"name": "wieght", "per": "layer", "bounds": [0.0, 1.5]}]},
+            "fitness": {"name": "digits", "bogus_option": 3},
+            "strategy": {"name": "cmaes", "popsize": 8}, "budget": 16}
+    with pytest.raises(ExperimentError) as err:
+        Experiment.from_dict(data).run(progress=False)
+    message = str(err.value)
+    assert "models.sources.b:" in message
+    assert "'wieght' is not a parameter of task_arithmetic" in message
+    assert "bogus_option" in message
+    assert "space: space:" not in message
+    assert not (tmp_path / "run").exists()
+
+
+def test_an_experiment_with_a_nan_source_is_refused_before_the_run_directory(tmp_path):
+    from run_helpers import build_zoo
+
+    zoo = build_zoo(tmp_path / "zoo")
+    name = sorted(io.inspect_model(zoo["expert_0_4"]).tensors)[0]
+    bad = poisoned(zoo["expert_0_4"], tmp_path / "nan_expert", {name: [float("nan")]})
+    data = {"name": "nan", "run_dir": str(tmp_path / "run"),
+            "models": {"base": str(zoo["base"]), "sources": {"a": str(bad),
+                                                             "b": str(zoo["expert_5_9"])}},
+            "space": "task_arithmetic_per_source",
+            "fitness": {"name": "digits"}, "strategy": {"name": "random", "popsize": 2},
+            "budget": 2}
+    with pytest.raises(ExperimentError) as err:
+        Experiment.from_dict(data).run(progress=False)
+    assert "nan_expert" in str(err.value) and name in str(err.value)
+    assert not (tmp_path / "run").exists()
