@@ -22,6 +22,7 @@ import numpy as np
 from optuna.trial import FrozenTrial, TrialState
 
 from evomerge.merge.layerstack import parse_recipe
+from evomerge.progress import hms, live_display, progress_interval
 from evomerge.store import INTERRUPTED, META, OWNER, RESULT, Store
 
 SUMMARY = "summary.json"
@@ -72,37 +73,6 @@ def write_provenance(run_dir: Path, experiment: Any, *, resumed: bool) -> None:
         "evomerge": evomerge.__version__, "python": platform.python_version(),
         "platform": platform.platform(), "seed": experiment.seed, "packages": versions,
         "hub_models": hub_models, "starts": history}, indent=2))
-
-
-#: seconds between plain progress lines when stdout is not a terminal (default 30; 0: a line
-#: at every step)
-PROGRESS_ENV = "EVOMERGE_PROGRESS_S"
-PROGRESS_S = 30.0
-
-
-def progress_interval() -> float:
-    """Seconds between plain progress lines (``EVOMERGE_PROGRESS_S``, else 30)."""
-    raw = os.environ.get(PROGRESS_ENV, "").strip()
-    try:
-        return max(float(raw), 0.0) if raw else PROGRESS_S
-    except ValueError:
-        raise ValueError(f"{PROGRESS_ENV}={raw!r}: expected seconds between progress lines "
-                         "(a number, 0 for a line at every step)") from None
-
-
-def live_display() -> bool:
-    """True when stdout shows a live display (a terminal, Jupyter); False for a log file or a
-    pipe (nohup, SLURM), where progress is written as plain periodic lines instead."""
-    from rich.console import Console
-
-    console = Console()
-    return console.is_terminal or console.is_jupyter
-
-
-def hms(seconds: float) -> str:
-    """``HH:MM:SS`` of a duration (hours past 99 widen it)."""
-    seconds = round(seconds)
-    return f"{seconds // 3600:02d}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
 
 
 class LogLines:

@@ -16,6 +16,7 @@ from optuna.trial import FrozenTrial, TrialState
 from rich.console import Console
 
 from evomerge import report
+from evomerge.progress import PROGRESS_ENV, live_display, progress_interval
 from evomerge.report import LogLines, best_rule, plot_run, print_summary, upload_plots
 
 
@@ -69,18 +70,18 @@ def test_the_rate_counts_only_steps_done_now(capsys):
 
 
 def test_the_interval_comes_from_the_environment(monkeypatch):
-    monkeypatch.delenv(report.PROGRESS_ENV, raising=False)
-    assert report.progress_interval() == 30
-    monkeypatch.setenv(report.PROGRESS_ENV, "2.5")
+    monkeypatch.delenv(PROGRESS_ENV, raising=False)
+    assert progress_interval() == 30
+    monkeypatch.setenv(PROGRESS_ENV, "2.5")
     assert LogLines("x", 1).interval == 2.5
-    monkeypatch.setenv(report.PROGRESS_ENV, "soon")
+    monkeypatch.setenv(PROGRESS_ENV, "soon")
     with pytest.raises(ValueError, match="EVOMERGE_PROGRESS_S='soon'"):
-        report.progress_interval()
+        progress_interval()
 
 
 def test_bar_and_track_write_plain_lines_when_stdout_is_not_a_terminal(capsys, monkeypatch):
-    monkeypatch.setenv(report.PROGRESS_ENV, "0")
-    assert not report.live_display()  # pytest captures stdout
+    monkeypatch.setenv(PROGRESS_ENV, "0")
+    assert not live_display()  # pytest captures stdout
     with report.progress_bar(2) as bar:
         bar.update(0, "-")
         bar.update(1, "acc 0.1")

@@ -22,6 +22,8 @@ from typing import Any, Self, TextIO
 
 import torch
 
+from evomerge.progress import hms, live_display, progress_interval
+
 MANIFEST = "zoo.json"
 
 
@@ -156,27 +158,6 @@ def _cpu_model() -> str | None:
     return None
 
 
-#: Environment variable with the seconds between two plain progress lines of one job (the one
-#: ``evomerge run`` reads too); 0 prints a line at every step.
-PROGRESS_ENV = "EVOMERGE_PROGRESS_S"
-PLAIN_INTERVAL_S = 30.0
-
-
-def plain_interval() -> float:
-    """Seconds between plain progress lines: ``EVOMERGE_PROGRESS_S``, else 30."""
-    raw = os.environ.get(PROGRESS_ENV, "").strip()
-    try:
-        return max(float(raw), 0.0) if raw else PLAIN_INTERVAL_S
-    except ValueError:
-        raise ValueError(f"{PROGRESS_ENV}={raw!r}: expected seconds between progress lines "
-                         "(a number, 0 for a line at every step)") from None
-
-
-def _hms(seconds: float) -> str:
-    seconds = round(seconds)
-    return f"{seconds // 3600:02d}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
-
-
 class PlainProgress:
     """The progress display where no terminal shows a live bar (stdout is a log file or a
     pipe): for each job a line when it starts, then at most one per ``interval`` seconds, and
@@ -188,7 +169,7 @@ class PlainProgress:
 
     def __init__(self, stream: TextIO | None = None, interval: float | None = None) -> None:
         self.stream = stream
-        self.interval = plain_interval() if interval is None else interval
+        self.interval = progress_interval() if interval is None else interval
         self._jobs: list[dict[str, Any]] = []
 
     def __enter__(self) -> Self:
@@ -222,18 +203,10 @@ class PlainProgress:
             parts.append(f"loss {loss:.3f}")
         if done > 0:
             parts.append(f"{elapsed / done:.2f} s/step")
-        parts.append(f"elapsed {_hms(elapsed)}")
+        parts.append(f"elapsed {hms(elapsed)}")
         if done > 0 and total is not None and done < total:
-            parts.append(f"ETA {_hms(elapsed / done * (total - done))}")
+            parts.append(f"ETA {hms(elapsed / done * (total - done))}")
         print(", ".join(parts), file=self.stream or sys.stdout, flush=True)
-
-
-def live_display() -> bool:
-    """Whether stdout shows a live display (a terminal, Jupyter); not a log file or a pipe."""
-    from rich.console import Console
-
-    console = Console()
-    return console.is_terminal or console.is_jupyter
 
 
 def progress_bar(enabled: bool):
