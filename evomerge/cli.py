@@ -127,7 +127,7 @@ def zoo_build(
         ToyZooSize.small,
         "--size",
         help="Toy and tiny-lm zoos. [bold]small[/bold]: toy 4 layers x 64 wide, 30-60 s on 2 CPU "
-        "cores; tiny-lm 4 layers x 128 wide, 5-10 min. "
+        "cores; tiny-lm 4 layers x 128 wide, 10-20 min. "
         "[bold]tiny[/bold]: 2 layers x 32 wide, a few seconds (for tests).",
     ),
     force: bool = typer.Option(
