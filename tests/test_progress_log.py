@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 from run_helpers import build_zoo, experiment_data, write_experiment
 
-from evomerge.report import PROGRESS_ENV
+from evomerge.progress import PROGRESS_ENV
 
 BUDGET = 16
 
