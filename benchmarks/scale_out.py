@@ -476,9 +476,9 @@ def run_simulation(url: str, n_workers: int, generations: int, mean_s: float, si
     enqueue_s = [0.0]
     plain_enqueue = store.enqueue
 
-    def timed_enqueue(x: np.ndarray, slot: Any, recipe: Any = None) -> int:
+    def timed_enqueue(x: np.ndarray, slot: Any, recipe: Any = None, **options: Any) -> int:
         started = time.perf_counter()
-        trial_id = plain_enqueue(x, slot, recipe)
+        trial_id = plain_enqueue(x, slot, recipe, **options)
         enqueue_at[trial_id] = time.time()
         enqueue_s[0] += time.perf_counter() - started
         return trial_id
