@@ -439,9 +439,10 @@ def _search(plan: Plan, store: Store, executor: Any, bar: Any,
 
 def _enqueue(store: Store, space: Any, x: np.ndarray, slot: Slot) -> int:
     """One candidate into the store: its parameters by name, its recipe (data, and readable as
-    the trial's dashboard note)."""
+    the trial's dashboard note; not for an in-memory study, which no dashboard can open)."""
     recipe = space.decode(x)
-    return store.enqueue(x, slot, recipe.to_dict(), note=_note(space, recipe, slot))
+    note = None if store.url == "memory" else _note(space, recipe, slot)
+    return store.enqueue(x, slot, recipe.to_dict(), note=note)
 
 
 class _Best:
