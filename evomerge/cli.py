@@ -380,7 +380,7 @@ def merge(
         export_model(state, out, base_dir=_tokenizer_source(recipe), recipe_yaml=written.to_yaml(),
                      max_shard_size=shard_size, dtype=dtype, overwrite=overwrite,
                      progress=True)
-    except (RecipeError, CheckpointError, ValueError) as exc:
+    except (RecipeError, CheckpointError, ValueError, OSError) as exc:
         _fail(exc)
     console.print(
         f"Merged {len(merger.names)} tensors with [bold]{recipe.merge_method}[/bold] into "
