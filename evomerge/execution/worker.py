@@ -59,12 +59,13 @@ class Evaluator:
         # mixed-dtype checkpoints merge once cast to an explicit dtype; agreeing ones never cast
         self.merger = Merger(model_paths, device=self.device, **(engine or {}),
                              dtype=None if weights or dtype == "auto" else self.dtype)
-        placement = {"device": str(self.device), "dtype": str(self.dtype).removeprefix("torch.")}
+        placement = describe(self.device, self.dtype)  # its device and dtype, as spelled there
         takes = inspect.signature(fitness_class(fitness_name)).parameters
         #: the fitness as configured; ``fitness`` is what the search sees (maybe IRT-reduced)
         self.inner: Fitness = make_fitness(
             fitness_name, base_model=base_model or model_paths[0],
-            **{k: v for k, v in placement.items() if k in takes and k not in fitness_options},
+            **{k: placement[k] for k in ("device", "dtype")
+               if k in takes and k not in fitness_options},
             **fitness_options)
         self.fitness: Fitness = self.inner
         if reduction is not None:
