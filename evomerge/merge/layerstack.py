@@ -21,15 +21,23 @@ transformers 5) its stacks load only at the sources' depth and with the sources'
 
 Hop scales
 ----------
-Sakana's DFS multiplies the hidden state by ``W[i, j]`` when the path hops from a layer of model i
-to one of model j. Let ``H_p`` be the residual stream entering path block ``p`` (after its hop
-scale ``w_p``; ``w_0 = 1``), ``c_p = w_1 ... w_p`` and ``f_p`` what block ``p`` adds, so
-``H_{p+1} = w_{p+1} (H_p + f_p(H_p))``. The stream ``g_p = H_p / c_p`` is never rescaled:
+Sakana's DFS multiplies the hidden state by a scale on every hop of the path
+(:mod:`evomerge.dfs`: ``W[i, j]`` when the path goes from layer i to layer j, and, ours, a scale
+on the first block's input, the embedding output). Let ``E`` be the embedding output, ``H_p``
+the residual stream entering path block ``p`` (after its hop scale ``w_p``), ``c_p = w_0 w_1 ...
+w_p`` and ``f_p`` what block ``p`` adds, so ``H_0 = w_0 E`` and ``H_{p+1} = w_{p+1} (H_p +
+f_p(H_p))``. The stream ``g_p = H_p / c_p`` is never rescaled: ``g_0 = E`` (the embeddings are
+used as they are) and
 
     g_{p+1} = (H_p + f_p(H_p)) / c_p = g_p + s_p f_p(g_p / s_p),    s_p = 1 / c_p
 
 (:func:`fold_scales`: ``s_p`` is the scale of the slice holding block ``p``), and the final
-norm reads ``s H`` (``s`` of the last block) where Sakana's model has ``H``. So a plain model of
+norm reads ``s H`` (``s`` of the last block) where Sakana's model has ``H``. The first hop
+``w_0`` is folded like every other: it is not the identity even though the norms are
+scale-invariant, because it weighs the embedding against what the blocks add (a one-block
+path ends in ``norm(w_0 E + f_0(w_0 E)) = norm(E + f_0(w_0 E) / w_0)``); folded, it puts a
+factor ``1 / w_0`` into every ``s_p`` and leaves the embeddings as they are; with ``w_0 = 1``
+the scales are those of the later hops alone. So a plain model of
 the path's blocks computes Sakana's function when block ``p`` (a) reads its input as
 ``g_p / s_p`` and (b) has its contribution multiplied by ``s_p``, which the families allow as
 follows (:data:`HOP_FORMS`):
@@ -385,13 +393,12 @@ def parse_recipe(data: Mapping[str, Any], *, where: str = "recipe") -> MergeReci
 
 
 def fold_scales(hops: Sequence[float]) -> list[float]:
-    """Output-projection scales equal to multiplying the hidden state by ``hops[p]`` on entering
-    block ``p`` (``hops[0]`` is unused: nothing precedes the first block): block ``p`` gets
-    ``1 / prod(hops[1..p])``."""
+    """Residual scales equal to multiplying the hidden state by ``hops[p]`` on entering path
+    block ``p`` (``hops[0]``: the first block's input, the embedding output): block ``p`` gets
+    ``s_p = 1 / (hops[0] * ... * hops[p])`` (derived in the module docstring)."""
     scales, running = [], 1.0
-    for p, hop in enumerate(hops):
-        if p:
-            running *= hop
+    for hop in hops:
+        running *= hop
         scales.append(1.0 / running)
     return scales
 
