@@ -22,7 +22,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, ValidationError, model_validator
 
 from evomerge.config_io import format_errors, read_yaml
-from evomerge.merge.methods import MergeMethod, ParamSpec, get_method, METHODS
+from evomerge.merge.methods import MergeMethod, ParamSpec, get_method, mergekit_comment, METHODS
 
 Scalar = Union[bool, int, float, str]
 
@@ -191,7 +191,10 @@ class MergeRecipe(BaseModel):
         }
 
     def to_yaml(self) -> str:
-        return yaml.dump(self.to_dict(), Dumper=FlowListDumper, sort_keys=False)
+        """mergekit YAML; comment lines first where mergekit would read it differently
+        (:func:`evomerge.merge.methods.mergekit_comment`)."""
+        comment = mergekit_comment(_scalars((self.parameters or {}).get("rescale", [])))
+        return comment + yaml.dump(self.to_dict(), Dumper=FlowListDumper, sort_keys=False)
 
     def with_models(self, mapping: Mapping[str, str]) -> "MergeRecipe":
         """The same recipe with model references renamed (e.g. relative -> absolute paths)."""
@@ -287,6 +290,11 @@ def _check_params(params: dict[str, Setting] | None, scope: str, where: str,
                 (spec.low is not None and value < spec.low) or (spec.high is not None and value > spec.high)
             ):
                 problems.append(f"{where}.{name}: {value} is outside [{spec.low}, {spec.high}]")
+            elif spec.type not in (bool, float):  # a checker (ParamSpec.type)
+                try:
+                    spec.type(value)
+                except ValueError as exc:
+                    problems.append(f"{where}.{name}: {exc}")
     return problems
 
 

@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import textwrap
 from collections.abc import Callable, Hashable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -316,6 +317,60 @@ class _AtLeastRank:
 # --------------------------------------------------------------------------------------------
 
 SPARSIFIERS = ("magnitude", "random", "magnitude_outliers", "della_magprune")
+#: Sparsifiers whose masks are random draws: each entry has a keep probability p to divide by.
+RANDOM_SPARSIFIERS = ("random", "della_magprune")
+
+#: ``rescale`` rules, spelled as a recipe writes them (``true``/``false`` are l1/none).
+RESCALE_MODES = ("l1", "inverse_p", "none")
+
+
+def rescale_mode(value: bool | str) -> str:
+    """The rule a ``rescale`` setting names: one of :data:`RESCALE_MODES`.
+
+    * ``true`` or ``l1`` (mergekit 0.1.5, and since its Feb 2025 change): every kept entry times
+      ``||delta||_1 / ||mask * delta||_1``, one factor per tensor and source;
+    * ``inverse_p`` (the DARE paper; mergekit's ``rescale: true`` before that change; Sakana's
+      evolutionary-merge recipes): every kept entry divided by its keep probability ``p``
+      (``density`` for DARE, the entry's own ramp value for DELLA), so E[kept] = delta;
+    * ``false`` or ``none``: kept entries unchanged.
+    """
+    if value is True or value == "l1":
+        return "l1"
+    if value is False or value == "none":
+        return "none"
+    if value == "inverse_p":
+        return "inverse_p"
+    raise ValueError(f"expected true/false or one of {', '.join(RESCALE_MODES)}, got {value!r}")
+
+
+def _rescale_setting(sparsify: str | None) -> Callable[[Any], bool | str]:
+    """The ``rescale`` parameter's type for one method: checks a value (``inverse_p`` needs
+    a random mask) and returns it as written, so recipes keep their spelling."""
+
+    def rescale(value: Any) -> bool | str:
+        if rescale_mode(value) == "inverse_p" and sparsify not in RANDOM_SPARSIFIERS:
+            raise ValueError("inverse_p divides kept entries by their keep probability, which "
+                             "only random masks have (dare_linear, dare_ties, della, "
+                             "della_linear); use true (L1 norm) or false")
+        return value
+
+    return rescale
+
+
+def mergekit_comment(rescale: Sequence[bool | str]) -> str:
+    """YAML comment lines (empty: none) telling a mergekit user how a recipe whose ``rescale``
+    takes these values reads there: mergekit 0.1.5 takes ``rescale`` as a boolean only and
+    always matches the L1 norm."""
+    notes = []
+    if "inverse_p" in rescale:
+        notes.append("rescale: inverse_p divides each kept entry by its keep probability (DARE's "
+                     "1/p; della: the entry's own p), as mergekit's rescale: true did before its "
+                     "Feb 2025 change; mergekit since then (0.1.5 checked) matches the L1 norm "
+                     "instead and refuses this value (true there means L1).")
+    if "l1" in rescale or "none" in rescale:
+        notes.append("rescale: mergekit 0.1.5 reads only true/false here: l1 is true, none is "
+                     "false.")
+    return "".join(f"# {line}\n" for n in notes for line in textwrap.wrap(n, 96))
 
 
 class _Uniforms:
@@ -415,8 +470,10 @@ class _Masker:
     """
 
     def __init__(self, inputs: TensorInputs, k: int, spec: Sparsify,
-                 ranks: tuple[Rank, ...]) -> None:
+                 ranks: tuple[Rank, ...], inverse_p: bool = False) -> None:
         self.inputs, self.k, self.spec = inputs, k, spec
+        #: write keep / p (``rescale: inverse_p``) instead of keep (random masks only)
+        self.inverse_p = inverse_p
         self.bounds = [_AtLeastRank(r, inputs.workspace) for r in ranks]
         self.uniforms = _Uniforms(inputs, k) if spec.method in ("random", "della_magprune") \
             else None
@@ -434,15 +491,17 @@ class _Masker:
         u = self.uniforms.fill(start, end, ws.get("uniform", end - start, torch.float32,
                                                   delta.device))
         if method == "random":
-            return torch.lt(u, self.spec.density, out=out)
-        # DELLA: keep with probability (density - eps) + 2 eps * rank / (width - 1), per row
+            keep = torch.lt(u, self.spec.density, out=out)
+            return keep.div_(self.spec.density) if self.inverse_p else keep
+        # DELLA: keep with probability p = (density - eps) + 2 eps * rank / (width - 1), per row
         d, eps = self.spec.density, self.spec.epsilon
         ranks = self._ranks(start, end, delta)
         ref = self.inputs.base
         width = (ref.shape[1] if ref.dim() >= 2 else ref.numel()) - 1
         threshold = torch.mul(ranks, 2 * eps / width if width > 0 else 0.0,
                               out=ws.get("della_p", delta.numel(), delta.dtype, delta.device))
-        return torch.lt(u.to(delta.dtype).sub_(d - eps), threshold, out=out)
+        keep = torch.lt(u.to(delta.dtype).sub_(d - eps), threshold, out=out)
+        return keep.div_(threshold.add_(d - eps)) if self.inverse_p else keep
 
     def _ranks(self, start: int, end: int, delta: Tensor) -> Tensor:
         inputs = self.inputs
@@ -514,7 +573,7 @@ def generalized_task_arithmetic(
     sparsify: str | None,
     consensus: bool,
     normalize: bool,
-    rescale: bool,
+    rescale: bool | str,
     lambda_: float = 1.0,
     gammas: Sequence[float] | None = None,
     epsilons: Sequence[float] | None = None,
@@ -522,9 +581,11 @@ def generalized_task_arithmetic(
 ) -> Tensor:
     """theta = base + lambda * [sum_k m_k u_k] / [normalize ? sum_k w_k m_k : 1].
 
-    ``u_k = w_k * f_k * s_k(delta_k)`` with ``s_k`` the sparsifier's mask and ``f_k`` its L1
-    rescale factor ``||delta_k||_1 / ||s_k(delta_k)||_1`` (1 without ``rescale``, or when either
-    norm is below 1e-7). With ``consensus`` (TIES sign election) ``sign = sgn(sum_k u_k)`` (zero
+    ``u_k = w_k * f_k * s_k(delta_k)`` with ``s_k`` the sparsifier's mask and ``f_k`` the
+    ``rescale`` rule (:func:`rescale_mode`): ``l1`` (``true``, mergekit 0.1.5) the factor
+    ``||delta_k||_1 / ||s_k(delta_k)||_1`` (1 when either norm is below 1e-7); ``inverse_p``
+    (the DARE paper) ``1 / p`` per kept entry, p its keep probability (DARE: density; DELLA:
+    the entry's ramp value), so no extra pass; ``none`` (``false``) 1. With ``consensus`` (TIES sign election) ``sign = sgn(sum_k u_k)`` (zero
     counts as +) and ``m_k = [sgn(u_k) == sign]``; without it ``m_k = 1`` and the divisor is
     ``sum_k w_k`` (|.| < 1e-8 -> 1). mergekit stacks every u_k; here each chunk streams over the
     sources: the entries that agree with the elected sign are exactly the positive (or negative)
@@ -532,11 +593,15 @@ def generalized_task_arithmetic(
     >= 0]``: a fixed number of chunk buffers whatever the number of sources.
 
     Passes over the tensor: one per magnitude threshold (exact rank selection), one for the L1
-    rescale factors when ``rescale`` and a mask is drawn, and the merge pass.
+    rescale factors when ``rescale`` is ``l1`` and a mask is drawn, and the merge pass.
     """
     base = inputs.base
     if base is None:
         raise ValueError(f"{inputs.name}: task-vector methods need a base model")
+    mode = rescale_mode(rescale)
+    if mode == "inverse_p" and sparsify not in RANDOM_SPARSIFIERS:
+        raise ValueError(f"{inputs.name}: rescale inverse_p needs a random mask "
+                         f"({', '.join(RANDOM_SPARSIFIERS)}), not {sparsify!r}")
     n = len(inputs.sources)
     gammas = gammas or [0.01] * n
     epsilons = epsilons or [0.15] * n
@@ -548,12 +613,12 @@ def generalized_task_arithmetic(
     ranks = {k: locate_ranks(inputs, k, specs[k]) for k in active if not specs[k].keeps_all}
     rows = any(specs[k].method == "della_magprune" for k in ranks)
 
-    def maskers() -> dict[int, _Masker]:
-        return {k: _Masker(inputs, k, specs[k], r) for k, r in ranks.items()}
+    def maskers(inverse_p: bool = False) -> dict[int, _Masker]:
+        return {k: _Masker(inputs, k, specs[k], r, inverse_p) for k, r in ranks.items()}
 
     factors = {k: 1.0 for k in active}
     replay: dict[int, _Replay] = {}
-    if rescale and ranks:
+    if mode == "l1" and ranks:
         drawn = [k for k in ranks if specs[k].method in ("random", "della_magprune")]
         store = None
         if drawn and len(drawn) * numel <= MASK_STORE * inputs.chunk:
@@ -569,7 +634,7 @@ def generalized_task_arithmetic(
     ws, work, device = inputs.workspace, work_dtype(base.dtype), base.device
     total_w = float(sum(weights))
     scale = lambda_ / (total_w if normalize and not consensus and abs(total_w) >= 1e-8 else 1.0)
-    masks = {**maskers(), **replay}
+    masks = {**maskers(mode == "inverse_p"), **replay}
     for s, e in inputs.spans(rows=rows):
         m = e - s
         b = inputs.base_chunk(s, e)
@@ -781,7 +846,9 @@ class ParamSpec:
     """One recipe parameter: scope ``shared`` (one value) or ``source`` (one per non-base input)."""
 
     name: str
-    type: type
+    #: bool, float, or a checker that returns a valid value as given and raises ValueError
+    #: naming what is accepted (``rescale``)
+    type: type | Callable[[Any], Any]
     scope: str  # "shared" | "source"
     default: Any = None  # None: required
     low: float | None = None
@@ -847,8 +914,11 @@ _INT8 = ParamSpec("int8_mask", bool, "shared", False, doc="mergekit memory optio
 
 def _gta(name: str, sparsify: str | None, consensus: bool, normalize: bool, rescale: bool,
          reference: str) -> MergeMethod:
+    how = ("true/l1: restore the L1 norm after masking; inverse_p: divide kept entries by "
+           "their keep probability; false/none" if sparsify in RANDOM_SPARSIFIERS else
+           "true/l1: restore the L1 norm after masking; false/none")
     params = [_INT8, ParamSpec("normalize", bool, "shared", normalize, doc="divide by sum of weights"),
-              ParamSpec("rescale", bool, "shared", rescale, doc="restore L1 norm after masking"),
+              ParamSpec("rescale", _rescale_setting(sparsify), "shared", rescale, doc=how),
               _LAMBDA, _WEIGHT, _DENSITY]
     if sparsify == "magnitude_outliers":
         params.append(_GAMMA)
