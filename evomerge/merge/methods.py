@@ -585,9 +585,9 @@ def generalized_task_arithmetic(
     ``rescale`` rule (:func:`rescale_mode`): ``l1`` (``true``, mergekit 0.1.5) the factor
     ``||delta_k||_1 / ||s_k(delta_k)||_1`` (1 when either norm is below 1e-7); ``inverse_p``
     (the DARE paper) ``1 / p`` per kept entry, p its keep probability (DARE: density; DELLA:
-    the entry's ramp value), so no extra pass; ``none`` (``false``) 1. With ``consensus`` (TIES sign election) ``sign = sgn(sum_k u_k)`` (zero
-    counts as +) and ``m_k = [sgn(u_k) == sign]``; without it ``m_k = 1`` and the divisor is
-    ``sum_k w_k`` (|.| < 1e-8 -> 1). mergekit stacks every u_k; here each chunk streams over the
+    the entry's ramp value), so no extra pass; ``none`` (``false``) 1. With ``consensus`` (TIES
+    sign election) ``sign = sgn(sum_k u_k)`` (zero counts as +) and ``m_k = [sgn(u_k) ==
+    sign]``; without it ``m_k = 1`` and the divisor is ``sum_k w_k`` (|.| < 1e-8 -> 1). mergekit stacks every u_k; here each chunk streams over the
     sources: the entries that agree with the elected sign are exactly the positive (or negative)
     ones, so the result is ``P ? sum_k max(u_k, 0) : sum_k min(u_k, 0)`` with ``P = [sum_k u_k
     >= 0]``: a fixed number of chunk buffers whatever the number of sources.
