@@ -29,22 +29,37 @@ Every child draws its randomness from its own generator ``default_rng([seed, ste
 the child's index in the run), so a child depends only on the seed, its step and the archive
 state, and a replay re-creates it bit for bit.
 
-Two modes:
+Three modes:
 
-a. **Experts** (strategy ``m2n2`` through the normal driver). The genome is the search space's
-   ``x``: merge coefficients over the experts the workers already hold, so only ``x`` crosses
-   processes. Generation 0 asks the ``init`` points (e.g. each expert alone; default two uniform
-   points in the box); then ``popsize`` children per generation, clipped to the box. The
-   strategy needs the per-item scores of every trial: it sets ``wants_item_scores = True`` and
-   the driver passes ``tell(..., item_scores=[...])`` (the trials' stored correctness vectors, all
-   tasks concatenated in sorted task order; ``None`` for a failed trial, which scores zero), in
-   replay too, so resume works as for every strategy. Crossover acts on coefficients: for a
-   linear/task-arithmetic space a lerp of coefficients is the lerp of the merged weights, the
-   split point runs over the space's coordinate order and slerp's angle is that of the
-   coefficient vectors (not of the weights, which would need the weights in the driver).
-   The paper's "from two experts" run crosses over the *weights*; that faithful version is
-   :func:`scratch_search` with ``init`` = the two experts and ``mutation_std=0`` (config
-   ``init: experts``), which ``benchmarks/m2n2_digits.py`` measures.
+a1. **Experts, coefficients** (strategy ``m2n2``, ``crossover: coefficients``, the default; ours,
+   an adaptation). The genome is the search space's ``x``: merge coefficients over the experts
+   the workers already hold, so only ``x`` crosses processes. Generation 0 asks the ``init``
+   points (e.g. each expert alone; default two uniform points in the box); then ``popsize``
+   children per generation, clipped to the box. The strategy needs the per-item scores of every
+   trial: it sets ``wants_item_scores = True`` and the driver passes ``tell(...,
+   item_scores=[...])`` (the trials' stored correctness vectors, all tasks concatenated in sorted
+   task order; ``None`` for a failed trial, which scores zero), in replay too, so resume works as
+   for every strategy. Crossover acts on coefficients: for a linear/task-arithmetic space a lerp
+   of coefficients is the lerp of the merged weights, but the split point can only fall between
+   the space's coordinates ((layer x source) groups: the fixed partition M2N2 was made to
+   remove), slerp's angle is that of the coefficient vectors, and for TIES/DARE spaces the
+   crossover means nothing in weight space.
+
+a2. **Experts, weights** (``crossover: weights`` with ``space: {kind: weights}``; the paper's
+   operator on the parameters themselves, as the reference crosses its flat genomes). A genome is
+   a *member*: a per-segment linear combination of the K resident sources over their flattened
+   float parameters (:mod:`evomerge.merge.segments`); the experts are one segment with a unit
+   coefficient, empty slots the zero member. The split point runs over all ``D`` parameters and
+   slerp's ``Omega`` comes from the whole weight vectors, through the space's Gram oracle
+   (``geometry``: ``<A, B> = sum_s C_A[s]^T G[s] C_B[s]``), so a child is exactly
+   :func:`slerp_split` of its parents' flattened weights and again a member. ``x`` is the child's
+   fixed-length record ``[source, parent A's step, parent B's step, split, mix]`` (what the store
+   keeps as named parameters; the driver's resume compares it); the member itself travels in
+   ``Candidate.meta["member"]`` to the driver, whose space decodes it into a segments recipe.
+   Archive members are replayed (recomputed from records and scores), never stored as weights.
+   No mutation (members stay combinations of the sources). For the digits MLP,
+   :func:`scratch_search` with ``init`` = the two experts and ``mutation_std=0`` (config ``init:
+   experts``) is the same operator on the reference's own flat genome.
 
 b. **From scratch** (:func:`scratch_search`; the digits setting of the paper: 19,210 MLP weights,
    archive 20, init ``N(0, 0.01^2)``, mutation std 0.01, 50,000 evaluations). 50k Optuna trials
@@ -74,6 +89,8 @@ from typing import Any, ClassVar
 
 import numpy as np
 
+from evomerge.merge.segments import RECORD, SLERP_EPS, source_member, zero_member
+from evomerge.merge.segments import crossover as crossover_members
 from evomerge.search.base import Candidate, Direction, Strategy, register
 
 __all__ = [
@@ -82,7 +99,6 @@ __all__ = [
     "split_mix", "train_reference_experts",
 ]
 
-SLERP_EPS = 1e-6  # the reference's threshold on sin(Omega) below which slerp falls back to lerp
 
 
 # ---- the algorithm as pure functions ------------------------------------------------------------
@@ -174,15 +190,24 @@ class ChildRecord:
         return cls(int(v[0]), int(v[1]), int(v[2]), int(v[3]), float(v[4]))
 
 
+#: ``crossover(a, b, split, mix) -> child``: :func:`slerp_split` for vectors; for members of the
+#: weights space, :func:`evomerge.merge.segments.crossover` with the space's Gram oracle
+Crossover = Callable[[Any, Any, int, float], Any]
+
+
 class Niches:
     """An M2N2 archive: ``size`` genomes, their item scores and the step that made each.
 
     ``breed(step)`` makes one child from the current state, ``insert`` applies the replacement
-    rule. Pure state + numpy; knows nothing of models, stores or drivers.
+    rule. Genomes are ``dim``-vectors crossed by :func:`slerp_split` (empty slots: zero vectors),
+    or any value a ``crossover`` function combines, with ``dim`` the range of split points
+    (weights mode: segment members, empty slots the zero member). Pure state; knows nothing of
+    models, stores or drivers.
     """
 
     def __init__(self, size: int, dim: int, n_items: int, *, seed: int, alpha: float = 1.0,
-                 matchmaker: bool = True, mutation_std: float = 0.0) -> None:
+                 matchmaker: bool = True, mutation_std: float = 0.0,
+                 crossover: Crossover | None = None, empty: Any = None) -> None:
         if size < 2:
             raise ValueError(f"archive: needs at least 2 members, got {size}")
         if alpha < 0:
@@ -191,7 +216,14 @@ class Niches:
             raise ValueError(f"mutation_std: must be >= 0, got {mutation_std}")
         self.seed, self.alpha, self.matchmaker = seed, float(alpha), bool(matchmaker)
         self.mutation_std = float(mutation_std)
-        self.genomes = np.zeros((size, dim))
+        if crossover is not None and mutation_std > 0:
+            raise ValueError("mutation_std: a custom crossover's genomes are not vectors to "
+                             "perturb; set it to 0")
+        self.dim = int(dim)
+        self.crossover: Crossover = crossover or slerp_split
+        #: one genome per row: vectors (a 2-D array), or ``empty`` objects for a custom crossover
+        self.genomes: np.ndarray | list[Any] = (np.zeros((size, dim)) if crossover is None
+                                                else [empty] * size)
         self.scores = np.zeros((size, n_items))
         self.steps = np.full(size, -1, dtype=np.int64)
 
@@ -213,11 +245,10 @@ class Niches:
         """Child number ``step``: parents, split-point slerp, mutation; its record and genome."""
         rng = self.rng(step)
         a, b = self.parents(rng)
-        dim = self.genomes.shape[1]
-        split, mix = int(rng.integers(0, dim)), float(rng.random())
-        child = slerp_split(self.genomes[a], self.genomes[b], split, mix)
+        split, mix = int(rng.integers(0, self.dim)), float(rng.random())
+        child = self.crossover(self.genomes[a], self.genomes[b], split, mix)
         if self.mutation_std > 0:
-            child = child + rng.standard_normal(dim) * self.mutation_std
+            child = child + rng.standard_normal(self.dim) * self.mutation_std
         record = ChildRecord(step, int(self.steps[a]), int(self.steps[b]), split, mix)
         return record, child
 
@@ -240,13 +271,17 @@ class Niches:
 
 @register("m2n2")
 class M2N2(Strategy):
-    """M2N2 over the space's ``x`` (experts mode); see the module docstring.
+    """M2N2 over the experts (modes a1 and a2 of the module docstring).
 
     Options: ``archive`` (20), ``alpha`` (1.0), ``matchmaker`` (true), ``mutation_std`` (0.0, in
-    the space's units), ``init`` (list of starting ``x`` vectors, each a list of ``dim`` numbers
-    or one number for all; default two uniform points in the box; in an experiment, ``sources``
-    = each source alone, resolved by the driver from the space), ``popsize`` (1 = exact steady
-    state). The objective values are only reported: selection uses the per-item scores.
+    the space's units; coefficients only), ``init`` (list of starting ``x`` vectors, each a list
+    of ``dim`` numbers or one number for all; default two uniform points in the box; in an
+    experiment, ``sources`` = each source alone, resolved by the driver from the space),
+    ``popsize`` (1 = exact steady state), ``crossover`` (``coefficients``, the default: cross the
+    space's ``x``; ``weights``: cross the sources' flattened weights, with ``geometry``, the
+    weights space's Gram oracle, which the driver passes; ``init`` then lists records
+    ``[source, -1, -1, 0, 0]``, default every source). The objective values are only reported:
+    selection uses the per-item scores.
     """
 
     #: The driver passes ``tell(..., item_scores=[one 1-D array or None per candidate])``.
@@ -256,9 +291,15 @@ class M2N2(Strategy):
                  directions: Sequence[Direction], *, seed: int = 0, popsize: int | None = None,
                  archive: int = 20, alpha: float = 1.0, matchmaker: bool = True,
                  mutation_std: float = 0.0, init: Sequence[Any] | None = None,
+                 crossover: str = "coefficients", geometry: Any = None,
                  **options: Any) -> None:
         super().__init__(lower, upper, directions, seed=seed, popsize=popsize)
-        self._reject_options(options, ("archive", "alpha", "matchmaker", "mutation_std", "init"))
+        self._reject_options(options, ("archive", "alpha", "matchmaker", "mutation_std", "init",
+                                       "crossover"))
+        problems = crossover_problems(crossover, geometry, mutation_std, self.dim)
+        if problems:
+            raise ValueError("; ".join(problems))
+        self.crossover, self.geometry = crossover, geometry
         popsize = 1 if popsize is None else popsize
         if isinstance(popsize, bool) or not isinstance(popsize, (int, np.integer)) or popsize < 1:
             raise ValueError(f"popsize: m2n2 needs an integer >= 1, got {popsize!r}")
@@ -270,6 +311,8 @@ class M2N2(Strategy):
             "matchmaker": bool(matchmaker), "mutation_std": float(mutation_std)}
         Niches(**self._settings, dim=1, n_items=1)  # validates the settings before any compute
         self._init = self._init_points(init)
+        if geometry is not None:
+            self._sources = [_source_of(x, i, geometry.n_sources) for i, x in enumerate(self._init)]
         if len(self._init) > archive:
             raise ValueError(f"init: {len(self._init)} points for an archive of {archive}")
         self.niches: Niches | None = None  # sized at the first tell (item count unknown before)
@@ -277,6 +320,8 @@ class M2N2(Strategy):
         self._pending: list[Candidate] | None = None
 
     def _init_points(self, init: Sequence[Any] | None) -> list[np.ndarray]:
+        if init is None and self.geometry is not None:  # weights: every source alone
+            return [source_record(k) for k in range(self.geometry.n_sources)]
         if init is None:
             rng = np.random.default_rng([self.seed, 2**31])
             return [self.lower + rng.random(self.dim) * (self.upper - self.lower)
@@ -308,14 +353,22 @@ class M2N2(Strategy):
         if self.generation == 0:
             cands = [Candidate(x=x, generation=0, index=i, meta={"step": i, "init": True})
                      for i, x in enumerate(self._init)]
+            if self.geometry is not None:  # weights: the member travels to the driver
+                g = self.geometry
+                cands = [Candidate(c.x, 0, c.index, {**c.meta, "member": source_member(
+                    k, g.n_sources, g.size)}) for c, k in zip(cands, self._sources)]
         else:
             assert self.niches is not None
             cands = []
             for i in range(self._popsize if n is None else n):
                 record, child = self.niches.breed(self._step + i)
-                cands.append(Candidate(x=np.clip(child, self.lower, self.upper),
-                                       generation=self.generation, index=i,
-                                       meta={"record": record}))
+                if self.geometry is not None:  # x: the record; the member in meta
+                    x = np.array([-1.0, record.parent_a, record.parent_b, record.split,
+                                  record.mix])
+                    meta = {"record": record, "member": child}
+                else:
+                    x, meta = np.clip(child, self.lower, self.upper), {"record": record}
+                cands.append(Candidate(x=x, generation=self.generation, index=i, meta=meta))
         self._pending = cands
         return list(cands)
 
@@ -335,17 +388,70 @@ class M2N2(Strategy):
             raise ValueError("m2n2 tell: every initial candidate failed; no item count to "
                              "size the archive")
         if self.niches is None:
-            self.niches = Niches(**self._settings, dim=self.dim, n_items=len(known[0]))
+            self.niches = self._new_niches(len(known[0]))
         n_items = self.niches.scores.shape[1]
         for k, (cand, s) in enumerate(zip(candidates, item_scores)):
             row = np.zeros(n_items) if s is None else np.asarray(s, dtype=float).ravel()
             if len(row) != n_items:
                 raise ValueError(f"m2n2 tell: item_scores[{k}] has {len(row)} items, the "
                                  f"archive {n_items}")
-            self.niches.insert(cand.x, row, self._step + k)
+            genome = cand.meta["member"] if self.geometry is not None else cand.x
+            self.niches.insert(genome, row, self._step + k)
         self._step += len(candidates)
         self._pending = None
         self.generation += 1
+
+    def _new_niches(self, n_items: int) -> Niches:
+        """The archive: over ``x`` (coefficients), or over members of the sources' flattened
+        weights (weights: split points over all ``D`` parameters, the zero member in empty
+        slots, slerp angles from the geometry's Gram matrices)."""
+        if self.geometry is None:
+            return Niches(**self._settings, dim=self.dim, n_items=n_items)
+        g = self.geometry
+        return Niches(**self._settings, dim=g.size, n_items=n_items,
+                      crossover=lambda a, b, split, mix: crossover_members(a, b, split, mix, g),
+                      empty=zero_member(g.n_sources, g.size))
+
+
+def crossover_problems(crossover: str, geometry: Any, mutation_std: float,
+                       dim: int) -> list[str]:
+    """What is wrong with M2N2's crossover options (every problem, one line each)."""
+    if crossover not in CROSSOVERS:
+        return [f"crossover: {', '.join(CROSSOVERS)}, got {crossover!r}"]
+    problems = []
+    if crossover == "weights" and geometry is None:
+        problems.append("crossover: weights crosses the sources' flattened weights and needs "
+                        "the weights space (space: {kind: weights}), which supplies their Gram "
+                        "geometry; or use crossover: coefficients with a coefficient space")
+    if crossover == "coefficients" and geometry is not None:
+        problems.append("crossover: coefficients crosses a coefficient space's x, but a "
+                        "weights geometry was given; use crossover: weights with the weights "
+                        "space, or a coefficient space")
+    if crossover == "weights" and mutation_std:
+        problems.append(f"mutation_std: {mutation_std} has no meaning for weight-space members "
+                        "(linear combinations of the sources); set it to 0")
+    if crossover == "weights" and dim != len(RECORD):
+        problems.append(f"crossover: weights asks records {list(RECORD)} ({len(RECORD)} numbers), "
+                        f"the bounds have {dim}")
+    return problems
+
+
+CROSSOVERS = ("coefficients", "weights")
+
+
+def source_record(k: int) -> np.ndarray:
+    """The record of source ``k`` alone as an initial member (see :data:`RECORD`)."""
+    return np.array([float(k), -1.0, -1.0, 0.0, 0.0])
+
+
+def _source_of(record: np.ndarray, i: int, n_sources: int) -> int:
+    """The source an initial weights-mode record names; ValueError if it is not one."""
+    k = record[0]
+    if (k != int(k) or not 0 <= k < n_sources
+            or not np.array_equal(record, source_record(int(k)))):
+        raise ValueError(f"init[{i}]: weight-space members start as sources alone: "
+                         f"[k, -1, -1, 0, 0] with k in 0..{n_sources - 1}, got {record.tolist()}")
+    return int(k)
 
 
 # ---- from-scratch mode --------------------------------------------------------------------------
