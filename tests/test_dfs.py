@@ -1,10 +1,13 @@
-"""DFS layer-path merges: the genome's decoding (worked by hand), the by-reference layer stack
-against the source model itself, the hop scale against a literal scaling of the hidden state,
-the materialised export against ``transformers`` loading it and against mergekit's passthrough."""
+"""DFS layer-path merges: the genome's decoding (worked by hand: which coordinate of Sakana's
+layer-indexed W, of the factored W and of the model-pair W scales which hop), the by-reference
+layer stack against the source model itself, the hop scales (the first block's input included)
+against a literal scaling of the hidden state, the materialised export against
+``transformers`` loading it and against mergekit's passthrough."""
 
 from __future__ import annotations
 
 import random
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -13,7 +16,7 @@ import torch
 import transformers
 import yaml
 
-from evomerge.dfs import DfsSpace
+from evomerge.dfs import LAYER_SCALES_LIMIT, DfsSpace
 from evomerge.merge.engine import Merger
 from evomerge.merge.io import export_model
 from evomerge.merge.layerstack import LayerRecipe, LayerSlice, LayerStack, fold_scales, parse_recipe
@@ -64,25 +67,131 @@ IDS = torch.randint(0, 64, (3, 9), generator=torch.Generator().manual_seed(0))
 
 
 def test_fold_scales_by_hand():
-    # hidden *= 2 entering block 1, *= 0.5 entering block 2, *= 4 entering block 3
-    assert fold_scales([7.0, 2.0, 0.5, 4.0]) == [1.0, 0.5, 1.0, 0.25]
+    # hidden *= 2 entering block 0 (the embedding output), *= 2 entering block 1, *= 0.5
+    # entering block 2, *= 4 entering block 3: cumulative 2, 4, 2, 8
+    assert fold_scales([2.0, 2.0, 0.5, 4.0]) == [0.5, 0.25, 0.5, 0.125]
+    assert fold_scales([1.0, 2.0, 0.5, 4.0]) == [1.0, 0.5, 1.0, 0.25]
 
 
 def test_slots_names_bounds_and_start_point(family):
     space = bound(family, repeats=2)
-    # T = M * L * r = 2 * 3 * 2 slots, then W (2 x 2)
-    assert space.dim == 12 + 4
+    assert space.scales == "layers"  # the default: Sakana's W over layers
+    # T = M * r = (2 models x 3 blocks) x 2 slots, then W: an embedding row + 6 layer rows, 6
+    # columns (layer a.b = block b of source a)
+    assert space.dim == 12 + 7 * 6
     assert space.names[:4] == ("in[r0.a.0]", "in[r0.a.1]", "in[r0.a.2]", "in[r0.b.0]")
-    assert space.names[6] == "in[r1.a.0]" and space.names[12:] == (
-        "W[a->a]", "W[a->b]", "W[b->a]", "W[b->b]")
-    assert list(space.lower) == [-1.0] * 12 + [0.5] * 4
-    assert list(space.start_point) == [0.5] * 3 + [-0.5] * 9 + [1.0] * 4
+    assert space.names[6] == "in[r1.a.0]"
+    assert space.names[12:19] == ("W[embed->a.0]", "W[embed->a.1]", "W[embed->a.2]",
+                                  "W[embed->b.0]", "W[embed->b.1]", "W[embed->b.2]",
+                                  "W[a.0->a.0]")
+    # W[a.2->b.0]: row 1 + 2 (out of layer a.2), column 3 (b.0)
+    assert space.names[-1] == "W[b.2->b.2]" and space.names[12 + 6 * 3 + 3] == "W[a.2->b.0]"
+    assert list(space.lower) == [-1.0] * 12 + [0.5] * 42
+    assert list(space.upper) == [1.0] * 12 + [1.5] * 42
+    assert list(space.start_point) == [0.5] * 3 + [-0.5] * 9 + [1.0] * 42
     recipe = space.decode(space.start_point)
     assert recipe.slices == (LayerSlice(str(family.sources[0]), 0, 3),)
 
 
+# A 2-model, 2-block example: layers a.0, a.1, b.0, b.1 (indices 0..3), repeated twice: slots
+# 0..7 = r0.a.0, r0.a.1, r0.b.0, r0.b.1, r1.a.0, r1.a.1, r1.b.0, r1.b.1. The path of slots 1,
+# 2, 6, 7 is a.1, b.0, b.0 (repeat 1 re-enters layer b.0), b.1.
+SMALL = {"a": "/models/a", "b": "/models/b"}
+SMALL_SLOTS = (1, 2, 6, 7)
+
+
+def small_genome(space, scales: dict[str, float]) -> np.ndarray:
+    """The SMALL path, every scale coordinate at a distinct filler value but those named."""
+    x = np.full(space.dim, -0.5)
+    x[list(SMALL_SLOTS)] = 0.5
+    x[8:] = np.linspace(0.55, 1.45, space.dim - 8)
+    for name, value in scales.items():
+        x[space.names.index(name)] = value
+    return x
+
+
+def test_layer_w_coordinates_by_hand():
+    space = DfsSpace(kind="dfs", repeats=2, scales="layers").bind(SMALL, 2, "llama")
+    # W is (1 + 4) x 4, row-major after the 8 slots: W[row, col] at 8 + 4 * row + col, row 0
+    # the embedding row, row 1 + k the hops out of layer k
+    assert space.dim == 8 + 20
+    assert space.names[8 + 1] == "W[embed->a.1]"      # the first block's input, a.1
+    assert space.names[8 + 4 * 2 + 2] == "W[a.1->b.0]"  # a.1 (row 1 + 1) -> b.0 (column 2)
+    assert space.names[8 + 4 * 3 + 2] == "W[b.0->b.0]"  # the repeat re-entering b.0
+    assert space.names[8 + 4 * 3 + 3] == "W[b.0->b.1]"
+    x = small_genome(space, {"W[embed->a.1]": 0.5, "W[a.1->b.0]": 1.25,
+                             "W[b.0->b.0]": 0.8, "W[b.0->b.1]": 1.5})
+    assert space.path(x) == [(0, 1, 0.5), (1, 0, 1.25), (1, 0, 0.8), (1, 1, 1.5)]
+    # no other coordinate scales any hop of this path
+    y = x.copy()
+    used = [space.names.index(n) for n in ("W[embed->a.1]", "W[a.1->b.0]", "W[b.0->b.0]",
+                                           "W[b.0->b.1]")]
+    others = [i for i in range(8, space.dim) if i not in used]
+    y[others] = 1.4
+    assert space.path(y) == space.path(x)
+    # cumulative hidden-state scales 0.5, 0.625, 0.5, 0.75 -> residual scales their inverses
+    recipe = space.decode(x)
+    assert [(s.model, s.start, s.end) for s in recipe.slices] == [
+        ("/models/a", 1, 2), ("/models/b", 0, 1), ("/models/b", 0, 1), ("/models/b", 1, 2)]
+    assert [s.scale for s in recipe.slices] == pytest.approx([2.0, 1.6, 2.0, 4 / 3])
+
+
+def test_factored_w_by_hand():
+    space = DfsSpace(kind="dfs", repeats=2, scales="factored").bind(SMALL, 2, "llama")
+    # P: (embed, a, b) x (a, b), then q per layer entered: 6 + 4 coordinates
+    assert space.names[8:] == ("P[embed->a]", "P[embed->b]", "P[a->a]", "P[a->b]", "P[b->a]",
+                               "P[b->b]", "q[a.0]", "q[a.1]", "q[b.0]", "q[b.1]")
+    x = small_genome(space, {"P[embed->a]": 0.6, "P[a->b]": 1.2, "P[b->b]": 0.9,
+                             "q[a.1]": 1.1, "q[b.0]": 0.7, "q[b.1]": 1.3})
+    # W[embed->a.1] = P[embed->a] q[a.1]; W[a.1->b.0] = P[a->b] q[b.0];
+    # W[b.0->b.0] = P[b->b] q[b.0]; W[b.0->b.1] = P[b->b] q[b.1]
+    assert [h for _, _, h in space.path(x)] == pytest.approx(
+        [0.6 * 1.1, 1.2 * 0.7, 0.9 * 0.7, 0.9 * 1.3])
+
+
+def test_model_pair_w_by_hand():
+    """The model-pair form (ours, evomerge's earlier one): W[model left, model entered] on every
+    hop after the first, an ordinary step inside one model included; the first input unscaled."""
+    space = DfsSpace(kind="dfs", repeats=2, scales="model_pairs").bind(SMALL, 2, "llama")
+    assert space.names[8:] == ("W[a->a]", "W[a->b]", "W[b->a]", "W[b->b]")
+    x = small_genome(space, {"W[a->b]": 1.25, "W[b->b]": 0.8})
+    assert [h for _, _, h in space.path(x)] == [1.0, 1.25, 0.8, 0.8]
+
+
+def test_scales_option_values():
+    def form(scales, n=2, layers=2):
+        sources = {f"s{i}": f"/m/{i}" for i in range(n)}
+        options = {} if scales is None else {"scales": scales}
+        return DfsSpace(kind="dfs", **options).bind(sources, layers, "llama")
+
+    assert [form(s).scales for s in (None, True, False, "layers", "factored", "model_pairs",
+                                     "none")] == ["layers", "layers", "none", "layers",
+                                                  "factored", "model_pairs", "none"]
+    assert form("none").dim == form(False).dim == 2 * 2 * 2  # the slots alone
+    # the default: layers while (M + 1) M <= the limit (4096: M = 63 -> 4032), else factored
+    assert LAYER_SCALES_LIMIT == 4096
+    assert form(None, n=1, layers=63).scales == "layers"
+    big = form(None, n=2, layers=32)  # M = 64: (65) 64 = 4160 entries
+    assert big.scales == "factored" and big.dim == 64 * 2 + 3 * 2 + 64
+    assert form("layers", n=2, layers=32).dim == 64 * 2 + 65 * 64  # explicit: honoured
+
+
+def test_bad_dfs_options_are_one_error_naming_each():
+    with pytest.raises(ValueError) as info:
+        DfsSpace.from_dict({"kind": "dfs", "scales": "layer", "repeats": 0,
+                            "scale_bounds": [1.1, 2.0]})
+    message = str(info.value)
+    assert message.startswith("space: invalid dfs space:")
+    assert "scales: expected one of layers, factored, model_pairs, none (or true: the " \
+        "default, false: none), got 'layer'" in message
+    assert "repeats" in message and "scale_bounds [1.1, 2.0]" in message
+    with pytest.raises(ValueError, match="'embed' names the embedding row"):
+        DfsSpace(kind="dfs", scales="factored").bind({"embed": "/m/e", "b": "/m/b"}, 2,
+                                                     "llama")
+
+
 def test_decode_worked_example(family):
-    space = bound(family, repeats=2)
+    space = bound(family, repeats=2, scales="model_pairs")
     x = np.full(space.dim, -0.3)
     # path: a0, a1, b2 (rep 0), then a1 (rep 1); W[a->b] = 0.8, W[b->a] = 1.25, W[a->a] = 1
     for slot in (0, 1, 5, 7):
@@ -128,10 +237,13 @@ def test_scales_need_a_family_that_can_carry_them(family):
     sources = {"a": str(family.sources[0])}
     with pytest.raises(ValueError, match="scales: hop scales are supported.*gemma2.*'falcon'"):
         DfsSpace(kind="dfs").bind(sources, LAYERS, "falcon")
+    with pytest.raises(ValueError, match="set scales: none to search the path alone"):
+        DfsSpace(kind="dfs", scales="model_pairs").bind(sources, LAYERS, "falcon")
     assert DfsSpace(kind="dfs", scales=False).bind(sources, LAYERS, "falcon").dim == LAYERS * 2
     # sandwich-norm and post-norm families carry them too (tests/test_layerstack_families.py)
     for family_type in ("gemma2", "olmo2", "gpt_neox"):
-        assert DfsSpace(kind="dfs").bind(sources, LAYERS, family_type).dim == LAYERS * 2 + 1
+        assert DfsSpace(kind="dfs").bind(sources, LAYERS, family_type).dim == (
+            LAYERS * 2 + (LAYERS + 1) * LAYERS)
 
 
 def test_scale_bounds_must_reach_one():
@@ -198,9 +310,9 @@ def _scaled_hidden_reference(family, path: list[tuple[int, int, float]]) -> torc
     return ref
 
 
-def test_hop_scales_equal_scaling_the_hidden_state(family, stack):
+def test_model_pair_scales_equal_scaling_the_hidden_state(family, stack):
     builder, _ = stack
-    space = bound(family, repeats=2)
+    space = bound(family, repeats=2, scales="model_pairs")
     x = np.full(space.dim, -0.5)
     for slot in (0, 4, 5, 7, 9):  # a0, b1, b2, a1, b0
         x[slot] = 0.5
@@ -216,13 +328,71 @@ def test_hop_scales_equal_scaling_the_hidden_state(family, stack):
     assert (plain - theirs).abs().max() > 1e-3
 
 
+def layer_genome(space, slots: Sequence[int], seed: int = 0) -> np.ndarray:
+    """``slots`` on, every W entry drawn in [0.6, 1.4] (the first block's input included)."""
+    x = np.full(space.dim, -0.5)
+    x[list(slots)] = 0.5
+    t = len(space.slots)
+    x[t:] = np.random.default_rng(seed).uniform(0.6, 1.4, space.dim - t)
+    return x
+
+
+def test_layer_scales_equal_scaling_the_hidden_state(family, stack):
+    """Sakana's W over layers, every hop scaled: the first block's input by W[embed->a.0], an
+    ordinary step a.0 -> a.1 by W[a.0->a.1], repeat 1 re-entering b.2 by W[b.2->b.2]."""
+    builder, _ = stack
+    space = bound(family, repeats=2, scales="layers")
+    x = layer_genome(space, (0, 1, 5, 11, 6))  # a0, a1, b2 (repeat 0), a0, b2 (repeat 1)
+    path = space.path(x)
+    w = {n: x[i] for i, n in enumerate(space.names)}
+    assert path == [(0, 0, w["W[embed->a.0]"]), (0, 1, w["W[a.0->a.1]"]),
+                    (1, 2, w["W[a.1->b.2]"]), (0, 0, w["W[b.2->a.0]"]),
+                    (1, 2, w["W[a.0->b.2]"])]
+    ours = logits(builder.build(space.decode(x)), IDS)
+    theirs = logits(_scaled_hidden_reference(family, path), IDS)
+    torch.testing.assert_close(ours, theirs, atol=2e-5, rtol=1e-4)
+    # the re-entry hop b.2 -> b.2 of another path, and the first input, each matter
+    x = layer_genome(space, (5, 11))
+    assert [h for _, _, h in space.path(x)] == [w["W[embed->b.2]"], w["W[b.2->b.2]"]]
+    torch.testing.assert_close(logits(builder.build(space.decode(x)), IDS),
+                               logits(_scaled_hidden_reference(family, space.path(x)), IDS),
+                               atol=2e-5, rtol=1e-4)
+    first = space.names.index("W[embed->b.2]")
+    unscaled_first = x.copy()
+    unscaled_first[first] = 1.0
+    plain = logits(builder.build(space.decode(unscaled_first)), IDS)
+    scaled = logits(builder.build(space.decode(x)), IDS)
+    assert (plain - scaled).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("family_type", ["llama", "gemma2", "olmo2", "gpt_neox"])
+def test_layer_scales_on_each_hop_form(family_type, tmp_path):
+    """The first-hop fold in every hop form (pre-norm, sandwich norms, post-branch norms with
+    inputs divided), fp32, against the families test's float64 Sakana reference."""
+    try:
+        import test_layerstack_families as families
+        from arch_models import make_family as make_arch
+        from helpers import cast_model
+    except ImportError:  # tests/ imported as a package
+        from tests import test_layerstack_families as families
+        from tests.arch_models import make_family as make_arch
+        from tests.helpers import cast_model
+
+    paths = make_arch(family_type, tmp_path / "bf16", n_models=3, scale=0.2)
+    families._configure(paths, family_type)
+    paths = [cast_model(p, tmp_path / "fp32" / p.name, torch.float32) for p in paths]
+    sources = {"a": str(paths[1]), "b": str(paths[2])}
+    space = DfsSpace(kind="dfs", repeats=2, scales="layers").bind(sources, LAYERS, family_type)
+    x = layer_genome(space, (3, 5, 6, 7, 11), seed=1)  # b0, b2, a0, a1, b2
+    path = space.path(x)
+    assert path[0][2] != 1.0
+    ours = families.logits(families.stacker(paths).build(space.decode(x)))
+    families.close(ours, families.logits(families.sakana_reference(paths, path)), 1e-5)
+
+
 def _mixed_recipe(family) -> LayerRecipe:
     space = bound(family, repeats=2)
-    x = np.full(space.dim, -0.5)
-    for slot in (0, 1, 4, 5, 6, 8):
-        x[slot] = 0.5
-    x[12:] = [1.1, 0.7, 1.4, 0.9]
-    return space.decode(x)
+    return space.decode(layer_genome(space, (0, 1, 4, 5, 6, 8)))
 
 
 def test_materialised_export_loads_with_transformers(family, stack, tmp_path):

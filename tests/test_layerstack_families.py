@@ -140,7 +140,8 @@ def model_type(path: Path) -> str:
 
 def space_for(paths: list[Path]):
     sources = {"a": str(paths[1]), "b": str(paths[2])}
-    return DfsSpace(kind="dfs", repeats=2).bind(sources, LAYERS, model_type(paths[1]))
+    return DfsSpace(kind="dfs", repeats=2, scales="model_pairs").bind(sources, LAYERS,
+                                                                      model_type(paths[1]))
 
 
 def genome(space, scales=W) -> np.ndarray:
