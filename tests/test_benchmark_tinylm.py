@@ -1,6 +1,8 @@
 """Smoke test of benchmarks/tinylm_merges.py on the tiny zoo: it runs the shipped DFS experiment
 as a user would (model paths relative to the working directory), prints one JSON object whose
-rows are the runs' own summary.json numbers, and reuses a finished run instead of re-running it."""
+rows are the runs' own summary.json numbers, and reuses a finished run instead of re-running it.
+Its table reads back as the rows it was written from (what ``--only --write-results`` carries
+over for the experiments it does not re-run)."""
 
 from __future__ import annotations
 
@@ -13,6 +15,29 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "benchmarks" / "tinylm_merges.py"
+
+
+def test_table_reads_back_as_its_rows():
+    sys.path.insert(0, str(SCRIPT.parent))
+    import tinylm_merges
+
+    rows = [
+        {"experiment": "tinylm_ps_cmaes", "method": "PS (CMA-ES)", "candidates": 600,
+         "wall_s": 142.0, "search_best": 0.624, "best": 0.608,
+         "sources": {"a": 0.343, "b": 0.504}, "best_source": "b", "gain": 0.104},
+        {"experiment": "tinylm_ps_dfs", "method": "PS+DFS, W over layers (CMA-ES)",
+         "candidates": 240, "wall_s": 298.0, "search_best": 0.598, "best": 0.577,
+         "sources": {"a": 0.343, "b": 0.504, "ps": 0.563}, "best_source": "ps", "gain": 0.014,
+         "carried": True},
+    ]
+    text = tinylm_merges.markdown({"started": "2026-12-05 04:00 UTC", "cpu": "cpu",
+                                   "loadavg_1min": {"start": 0.5, "end": 1.0}, "rows": rows})
+    assert "| tinylm_ps_dfs | PS+DFS, W over layers (CMA-ES) † | 240 | 298 |" in text
+    assert "| tinylm_ps_cmaes | PS (CMA-ES) | 600 | 142 | 0.624 | **0.608** | 0.343 | 0.504 " \
+        "| - | +0.104 (b) |" in text
+    again = tinylm_merges.table_rows(text)
+    # every row comes back, each marked as carried over (it was not run by the reader)
+    assert again == {r["experiment"]: {**r, "carried": True} for r in rows}
 
 
 @pytest.mark.slow
@@ -32,7 +57,7 @@ def test_tinylm_merges_tabulates_the_runs_summaries(tmp_path):
     assert row["best"] == final["best"] and row["candidates"] == summary["n_trials"] == 12
     assert row["sources"] == {k: v for k, v in final.items() if k != "best"}
     assert row["gain"] == pytest.approx(final["best"] - max(row["sources"].values()))
-    assert "| tinylm_dfs | DFS (CMA-ES) | 12 |" in proc.stderr
+    assert "| tinylm_dfs | DFS, W over layers (CMA-ES) | 12 |" in proc.stderr
 
     stamp = (out / "tinylm_dfs" / "summary.json").stat().st_mtime_ns
     again = subprocess.run(args, cwd=tmp_path, capture_output=True, text=True, timeout=600)
