@@ -356,6 +356,9 @@ def merge(
     if _is_layer_recipe(config):
         _merge_layers(config, out, device, shard_size, overwrite, started, options)
         return
+    if _is_segment_recipe(config):
+        _merge_segments(config, out, device, shard_size, overwrite, started, options)
+        return
     try:
         recipe = MergeRecipe.from_yaml(config)
         parse_size(shard_size)
@@ -397,6 +400,46 @@ def _is_layer_recipe(config: Path) -> bool:
     except (OSError, yaml.YAMLError):
         return False  # MergeRecipe.from_yaml reports it
     return len(docs) > 1 or (len(docs) == 1 and isinstance(docs[0], dict) and "slices" in docs[0])
+
+
+def _is_segment_recipe(config: Path) -> bool:
+    """An M2N2 weight-space member (``merge_method: segments``, what weights-space runs export)."""
+    import yaml
+
+    try:
+        data = yaml.safe_load(config.read_text())
+    except (OSError, yaml.YAMLError):
+        return False  # MergeRecipe.from_yaml reports it
+    return isinstance(data, dict) and data.get("merge_method") == "segments"
+
+
+def _merge_segments(config: Path, out: Path, device: str, shard_size: str, overwrite: bool,
+                    started: float, options: dict[str, Any]) -> None:
+    """Materialise a segments recipe (:mod:`evomerge.merge.segments`) as a checkpoint; config
+    and tokenizer from its first model."""
+    from evomerge.merge.engine import Merger
+    from evomerge.merge.io import CheckpointError, export_dtype, export_model, parse_size
+    from evomerge.merge.segments import SegmentRecipe, build_into
+    from evomerge.recipe import RecipeError
+
+    try:
+        recipe = SegmentRecipe.from_yaml(config)
+        parse_size(shard_size)
+        if out.exists() and not overwrite:
+            raise CheckpointError(f"{out}: already exists; pass --overwrite to replace it")
+        hub_models = _resolve_models([(f"models[{i}]", m) for i, m in enumerate(recipe.models)])
+        written = recipe.with_models({ref: r.pinned for ref, r in hub_models.items()})
+        recipe = recipe.with_models({ref: r.path for ref, r in hub_models.items()})
+        with console.status("loading models"):
+            merger = Merger(recipe.model_paths(), device=device, dtype=recipe.dtype, **options)
+        state = build_into(recipe, merger, merger.allocate())
+        dtype = export_dtype(recipe.dtype, sources=recipe.model_paths())
+        export_model(state, out, base_dir=Path(recipe.models[0]), recipe_yaml=written.to_yaml(),
+                     max_shard_size=shard_size, dtype=dtype, overwrite=overwrite, progress=True)
+    except (RecipeError, CheckpointError, ValueError, OSError) as exc:
+        _fail(exc)
+    console.print(f"Built {len(recipe.boundaries) - 1} segments over {len(recipe.models)} models "
+                  f"into [bold]{out}[/bold] in {time.perf_counter() - started:.1f} s.")
 
 
 def _merge_layers(config: Path, out: Path, device: str, shard_size: str, overwrite: bool,

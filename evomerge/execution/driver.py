@@ -49,6 +49,7 @@ class Plan:
         from evomerge.merge.engine import layer_group
         from evomerge.merge.io import CheckpointError, check_compatible, check_finite
         from evomerge.spaces import SearchSpace, load_space
+        from evomerge.weight_space import WeightSpace, is_weight_space, pairing_problems
 
         problems: list[str] = []  # every problem the file has, raised together below
         missing = experiment.models.missing()
@@ -69,12 +70,15 @@ class Plan:
                 problems.append(str(exc))
             # NaN/inf weights, before the run directory exists (one pass; workers check again)
             problems += check_finite(self.paths)
+        weights = is_weight_space(experiment.space)  # M2N2's members (evomerge.weight_space)
         try:
             dfs = isinstance(experiment.space, dict) and experiment.space.get("kind") == "dfs"
             if dfs:
                 from evomerge.dfs import DfsSpace
 
                 space = DfsSpace.from_dict(experiment.space)
+            elif weights:
+                space = WeightSpace.from_dict(experiment.space)
             else:
                 space = (SearchSpace.from_dict(experiment.space, where="space")
                          if isinstance(experiment.space, dict) else load_space(experiment.space))
@@ -84,13 +88,16 @@ class Plan:
                 num_layers = 1 + max((g.layer for g in groups if g.layer is not None),
                                      default=-1)
                 non_layer = [n for n, g in zip(names, groups) if g.layer is None]
-                self.space = (space.bind(models.sources, num_layers,
+                self.space = (space.bind(models.sources, experiment.budget, infos[0].tensors)
+                              if weights else space.bind(models.sources, num_layers,
                                          infos[0].config.get("model_type"), loaded=self.paths)
                               if dfs else space.bind(models.base, list(models.sources.values()),
                                                      num_layers, non_layer))
         except (ValueError, KeyError, FileNotFoundError) as exc:
             message = str(exc)
             problems.append(message if message.startswith("space:") else f"space: {message}")
+        problems += pairing_problems(experiment.space, experiment.strategy.name,
+                                     experiment.strategy.options, experiment.fitness.options)
         try:
             self.objectives = _objectives(FITNESSES[experiment.fitness.name], experiment)
         except ExperimentError as exc:
@@ -101,6 +108,9 @@ class Plan:
         self.strategy_kwargs = dict(lower=self.space.lower, upper=self.space.upper,
                                     directions=directions, seed=experiment.seed,
                                     **experiment.strategy.options)
+        if weights:  # M2N2 crosses members with the space's Gram oracle (loaded on first use)
+            self.strategy_kwargs.setdefault("crossover", "weights")
+            self.strategy_kwargs["geometry"] = self.space.geometry
         if self.strategy_kwargs.get("init") == "sources":  # M2N2: each source alone
             try:
                 self.strategy_kwargs["init"] = [p.tolist() for p in self.space.source_points()]
@@ -390,7 +400,7 @@ def _search(plan: Plan, store: Store, executor: Any, bar: Any,
                 if trial.state.is_finished():
                     finished[trial._trial_id] = trial
             else:
-                ids.append(_enqueue(store, plan.space, cand.x, Slot(generation, i)))
+                ids.append(_enqueue(store, plan.space, cand.x, Slot(generation, i), cand.meta))
         already = len(finished)
 
         def generation_done() -> bool:
@@ -420,7 +430,8 @@ def _search(plan: Plan, store: Store, executor: Any, bar: Any,
                 break
             for k in lost:
                 finished.pop(ids[k])
-                ids[k] = _enqueue(store, plan.space, candidates[k].x, Slot(generation, k))
+                ids[k] = _enqueue(store, plan.space, candidates[k].x, Slot(generation, k),
+                                  candidates[k].meta)
         trials = [finished[tid] for tid in ids]
         done += len(trials) - already
         for t in trials:
@@ -437,10 +448,14 @@ def _search(plan: Plan, store: Store, executor: Any, bar: Any,
     return strategy
 
 
-def _enqueue(store: Store, space: Any, x: np.ndarray, slot: Slot) -> int:
+def _enqueue(store: Store, space: Any, x: np.ndarray, slot: Slot,
+             meta: dict[str, Any] | None = None) -> int:
     """One candidate into the store: its parameters by name, its recipe (data, and readable as
-    the trial's dashboard note; not for an in-memory study, which no dashboard can open)."""
-    recipe = space.decode(x)
+    the trial's dashboard note; not for an in-memory study, which no dashboard can open). A
+    weights-space candidate's recipe comes from its member (``meta["member"]``), its ``x``
+    being the record of how it was made."""
+    recipe = (space.decode_member(meta["member"]) if meta and "member" in meta
+              else space.decode(x))
     note = None if store.url == "memory" else _note(space, recipe, slot)
     return store.enqueue(x, slot, recipe.to_dict(), note=note)
 

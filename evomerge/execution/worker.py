@@ -35,6 +35,7 @@ from evomerge.fitness.base import (
 from evomerge.merge.engine import Merger
 from evomerge.merge.io import export_dtype
 from evomerge.merge.layerstack import LayerRecipe, LayerStack, ResidentSources, parse_recipe
+from evomerge.merge.segments import SegmentRecipe, build_into
 from evomerge.recipe import MergeRecipe
 from evomerge.store import EXPERIMENT, OWNER, Store, open_storage
 
@@ -86,6 +87,9 @@ class Evaluator:
         (DFS) assembled by reference over the resident models."""
         if isinstance(recipe, LayerRecipe):
             return self._stack_for(recipe).build(recipe)
+        if isinstance(recipe, SegmentRecipe):  # an M2N2 weight-space member
+            build_into(recipe, self.merger, self.model)
+            return self.model
         self.merger.build(recipe, into=self.model)
         return self.model
 
@@ -95,13 +99,14 @@ class Evaluator:
         base's (a layer stack's depth)."""
         if isinstance(recipe, LayerRecipe):
             return self._stack_for(recipe).materialise(recipe)
-        built = self.merger.build(recipe, into=self.model)
+        built = (build_into(recipe, self.merger, self.model) if isinstance(recipe, SegmentRecipe)
+                 else self.merger.build(recipe, into=self.model))
         # by the checkpoints' names (GPT-NeoX: embed_out, not the class's lm_head); a tied half
         # the checkpoints store anyway as the model holds it (the merged embeddings); tensors
         # the model does not keep (old buffers such as Pythia's attention masks) as the base
         # holds them: the export has the sources' layout
         own = self.model.state_dict()
-        base = self.merger.state(recipe.base_model or self.merger.paths[0])
+        base = self.merger.state(getattr(recipe, "base_model", None) or self.merger.paths[0])
         return {n: (built[n] if n in built else own[n] if n in own else base[n]).detach()
                 for n in self.merger.names}, {}
 

@@ -386,9 +386,14 @@ def _scale_of(params: Mapping[str, Any], parameter: str, projections: Sequence[s
 
 
 def parse_recipe(data: Mapping[str, Any], *, where: str = "recipe") -> MergeRecipe | LayerRecipe:
-    """A stored recipe of either kind: layer stacks have ``slices``."""
+    """A stored recipe of any kind: layer stacks have ``slices``, M2N2 weight-space members
+    ``merge_method: segments`` (:mod:`evomerge.merge.segments`)."""
     if "slices" in data:
         return LayerRecipe.from_dict(data, where=where)
+    if data.get("merge_method") == "segments":
+        from evomerge.merge.segments import SegmentRecipe
+
+        return SegmentRecipe.from_dict(data, where=where)
     return MergeRecipe.from_dict(data, where=where)
 
 
