@@ -354,7 +354,8 @@ def separable(X: np.ndarray) -> np.ndarray:
 
 def test_nested_map_merges_pairs_in_a_tree_and_finds_each_tasks_best_coefficient():
     strategy = make_strategy("map", lower=[0] * 4, upper=[1.5] * 4, seed=3, popsize=32,
-                             directions=["maximize"] * 4, nested=True, **FAST)
+                             directions=["maximize"] * 4, nested={"variant": "index_pairs"},
+                             **FAST)
     record = drive(strategy, separable, 4)
     phases = [(m[0]["phase"], m[0]["stage"], len(X)) for X, _, m in record]
     # Stage 0: two pairs x 16 design points, then two pairs x 4 front points; stage 1: one pair.
@@ -378,7 +379,7 @@ def test_nested_map_merges_pairs_in_a_tree_and_finds_each_tasks_best_coefficient
 
 def test_nested_map_with_an_odd_number_of_tasks_carries_the_odd_one_to_the_next_stage():
     strategy = make_strategy("map", lower=[0] * 3, upper=[1.5] * 3, seed=4, popsize=32,
-                             directions=["maximize"] * 3, nested={"front_points": 2}, **FAST)
+                             directions=["maximize"] * 3, nested={"variant": "index_pairs", "front_points": 2}, **FAST)
     drive(strategy, lambda X: separable(np.hstack([X, np.zeros((len(X), 1))]))[:, :3], 4)
     strategy.ask()
     report = strategy.surrogate_report()["nested"]

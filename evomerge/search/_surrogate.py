@@ -14,7 +14,7 @@ saturate.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -146,6 +146,14 @@ def errors(y: np.ndarray, pred: np.ndarray) -> dict[str, float | int | None]:
 
 
 # ---- Bayesian MAP: hyperspherical bins ---------------------------------------------------------
+
+def reference_bins(d: int) -> int:
+    """Bins per hyperspherical angle in MAP's reference code (``get_sample_n_bins``): 4 for
+    fewer than 4 coefficients, 2 from 4 on (the reference warns that it does not support more
+    than 6). The ``d - 1`` angles make ``bins^(d - 1)`` cells: 4 at d = 2, 16 at d = 3, 8 at
+    d = 4, 16 at d = 5, 32 at d = 6."""
+    return 4 if d < 4 else 2
+
 
 def to_angles(C: np.ndarray) -> np.ndarray:
     """Hyperspherical angles of points in the non-negative orthant, each in [0, pi/2]:
@@ -288,3 +296,70 @@ def spread_pick(F: np.ndarray, k: int, anchors: np.ndarray | None = None,
         if len(picked) >= k:
             break
     return picked[:k]
+
+
+# ---- Nested MAP: the reference's design, pair order and preference pick --------------------------
+
+def reference_design(rng: np.random.Generator, dim: int, total: int,
+                     prop_isotropic: float) -> np.ndarray:
+    """MAP's reference design sampler (``Sampling.generate_combined_points`` with one-hot
+    points included and ``prop_onehot = 0``), points in ``[0, 1]^dim``, in the reference's
+    order: with ``m = total - dim`` and ``k = floor(prop_isotropic m)``,
+
+    * ``floor(k / 2)`` isotropic points ``(u, .., u)``, ``u ~ U[0, 1]``;
+    * ``floor(k / 2)`` of them again (drawn with replacement) plus N(0, 0.1^2) noise, clipped
+      to [0, 1];
+    * the ``dim`` one-hot points;
+    * ``m - k`` points of the grid ``{0, 1/(g-1), .., 1}^dim`` with ``g = ceil((2 (m - k))^(1 /
+      dim))``, leaving out one-hot, isotropic and coordinate-sum-1 points, drawn without
+      replacement (all of them when fewer remain).
+
+    So ``total = 20`` at ``dim = 2`` gives 19 points (1 + 1 + 2 + 15): an odd ``k`` loses one.
+    """
+    rest = total - dim
+    if rest <= 0:
+        raise ValueError(f"design: {total} points include the {dim} one-hot points; give more "
+                         f"than {dim}")
+    k = int(prop_isotropic * rest)
+    iso = np.repeat(rng.random(k // 2)[:, None], dim, axis=1)
+    if k // 2:
+        noisy = iso[rng.integers(len(iso), size=k // 2)] + rng.normal(0.0, 0.1, (k // 2, dim))
+        noisy = np.clip(noisy, 0.0, 1.0)
+    else:
+        noisy = np.zeros((0, dim))
+    n_grid = rest - k
+    g = int(np.ceil((n_grid / 0.5) ** (1.0 / dim)))
+    grid = np.indices([g] * dim).reshape(dim, -1).T / (g - 1)
+    onehot = (np.sum(grid == 1, axis=1) == 1) & (np.sum(grid == 0, axis=1) == dim - 1)
+    keep = ~onehot & (grid.sum(axis=1) != 1) & ~np.all(grid == grid[:, [0]], axis=1)
+    grid = grid[keep]
+    if len(grid) > n_grid:
+        grid = grid[rng.choice(len(grid), n_grid, replace=False)]
+    return np.vstack([iso, noisy, np.eye(dim), grid])
+
+
+def closest_pair(scores: Sequence[float]) -> tuple[int, int]:
+    """Nested MAP's next pair (the reference's ``find_closest_datasets``): the indices ``i < j``
+    of the two pool entries whose scores differ least; ties go to the first such pair in the
+    order (0, 1), (0, 2), .., (1, 2), .."""
+    if len(scores) < 2:
+        raise ValueError(f"closest_pair: needs at least 2 scores, got {len(scores)}")
+    best, pair = np.inf, (0, 1)
+    for i in range(len(scores)):
+        for j in range(i + 1, len(scores)):
+            diff = abs(scores[i] - scores[j])
+            if diff < best:
+                best, pair = diff, (i, j)
+    return pair
+
+
+def preference_pick(F: np.ndarray, weights: np.ndarray) -> int:
+    """The row of a predicted front ``F`` (minimisation form: lower is better) that Nested MAP
+    takes for a pair (the reference's ``get_scaling_from_pf``): among the non-dominated rows,
+    the one with the best preference-weighted sum ``F @ weights`` (the reference normalises the
+    weights to unit length first, which does not change the choice); the first on ties."""
+    from pymoo.util.nds.non_dominated_sorting import NonDominatedSorting
+
+    F = np.atleast_2d(F)
+    front = np.sort(NonDominatedSorting().do(F, only_non_dominated_front=True))
+    return int(front[int(np.argmin(F[front] @ np.asarray(weights, dtype=float)))])

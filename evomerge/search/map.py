@@ -91,11 +91,15 @@ from evomerge.search._surrogate import (
     cell_of,
     cell_probabilities,
     cell_scores,
+    closest_pair,
     errors,
     fit_quadratic,
     fittable,
     loo_predictions,
     n_terms,
+    preference_pick,
+    reference_bins,
+    reference_design,
     sample_in_cells,
     spread_pick,
     surrogate_front,
@@ -104,14 +108,18 @@ from evomerge.search._surrogate import (
 from evomerge.search.base import Candidate, Direction, Strategy, register
 
 Batch = list[tuple[np.ndarray, dict[str, Any]]]
+NESTED_VARIANTS = ("published", "index_pairs")
+_REFERENCE_RANGE = 3.0  # the reference's surrogate NSGA searches coefficients in [-3, 3]
 
 
 @dataclass(frozen=True)
 class _Group:
-    """Nested MAP: tasks merged so far and their coefficient vector in the full space."""
+    """Nested MAP: tasks merged so far, their coefficient vector in the full space, and (for
+    the published variant) the group's score that decides the pair order."""
 
     tasks: tuple[int, ...]
     v: np.ndarray
+    score: float = 0.0
 
 
 def _positive_int(key: str, value: Any, minimum: int = 1) -> int:
@@ -191,7 +199,7 @@ class MAPStrategy(Strategy):
         d = self.dim
         opts = _sub_options("bayesian", value, {
             "rounds": 3, "per_round": self._popsize, "temperature": 0.07,
-            "bins": max(2, round(16 ** (1 / max(d - 1, 1))))})
+            "bins": reference_bins(d)})
         if opts is None:
             return None
         _positive_int("bayesian.rounds", opts["rounds"], 0)
@@ -209,29 +217,52 @@ class MAPStrategy(Strategy):
 
     def _check_nested(self, value: Any) -> dict[str, Any] | None:
         d, n_obj = self.dim, len(self.directions)
-        opts = _sub_options("nested", value, {"preference": None, "design": 16,
-                                              "front_points": 4})
+        opts = _sub_options("nested", value, {
+            "variant": "published", "preference": None, "design": None, "isotropic": 0.2,
+            "generations": 25, "front_points": 4})
         if opts is None:
             return None
+        problems = []
+        if opts["variant"] not in NESTED_VARIANTS:
+            problems.append(f"nested.variant: {opts['variant']!r} is not one of "
+                            f"{', '.join(NESTED_VARIANTS)}")
         if d < 2 or n_obj != d:
-            raise ValueError(f"nested: needs one objective per coefficient (objective n scores "
-                             f"task n) and at least 2; got {d} coefficients, {n_obj} objectives")
+            problems.append(f"nested: needs one objective per coefficient (objective n scores "
+                            f"task n) and at least 2; got {d} coefficients, {n_obj} objectives")
         if len(set(self.directions)) != 1:
-            raise ValueError(f"nested: objectives must share one direction (group metrics are "
-                             f"means); got {self.directions}")
+            problems.append(f"nested: objectives must share one direction (group metrics are "
+                            f"means); got {self.directions}")
         if np.any(self.lower > 0) or np.any(self.upper <= 0):
-            raise ValueError("nested: needs lower <= 0 < upper per coefficient (tasks outside "
-                             "a pair are switched off with coefficient 0)")
+            problems.append("nested: needs lower <= 0 < upper per coefficient (tasks outside a "
+                            "pair are switched off with coefficient 0)")
         pref = np.ones(d) if opts["preference"] is None else np.asarray(opts["preference"],
                                                                         dtype=float)
         if pref.shape != (d,) or np.any(pref < 0) or not np.any(pref > 0):
-            raise ValueError(f"nested.preference: {d} non-negative numbers, not all 0; got "
-                             f"{opts['preference']!r}")
-        if _positive_int("nested.design", opts["design"]) <= n_terms(2):
-            raise ValueError(f"nested.design: a pair's quadratic has {n_terms(2)} parameters; "
-                             f"give more points than that, got {opts['design']}")
-        _positive_int("nested.front_points", opts["front_points"])
-        return {**opts, "preference": pref}
+            problems.append(f"nested.preference: {d} non-negative numbers, not all 0; got "
+                            f"{opts['preference']!r}")
+        published = opts["variant"] == "published"
+        design = opts["design"] if opts["design"] is not None else (20 if published else 16)
+        for key, check in (("design", lambda: _positive_int("nested.design", design)),
+                           ("generations", lambda: _positive_int(
+                               "nested.generations", opts["generations"])),
+                           ("front_points", lambda: _positive_int(
+                               "nested.front_points", opts["front_points"]))):
+            try:
+                check()
+            except ValueError as err:
+                problems.append(str(err))
+        iso = opts["isotropic"]
+        if isinstance(iso, bool) or not isinstance(iso, (int, float)) or not 0 <= iso < 1:
+            problems.append(f"nested.isotropic: a number in [0, 1), got {iso!r}")
+        elif not problems:
+            n = (len(reference_design(np.random.default_rng(0), 2, design, iso))
+                 if published and design > 2 else design)
+            if n <= n_terms(2):
+                problems.append(f"nested.design: a pair's quadratic has {n_terms(2)} "
+                                f"parameters; {design} gives {n} points, give more")
+        if problems:
+            raise ValueError("; ".join(problems))
+        return {**opts, "preference": pref, "design": design}
 
     # ---- ask / tell ----------------------------------------------------------------------
 
@@ -294,7 +325,9 @@ class MAPStrategy(Strategy):
 
     def _run(self) -> Iterator[Batch]:
         """Yields each phase's batch of points once the previous batch has been told."""
-        if self._nested is not None:
+        if self._nested is not None and self._nested["variant"] == "published":
+            yield from self._nested_published()
+        elif self._nested is not None:
             yield from self._nested_stages()
         self._report["phase"] = "design"
         yield self._design_batch()
@@ -393,13 +426,109 @@ class MAPStrategy(Strategy):
         return float(np.min(self.upper[pos] / g.v[pos])) if pos.any() else 1.0
 
     def _group_metric(self, g: _Group, F: np.ndarray) -> np.ndarray:
-        """Preference-weighted mean of the group's task metrics, per row of ``F``."""
+        """Preference-weighted mean of the group's task metrics, per row of ``F`` (the
+        reference's ``evaluate_scalings_nested``; a plain mean where the group's preferences
+        are all 0, where the reference would divide by 0)."""
         p = self._nested["preference"][list(g.tasks)]
         return F[:, list(g.tasks)] @ p / p.sum() if p.sum() > 0 else F[:, list(g.tasks)].mean(1)
 
     def _group_link(self, g: _Group, y: np.ndarray) -> str:
         links = {self._links[t] for t in g.tasks}
         return links.pop() if len(links) == 1 and "auto" not in links else auto_link(y)
+
+    def _pair_range(self, g: _Group) -> tuple[float, float]:
+        """The coefficients ``s`` that keep ``s v_G`` inside the bounds, within the reference's
+        [-3, 3]: ``lower_i <= s v_i <= upper_i`` for every coordinate of the group."""
+        lo, hi = -_REFERENCE_RANGE, _REFERENCE_RANGE
+        for v, low, up in zip(g.v, self.lower, self.upper):
+            if v > 0:
+                lo, hi = max(lo, low / v), min(hi, up / v)
+            elif v < 0:
+                lo, hi = max(lo, up / v), min(hi, low / v)
+        return lo, hi
+
+    def _nested_published(self) -> Iterator[Batch]:
+        """Nested MAP as the reference code runs it (``run_MAP_nested``); see the module
+        docstring. Yields the experts alone, then per pair its design and its pick."""
+        opts, d = self._nested, self.dim
+        pref, sign = opts["preference"], self._sign[0]
+        report: dict[str, Any] = {"variant": "published", "pairs": []}
+        self._report["nested"] = report
+        self._report["phase"] = "nested-experts"
+        design = reference_design(self._rng, 2, opts["design"], opts["isotropic"])
+        start = len(self._X)
+        yield [(np.eye(d)[i] * min(1.0, self.upper[i]), {"phase": "nested-expert", "task": i})
+               for i in range(d)]
+        pool = [_Group((i,), np.eye(d)[i] * min(1.0, self.upper[i]), self._F[start + i][i])
+                for i in range(d)]
+        report["experts"] = [g.score for g in pool]
+        report["evaluations"], report["task_evaluations"] = d, d
+        step = 0
+        while len(pool) > 1:
+            i, j = closest_pair([g.score for g in pool])
+            a, b = pool[i], pool[j]
+            pool = [g for k, g in enumerate(pool) if k not in (i, j)]
+            self._report["phase"] = f"nested pair {step}"
+            ranges = np.array([self._pair_range(a), self._pair_range(b)])
+            AB = design * np.minimum(ranges[:, 1], 1.0)
+            start = len(self._X)
+            yield [(self._combine(a, b, ab), {"phase": "nested-design", "pair": step,
+                                              "ab": ab.tolist()}) for ab in AB]
+            entry = {"pair": step, "tasks": [list(a.tasks), list(b.tasks)],
+                     "scores": [a.score, b.score], "loo": None}
+            ab, predicted = self._pair_pick(a, b, AB, list(range(start, start + len(AB))),
+                                            ranges, entry)
+            x = self._combine(a, b, ab)
+            start = len(self._X)
+            yield [(x, {"phase": "nested-pick", "pair": step, "ab": ab.tolist(),
+                        "predicted_groups": predicted})]
+            merged = _Group(a.tasks + b.tasks, ab[0] * a.v + ab[1] * b.v)
+            merged = _Group(merged.tasks, merged.v,
+                            float(self._group_metric(merged, np.array([self._F[start]]))[0]))
+            pool.append(merged)
+            n_tasks = len(merged.tasks)
+            entry.update({"chosen_ab": ab.tolist(), "coefficients": merged.v.tolist(),
+                          "score": merged.score, "evaluations": len(AB) + 1,
+                          "task_evaluations": (len(AB) + 1) * n_tasks})
+            report["pairs"].append(entry)
+            report["evaluations"] += len(AB) + 1
+            report["task_evaluations"] += (len(AB) + 1) * n_tasks
+            step += 1
+        report["result"] = {"coefficients": pool[0].v.tolist(), "score": pool[0].score}
+
+    def _pair_pick(self, a: _Group, b: _Group, AB: np.ndarray, rows: list[int],
+                   ranges: np.ndarray, entry: dict) -> tuple[np.ndarray, list[float] | None]:
+        """A pair's pick, as the reference's: fit one quadratic per group metric over (a, b) on
+        the pair's valid design points, search the surrogates' front (``generations`` of
+        NSGA-II, population ``front_pop``) and take the predicted front point with the best
+        preference-weighted sum of the groups' predicted metrics (weights: each group's summed
+        preference). When failures leave too few points to fit, the design point with the best
+        preference-weighted real value is taken instead (ours; failures score the penalty)."""
+        pref, sign = self._nested["preference"], self._sign[0]
+        weights = np.array([pref[list(a.tasks)].sum(), pref[list(b.tasks)].sum()])
+        F = np.array([self._F[r] for r in rows])
+        Y = np.stack([self._group_metric(a, F), self._group_metric(b, F)], axis=1)
+        ok = np.array([self._ok[r] for r in rows], dtype=bool)
+        if not fittable(AB[ok]):
+            best = int(np.argmin(sign * Y @ weights))
+            entry["fallback"] = "too few valid design points to fit: best real design point"
+            return AB[best], None
+        fits, loo = [], []
+        for g, y in zip((a, b), Y[ok].T):
+            fit = fit_quadratic(AB[ok], y, self._group_link(g, y))
+            fits.append(fit)
+            loo.append(errors(y, loo_predictions(AB[ok], y, fit)))
+        entry["loo"] = loo
+        signs = np.full(2, sign)
+
+        def objective(P: np.ndarray) -> np.ndarray:
+            return self._predict_min(fits, signs, P)
+
+        Xs, Fs = surrogate_front(objective, ranges[:, 0], ranges[:, 1], 2,
+                                 pop=self._front_pop, generations=self._nested["generations"],
+                                 seed=int(self._rng.integers(2**32)))
+        k = preference_pick(Fs, weights)
+        return np.clip(Xs[k], ranges[:, 0], ranges[:, 1]), (Fs[k] * sign).tolist()
 
     def _nested_stages(self) -> Iterator[Batch]:
         opts, d = self._nested, self.dim
