@@ -81,17 +81,18 @@ def calibrate_run(plan: Any, *, progress: bool = True) -> dict[str, Any]:
 
 
 def _calibrate(plan: Any, options: dict[str, Any], spec: Any, progress: bool) -> Any:
-    """Score sources + a uniform design of the run's space on the full search items; fit.
+    """Score sources + the space's design (:func:`evomerge.fitness.reduced.calibration_design`:
+    uniform in the bounds, or local around a DFS space's start) on the full search items; fit.
     Progress: a bar on a terminal, plain periodic lines in a log (:func:`evomerge.report.track`).
     """
     from evomerge.execution.worker import evaluator_for
-    from evomerge.fitness.reduced import calibrate, source_recipe, uniform_design
+    from evomerge.fitness.reduced import calibrate, calibration_design, source_recipe
     from evomerge.report import track
 
     experiment = plan.experiment
     endpoints = [source_recipe(p) for p in experiment.models.sources.values()]
-    design = [plan.space.decode(x)
-              for x in uniform_design(plan.space.lower, plan.space.upper, spec.design, spec.seed)]
+    points, _ = calibration_design(plan.space, spec.design, spec.seed)
+    design = [plan.space.decode(x) for x in points]
     evaluator = evaluator_for(experiment, reduced=False)
 
     def score(recipes: list) -> list:

@@ -36,8 +36,8 @@ from evomerge.fitness.irt import ESTIMATORS, Reduction, estimate
 from evomerge.recipe import MergeRecipe
 
 __all__ = ["ReducedFitness", "ReducedSpec", "SubsetFitness", "cached_responses", "calibrate",
-           "check_reducible", "random_merges", "response_matrix", "source_recipe",
-           "uniform_design", "validate"]
+           "calibration_design", "check_reducible", "local_design", "random_merges",
+           "response_matrix", "source_recipe", "uniform_design", "validate"]
 
 #: Scores recipes on the full search items: one ``{task: per-item scores}`` per recipe, in order.
 ScoreRecipes = Callable[[Sequence[MergeRecipe]], Sequence[Mapping[str, np.ndarray]]]
@@ -179,6 +179,55 @@ def uniform_design(lower: np.ndarray, upper: np.ndarray, n: int, seed: int = 0) 
     """``n`` points drawn uniformly in a search space's bounds (decode each into a recipe)."""
     lower, upper = np.asarray(lower, dtype=float), np.asarray(upper, dtype=float)
     return np.random.default_rng(seed).uniform(lower, upper, size=(n, len(lower)))
+
+
+#: Local designs: each point flips between LOCAL_FLIPS[0] and LOCAL_FLIPS[1] on/off switches
+#: (uniformly) and jitters every other coordinate by N(0, (LOCAL_JITTER * range)^2).
+LOCAL_FLIPS = (1, 4)
+LOCAL_JITTER = 0.1
+
+
+def local_design(start: np.ndarray, lower: np.ndarray, upper: np.ndarray, n: int,
+                 seed: int = 0, *, switches: int = 0, flips: tuple[int, int] = LOCAL_FLIPS,
+                 jitter: float = LOCAL_JITTER) -> np.ndarray:
+    """``n`` perturbations of ``start`` (ours): the design for spaces whose uniform draws are
+    mostly broken models (a DFS layer path drawn uniformly is), so that IRT calibrates on models
+    like the ones a search started at ``start`` will score.
+
+    The first ``switches`` coordinates are on/off switches (on when > 0, as DFS inclusion
+    values): each point flips ``k ~ U{flips[0], ..., flips[1]}`` distinct ones of them (``v ->
+    -v``; a 0 becomes ``upper / 2``). Every other coordinate moves by ``N(0, (jitter * (upper -
+    lower))^2)``. Points are clipped to the bounds.
+    """
+    start = np.asarray(start, dtype=float)
+    lower, upper = np.asarray(lower, dtype=float), np.asarray(upper, dtype=float)
+    lo, hi = flips
+    if not 0 <= switches <= len(start) or not 0 <= lo <= hi <= switches or jitter < 0:
+        raise ValueError(f"local_design: need 0 <= flips[0] <= flips[1] <= switches <= dim "
+                         f"({len(start)}) and jitter >= 0, got switches={switches}, "
+                         f"flips={flips}, jitter={jitter}")
+    rng = np.random.default_rng(seed)
+    points = np.repeat(start[None, :], n, axis=0)
+    points[:, switches:] += rng.normal(size=(n, len(start) - switches)) * (
+        jitter * (upper - lower)[switches:])
+    for x in points:
+        chosen = rng.choice(switches, size=int(rng.integers(lo, hi + 1)), replace=False)
+        x[chosen] = np.where(x[chosen] != 0, -x[chosen], upper[chosen] / 2)
+    return np.clip(points, lower, upper)
+
+
+def calibration_design(space: Any, n: int, seed: int = 0) -> tuple[np.ndarray, str]:
+    """The design a run's reduction calibrates on, chosen by the bound space: a
+    :func:`local_design` around ``space.start_point`` for spaces that have one (DFS: its
+    ``slots`` inclusion values are the switches, the hop scales are jittered), else a
+    :func:`uniform_design` in the bounds. Returns ``(points, "local" | "uniform")``."""
+    start = getattr(space, "start_point", None)
+    if start is None:
+        return uniform_design(space.lower, space.upper, n, seed), "uniform"
+    switches = len(getattr(space, "slots", ()))
+    flips = (min(LOCAL_FLIPS[0], switches), min(LOCAL_FLIPS[1], switches))
+    return local_design(start, space.lower, space.upper, n, seed, switches=switches,
+                        flips=flips), "local"
 
 
 def response_matrix(scores: Sequence[Mapping[str, np.ndarray]]) -> dict[str, np.ndarray]:
