@@ -174,12 +174,16 @@ def slerp_weights(t: np.ndarray, omega: float | None) -> tuple[np.ndarray, np.nd
 
 def angle(a: Member, b: Member, grams: GramOracle) -> float | None:
     """``Omega = arccos(<A/|A|, B/|B|>)``, or None where slerp is lerp (a zero vector, or
-    ``sin Omega <= 1e-6``), as :func:`evomerge.search.m2n2.slerp_split` decides it."""
-    na = np.sqrt(max(inner(a, a, grams), 0.0))
-    nb = np.sqrt(max(inner(b, b, grams), 0.0))
+    ``sin Omega <= 1e-6``), as :func:`evomerge.search.m2n2.slerp_split` decides it. The three
+    inner products share one refinement and one Gram lookup."""
+    r = refinement(a.bounds, b.bounds)
+    g, ca, cb = grams(r), coefficients_on(a, r), coefficients_on(b, r)
+    ga, gb = np.einsum("si,sij->sj", ca, g), np.einsum("si,sij->sj", cb, g)
+    na = np.sqrt(max(float(np.sum(ga * ca)), 0.0))
+    nb = np.sqrt(max(float(np.sum(gb * cb)), 0.0))
     if na == 0 or nb == 0:
         return None
-    omega = float(np.arccos(np.clip(inner(a, b, grams) / (na * nb), -1.0, 1.0)))
+    omega = float(np.arccos(np.clip(float(np.sum(ga * cb)) / (na * nb), -1.0, 1.0)))
     return None if np.sin(omega) <= SLERP_EPS else omega
 
 
@@ -200,11 +204,8 @@ def crossover(a: Member, b: Member, split: int, mix: float, grams: GramOracle) -
 def dense(member: Member, flat_sources: np.ndarray) -> np.ndarray:
     """The member's weight vector from the sources' flattened weights ``[K, D]`` (a reference
     for small models; builds go through :func:`build_member`)."""
-    out = np.empty(flat_sources.shape[1])
-    for s in range(len(member.coefs)):
-        lo, hi = member.bounds[s], member.bounds[s + 1]
-        out[lo:hi] = member.coefs[s] @ flat_sources[:, lo:hi]
-    return out
+    per_coordinate = np.repeat(member.coefs, np.diff(member.bounds), axis=0)  # [D, K]
+    return np.einsum("dk,kd->d", per_coordinate, flat_sources)
 
 
 # ---- the Gram oracle -----------------------------------------------------------------------------
