@@ -3,7 +3,8 @@
 Truths used: hand-set surrogate coefficients (exact quadratics, identity and sigmoid links), the
 closed-form leave-one-out residual of linear least squares (e_k / (1 - h_kk)), hand-worked
 angles and bin scores, the analytic Pareto set of two spheres (the segment between their
-centres), and separable tasks whose best nested merge is known per coordinate.
+centres), the reference code's bins, design sampler, pair order and preference pick re-derived
+by hand, and separable tasks whose best nested merge is known per coordinate.
 """
 
 from __future__ import annotations
@@ -16,15 +17,21 @@ from scipy.special import expit
 
 from evomerge.search import make_strategy
 from evomerge.search._surrogate import (
+    QuadraticFit,
     cell_of,
     cell_probabilities,
     cell_scores,
+    closest_pair,
     errors,
     fit_quadratic,
     fittable,
     from_angles,
     loo_predictions,
+    preference_pick,
     quadratic_features,
+    reference_bins,
+    reference_design,
+    surrogate_front,
     to_angles,
 )
 
@@ -318,7 +325,11 @@ def test_generations_must_be_told_whole_and_in_order():
     ({"bayesian": {"round": 2}}, "bayesian: unknown round"),
     ({"bayesian": {"temperature": 0}}, "bayesian.temperature"),
     ({"nested": {"preference": [1, -1]}}, "nested.preference"),
-    ({"nested": {"design": 5}}, "nested.design"),
+    ({"nested": {"design": 6}}, "a pair's quadratic has 6 parameters; design 6 gives 6 points"),
+    ({"nested": {"preference": [1], "generations": 0, "isotropic": 1.0}},
+     ("nested.preference: 2 non-negative.*nested.generations: an integer >= 1, got 0; "
+      "nested.isotropic")),
+    ({"nested": {"variant": "index_pairs"}}, "nested: unknown variant"),
     ({"sigma0": 0.1}, "map options: unknown sigma0"),
 ])
 def test_bad_options_are_refused_by_name(options, match):
@@ -343,52 +354,179 @@ def test_bayesian_and_nested_refuse_spaces_they_cannot_handle():
 
 # ---- Nested MAP --------------------------------------------------------------------------------
 
+def test_reference_bins_follow_get_sample_n_bins():
+    # The reference's get_sample_n_bins(dim): 4 bins per angle below 4 coefficients, else 2.
+    for d, bins in [(2, 4), (3, 4), (4, 2), (5, 2), (6, 2), (8, 2)]:
+        assert reference_bins(d) == bins
+    # Bayesian MAP's default uses it: bins^(d - 1) cells (4 at d = 2, 16 at d = 3, 8 at d = 4).
+    for d, cells in [(2, 4), (3, 16), (4, 8)]:
+        strategy = make_strategy("map", lower=[0] * d, upper=[1] * d, seed=1, popsize=64,
+                                 directions=["minimize"], bayesian={"rounds": 1}, **FAST)
+        drive(strategy, lambda X: np.sum(X**2, axis=1, keepdims=True), 1)
+        strategy.ask()
+        assert len(strategy.surrogate_report()["bayesian"][0]["scores"]) == cells
+
+
+def test_reference_design_is_one_hot_isotropic_and_grid_points_in_its_order():
+    D = reference_design(np.random.default_rng(0), 2, 20, 0.2)
+    # m = 18, k = floor(3.6) = 3: 1 isotropic + 1 disturbed isotropic, 2 one-hot, 15 grid.
+    assert D.shape == (19, 2)
+    assert D[0, 0] == D[0, 1] and 0 <= D[0, 0] <= 1
+    assert np.all((D[1] >= 0) & (D[1] <= 1))
+    np.testing.assert_array_equal(D[2:4], np.eye(2))
+    grid = D[4:]  # g = ceil(sqrt(30)) = 6: multiples of 1/5 without the excluded points
+    np.testing.assert_allclose(grid * 5, np.round(grid * 5), atol=1e-12)
+    assert len({tuple(r) for r in grid}) == 15
+    assert np.all(grid[:, 0] != grid[:, 1]) and np.all(grid.sum(axis=1) != 1)
+    # total 10: m = 8, k = floor(1.6) = 1 makes no isotropic pair; 7 of the 1/3 grid's 8 points.
+    D = reference_design(np.random.default_rng(1), 2, 10, 0.2)
+    assert D.shape == (9, 2)
+    np.testing.assert_array_equal(D[:2], np.eye(2))
+    np.testing.assert_allclose(D[2:] * 3, np.round(D[2:] * 3), atol=1e-12)
+    with pytest.raises(ValueError, match="include the 2 one-hot points"):
+        reference_design(np.random.default_rng(0), 2, 2, 0.2)
+
+
+def test_closest_pair_is_the_smallest_score_gap_first_in_index_order():
+    assert closest_pair([0.90, 0.70, 0.85, 0.60, 0.72]) == (1, 4)  # |0.70 - 0.72| = 0.02
+    assert closest_pair([0.5, 0.75, 1.0]) == (0, 1)  # ties (0.25 twice): the first pair
+    with pytest.raises(ValueError, match="at least 2"):
+        closest_pair([0.5])
+
+
+def test_preference_pick_takes_the_best_weighted_non_dominated_row():
+    # Minimisation form (negated accuracies). Row 3 is dominated by row 1.
+    F = -np.array([[0.9, 0.5], [0.8, 0.7], [0.6, 0.8], [0.5, 0.5]])
+    assert preference_pick(F, np.array([1.0, 1.0])) == 1  # 1.4, 1.5, 1.4
+    assert preference_pick(F, np.array([1.0, 3.0])) == 2  # 2.4, 2.9, 3.0
+    assert preference_pick(F, np.array([1.0, 0.0])) == 0
+    # A dominated row is never taken, even where its weighted sum ties the best.
+    assert preference_pick(-np.array([[0.5, 0.5], [0.5, 0.6]]), np.array([1.0, 0.0])) == 1
+
+
+def test_the_pick_from_a_hand_made_surrogate_front_is_the_weighted_optimum():
+    # f_A = 1 - (a - 1)^2 - b^2 and f_B = 1 - a^2 - (b - 1)^2 (features a^2, b^2, ab, a, b, 1):
+    # the Pareto set is the segment (1, 0)-(0, 1) and w_A f_A + w_B f_B peaks at
+    # (a, b) = (w_A, w_B) / (w_A + w_B).
+    fits = [QuadraticFit(np.array([-1.0, -1, 0, 2, 0, 0]), "identity", 2),
+            QuadraticFit(np.array([-1.0, -1, 0, 0, 2, 0]), "identity", 2)]
+
+    def objective(P):
+        return -np.stack([f.predict(P) for f in fits], axis=1)
+
+    X, F = surrogate_front(objective, np.zeros(2), np.ones(2), 2, pop=100, generations=25,
+                           seed=0)
+    for w, ab in [((1.0, 3.0), (0.25, 0.75)), ((1.0, 1.0), (0.5, 0.5)), ((4.0, 1.0), (0.8, 0.2))]:
+        np.testing.assert_allclose(X[preference_pick(F, np.array(w))], ab, atol=0.03)
+
+
+def constant_tasks(scores):
+    """Every merge scores ``scores`` on the tasks: the pool's scores are then known by hand."""
+    return lambda X: np.tile(scores, (len(X), 1))
+
+
+def test_nested_map_pairs_closest_scores_and_puts_each_merge_back_in_the_pool():
+    scores = np.array([0.90, 0.70, 0.85, 0.60, 0.72])
+    strategy = make_strategy("map", lower=[0] * 5, upper=[1.5] * 5, seed=3, popsize=32,
+                             directions=["maximize"] * 5, **FAST,
+                             nested={"preference": [1, 1, 1, 1, 2]})
+    record = drive(strategy, constant_tasks(scores), 9)
+    assert [(m[0]["phase"], len(X)) for X, _, m in record] == (
+        [("nested-expert", 5)] + [("nested-design", 19), ("nested-pick", 1)] * 4)
+    np.testing.assert_array_equal(record[0][0], np.eye(5))  # each expert alone
+    assert strategy.ask()[0].meta["phase"] == "design"  # then flat MAP
+    report = strategy.surrogate_report()["nested"]
+    assert report["experts"] == scores.tolist()
+    # By hand, preference p = (1, 1, 1, 1, 2); a group scores sum p_t s_t / sum p_t:
+    # pool .90 .70 .85 .60 .72 -> closest 1, 4 (gap .02) -> (.70 + 2 .72) / 3 = .71333
+    # pool .90 .85 .60 {1,4} .71333 -> 0, 2 (gap .05) -> .875
+    # pool .60 {1,4} .71333 {0,2} .875 -> 3, {1,4} (gap .11333) -> (.60 + .70 + 1.44) / 4
+    # pool {0,2} .875 {3,1,4} .685 -> the last pair -> (.9 + .85 + .6 + .7 + 1.44) / 6
+    pairs = report["pairs"]
+    assert [p["tasks"] for p in pairs] == [[[1], [4]], [[0], [2]], [[3], [1, 4]],
+                                           [[0, 2], [3, 1, 4]]]
+    np.testing.assert_allclose([p["score"] for p in pairs],
+                               [2.14 / 3, 0.875, 2.74 / 4, 4.49 / 6])
+    np.testing.assert_allclose(pairs[3]["scores"], [0.875, 2.74 / 4])
+    assert report["result"]["score"] == pytest.approx(4.49 / 6)
+    # A pair's design switches every task outside it off, and its cost is counted per task.
+    design = record[1][0]
+    assert np.all(design[:, [0, 2, 3]] == 0)
+    assert [p["evaluations"] for p in pairs] == [20] * 4
+    assert report["evaluations"] == 5 + 4 * 20
+    assert report["task_evaluations"] == 5 + 20 * (2 + 2 + 3 + 5)
+
+
 TARGETS = np.array([0.4, 1.1, 0.8, 0.6])
 
 
 def separable(X: np.ndarray) -> np.ndarray:
-    """Task n's accuracy peaks at c_n = TARGETS[n] and ignores the other coefficients, so the
-    best merge of any group of tasks sets each of its coefficients to its target."""
-    return expit(2.0 - 6.0 * (X - TARGETS) ** 2)
+    """Task n scores 1 - (c_n - TARGETS[n])^2: a group's preference-weighted mean is exactly
+    quadratic in its scale s (peak at s = sum v t / sum v^2), so each pair's surrogates are
+    exact and the pick of a pair of single tasks is (TARGETS[i], TARGETS[j])."""
+    return 1.0 - (X - TARGETS) ** 2
 
 
-def test_nested_map_merges_pairs_in_a_tree_and_finds_each_tasks_best_coefficient():
-    strategy = make_strategy("map", lower=[0] * 4, upper=[1.5] * 4, seed=3, popsize=32,
-                             directions=["maximize"] * 4, nested={"variant": "index_pairs"},
-                             **FAST)
-    record = drive(strategy, separable, 4)
-    phases = [(m[0]["phase"], m[0]["stage"], len(X)) for X, _, m in record]
-    # Stage 0: two pairs x 16 design points, then two pairs x 4 front points; stage 1: one pair.
-    assert phases == [("nested-design", 0, 32), ("nested-front", 0, 8),
-                      ("nested-design", 1, 16), ("nested-front", 1, 4)]
-    stage0 = record[0][0]
-    pair = np.array([m["pair"] for m in record[0][2]])
-    assert np.all(stage0[pair == 0][:, 2:] == 0) and np.all(stage0[pair == 1][:, :2] == 0)
-    # The last pair's result is chosen when the next batch is planned (at the next ask).
-    # After the tree the leftover budget goes to flat MAP over all four coefficients.
-    assert {c.meta["phase"] for c in strategy.ask()} == {"design"}
-    report = strategy.surrogate_report()["nested"]
-    assert [p["tasks"] for p in report[0]["pairs"]] == [[[0], [1]], [[2], [3]]]
-    assert report[1]["pairs"][0]["tasks"] == [[0, 1], [2, 3]]
-    final = np.array(report[1]["pairs"][0]["coefficients"])
-    np.testing.assert_allclose(final, TARGETS, atol=0.08)
-    # The chosen point is the best real evaluation of its pair by the (equal) preference.
-    told = np.concatenate([np.asarray(v) for _, v, _ in record[2:]])
-    assert report[1]["pairs"][0]["score"] == pytest.approx(told.sum(axis=1).max())
-
-
-def test_nested_map_with_an_odd_number_of_tasks_carries_the_odd_one_to_the_next_stage():
-    strategy = make_strategy("map", lower=[0] * 3, upper=[1.5] * 3, seed=4, popsize=32,
-                             directions=["maximize"] * 3, nested={"variant": "index_pairs", "front_points": 2}, **FAST)
-    drive(strategy, lambda X: separable(np.hstack([X, np.zeros((len(X), 1))]))[:, :3], 4)
+def test_nested_map_picks_each_pair_from_the_predicted_front_and_recovers_the_targets():
+    strategy = make_strategy("map", lower=[0] * 4, upper=[1.5] * 4, seed=5, popsize=32,
+                             directions=["maximize"] * 4, link="identity", nested=True, **FAST)
+    record = drive(strategy, separable, 7)
     strategy.ask()
     report = strategy.surrogate_report()["nested"]
-    assert [[p["tasks"] for p in s["pairs"]] for s in report] == [[[[0], [1]]],
-                                                                  [[[0, 1], [2]]]]
-    # With 2 front points per pair the choice is coarser: judge it by its value. The optimum
-    # (every coefficient at its target) scores 3 sigmoid(2) = 2.642.
-    assert report[1]["pairs"][0]["score"] > 3 * expit(2.0) - 0.03
-    assert report[1]["pairs"][0]["evaluations"] == 16 + 2
+    # Experts alone (c_n = 1) score 1 - (1 - t)^2 = .64 .99 .96 .84: tasks 1, 2 (gap .03)
+    # merge first and score ~1; then 3 (.84) with {1, 2} (gap ~.16 < .2 to task 0); then 0.
+    np.testing.assert_allclose(report["experts"], [0.64, 0.99, 0.96, 0.84])
+    assert [p["tasks"] for p in report["pairs"]] == [[[1], [2]], [[3], [1, 2]],
+                                                     [[0], [3, 1, 2]]]
+    first = report["pairs"][0]
+    np.testing.assert_allclose(first["chosen_ab"], TARGETS[[1, 2]], atol=0.02)
+    # The pick is a surrogate prediction, not one of the evaluated design points (a = 1.1
+    # lies outside the design's [0, 1]); its predicted group scores are ~1.
+    pick = record[2]
+    assert pick[2][0]["phase"] == "nested-pick"
+    np.testing.assert_allclose(pick[2][0]["predicted_groups"], [1.0, 1.0], atol=1e-3)
+    assert not any(np.allclose(pick[0][0], x) for x in record[1][0])
+    np.testing.assert_allclose(report["result"]["coefficients"], TARGETS, atol=0.03)
+    assert report["result"]["score"] == pytest.approx(1.0, abs=1e-3)
+
+
+def test_nested_pair_left_with_too_few_valid_points_takes_its_best_real_design_point():
+    strategy = make_strategy("map", lower=[0, 0], upper=[1.5, 1.5], seed=2, popsize=32,
+                             directions=["maximize"] * 2, link="identity", nested=True, **FAST)
+    experts = strategy.ask()
+    strategy.tell(experts, separable(np.hstack([np.stack([c.x for c in experts]),
+                                                np.zeros((2, 2))]))[:, :2].tolist())
+    design = strategy.ask()
+    X = np.stack([c.x for c in design])
+    values = (1.0 - (X - TARGETS[:2]) ** 2).tolist()
+    values = [v if i < 5 else None for i, v in enumerate(values)]  # 5 valid < 6 parameters
+    strategy.tell(design, values)
+    pick = strategy.ask()[0]
+    best = int(np.argmax([sum(v) for v in values[:5]]))
+    np.testing.assert_array_equal(pick.x, X[best])
+    assert pick.meta["predicted_groups"] is None
+
+
+def test_nested_map_replay_asks_the_same_points_through_failures():
+    def build(seed=7):
+        return make_strategy("map", lower=[0] * 4, upper=[1.5] * 4, seed=seed, popsize=12,
+                             directions=["maximize"] * 4, nested=True, **FAST)
+
+    first = build()
+    original = drive(first, separable, 8, failures=True)
+    replayed = build()
+    for X, values, metas in original:
+        np.random.rand(3)  # other code drawing from the global RNG changes nothing
+        cands = replayed.ask()
+        assert np.array_equal(np.stack([c.x for c in cands]), X)
+        assert [c.meta for c in cands] == metas
+        json.dumps(metas)
+        replayed.tell(cands, values)
+    assert np.array_equal(np.stack([c.x for c in replayed.ask()]),
+                          np.stack([c.x for c in first.ask()]))
+    assert replayed.surrogate_report() == first.surrogate_report()
+    other = drive(build(seed=8), separable, 2)
+    assert not np.array_equal(other[1][0], original[1][0])  # another seed, another design
 
 
 # ---- in the run driver: the digits experiment, and resume after kill -9 ------------------------

@@ -262,13 +262,11 @@ def _n_dirs(m: int, p: int) -> int:
     return comb(p + m - 1, m - 1)
 
 
-def spread_pick(F: np.ndarray, k: int, anchors: np.ndarray | None = None,
-                first: int | None = None) -> list[int]:
+def spread_pick(F: np.ndarray, k: int, anchors: np.ndarray | None = None) -> list[int]:
     """``k`` row indices of ``F`` spread along it: farthest-point sampling in ``F`` scaled to
     [0, 1] per column, away from ``anchors`` (points already taken, e.g. asked in an earlier
-    round) and starting from row ``first`` (default: the best in column 0 when there are no
-    anchors). Non-dominated rows come first: dominated ones fill up only when the front has
-    fewer than ``k`` points."""
+    round), starting from the best row in column 0 when there are no anchors. Non-dominated
+    rows come first: dominated ones fill up only when the front has fewer than ``k`` points."""
     from pymoo.util.nds.non_dominated_sorting import NonDominatedSorting
 
     F = np.atleast_2d(F)
@@ -278,11 +276,8 @@ def spread_pick(F: np.ndarray, k: int, anchors: np.ndarray | None = None,
     scale = np.where(span > 0, span, 1.0)
     Z, taken = (F - lo) / scale, list((anchors - lo) / scale)
     picked: list[int] = []
-    if first is not None:
-        picked.append(first)
-        taken.append(Z[first])
     for front in NonDominatedSorting().do(F):
-        left = [int(i) for i in front if int(i) not in picked]
+        left = [int(i) for i in front]
         while left and len(picked) < k:
             if not taken:
                 best = left[int(np.argmin(F[left, 0]))]
@@ -295,7 +290,7 @@ def spread_pick(F: np.ndarray, k: int, anchors: np.ndarray | None = None,
             left.remove(best)
         if len(picked) >= k:
             break
-    return picked[:k]
+    return picked
 
 
 # ---- Nested MAP: the reference's design, pair order and preference pick --------------------------

@@ -36,37 +36,69 @@ Options (experiment YAML ``strategy`` entries):
                      (150).
 ``bayesian``         Bayesian MAP: ``true`` or ``{rounds: 3, per_round: popsize, temperature:
                      0.07, bins: B}``. After the design, each round maps the evaluated points to
-                     hyperspherical angles, bins each angle over [0, pi/2] (``bins`` per angle,
-                     default ``max(2, round(16^(1/(d-1))))``: 16 cells at d = 2), scores each
-                     cell by the squared in-sample residuals of its points (summed over
-                     objectives; mean + std/2), samples ``per_round`` cells by softmax(score /
-                     max score / temperature) and in each a point (angles uniform in the cell,
-                     radius uniform along the ray inside the box), evaluates them and refits.
-                     Needs ``lower >= 0`` (the angles live in the non-negative orthant).
-                     Assumptions (the paper's text leaves them open): scores are divided by their
-                     maximum before the softmax (raw squared residuals of accuracies are ~1e-3,
-                     which temperature 0.07 would turn into uniform sampling); an empty cell
-                     scores as the best one.
-``nested``           Nested MAP for many tasks: ``true`` or ``{preference: [p_1..p_N], design:
-                     16, front_points: 4}``. Needs one objective per coordinate (objective n
-                     measures task n; all in one direction) and ``lower <= 0 < upper``. Groups
-                     start as single tasks; each stage pairs neighbouring groups (an odd one out
-                     waits for the next stage) and runs a two-variable MAP per pair: the merged
-                     model of a pair is ``a v_A + b v_B`` (``v_G``: a group's coefficient vector,
-                     other tasks off), with ``a, b`` in ``[0, min_i upper_i / v_G,i]``; its two
-                     objectives are the preference-weighted means of the groups' task metrics.
-                     Per pair: ``design`` real evaluations, surrogates, front search, then
-                     ``front_points`` real evaluations on the predicted front (the one the
-                     preference likes best first, then spread). The pair's result is the real
-                     evaluation with the best preference-weighted sum ``sum_i p_i y_i`` over its
-                     tasks. N - 1 pair-MAPs in ceil(log2 N) stages; every evaluation is scored on
-                     all tasks by the fitness, so the cost is O(N) evaluations of O(N) tasks (the
-                     paper's O(N log N) counts task evaluations of a pair on its own tasks only).
-                     Assumed, as the notes give only the outline: pairing by index order, the
-                     preference (default: equal) decides each pair's result, and the real
-                     evaluations decide it rather than the surrogate. After the tree, the
-                     remaining budget runs flat MAP over all coordinates with every evaluation so
-                     far in its fit.
+                     hyperspherical angles, bins each angle over [0, pi/2] (``bins`` per angle;
+                     default the reference code's ``get_sample_n_bins(d)``: 4 below d = 4, else
+                     2, so 4 cells at d = 2, 16 at d = 3, 8 at d = 4), scores each cell by the
+                     squared in-sample residuals of its points (summed over objectives; mean +
+                     std/2), samples ``per_round`` cells by softmax(score / max score /
+                     temperature) and in each a point (angles uniform in the cell, radius
+                     uniform along the ray inside the box), evaluates them and refits. Needs
+                     ``lower >= 0`` (the angles live in the non-negative orthant).
+                     Ours where the reference code differs: scores are divided by their maximum
+                     before the softmax (raw squared residuals of accuracies are ~1e-3, which
+                     temperature 0.07 would turn into uniform sampling); an empty cell scores
+                     as the best one (the reference gives it -inf: never sampled); the std is
+                     that of the cell's residuals (the reference's is the std of 30 means over
+                     shrinking random subsets); the radius is uniform inside the box (the
+                     reference's: uniform in [0.2, 0.8]); one surrogate per objective fitted to
+                     all points (the newer reference fits each task on its own samples).
+``nested``           Nested MAP for many tasks, as the reference code runs it (Li et al.'s
+                     ``run_MAP_nested``): ``true`` or ``{preference: [p_1..p_N], design: 20,
+                     isotropic: 0.2, generations: 25}``. Needs one objective per coefficient
+                     (objective n measures task n; all in one direction) and ``lower <= 0 <
+                     upper``. Steps:
+
+                     1. Each expert alone (``c = e_n``, capped at ``upper``) is evaluated, and
+                        its score on its own task starts the pool (the reference reads these
+                        accuracies from a table instead: N evaluations it does not count).
+                     2. The two pool entries whose scores differ least merge (ties: the first
+                        pair in index order); they leave the pool. The merged model of groups A
+                        and B is ``a v_A + b v_B`` (``v_G``: a group's coefficient vector, other
+                        tasks off).
+                     3. Design: the reference's sampler over ``(a, b)`` in ``[0, 1]^2``
+                        (:func:`reference_design` with ``design`` points asked, ``isotropic``
+                        of them isotropic: 19 points at 20 = 2 one-hot + 2 isotropic + 15 grid),
+                        drawn once and reused for every pair as the reference does (always in
+                        bounds: a group's vector is, and so is any ``s v_G`` with s in [0, 1]).
+                     4. Two surrogates, one per group, of the group's metric: the
+                        preference-weighted mean of its tasks' scores, on the pair's own tasks
+                        only. Front search on them: NSGA-II, population ``front_pop`` (100),
+                        ``generations`` (25), over each group's coefficient range within the
+                        reference's [-3, 3] and the bounds.
+                     5. The pick: the predicted front point with the best preference-weighted
+                        sum of the two groups' predicted metrics (weights: each group's summed
+                        preference) -- not a real evaluation. It is evaluated once; its
+                        preference-weighted mean over the pair's tasks is the merged group's
+                        score, and the merged group goes back into the pool (it can be paired
+                        again). Repeat from 2 until one group is left.
+
+                     So a pair costs ``19 + 1`` evaluations and the tree ``N + 20 (N - 1)``;
+                     every evaluation is scored on all tasks by the fitness (it cannot be told
+                     to score fewer), but only the pair's tasks enter its surrogates, pick and
+                     score. ``surrogate_report()["nested"]`` counts both: ``evaluations`` and
+                     ``task_evaluations`` (one per evaluation and task of its pair, the experts
+                     one each: the paper's cost measure). Assumed where the reference differs
+                     or is silent: its fit reads the saved per-task results and so fits the
+                     first two tasks' raw scores of a pair (the weighted group metrics, which it
+                     computes and plots, are taken here); it searches [-3, 3] (here the part of
+                     that inside the bounds); DEAP's NSGA-III with a hall of fame there, pymoo's
+                     NSGA-II's final population here; a pair whose failures leave too few points
+                     to fit takes its best real design point by preference (the reference drops
+                     the pair). After the tree (the reference stops there) the remaining budget
+                     runs flat MAP over all coordinates with every evaluation so far in its fit.
+                     A variant that paired groups by index a whole stage at a time and chose
+                     each pair's result by real evaluations measured worse
+                     (``benchmarks/map_front.py``) and was removed.
 
 Determinism: every random number comes from the strategy's own ``numpy.random.default_rng(
 seed)`` (design, Bayesian sampling, and the seed of each surrogate NSGA-II run, which pymoo
@@ -108,18 +140,17 @@ from evomerge.search._surrogate import (
 from evomerge.search.base import Candidate, Direction, Strategy, register
 
 Batch = list[tuple[np.ndarray, dict[str, Any]]]
-NESTED_VARIANTS = ("published", "index_pairs")
 _REFERENCE_RANGE = 3.0  # the reference's surrogate NSGA searches coefficients in [-3, 3]
 
 
 @dataclass(frozen=True)
 class _Group:
-    """Nested MAP: tasks merged so far, their coefficient vector in the full space, and (for
-    the published variant) the group's score that decides the pair order."""
+    """Nested MAP: tasks merged so far, their coefficient vector in the full space, and the
+    group's score (preference-weighted mean over its tasks) that decides the pair order."""
 
     tasks: tuple[int, ...]
     v: np.ndarray
-    score: float = 0.0
+    score: float
 
 
 def _positive_int(key: str, value: Any, minimum: int = 1) -> int:
@@ -187,7 +218,7 @@ class MAPStrategy(Strategy):
         self._front_asked: list[np.ndarray] = []  # flat front points asked so far
         self._front_pairs: list[tuple[list[float], list[float]]] = []  # (predicted, real)
         self._report: dict[str, Any] = {"phase": "design", "surrogates": [], "bayesian": [],
-                                        "nested": []}
+                                        "nested": None}
         self._program = self._run()
         self._batch: Batch = []
         self._pos = 0
@@ -217,15 +248,11 @@ class MAPStrategy(Strategy):
 
     def _check_nested(self, value: Any) -> dict[str, Any] | None:
         d, n_obj = self.dim, len(self.directions)
-        opts = _sub_options("nested", value, {
-            "variant": "published", "preference": None, "design": None, "isotropic": 0.2,
-            "generations": 25, "front_points": 4})
+        opts = _sub_options("nested", value, {"preference": None, "design": 20,
+                                              "isotropic": 0.2, "generations": 25})
         if opts is None:
             return None
         problems = []
-        if opts["variant"] not in NESTED_VARIANTS:
-            problems.append(f"nested.variant: {opts['variant']!r} is not one of "
-                            f"{', '.join(NESTED_VARIANTS)}")
         if d < 2 or n_obj != d:
             problems.append(f"nested: needs one objective per coefficient (objective n scores "
                             f"task n) and at least 2; got {d} coefficients, {n_obj} objectives")
@@ -240,29 +267,22 @@ class MAPStrategy(Strategy):
         if pref.shape != (d,) or np.any(pref < 0) or not np.any(pref > 0):
             problems.append(f"nested.preference: {d} non-negative numbers, not all 0; got "
                             f"{opts['preference']!r}")
-        published = opts["variant"] == "published"
-        design = opts["design"] if opts["design"] is not None else (20 if published else 16)
-        for key, check in (("design", lambda: _positive_int("nested.design", design)),
-                           ("generations", lambda: _positive_int(
-                               "nested.generations", opts["generations"])),
-                           ("front_points", lambda: _positive_int(
-                               "nested.front_points", opts["front_points"]))):
-            try:
-                check()
-            except ValueError as err:
-                problems.append(str(err))
-        iso = opts["isotropic"]
+        design, iso = opts["design"], opts["isotropic"]
+        for key in ("design", "generations"):
+            if isinstance(opts[key], bool) or not isinstance(opts[key], (int, np.integer)) \
+                    or opts[key] < 1:
+                problems.append(f"nested.{key}: an integer >= 1, got {opts[key]!r}")
         if isinstance(iso, bool) or not isinstance(iso, (int, float)) or not 0 <= iso < 1:
             problems.append(f"nested.isotropic: a number in [0, 1), got {iso!r}")
-        elif not problems:
-            n = (len(reference_design(np.random.default_rng(0), 2, design, iso))
-                 if published and design > 2 else design)
+        elif isinstance(design, (int, np.integer)) and not isinstance(design, bool):
+            n = len(reference_design(np.random.default_rng(0), 2, design, iso)) \
+                if design > 2 else design
             if n <= n_terms(2):
-                problems.append(f"nested.design: a pair's quadratic has {n_terms(2)} "
-                                f"parameters; {design} gives {n} points, give more")
+                problems.append(f"nested.design: a pair's quadratic has {n_terms(2)} parameters; "
+                                f"design {design} gives {n} points, give more")
         if problems:
             raise ValueError("; ".join(problems))
-        return {**opts, "preference": pref, "design": design}
+        return {**opts, "preference": pref}
 
     # ---- ask / tell ----------------------------------------------------------------------
 
@@ -310,8 +330,10 @@ class MAPStrategy(Strategy):
         """Plain data on the surrogates: per objective its link, coefficients and
         leave-one-out error on the fitted points; the error at front points predicted before
         they were evaluated (``front``, updated at every tell); Bayesian rounds' cell scores and
-        sample counts; Nested MAP's stages. Fits, rounds and a nested pair's choice are made
-        when the next batch is planned, i.e. at the ``ask`` after the last tell they need."""
+        sample counts; Nested MAP's experts' scores, pairs (tasks, scores, leave-one-out error,
+        pick, merged coefficients and score, evaluations) and final ``result``. Fits, rounds and
+        a nested pair's choice are made when the next batch is planned, i.e. at the ``ask``
+        after the last tell they need."""
         report = copy.deepcopy(self._report)
         if self._front_pairs:
             pred = np.array([p for p, _ in self._front_pairs])
@@ -325,10 +347,8 @@ class MAPStrategy(Strategy):
 
     def _run(self) -> Iterator[Batch]:
         """Yields each phase's batch of points once the previous batch has been told."""
-        if self._nested is not None and self._nested["variant"] == "published":
-            yield from self._nested_published()
-        elif self._nested is not None:
-            yield from self._nested_stages()
+        if self._nested is not None:
+            yield from self._nested_tree()
         self._report["phase"] = "design"
         yield self._design_batch()
         while not fittable(self._valid()[0]):
@@ -420,17 +440,12 @@ class MAPStrategy(Strategy):
 
     # ---- Nested MAP ----------------------------------------------------------------------
 
-    def _group_hi(self, g: _Group) -> float:
-        """The largest coefficient on a group's vector that keeps every coordinate in bounds."""
-        pos = g.v > 0
-        return float(np.min(self.upper[pos] / g.v[pos])) if pos.any() else 1.0
-
-    def _group_metric(self, g: _Group, F: np.ndarray) -> np.ndarray:
-        """Preference-weighted mean of the group's task metrics, per row of ``F`` (the
-        reference's ``evaluate_scalings_nested``; a plain mean where the group's preferences
-        are all 0, where the reference would divide by 0)."""
-        p = self._nested["preference"][list(g.tasks)]
-        return F[:, list(g.tasks)] @ p / p.sum() if p.sum() > 0 else F[:, list(g.tasks)].mean(1)
+    def _group_metric(self, tasks: Sequence[int], F: np.ndarray) -> np.ndarray:
+        """Preference-weighted mean of the tasks' metrics, per row of ``F`` (the reference's
+        ``evaluate_scalings_nested``; a plain mean where the tasks' preferences are all 0,
+        where the reference would divide by 0)."""
+        p = self._nested["preference"][list(tasks)]
+        return F[:, list(tasks)] @ p / p.sum() if p.sum() > 0 else F[:, list(tasks)].mean(1)
 
     def _group_link(self, g: _Group, y: np.ndarray) -> str:
         links = {self._links[t] for t in g.tasks}
@@ -447,12 +462,11 @@ class MAPStrategy(Strategy):
                 lo, hi = max(lo, up / v), min(hi, low / v)
         return lo, hi
 
-    def _nested_published(self) -> Iterator[Batch]:
+    def _nested_tree(self) -> Iterator[Batch]:
         """Nested MAP as the reference code runs it (``run_MAP_nested``); see the module
         docstring. Yields the experts alone, then per pair its design and its pick."""
         opts, d = self._nested, self.dim
-        pref, sign = opts["preference"], self._sign[0]
-        report: dict[str, Any] = {"variant": "published", "pairs": []}
+        report: dict[str, Any] = {"pairs": []}
         self._report["nested"] = report
         self._report["phase"] = "nested-experts"
         design = reference_design(self._rng, 2, opts["design"], opts["isotropic"])
@@ -470,31 +484,34 @@ class MAPStrategy(Strategy):
             pool = [g for k, g in enumerate(pool) if k not in (i, j)]
             self._report["phase"] = f"nested pair {step}"
             ranges = np.array([self._pair_range(a), self._pair_range(b)])
-            AB = design * np.minimum(ranges[:, 1], 1.0)
             start = len(self._X)
             yield [(self._combine(a, b, ab), {"phase": "nested-design", "pair": step,
-                                              "ab": ab.tolist()}) for ab in AB]
+                                              "ab": ab.tolist()}) for ab in design]
             entry = {"pair": step, "tasks": [list(a.tasks), list(b.tasks)],
                      "scores": [a.score, b.score], "loo": None}
-            ab, predicted = self._pair_pick(a, b, AB, list(range(start, start + len(AB))),
-                                            ranges, entry)
+            ab, predicted = self._pair_pick(a, b, design,
+                                            list(range(start, start + len(design))), ranges, entry)
             x = self._combine(a, b, ab)
             start = len(self._X)
             yield [(x, {"phase": "nested-pick", "pair": step, "ab": ab.tolist(),
                         "predicted_groups": predicted})]
-            merged = _Group(a.tasks + b.tasks, ab[0] * a.v + ab[1] * b.v)
-            merged = _Group(merged.tasks, merged.v,
-                            float(self._group_metric(merged, np.array([self._F[start]]))[0]))
+            tasks = a.tasks + b.tasks
+            merged = _Group(tasks, ab[0] * a.v + ab[1] * b.v,
+                            float(self._group_metric(tasks, np.array([self._F[start]]))[0]))
             pool.append(merged)
             n_tasks = len(merged.tasks)
             entry.update({"chosen_ab": ab.tolist(), "coefficients": merged.v.tolist(),
-                          "score": merged.score, "evaluations": len(AB) + 1,
-                          "task_evaluations": (len(AB) + 1) * n_tasks})
+                          "score": merged.score, "evaluations": len(design) + 1,
+                          "task_evaluations": (len(design) + 1) * n_tasks})
             report["pairs"].append(entry)
-            report["evaluations"] += len(AB) + 1
-            report["task_evaluations"] += (len(AB) + 1) * n_tasks
+            report["evaluations"] += len(design) + 1
+            report["task_evaluations"] += (len(design) + 1) * n_tasks
             step += 1
         report["result"] = {"coefficients": pool[0].v.tolist(), "score": pool[0].score}
+
+    def _combine(self, a: _Group, b: _Group, ab: np.ndarray) -> np.ndarray:
+        """The merged model ``a v_A + b v_B`` of a pair (clipped against rounding)."""
+        return np.clip(ab[0] * a.v + ab[1] * b.v, self.lower, self.upper)
 
     def _pair_pick(self, a: _Group, b: _Group, AB: np.ndarray, rows: list[int],
                    ranges: np.ndarray, entry: dict) -> tuple[np.ndarray, list[float] | None]:
@@ -507,7 +524,7 @@ class MAPStrategy(Strategy):
         pref, sign = self._nested["preference"], self._sign[0]
         weights = np.array([pref[list(a.tasks)].sum(), pref[list(b.tasks)].sum()])
         F = np.array([self._F[r] for r in rows])
-        Y = np.stack([self._group_metric(a, F), self._group_metric(b, F)], axis=1)
+        Y = np.stack([self._group_metric(a.tasks, F), self._group_metric(b.tasks, F)], axis=1)
         ok = np.array([self._ok[r] for r in rows], dtype=bool)
         if not fittable(AB[ok]):
             best = int(np.argmin(sign * Y @ weights))
@@ -529,90 +546,3 @@ class MAPStrategy(Strategy):
                                  seed=int(self._rng.integers(2**32)))
         k = preference_pick(Fs, weights)
         return np.clip(Xs[k], ranges[:, 0], ranges[:, 1]), (Fs[k] * sign).tolist()
-
-    def _nested_stages(self) -> Iterator[Batch]:
-        opts, d = self._nested, self.dim
-        pref = opts["preference"]
-        sign = self._sign[0]  # one direction for all objectives
-        groups = [_Group((i,), np.eye(d)[i]) for i in range(d)]
-        stage = 0
-        while len(groups) > 1:
-            self._report["phase"] = f"nested stage {stage}"
-            pairs = [(groups[k], groups[k + 1]) for k in range(0, len(groups) - 1, 2)]
-            rest = [groups[-1]] if len(groups) % 2 else []
-            his = [np.array([self._group_hi(a), self._group_hi(b)]) for a, b in pairs]
-            batch, owner = [], []  # owner[k]: (pair, (a, b)) of the k-th point
-            for p, ((a, b), hi) in enumerate(zip(pairs, his)):
-                for ab in self._sample_box(opts["design"], np.zeros(2), hi):
-                    batch.append((self._combine(a, b, ab), {
-                        "phase": "nested-design", "stage": stage, "pair": p,
-                        "ab": ab.tolist()}))
-                    owner.append((p, ab))
-            start = len(self._X)
-            yield batch
-            rows = {p: [] for p in range(len(pairs))}  # pair -> [(row in self._X, (a, b))]
-            for k, (p, ab) in enumerate(owner):
-                rows[p].append((start + k, ab))
-            front, owner, entries = [], [], []
-            for p, ((a, b), hi) in enumerate(zip(pairs, his)):
-                entry = {"tasks": [list(a.tasks), list(b.tasks)], "loo": None}
-                picks = self._pair_front(a, b, hi, rows[p], entry, pref, sign)
-                for ab, predicted in picks:
-                    front.append((self._combine(a, b, ab), {
-                        "phase": "nested-front", "stage": stage, "pair": p,
-                        "ab": ab.tolist(), "predicted_groups": predicted}))
-                    owner.append((p, ab))
-                entries.append(entry)
-            start = len(self._X)
-            if front:
-                yield front
-            for k, (p, ab) in enumerate(owner):
-                rows[p].append((start + k, ab))
-            merged = []
-            for p, (a, b) in enumerate(pairs):
-                F = np.array([self._F[r] for r, _ in rows[p]])
-                tasks = list(a.tasks + b.tasks)
-                score = sign * (F[:, tasks] @ pref[tasks])  # minimisation form
-                best = int(np.argmin(score))
-                ab = rows[p][best][1]
-                g = _Group(a.tasks + b.tasks, ab[0] * a.v + ab[1] * b.v)
-                merged.append(g)
-                entries[p].update({"chosen_ab": ab.tolist(), "coefficients": g.v.tolist(),
-                                   "score": float(sign * score[best]),
-                                   "evaluations": len(rows[p])})
-            self._report["nested"].append({"stage": stage, "pairs": entries})
-            groups = merged + rest
-            stage += 1
-
-    def _combine(self, a: _Group, b: _Group, ab: np.ndarray) -> np.ndarray:
-        return np.clip(ab[0] * a.v + ab[1] * b.v, self.lower, self.upper)
-
-    def _pair_front(self, a: _Group, b: _Group, hi: np.ndarray, rows: list, entry: dict,
-                    pref: np.ndarray, sign: float) -> list[tuple[np.ndarray, list[float]]]:
-        """A pair's two-variable MAP: fit the two group metrics over (a, b) on the pair's valid
-        design points and pick ``front_points`` on the predicted front (the one the preference
-        scores best first, then spread). No picks when the points cannot fit a quadratic."""
-        ok = [(r, ab) for r, ab in rows if self._ok[r]]
-        AB = np.array([ab for _, ab in ok]).reshape(-1, 2)
-        if not fittable(AB):
-            return []
-        F = np.array([self._F[r] for r, _ in ok])
-        fits, loo = [], []
-        for g in (a, b):
-            y = self._group_metric(g, F)
-            fit = fit_quadratic(AB, y, self._group_link(g, y))
-            fits.append(fit)
-            loo.append(errors(y, loo_predictions(AB, y, fit)))
-        entry["loo"] = loo
-        signs = np.full(2, sign)
-
-        def objective(P: np.ndarray) -> np.ndarray:
-            return self._predict_min(fits, signs, P)
-
-        Xs, Fs = surrogate_front(objective, np.zeros(2), hi, 2, pop=self._front_pop,
-                                 generations=self._front_generations,
-                                 seed=int(self._rng.integers(2**32)))
-        weights = np.array([pref[list(a.tasks)].sum(), pref[list(b.tasks)].sum()])
-        first = int(np.argmin(Fs @ weights))
-        picked = spread_pick(Fs, self._nested["front_points"], first=first)
-        return [(np.clip(Xs[i], 0.0, hi), (Fs[i] * sign).tolist()) for i in picked]
