@@ -151,3 +151,36 @@ def test_rescore_keeps_the_best_full_search_score_among_the_top_estimates(zoo, t
     unguarded = Experiment.from_dict(plain).run(progress=False)
     assert unguarded["fitness_reduction"]["rescored"] == []
     assert unguarded["best"]["trial"] == top[0].number  # same seed, same trials: best estimate
+
+
+@pytest.mark.slow
+def test_a_reduced_dfs_run_calibrates_on_perturbations_of_its_start_path(zoo, tmp_path,
+                                                                       monkeypatch):
+    """A DFS space has a start path: calibration scores the sources and the local design
+    around it (evomerge.fitness.reduced.calibration_design), not uniform layer paths."""
+    from evomerge.execution.driver import Plan
+    from evomerge.execution.worker import Evaluator
+    from evomerge.fitness.reduced import calibration_design, source_recipe
+
+    scored = []
+    original = Evaluator.score_items
+    monkeypatch.setattr(Evaluator, "score_items",
+                        lambda self, recipes: scored.extend(recipes) or original(self, recipes))
+    data = {**experiment(zoo, tmp_path / "run"),
+            "name": "tinylm_dfs_reduced",
+            "models": {"base": str(zoo / "base"),
+                       "sources": {t: str(zoo / f"expert_{t}") for t in ("add", "sort")}},
+            "space": {"kind": "dfs", "repeats": 2, "start": "sort"}}
+    summary = Experiment.from_dict(data).run(progress=False)
+
+    space = Plan(Experiment.from_dict(data)).space
+    points, kind = calibration_design(space, DESIGN, seed=0)
+    assert kind == "local" and summary["fitness_reduction"]["design"] == "local"
+    expected = [source_recipe(p) for p in data["models"]["sources"].values()] + [
+        space.decode(x) for x in points]
+    assert [r.to_dict() for r in scored[:2 + DESIGN]] == [r.to_dict() for r in expected]
+    # every design path is its start path with 1 to 4 inclusion switches flipped
+    t = len(space.slots)
+    flips = ((points[:, :t] > 0) != (space.start_point[:t] > 0)).sum(axis=1)
+    assert flips.min() >= 1 and flips.max() <= 4
+    assert summary["fitness_reduction"]["items_per_candidate"] < 5 * MAX_ITEMS

@@ -1,7 +1,9 @@
 """IRT reduction of a run's fitness (``fitness: {..., reduced: {...}}`` in an experiment).
 
 The driver calibrates once per run, before the search: it scores the source models and a
-uniform design of merges drawn from the run's own search space on the FULL search items, fits
+design of candidates drawn from the run's own search space (uniform in its bounds; for a space
+with a start point, DFS, perturbations of that start: see
+:func:`evomerge.fitness.reduced.calibration_design`) on the FULL search items, fits
 the IRT model and picks anchors (:func:`evomerge.fitness.reduced.calibrate`, cached as JSON in
 ``RUN_DIR/irt/``, so a resumed run re-uses it without re-scoring), and writes the fitted
 reduction to ``RUN_DIR/irt/reduction.json``. Every evaluator (in-process, worker processes,
@@ -66,7 +68,7 @@ def calibrate_run(plan: Any, *, progress: bool = True) -> dict[str, Any]:
     except ValueError as exc:
         raise ExperimentError(str(exc)) from None
     options, spec = split_options(experiment.fitness.options)
-    reduction = _calibrate(plan, options, spec, progress)
+    reduction, design = _calibrate(plan, options, spec, progress)
     gc.collect()  # the calibration evaluator (sources, model) is gone before workers start
     path = experiment.run_path / REDUCTION_FILE
     tmp = path.with_name(path.name + ".tmp")
@@ -74,16 +76,18 @@ def calibrate_run(plan: Any, *, progress: bool = True) -> dict[str, Any]:
     os.replace(tmp, path)
     full, evaluated = reduction.num_items(), reduction.num_evaluated()
     return {"estimator": spec.estimator, "anchors_per_task": spec.anchors,
-            "design_merges": spec.design,
+            "design_merges": spec.design, "design": design,
             "calibration_models": len(experiment.models.sources) + spec.design,
             "items_per_candidate": evaluated, "full_items": full, "rescore": spec.rescore,
             "reduction_factor": round(full / evaluated, 2)}
 
 
-def _calibrate(plan: Any, options: dict[str, Any], spec: Any, progress: bool) -> Any:
+def _calibrate(plan: Any, options: dict[str, Any], spec: Any, progress: bool
+               ) -> tuple[Any, str]:
     """Score sources + the space's design (:func:`evomerge.fitness.reduced.calibration_design`:
     uniform in the bounds, or local around a DFS space's start) on the full search items; fit.
-    Progress: a bar on a terminal, plain periodic lines in a log (:func:`evomerge.report.track`).
+    Returns the reduction and the design's kind. Progress: a bar on a terminal, plain periodic
+    lines in a log (:func:`evomerge.report.track`).
     """
     from evomerge.execution.worker import evaluator_for
     from evomerge.fitness.reduced import calibrate, calibration_design, source_recipe
@@ -91,7 +95,7 @@ def _calibrate(plan: Any, options: dict[str, Any], spec: Any, progress: bool) ->
 
     experiment = plan.experiment
     endpoints = [source_recipe(p) for p in experiment.models.sources.values()]
-    points, _ = calibration_design(plan.space, spec.design, spec.seed)
+    points, kind = calibration_design(plan.space, spec.design, spec.seed)
     design = [plan.space.decode(x) for x in points]
     evaluator = evaluator_for(experiment, reduced=False)
 
@@ -101,4 +105,4 @@ def _calibrate(plan: Any, options: dict[str, Any], spec: Any, progress: bool) ->
 
     return calibrate(score, endpoints, design, spec,
                      experiment.run_path / REDUCTION_FILE.parent,
-                     fingerprint={"fitness": experiment.fitness.name, "options": options})
+                     fingerprint={"fitness": experiment.fitness.name, "options": options}), kind
