@@ -218,6 +218,66 @@ def test_bad_options_are_refused_before_any_compute(options, message):
         build(**options)
 
 
+def weights_geometry(genomes: np.ndarray):
+    """The Gram oracle of flat genomes (one "tensor" each), as the weights space builds it."""
+    import torch
+
+    from evomerge.merge.segments import PrefixGram, layout_of
+
+    layout = layout_of({"genome": genomes.shape[1]})
+    return PrefixGram([{"genome": torch.from_numpy(g)} for g in genomes], layout, block=7)
+
+
+def test_weights_mode_makes_the_children_of_dense_weight_space_m2n2():
+    """The strategy in weights mode (members + Gram oracle) and :func:`scratch_search` on the
+    dense genomes draw the same parents, splits and mixes from the same archive states, so
+    their records agree and every member is the dense child (fitness: a fixed random
+    projection thresholded per item, so the scores depend on the weights themselves)."""
+    from evomerge.merge.segments import dense
+
+    rng = np.random.default_rng(5)
+    experts = rng.normal(size=(3, 40))
+    probe = rng.normal(size=(40, 12))
+
+    def evaluate(genomes: np.ndarray) -> np.ndarray:
+        return (np.atleast_2d(genomes) @ probe > 0).astype(float)
+
+    budget, records, genomes = 40, [], []
+
+    def keep(recs, _scores):
+        records.extend(r.as_list() for r in recs)
+
+    dense_archive = scratch_search(evaluate, 40, budget, seed=9, archive=5, mutation_std=0.0,
+                                   init=list(experts), on_batch=keep)
+    strategy = make_strategy("m2n2", lower=[-1, -1, -1, 0, 0], upper=[2, budget, budget, 40, 1],
+                             directions=["maximize"], seed=9, archive=5, crossover="weights",
+                             geometry=weights_geometry(experts))
+    mine = []
+    while len(mine) < budget:
+        cands = strategy.ask()
+        for c in cands:
+            genomes.append(dense(c.meta["member"], experts))
+            r = c.meta.get("record")
+            mine.append(r.as_list() if r else [len(mine), -1, -1, 0, 0.0])
+        scores = list(evaluate(np.stack(genomes[-len(cands):])))
+        strategy.tell(cands, [[float(v.mean())] for v in scores], item_scores=scores)
+    assert mine == records
+    rows = [dense(g, experts) for g in strategy.niches.genomes]
+    np.testing.assert_allclose(rows, dense_archive.genomes, rtol=1e-9, atol=1e-12)
+
+
+def test_weights_mode_options_are_checked():
+    geometry = weights_geometry(np.ones((2, 4)))
+    record = dict(lower=[-1, -1, -1, 0, 0], upper=[1, 9, 9, 4, 1], directions=["maximize"])
+    with pytest.raises(ValueError, match="mutation_std: 0.1 has no meaning"):
+        make_strategy("m2n2", crossover="weights", geometry=geometry, mutation_std=0.1, **record)
+    with pytest.raises(ValueError, match=r"init\[0\]: weight-space members start as sources"):
+        make_strategy("m2n2", crossover="weights", geometry=geometry, init=[[0, 3, -1, 0, 0]],
+                      **record)
+    with pytest.raises(ValueError, match="a weights geometry was given"):
+        make_strategy("m2n2", geometry=geometry, **record)
+
+
 def test_tell_without_item_scores_says_what_is_missing():
     strategy = build()
     cands = strategy.ask()
