@@ -9,7 +9,9 @@ same way and keeps its run directory):
 * ``m2n2_scratch``: ``experiments/digits_m2n2_scratch.yaml`` (50,000 evaluations);
 * ``cmaes_scratch``: ``experiments/digits_cmaes_scratch.yaml``, separable CMA-ES, same budget;
 * ``m2n2_experts``: M2N2 from the reference's two experts (digits 0-4 / 5-9, Adam lr 3e-3, 10
-  full-batch steps), no mutation, 10,000 evaluations.
+  full-batch steps), no mutation, 10,000 evaluations: the weight-space crossover on the dense
+  genomes, the operator ``crossover: weights`` applies to checkpoints through members
+  (``benchmarks/m2n2_modes.py`` runs both on this setting: the same records step for step).
 
 Metric: test accuracy (last 20 % of ``load_digits``) of the member with the best training
 accuracy. Targets (the reference code, measured on this machine): mean >= 0.85 from scratch,
