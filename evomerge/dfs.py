@@ -1,6 +1,6 @@
 """The DFS (data-flow space) genome of Sakana's evolutionary model merge: a path through layers.
 
-Sakana's DFS (Akiba et al. 2024, "Evolutionary Optimization of Model Merging Recipes", sec. 3.2)
+Sakana's DFS (Akiba et al. 2024, "Evolutionary Optimization of Model Merging Recipes")
 lays out all layers of the layer sources -- here the ``n`` sources' ``L`` blocks each, one model
 after another: ``M = n * L`` *layers*, layer ``(i, b)`` = block ``b`` of source ``i`` -- and
 repeats that sequence ``r`` times: ``T = M * r`` slots. The genome holds

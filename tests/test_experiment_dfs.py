@@ -103,3 +103,26 @@ def test_dfs_space_errors_name_the_field_before_compute(zoo, tmp_path):
     with pytest.raises(ExperimentError, match="repeats"):
         Experiment.from_dict(data).run(progress=False)
     assert not (tmp_path / "run" / "study.db").exists()
+
+
+@pytest.mark.parametrize("name, scales, dim", [
+    # 4 experts x 4 blocks = 16 layers, x 2 repeats = 32 slots; W over layers (16 + 1) x 16
+    ("tinylm_dfs", "layers", 32 + 17 * 16),
+    ("tinylm_dfs_pairs", "model_pairs", 32 + 4 * 4),
+    # ps + 4 experts: 20 layers, 40 slots; (20 + 1) x 20, or 5 x 5
+    ("tinylm_ps_dfs", "layers", 40 + 21 * 20),
+    ("tinylm_ps_dfs_pairs", "model_pairs", 40 + 5 * 5),
+])
+def test_shipped_dfs_spaces_have_the_coordinates_their_comments_say(name, scales, dim):
+    from evomerge.dfs import DfsSpace
+
+    text = (REPO / "experiments" / f"{name}.yaml").read_text()
+    data = yaml.safe_load(text)
+    models = data["models"]
+    loaded = [str(REPO / p) for p in (models["base"], *models["sources"].values())]
+    sources = {k: str(REPO / v) for k, v in models["sources"].items()}
+    space = DfsSpace.from_dict({**data["space"], "merged": {
+        k: str(REPO / v) for k, v in data["space"].get("merged", {}).items()}})
+    bound = space.bind(sources, 4, "llama", loaded=loaded)
+    assert (bound.scales, bound.dim) == (scales, dim)
+    assert f"{dim} coordinates" in " ".join(line.lstrip("# ") for line in text.splitlines())
