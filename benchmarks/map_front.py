@@ -168,7 +168,8 @@ def run_one(config: str, zoo: dict[str, Path], seed: int, ks: list[int],
             "hv": {k: hypervolume(V[:k]) for k in ks},
             "best_mean": {k: float(V[:k].mean(axis=1).max()) for k in ks},
             "surrogate": reports or None,
-            "nested": _nested_choice(strategy.surrogate_report()["nested"]),
+            "nested": _nested_choice(strategy.surrogate_report()["nested"])
+            if hasattr(strategy, "surrogate_report") else None,
             "seconds": time.perf_counter() - started}
 
 
