@@ -47,9 +47,9 @@ if TYPE_CHECKING:
     import torch
 
 __all__ = [
-    "Layout", "Member", "PrefixGram", "SegmentRecipe", "build_into", "build_member",
-    "coefficients_on", "crossover", "dense", "inner", "layout_of", "refinement",
-    "slerp_weights", "source_member", "zero_member",
+    "RECORD", "Layout", "Member", "PrefixGram", "SegmentRecipe", "angle", "build_into",
+    "build_member", "canonical", "coefficients_on", "crossover", "dense", "inner", "layout_of",
+    "refinement", "slerp_weights", "source_member", "zero_member",
 ]
 
 #: the fixed-length record of how a member was made (the store's parameters in weights mode):
