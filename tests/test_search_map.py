@@ -525,6 +525,7 @@ def test_nested_map_replay_asks_the_same_points_through_failures():
     assert np.array_equal(np.stack([c.x for c in replayed.ask()]),
                           np.stack([c.x for c in first.ask()]))
     assert replayed.surrogate_report() == first.surrogate_report()
+    json.dumps(first.surrogate_report())  # the run writes it as surrogate.json
     other = drive(build(seed=8), separable, 2)
     assert not np.array_equal(other[1][0], original[1][0])  # another seed, another design
 
@@ -637,3 +638,32 @@ def test_benchmark_runs_and_prints_one_json_object(zoo, tmp_path):
         assert 0 < run["hv"]["16"] <= run["hv"]["32"] <= 1
     map_32 = data["rows"][1]
     assert map_32["loo_mae"] is not None and map_32["front_mae"] is not None
+
+
+@pytest.mark.slow
+def test_benchmark_five_tasks_counts_the_nested_tree_and_writes_its_own_section(zoo, tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "map_front.py"
+    proc = subprocess.run([sys.executable, str(script), "--json", "--seeds", "1", "--ks", "48,96",
+                           "--configs", "nested,map5", "--zoo", str(zoo["base"].parent)],
+                          check=False, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    data = json.loads(proc.stdout)
+    rows = {(r["config"], r["k"]): r for r in data["rows"]}
+    assert set(rows) == {("nested", 48), ("nested", 96), ("map5", 48), ("map5", 96)}
+    # The tree of five tasks: 5 experts alone + 4 pairs x (19 design + 1 pick) = 85 evaluations;
+    # task evaluations 5 + 20 x (sizes of the 4 merged groups), which sum to 12, 13 or 14.
+    assert rows[("nested", 48)]["chosen_score"] is None  # the tree is not done at 48
+    nested = rows[("nested", 96)]
+    assert nested["chosen_evaluations"] == 85
+    assert nested["chosen_task_evaluations"] in (5 + 20 * 12, 5 + 20 * 13, 5 + 20 * 14)
+    assert 0 < nested["chosen_score"] <= nested["best_mean"] <= 1
+    assert rows[("map5", 96)]["chosen_score"] is None
+    assert len(data["base_five_tasks"]) == 5
+    section = _benchmark().nested_section(data)
+    assert section.startswith("<!-- map-nested:start -->")
+    assert section.endswith("<!-- map-nested:end -->")
+    assert sum(line.startswith("| nested |") for line in section.splitlines()) == 2
