@@ -507,6 +507,17 @@ def test_nested_pair_left_with_too_few_valid_points_takes_its_best_real_design_p
     assert pick.meta["predicted_groups"] is None
 
 
+def test_after_a_two_task_tree_flat_map_fits_the_tree_points_without_a_new_design():
+    strategy = make_strategy("map", lower=[0, 0], upper=[1.5, 1.5], seed=2, popsize=32,
+                             directions=["maximize"] * 2, link="identity", nested=True, **FAST)
+    record = drive(strategy, lambda X: separable(np.hstack([X, np.zeros((len(X), 2))]))[:, :2],
+                   3)
+    assert [m[0]["phase"] for _, _, m in record] == ["nested-expert", "nested-design",
+                                                      "nested-pick"]
+    assert {c.meta["phase"] for c in strategy.ask()} == {"front"}
+    assert strategy.surrogate_report()["n_fit"] == 2 + 19 + 1
+
+
 def test_nested_map_replay_asks_the_same_points_through_failures():
     def build(seed=7):
         return make_strategy("map", lower=[0] * 4, upper=[1.5] * 4, seed=seed, popsize=12,

@@ -95,7 +95,10 @@ Options (experiment YAML ``strategy`` entries):
                      NSGA-II's final population here; a pair whose failures leave too few points
                      to fit takes its best real design point by preference (the reference drops
                      the pair). After the tree (the reference stops there) the remaining budget
-                     runs flat MAP over all coordinates with every evaluation so far in its fit.
+                     runs flat MAP over all coordinates with every evaluation so far in its fit
+                     (its design is drawn only if those cannot fit a quadratic in all
+                     coordinates: with 3 or more tasks they cannot, as a pair's points vary
+                     only along its two group vectors).
                      A variant that paired groups by index a whole stage at a time and chose
                      each pair's result by real evaluations measured worse
                      (``benchmarks/map_front.py``) and was removed.
@@ -350,8 +353,7 @@ class MAPStrategy(Strategy):
         if self._nested is not None:
             yield from self._nested_tree()
         self._report["phase"] = "design"
-        yield self._design_batch()
-        while not fittable(self._valid()[0]):
+        while not fittable(self._valid()[0]):  # after Nested MAP: only if they cannot fit
             yield self._design_batch()
         self._fit()
         for r in range(self._bayes["rounds"] if self._bayes else 0):
