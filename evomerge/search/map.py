@@ -9,8 +9,9 @@ few real evaluations to learn the whole trade-off front between the task metrics
 2. **fit**: one quadratic surrogate per objective, ``act(c^T A c + b^T c + e)`` (see
    ``_surrogate.py``), by nonlinear least squares; its leave-one-out error (MAE, R^2) on the
    evaluated points is reported by :meth:`MAPStrategy.surrogate_report`.
-3. **front**: NSGA-II (NSGA-III above 3 objectives) on the surrogates (MAP's reference settings:
-   population 100, 150 generations, SBX/PM eta 20) gives the amortised (predicted) front;
+3. **front**: NSGA-II (NSGA-III above 3 objectives) on the surrogates (population 100 and
+   SBX/PM eta 20 as MAP's reference code; 150 generations, its ``find_pareto_front`` default,
+   though its callers pass 25) gives the amortised (predicted) front;
    ``front_points`` points spread along it are evaluated for real, so the run's Pareto set holds
    real values. The error of the surrogate at those points (predicted before they were
    evaluated: truly held out) is reported too.
