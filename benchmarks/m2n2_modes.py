@@ -97,6 +97,10 @@ def run_pair(configs: dict[str, dict[str, Any]], budget: int, seed: int, objecti
         out[mode] = {"heldout": final["best"], "best_source": max(sources.values()),
                      "search": summary["best"]["objectives"][objective],
                      "wall_s": summary["wall_s"], "failed": summary["n_failed"]}
+        recipe = summary["best"]["recipe"]
+        if recipe.get("merge_method") == "segments":  # how far from a convex combination
+            sums = np.sum(recipe["coefficients"], axis=1)
+            out[mode].update(segments=len(sums), coef_sum=[float(sums.min()), float(sums.max())])
         print(f"{config['name']} {mode} seed {seed}: held-out {final['best']:.4f} "
               f"(best source {max(sources.values()):.4f}), {summary['wall_s']:.0f} s",
               file=sys.stderr)
@@ -224,6 +228,15 @@ def markdown(result: dict[str, Any]) -> str:
                          f"{', '.join(format(r['heldout'], '.3f') for r in rows)} | "
                          f"{rows[0]['best_source']:.3f} | "
                          f"{', '.join(format(r['wall_s'], '.0f') for r in rows)} |")
+        sums = [runs[s]["weights"]["coef_sum"] for s in runs]
+        segments = ", ".join(str(runs[s]["weights"]["segments"]) for s in runs)
+        lines += ["", (f"Weights mode, best members: {segments} segments, coefficients summing "
+                       f"to {min(a for a, _ in sums):.3f} - {max(b for _, b in sums):.3f} per "
+                       "segment. Over experts fine-tuned from one base, a member is (sum_k c_k) "
+                       "base + sum_k c_k tau_k on each segment, and slerp of nearly parallel "
+                       "weight vectors keeps sum_k c_k near 1: its task-vector weights share "
+                       "~1, where the coefficient space reaches base + sum_k w_k tau_k with each "
+                       "w_k up to 1.5.")]
     if "reference" in result:
         runs = result["reference"]
         lines += ["", (f"**Reference two-expert digits setting**, {b['reference']} evaluations "
