@@ -527,8 +527,9 @@ def _rename_layer_models(recipe, mapping: dict[str, str]):
 _RUN_HELP = (
     "Run a merge search described by an experiment YAML.\n\n"
     "The experiment names the models (base + sources), a search space (a catalog name from "
-    "search_spaces/, an inline mapping, or kind: dfs for a layer path through the sources' "
-    "blocks), a fitness, a strategy (cmaes, nsga2, optuna, random, map, m2n2) "
+    "search_spaces/, an inline mapping, kind: dfs for a layer path through the sources' "
+    "blocks, or kind: weights for M2N2's crossover of the sources' flattened weights), a "
+    "fitness, a strategy (cmaes, nsga2, optuna, random, map, m2n2) "
     "and a budget of evaluations. Every candidate is recorded in an Optuna study "
     "(default sqlite at runs/NAME/study.db) before it is evaluated; the run directory receives "
     "summary.json, best_recipe.yaml (mergekit format), the exported best model (best_model/) "
