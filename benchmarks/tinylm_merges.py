@@ -11,6 +11,8 @@ table can be rebuilt without re-running), and tabulates from their ``summary.jso
   hop-scale matrix W indexed by layers (``scales: layers``);
 * ``experiments/tinylm_dfs_pairs.yaml``: the same with one hop scale per pair of experts
   (``scales: model_pairs``, evomerge's earlier form);
+* ``experiments/tinylm_dfs_factored.yaml``: the same with the factored layer W (``scales:
+  factored``: ``P[model, model] * q[layer]``, ours);
 * ``experiments/tinylm_ps_dfs.yaml``, ``tinylm_ps_dfs_pairs.yaml``: PS+DFS, a layer path through
   the PS merge's and the experts' blocks (the PS merge is the shipped
   ``experiments/recipes/tinylm_ps.yaml``), with either form of W.
@@ -46,6 +48,7 @@ START, END = "<!-- tinylm_merges:start -->", "<!-- tinylm_merges:end -->"
 EXPERIMENTS = {"tinylm_ps_cmaes": "PS (CMA-ES)", "tinylm_m2n2": "M2N2",
                "tinylm_dfs": "DFS, W over layers (CMA-ES)",
                "tinylm_dfs_pairs": "DFS, W over model pairs (CMA-ES)",
+               "tinylm_dfs_factored": "DFS, W factored (CMA-ES)",
                "tinylm_ps_dfs": "PS+DFS, W over layers (CMA-ES)",
                "tinylm_ps_dfs_pairs": "PS+DFS, W over model pairs (CMA-ES)"}
 
@@ -162,6 +165,7 @@ def markdown(result: dict[str, Any]) -> str:
               "starting point). DFS rows: `W over layers` is Sakana's hop-scale matrix indexed by "
               "layers plus an embedding row for the first block's input (`scales: layers`), "
               "`W over model pairs` one scale per pair of layer sources (`scales: model_pairs`, "
+              "ours), `W factored` the layer W as P[model, model] q[layer] (`scales: factored`, "
               "ours); see `evomerge/dfs.py`."),
              *(["- † carried over from the previous table (not re-run by this invocation; its "
                 "machine, date and load are that invocation's)."] if carried else []),

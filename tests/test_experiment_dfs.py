@@ -109,6 +109,7 @@ def test_dfs_space_errors_name_the_field_before_compute(zoo, tmp_path):
     # 4 experts x 4 blocks = 16 layers, x 2 repeats = 32 slots; W over layers (16 + 1) x 16
     ("tinylm_dfs", "layers", 32 + 17 * 16),
     ("tinylm_dfs_pairs", "model_pairs", 32 + 4 * 4),
+    ("tinylm_dfs_factored", "factored", 32 + 5 * 4 + 16),  # P (embed + 4) x 4, q per layer
     # ps + 4 experts: 20 layers, 40 slots; (20 + 1) x 20, or 5 x 5
     ("tinylm_ps_dfs", "layers", 40 + 21 * 20),
     ("tinylm_ps_dfs_pairs", "model_pairs", 40 + 5 * 5),
