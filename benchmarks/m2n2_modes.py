@@ -23,7 +23,8 @@ Budgets are modest (a tiny-LM candidate costs ~1.2 s on 2 shared cores); the tab
 
 Usage::
 
-    python benchmarks/m2n2_modes.py                    # tinylm 150 x 2, digits 200 x 2 x 3, 10k x 2 x 3
+    python benchmarks/m2n2_modes.py --tinylm-seeds 2   # tinylm 150 x 2 x 2, digits 200 x 2 x 3,
+                                                       # reference 10k x 2 x 3 (~20 min)
     python benchmarks/m2n2_modes.py --quick --json     # small budgets, one seed
     python benchmarks/m2n2_modes.py --write-results    # rewrite the m2n2_modes section
 """
@@ -113,8 +114,12 @@ def reference_pair(budget: int, seed: int) -> dict[str, Any]:
 
     from evomerge.merge.segments import PrefixGram, dense, layout_of
     from evomerge.search import make_strategy
-    from evomerge.search.m2n2 import (FlatDigitsMLP, reference_digits, scratch_search,
-                                      train_reference_experts)
+    from evomerge.search.m2n2 import (
+        FlatDigitsMLP,
+        reference_digits,
+        scratch_search,
+        train_reference_experts,
+    )
 
     (x_train, y_train), (x_test, y_test) = reference_digits()
     train, test = FlatDigitsMLP(x_train, y_train), FlatDigitsMLP(x_test, y_test)
@@ -243,8 +248,8 @@ def markdown(result: dict[str, Any]) -> str:
                        f"(seeds {', '.join(map(str, runs))}; the reference code: "
                        f"{REFERENCE_EXPERTS} at 10k): test accuracy of the member with the best "
                        "training accuracy"), "",
-                  "| run | test acc mean ± std | per seed | steps with equal records | "
-                  "segments (largest member) | wall s per seed |", "|---|---|---|---|---|---|"]
+                  ("| run | test acc mean ± std | per seed | steps with equal records | "
+                   "segments (largest member) | wall s per seed |"), "|---|---|---|---|---|---|"]
         for mode, label in (("weights", "m2n2 strategy, crossover: weights"),
                             ("dense", "scratch_search on dense genomes")):
             rows = [runs[s][mode] for s in runs]
@@ -271,9 +276,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--tinylm-seeds", type=int, default=1,
                    help="how many of the seeds the tiny-LM pair runs (1: ~7 min)")
     p.add_argument("--tinylm-zoo", default=str(REPO / "models" / "tiny-lm"))
-    for key in DEFAULTS:
+    for key, budget in DEFAULTS.items():
         p.add_argument(f"--{key}-budget", type=int, default=None,
-                       help=f"evaluations per {key} run [default {DEFAULTS[key]}]")
+                       help=f"evaluations per {key} run [default {budget}]")
     p.add_argument("--write-results", action="store_true",
                    help="rewrite the m2n2_modes section of benchmarks/RESULTS.md")
     return p.parse_args(argv)

@@ -42,6 +42,8 @@ from evomerge.merge.segments import (
     PrefixGram,
     SegmentRecipe,
     layout_of,
+    source_member,
+    source_record,
 )
 
 __all__ = ["BoundWeightSpace", "WeightSpace", "is_weight_space", "pairing_problems"]
@@ -154,8 +156,6 @@ class BoundWeightSpace:
 
     def source_points(self) -> list[np.ndarray]:
         """One record per source: that source alone (``init: sources``)."""
-        from evomerge.search.m2n2 import source_record
-
         return [source_record(k) for k in range(len(self.refs))]
 
     def decode_member(self, member: Member) -> SegmentRecipe:
@@ -168,8 +168,6 @@ class BoundWeightSpace:
     def decode(self, x: Sequence[float]) -> SegmentRecipe:
         """A source's record decodes alone; a child's names parents, so its member (which the
         strategy makes and passes in ``Candidate.meta``) is what decodes (:meth:`decode_member`)."""
-        from evomerge.merge.segments import source_member
-
         x = np.asarray(x, dtype=float)
         k = x[0] if x.shape == (len(RECORD),) else -1
         if k != int(k) or not 0 <= k < len(self.refs) or np.any(x[1:] != [-1, -1, 0, 0]):

@@ -18,9 +18,9 @@ import pytest
 import torch
 import transformers
 import yaml
+from helpers import make_family
 from typer.testing import CliRunner
 
-from helpers import make_family
 from evomerge.cli import app
 from evomerge.merge.engine import Merger
 from evomerge.merge.io import load_state_dict
@@ -228,7 +228,7 @@ def test_m2n2_weights_mode_asks_records_and_members_and_replays_them(oracle):
 def test_m2n2_crossover_options_are_checked():
     from evomerge.search import make_strategy
 
-    box = dict(lower=[0, 0], upper=[1, 1], directions=["maximize"])
+    box = {"lower": [0, 0], "upper": [1, 1], "directions": ["maximize"]}
     with pytest.raises(ValueError, match="needs the weights space"):
         make_strategy("m2n2", crossover="weights", **box)
     with pytest.raises(ValueError, match="crossover: coefficients, weights, got 'both'"):
@@ -309,9 +309,20 @@ def test_a_weights_run_is_deterministic_and_its_best_is_its_member(zoo, tmp_path
 
 @pytest.mark.slow
 def test_a_killed_weights_run_resumes_to_the_uninterrupted_trajectory(zoo, tmp_path):
-    from run_helpers import (by_slot, cli, counted, kill_group, load_trials, run_cli,
-                             run_in_process, slot, start, state_counts, wait_until,
-                             write_experiment)
+    from run_helpers import (
+        by_slot,
+        cli,
+        counted,
+        kill_group,
+        load_trials,
+        run_cli,
+        run_in_process,
+        slot,
+        start,
+        state_counts,
+        wait_until,
+        write_experiment,
+    )
 
     budget = 30
     reference = weights_experiment(zoo, tmp_path / "reference", budget)

@@ -268,7 +268,7 @@ def test_weights_mode_makes_the_children_of_dense_weight_space_m2n2():
 
 def test_weights_mode_options_are_checked():
     geometry = weights_geometry(np.ones((2, 4)))
-    record = dict(lower=[-1, -1, -1, 0, 0], upper=[1, 9, 9, 4, 1], directions=["maximize"])
+    record = {"lower": [-1, -1, -1, 0, 0], "upper": [1, 9, 9, 4, 1], "directions": ["maximize"]}
     with pytest.raises(ValueError, match="mutation_std: 0.1 has no meaning"):
         make_strategy("m2n2", crossover="weights", geometry=geometry, mutation_std=0.1, **record)
     with pytest.raises(ValueError, match=r"init\[0\]: weight-space members start as sources"):

@@ -35,6 +35,7 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from itertools import pairwise
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -49,7 +50,7 @@ if TYPE_CHECKING:
 __all__ = [
     "RECORD", "Layout", "Member", "PrefixGram", "SegmentRecipe", "angle", "build_into",
     "build_member", "canonical", "coefficients_on", "crossover", "dense", "inner", "layout_of",
-    "refinement", "slerp_weights", "source_member", "zero_member",
+    "refinement", "slerp_weights", "source_member", "source_record", "zero_member",
 ]
 
 #: the fixed-length record of how a member was made (the store's parameters in weights mode):
@@ -127,6 +128,11 @@ def canonical(bounds: Sequence[int] | np.ndarray, coefs: np.ndarray) -> Member:
     keep[1:] = np.any(coefs[1:] != coefs[:-1], axis=1)
     starts = bounds[:-1][keep]
     return Member(np.append(starts, bounds[-1]), coefs[keep].copy())
+
+
+def source_record(k: int) -> np.ndarray:
+    """The :data:`RECORD` of source ``k`` alone as an initial member."""
+    return np.array([float(k), -1.0, -1.0, 0.0, 0.0])
 
 
 def source_member(k: int, n_sources: int, size: int) -> Member:
@@ -465,7 +471,7 @@ def build_member(member: Member, layout: Layout, sources: Sequence[Mapping[str, 
             work = work_dtype(flats[0].dtype)
             inside = member.bounds[(member.bounds > lo) & (member.bounds < lo + n)] - lo
             cuts = np.unique(np.concatenate([[0, n], inside, np.arange(0, n, chunk)]))
-            for p, q in zip(cuts[:-1], cuts[1:]):
+            for p, q in pairwise(cuts):
                 row = member.coefs[int(np.searchsorted(member.bounds, lo + p, "right")) - 1]
                 acc = torch.zeros(int(q - p), dtype=work, device=out.device)
                 for c, flat in zip(row, flats):

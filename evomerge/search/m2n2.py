@@ -89,7 +89,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-from evomerge.merge.segments import RECORD, SLERP_EPS, source_member, zero_member
+from evomerge.merge.segments import RECORD, SLERP_EPS, source_member, source_record, zero_member
 from evomerge.merge.segments import crossover as crossover_members
 from evomerge.search.base import Candidate, Direction, Strategy, register
 
@@ -437,11 +437,6 @@ def crossover_problems(crossover: str, geometry: Any, mutation_std: float,
 
 
 CROSSOVERS = ("coefficients", "weights")
-
-
-def source_record(k: int) -> np.ndarray:
-    """The record of source ``k`` alone as an initial member (see :data:`RECORD`)."""
-    return np.array([float(k), -1.0, -1.0, 0.0, 0.0])
 
 
 def _source_of(record: np.ndarray, i: int, n_sources: int) -> int:
