@@ -26,7 +26,7 @@ mean Spearman is at least 0.8.
 
 Usage::
 
-    python benchmarks/dfs_irt.py --threads 1                  # about 10 min on 2 shared cores
+    python benchmarks/dfs_irt.py --threads 1                  # 11 min on 2 shared cores
     python benchmarks/dfs_irt.py --threads 1 --write-results  # and rewrite RESULTS.md's section
 """
 
@@ -117,11 +117,13 @@ def score_space(name: str, args: argparse.Namespace, heldout_sigmas: dict[str, f
     fingerprint = {"fitness": experiment.fitness.name, "options": experiment.fitness.options,
                    "models": experiment.models.model_dump(mode="json")}
     evaluator = None
+    counts = {"candidates": 0, "scored": 0}
 
     def score(recipes: list) -> list:
         nonlocal evaluator
         if evaluator is None:
             evaluator = evaluator_for(plan.experiment, reduced=False)
+        counts["scored"] += len(recipes)
         started = time.perf_counter()
         rows = []
         for i, recipe in enumerate(recipes):
@@ -133,6 +135,7 @@ def score_space(name: str, args: argparse.Namespace, heldout_sigmas: dict[str, f
         return rows
 
     def responses(recipes: list) -> dict[str, np.ndarray]:
+        counts["candidates"] += len(recipes)
         return cached_responses(score, recipes, out / "cache", fingerprint)[0]
 
     start = getattr(space, "start_point", None)
@@ -154,6 +157,7 @@ def score_space(name: str, args: argparse.Namespace, heldout_sigmas: dict[str, f
             points = heldout_points(center, space.lower, space.upper, args.heldout, sigma,
                                     seed=1000 + round(1000 * sigma))
             result["heldout"][label] = responses([space.decode(x) for x in points])
+    result["counts"] = counts
     return result
 
 
@@ -248,6 +252,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     }
     items = {t: int(y.shape[1]) for t, y in dfs["sources"].items()}
     return {"started": started, "cpu": cpu_name(), "wall_s": time.perf_counter() - clock,
+            "candidates": dfs["counts"]["candidates"] + ps["counts"]["candidates"],
+            "scored": dfs["counts"]["scored"] + ps["counts"]["scored"],
             "loadavg_1min": {"start": load_start, "end": loadavg()},
             "settings": {"seeds": args.seeds, "design": args.design, "heldout": args.heldout,
                          "sigma": args.sigma, "ps_sigma": args.ps_sigma, "dim": args.dim,
@@ -272,8 +278,11 @@ def markdown(result: dict[str, Any]) -> str:
     fmt = lambda x: "?" if x is None else f"{x:.1f}"  # noqa: E731
     items = ", ".join(f"{t} {n}" for t, n in s["items"].items())
     lines = [START, "## dfs_irt: IRT reduction for DFS runs (local calibration design)", "",
-             (f"- `python benchmarks/dfs_irt.py --threads 1`; {result['cpu']}; "
-              f"{result['started']}; {result['wall_s']:.0f} s; 1-min load average "
+             (f"- `python benchmarks/dfs_irt.py --threads 1 --seeds {s['seeds']} --design "
+              f"{s['design']} --heldout {s['heldout']}`; {result['cpu']}; "
+              f"{result['started']}; {result['wall_s']:.0f} s, {result['scored']} of "
+              f"{result['candidates']} candidates scored by this invocation (the others read "
+              "from the responses cached under `--out`); 1-min load average "
               f"{fmt(load['start'])} at start, {fmt(load['end'])} at end."),
              (f"- Zoo `{s['zoo']}`, search items {items}. DFS: `experiments/tinylm_dfs.yaml` "
               f"(dim {s['dfs_dim']}); PS reference: `experiments/tinylm_ps_cmaes.yaml` (dim "
@@ -315,7 +324,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="a tiny-LM zoo directory instead of models/tiny-lm")
     p.add_argument("--max-items", type=int, default=None,
                    help="score only the first N items per task (smoke runs)")
-    p.add_argument("--seeds", type=int, default=3)
+    p.add_argument("--seeds", type=int, default=5)
     p.add_argument("--design", type=int, default=40, help="design candidates per seed")
     p.add_argument("--heldout", type=int, default=30, help="held-out candidates per set")
     p.add_argument("--sigma", type=float, default=0.15, help="DFS held-out sigma0")
