@@ -350,3 +350,42 @@ def test_a_killed_weights_run_resumes_to_the_uninterrupted_trajectory(zoo, tmp_p
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["best"]["recipe"] == yaml.safe_load(
         (tmp_path / "reference" / "best_recipe.yaml").read_text())
+
+
+@pytest.mark.slow
+def test_the_shipped_tinylm_weights_experiment_runs_and_starts_from_the_experts(tmp_path):
+    """``experiments/tinylm_m2n2_weights.yaml`` on the tiny zoo, few items: generation 0 scores
+    exactly what the summary's own evaluation of each expert scores (a unit coefficient copies
+    the expert), and every later trial stores a segments member with a crossover record."""
+    from run_helpers import load_trials
+
+    from evomerge.experiment import Experiment
+    from evomerge.store import META
+    from evomerge.zoo.tinylm import build_tinylm_zoo
+
+    zoo = tmp_path / "zoo"
+    build_tinylm_zoo(zoo, seed=0, size="tiny", progress=False)
+    data = yaml.safe_load((Path(__file__).resolve().parents[1] / "experiments"
+                           / "tinylm_m2n2_weights.yaml").read_text())
+    sources = data["models"]["sources"]
+    data["models"] = {"base": str(zoo / "base"),
+                      "sources": {k: str(zoo / Path(v).name) for k, v in sources.items()}}
+    data["fitness"].update(max_items=6, tasks=[*data["fitness"]["tasks"], "sort_mc"])
+    data["strategy"]["archive"] = 5
+    budget = len(sources) + 6
+    data.update(budget=budget, run_dir=str(tmp_path / "run"), export=False)
+
+    summary = Experiment.from_dict(data).run(progress=False)
+
+    assert summary["n_trials"] == budget and summary["n_failed"] == 0
+    trials = sorted(load_trials(tmp_path / "run", data["name"]), key=lambda t: t.number)
+    firsts = [t.values[0] for t in trials[:len(sources)]]
+    assert firsts == pytest.approx([summary["sources"][k]["mean_acc"] for k in sources], abs=1e-12)
+    for k, t in enumerate(trials):
+        recipe = SegmentRecipe.from_dict(t.user_attrs[META]["recipe"])
+        record = [t.params[name] for name in RECORD]
+        if k < len(sources):
+            assert record == [k, -1, -1, 0, 0] and recipe.member == source_member(
+                k, len(sources), recipe.parameters)
+        else:
+            assert record[0] == -1 and 0 <= record[3] <= recipe.parameters
