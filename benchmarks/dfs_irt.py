@@ -219,11 +219,12 @@ def verdict(dfs_rows: list[dict[str, Any]], ps_rows: list[dict[str, Any]],
             anchors: int) -> dict[str, Any]:
     """Does the local design make IRT usable for DFS? gp-IRT at ``anchors`` per task: DFS MAE
     <= MAE_FACTOR x PS MAE and DFS Spearman >= MIN_SPEARMAN (means over seeds)."""
-    pick = lambda rows: next(r for r in rows if r["estimator"] == "gp-irt"  # noqa: E731
-                             and r["anchors"] == anchors)
+    def pick(rows: list[dict[str, Any]]) -> dict[str, Any]:
+        return next(r for r in rows if r["estimator"] == "gp-irt" and r["anchors"] == anchors)
+
     dfs, ps = pick(dfs_rows), pick(ps_rows)
-    mae, ps_mae, rho = dfs["mae_points"]["mean"], ps["mae_points"]["mean"], \
-        dfs["spearman"]["mean"]
+    mae, ps_mae = dfs["mae_points"]["mean"], ps["mae_points"]["mean"]
+    rho = dfs["spearman"]["mean"]
     ok = mae <= MAE_FACTOR * ps_mae and rho is not None and rho >= MIN_SPEARMAN
     return {"validates": bool(ok), "anchors": anchors, "dfs_mae": mae, "ps_mae": ps_mae,
             "dfs_spearman": rho}
@@ -275,7 +276,10 @@ def _pm(stat: dict[str, float | None], digits: int) -> str:
 def markdown(result: dict[str, Any]) -> str:
     s, v = result["settings"], result["verdict"]
     load = result["loadavg_1min"]
-    fmt = lambda x: "?" if x is None else f"{x:.1f}"  # noqa: E731
+
+    def fmt(x: float | None) -> str:
+        return "?" if x is None else f"{x:.1f}"
+
     items = ", ".join(f"{t} {n}" for t, n in s["items"].items())
     lines = [START, "## dfs_irt: IRT reduction for DFS runs (local calibration design)", "",
              (f"- `python benchmarks/dfs_irt.py --threads 1 --seeds {s['seeds']} --design "
@@ -298,8 +302,8 @@ def markdown(result: dict[str, Any]) -> str:
     for name, m in result["models"].items():
         lines.append(f"| {name} | {m['mean']:.3f} | {m['std']:.3f} | {m['min']:.3f} | "
                      f"{m['max']:.3f} |")
-    lines += ["", "| space | design | held-out | estimator | anchors/task | MAE (points) | "
-              f"Spearman | Spearman, working (>= {WORKING}) | reduction |",
+    lines += ["", ("| space | design | held-out | estimator | anchors/task | MAE (points) | "
+                   f"Spearman | Spearman, working (>= {WORKING}) | reduction |"),
               "|---|---|---|---|---:|---:|---:|---:|---:|"]
     for table in result["tables"]:
         for r in table["rows"]:

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-import evomerge.merge.methods as methods
+from evomerge.merge import methods
 from evomerge.merge.methods import (
     METHODS,
     Sparsify,
