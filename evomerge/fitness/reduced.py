@@ -64,8 +64,8 @@ class ReducedSpec:
 
     estimator: one of ``irt.ESTIMATORS``; anchors: per task; design: how many candidates of
     the run's space (besides the sources) calibrate the IRT model (drawn by
-    :func:`calibration_design`: uniform, or around a DFS space's start path); dim: IRT dimension; features: what anchors
-    cluster on (``irt`` embeddings or ``correctness`` vectors); seed: the design and k-means;
+    :func:`calibration_design`: uniform, or around a DFS space's start path); dim: IRT
+    dimension; features: what anchors cluster on (``irt`` embeddings or ``correctness`` vectors); seed: the design and k-means;
     rescore: at the end of the run, score this many best candidates (by estimate) on the
     full search items and keep the best of those (0: keep the best estimate; see
     ``evomerge.report._rescore``).
