@@ -389,3 +389,27 @@ def test_the_shipped_tinylm_weights_experiment_runs_and_starts_from_the_experts(
                 k, len(sources), recipe.parameters)
         else:
             assert record[0] == -1 and 0 <= record[3] <= recipe.parameters
+
+
+@pytest.mark.slow
+def test_m2n2_modes_benchmark_runs_and_members_reproduce_the_dense_reference_run():
+    """``benchmarks/m2n2_modes.py --quick`` (digits and reference parts) prints one JSON object;
+    on the reference setting the weights-mode strategy makes the dense run's children, record for
+    record, and reports the same test accuracy."""
+    import subprocess
+    import sys
+
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "m2n2_modes.py"
+    done = subprocess.run([sys.executable, str(script), "--quick", "--parts", "digits",
+                           "reference", "--json"], capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"}, check=False)
+    assert done.returncode == 0, done.stderr
+    result = json.loads(done.stdout)
+    budget = result["budgets"]["reference"]
+    for run in result["reference"].values():
+        assert run["equal_records"] == budget
+        assert run["weights"]["test_acc"] == run["dense"]["test_acc"]
+    for run in result["digits"].values():
+        assert set(run) == {"weights", "coefficients"}
+        assert all(0 < r["heldout"] <= 1 and r["failed"] == 0 for r in run.values())
+        assert 1 <= run["weights"]["segments"] and run["weights"]["coef_sum"][0] > 0
