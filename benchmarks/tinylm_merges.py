@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 import time
 from pathlib import Path
@@ -83,10 +84,14 @@ def run_or_reuse(name: str, out: Path, budget: int | None) -> dict[str, Any]:
 
 def table_rows(section: str) -> dict[str, dict[str, Any]]:
     """The rows of a table :func:`markdown` wrote, by experiment, as :func:`row` gives them (to
-    the table's rounding); the section's own header names the source columns."""
+    the table's rounding), each marked ``carried`` with the time it was ``measured`` (the
+    section's own, or for a row it carried itself, the time its note gives); the section's
+    header names the source columns."""
     lines = [line for line in section.splitlines() if line.startswith("| ")]
     if not lines:
         return {}
+    written = re.search(r"; (\d{4}-\d\d-\d\d \d\d:\d\d UTC);", section)
+    earlier = re.search(r"† carried over .*measured ([^.]+)\.", section)
     header = [c.strip() for c in lines[0].strip("|").split("|")]
     names = header[6:-1]
     rows = {}
@@ -98,7 +103,9 @@ def table_rows(section: str) -> dict[str, dict[str, Any]]:
             "candidates": int(cells[2]), "wall_s": float(cells[3]),
             "search_best": float(cells[4]), "best": float(cells[5].strip("*")),
             "sources": {n: float(v) for n, v in zip(names, cells[6:-1]) if v != "-"},
-            "best_source": best_source, "gain": float(gain), "carried": True}
+            "best_source": best_source, "gain": float(gain), "carried": True,
+            "measured": (earlier.group(1) if earlier and cells[1].endswith("†")
+                         else written.group(1) if written else "?")}
     return rows
 
 
@@ -151,7 +158,7 @@ def markdown(result: dict[str, Any]) -> str:
     names = list(dict.fromkeys(k for r in result["rows"] for k in r["sources"]))
     load = result["loadavg_1min"]
     fmt = lambda v: "?" if v is None else f"{v:.1f}"
-    carried = any(r.get("carried") for r in result["rows"])
+    carried = sorted({r["measured"] for r in result["rows"] if r.get("carried")})
     lines = [START, "## tinylm_merges: PS, M2N2, DFS and PS+DFS against the sources", "",
              (f"- `python benchmarks/tinylm_merges.py`; {result['cpu']}; {result['started']}; "
               f"1-min load average {fmt(load['start'])} at start, {fmt(load['end'])} at end "
@@ -167,8 +174,8 @@ def markdown(result: dict[str, Any]) -> str:
               "`W over model pairs` one scale per pair of layer sources (`scales: model_pairs`, "
               "ours), `W factored` the layer W as P[model, model] q[layer] (`scales: factored`, "
               "ours); see `evomerge/dfs.py`."),
-             *(["- † carried over from the previous table (not re-run by this invocation; its "
-                "machine, date and load are that invocation's)."] if carried else []),
+             *([f"- † carried over from an earlier table, not re-run by this invocation: "
+                f"measured {' and '.join(carried)}."] if carried else []),
              "", "| experiment | method | candidates | wall s | search | best held-out | "
              + " | ".join(names) + " | best - best source |",
              "|---|---|---|---|---|---|" + "---|" * len(names) + "---|"]

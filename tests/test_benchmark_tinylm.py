@@ -28,16 +28,21 @@ def test_table_reads_back_as_its_rows():
         {"experiment": "tinylm_ps_dfs", "method": "PS+DFS, W over layers (CMA-ES)",
          "candidates": 240, "wall_s": 298.0, "search_best": 0.598, "best": 0.577,
          "sources": {"a": 0.343, "b": 0.504, "ps": 0.563}, "best_source": "ps", "gain": 0.014,
-         "carried": True},
+         "carried": True, "measured": "2026-12-05 03:12 UTC"},
     ]
     text = tinylm_merges.markdown({"started": "2026-12-05 04:00 UTC", "cpu": "cpu",
                                    "loadavg_1min": {"start": 0.5, "end": 1.0}, "rows": rows})
     assert "| tinylm_ps_dfs | PS+DFS, W over layers (CMA-ES) † | 240 | 298 |" in text
     assert "| tinylm_ps_cmaes | PS (CMA-ES) | 600 | 142 | 0.624 | **0.608** | 0.343 | 0.504 " \
         "| - | +0.104 (b) |" in text
+    assert "- † carried over from an earlier table, not re-run by this invocation: measured " \
+        "2026-12-05 03:12 UTC." in text
     again = tinylm_merges.table_rows(text)
-    # every row comes back, each marked as carried over (it was not run by the reader)
-    assert again == {r["experiment"]: {**r, "carried": True} for r in rows}
+    # every row comes back marked as carried over (the reader did not run it), measured when
+    # the table was written, or for a row the table carried itself, when its note says
+    assert again == {"tinylm_ps_cmaes": {**rows[0], "carried": True,
+                                         "measured": "2026-12-05 04:00 UTC"},
+                     "tinylm_ps_dfs": rows[1]}
 
 
 @pytest.mark.slow
