@@ -174,8 +174,8 @@ def markdown(result: dict[str, Any]) -> str:
               "`W over model pairs` one scale per pair of layer sources (`scales: model_pairs`, "
               "ours), `W factored` the layer W as P[model, model] q[layer] (`scales: factored`, "
               "ours); see `evomerge/dfs.py`."),
-             *([f"- † carried over from an earlier table, not re-run by this invocation: "
-                f"measured {' and '.join(carried)}."] if carried else []),
+             *([("- † carried over from an earlier table, not re-run by this invocation: "
+                 f"measured {' and '.join(carried)}.")] if carried else []),
              "", "| experiment | method | candidates | wall s | search | best held-out | "
              + " | ".join(names) + " | best - best source |",
              "|---|---|---|---|---|---|" + "---|" * len(names) + "---|"]

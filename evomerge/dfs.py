@@ -93,7 +93,7 @@ __all__ = ["LAYER_SCALES_LIMIT", "SCALE_FORMS", "BoundDfsSpace", "DfsSpace", "ho
 ScaleForm = Literal["layers", "factored", "model_pairs", "none"]
 #: the ``scales`` values (see the module docstring)
 SCALE_FORMS: tuple[str, ...] = ("layers", "factored", "model_pairs", "none")
-#: the default ``scales`` is ``layers`` up to this many entries of W ((M + 1) x M), else ``factored``
+#: the default ``scales``: ``layers`` up to this many entries of W ((M + 1) x M), else ``factored``
 LAYER_SCALES_LIMIT = 4096
 #: the row of W (and of P) for the first block's input: the embedding output
 EMBED = "embed"
