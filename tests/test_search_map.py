@@ -631,18 +631,23 @@ def test_benchmark_hypervolume_is_the_area_dominated_above_the_origin():
     assert hv(np.array([[0.5, 1.0], [1.0, 0.5], [0.4, 0.4]])) == pytest.approx(0.75)  # dominated
 
 
-@pytest.mark.slow
-def test_benchmark_runs_and_prints_one_json_object(zoo, tmp_path):
+def _run_benchmark(zoo, ks: str, configs: str) -> dict:
+    """``benchmarks/map_front.py --json`` on one seed over the test zoo: its JSON object."""
     import subprocess
     import sys
     from pathlib import Path
 
     script = Path(__file__).resolve().parents[1] / "benchmarks" / "map_front.py"
-    proc = subprocess.run([sys.executable, str(script), "--json", "--seeds", "1", "--ks", "16,32",
-                           "--configs", "map,nsga2-source", "--zoo", str(zoo["base"].parent)],
+    proc = subprocess.run([sys.executable, str(script), "--json", "--seeds", "1", "--ks", ks,
+                           "--configs", configs, "--zoo", str(zoo["base"].parent)],
                           check=False, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    data = json.loads(proc.stdout)
+    return json.loads(proc.stdout)
+
+
+@pytest.mark.slow
+def test_benchmark_runs_and_prints_one_json_object(zoo, tmp_path):
+    data = _run_benchmark(zoo, "16,32", "map,nsga2-source")
     assert [(r["config"], r["k"]) for r in data["rows"]] == [
         ("map", 16), ("map", 32), ("nsga2-source", 16), ("nsga2-source", 32)]
     for run in data["runs"]:  # a front only grows: HV never drops with more evaluations
@@ -653,16 +658,7 @@ def test_benchmark_runs_and_prints_one_json_object(zoo, tmp_path):
 
 @pytest.mark.slow
 def test_benchmark_five_tasks_counts_the_nested_tree_and_writes_its_own_section(zoo, tmp_path):
-    import subprocess
-    import sys
-    from pathlib import Path
-
-    script = Path(__file__).resolve().parents[1] / "benchmarks" / "map_front.py"
-    proc = subprocess.run([sys.executable, str(script), "--json", "--seeds", "1", "--ks", "48,96",
-                           "--configs", "nested,map5", "--zoo", str(zoo["base"].parent)],
-                          check=False, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    data = json.loads(proc.stdout)
+    data = _run_benchmark(zoo, "48,96", "nested,map5")
     rows = {(r["config"], r["k"]): r for r in data["rows"]}
     assert set(rows) == {("nested", 48), ("nested", 96), ("map5", 48), ("map5", 96)}
     # The tree of five tasks: 5 experts alone + 4 pairs x (19 design + 1 pick) = 85 evaluations;
