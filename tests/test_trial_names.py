@@ -89,7 +89,13 @@ def test_dfs_names_slot_inclusion_and_hop_scales_and_its_note_names_the_slices(t
                                       2, "llama")
     assert space.names[:2] == ("in[r0.expert_add.0]", "in[r0.expert_add.1]")
     assert "in[r1.expert_sort.1]" in space.names
-    assert space.names[-4:] == ("W[expert_add->expert_add]", "W[expert_add->expert_sort]",
+    # W over layers (the default): the embedding row first, then each (source, block) row
+    assert space.names[8:10] == ("W[embed->expert_add.0]", "W[embed->expert_add.1]")
+    assert space.names[-1] == "W[expert_sort.1->expert_sort.1]"
+    assert len(space.names) == 8 + 5 * 4
+    pairs = DfsSpace(kind="dfs", scales="model_pairs").bind(
+        {"expert_add": "/m/expert_add", "expert_sort": "/m/sort"}, 2, "llama")
+    assert pairs.names[-4:] == ("W[expert_add->expert_add]", "W[expert_add->expert_sort]",
                                 "W[expert_sort->expert_add]", "W[expert_sort->expert_sort]")
     st = Store(f"sqlite:///{tmp_path / 's.db'}", "dfs", ["maximize"], space.lower, space.upper,
                param_names=space.names)
