@@ -112,7 +112,8 @@ def reference_pair(budget: int, seed: int) -> dict[str, Any]:
     """Weights-mode M2N2 (members, ask/tell) against the dense two-expert run, same seed."""
     import torch
 
-    from evomerge.merge.segments import PrefixGram, dense, layout_of
+    from evomerge.merge.segments import PrefixGram, dense
+    from evomerge.recipe.segments import layout_of
     from evomerge.search import make_strategy
     from evomerge.search.m2n2 import (
         FlatDigitsMLP,

@@ -419,8 +419,8 @@ def _merge_segments(config: Path, out: Path, device: str, shard_size: str, overw
     and tokenizer from its first model."""
     from evomerge.merge.engine import Merger
     from evomerge.merge.io import CheckpointError, export_dtype, export_model, parse_size
-    from evomerge.merge.segments import SegmentRecipe, build_into
-    from evomerge.recipe import RecipeError
+    from evomerge.merge.segments import build_into
+    from evomerge.recipe import RecipeError, SegmentRecipe
 
     try:
         recipe = SegmentRecipe.from_yaml(config)
@@ -450,8 +450,8 @@ def _merge_layers(config: Path, out: Path, device: str, shard_size: str, overwri
 
     from evomerge.merge.engine import Merger
     from evomerge.merge.io import CheckpointError, export_dtype, export_model, parse_size
-    from evomerge.merge.layerstack import LayerRecipe, LayerStack, ResidentSources
-    from evomerge.recipe import RecipeError
+    from evomerge.merge.layerstack import LayerStack, ResidentSources
+    from evomerge.recipe import LayerRecipe, RecipeError
 
     try:
         recipe = LayerRecipe.from_yaml(config)

@@ -10,7 +10,7 @@ repeats that sequence ``r`` times: ``T = M * r`` slots. The genome holds
   appear several times, once per repeat;
 * hop scales (``scales``, below): the hidden state is multiplied by a scale on entering each path
   position. :func:`evomerge.merge.layerstack.fold_scales` turns these into per-slice residual
-  scales, carried as the family's :class:`~evomerge.merge.layerstack.HopForm` says: output
+  scales, carried as the family's :class:`~evomerge.recipe.layers.HopForm` says: output
   projections (pre-norm decoders: Llama, Mistral, Qwen2/3, Phi-3, Gemma, GPT-2, GPT-NeoX),
   post-branch norms (Gemma 2/3 sandwich norms) or post-branch norms and branch inputs (OLMo 2/3),
   so the decoded recipe is a plain ``slices`` config of real tensors (mergekit's ``scale`` except
@@ -77,15 +77,9 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from evomerge.config_io import format_errors
-from evomerge.merge.layerstack import (
-    HOP_FORMS,
-    HopForm,
-    LayerRecipe,
-    LayerSlice,
-    fold_scales,
-    hop_form,
-)
-from evomerge.recipe import MergeRecipe, RecipeError
+from evomerge.merge.layerstack import fold_scales
+from evomerge.recipe import LayerRecipe, LayerSlice, MergeRecipe, RecipeError
+from evomerge.recipe.layers import HOP_FORMS, HopForm, hop_form
 
 __all__ = ["LAYER_SCALES_LIMIT", "SCALE_FORMS", "BoundDfsSpace", "DfsSpace", "hop_matrix",
            "scale_names"]

@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 from optuna.trial import FrozenTrial, TrialState
 
-from evomerge.merge.layerstack import parse_recipe
+from evomerge.recipe import parse_recipe
 from evomerge.progress import hms, live_display, progress_interval
 from evomerge.store import INTERRUPTED, META, OWNER, RESULT, Store
 

@@ -59,7 +59,7 @@ from pydantic import BaseModel, ConfigDict, ValidationError, field_validator, mo
 
 from evomerge.merge.methods import METHODS, MergeMethod, get_method
 from evomerge.config_io import format_errors, read_yaml
-from evomerge.recipe import (
+from evomerge.recipe.mergekit_config import (
     DTYPES,
     Conditional,
     MergeRecipe,

@@ -11,7 +11,7 @@ gives the search what it needs and nothing of the models:
 * ``x``: the fixed-length record of a member's making (:data:`~evomerge.merge.segments.RECORD`:
   ``source, parent_a, parent_b, split, mix``), the store's named parameters and what a resume
   compares; the member itself reaches the driver in ``Candidate.meta["member"]``;
-* :meth:`BoundWeightSpace.decode_member`: member -> :class:`~evomerge.merge.segments.SegmentRecipe`
+* :meth:`BoundWeightSpace.decode_member`: member -> :class:`~evomerge.recipe.SegmentRecipe`
   (plain data; workers build it with the resident sources, ``evomerge merge`` exports it).
 
 It pairs with M2N2 only (``strategy: {name: m2n2, crossover: weights}``; ``crossover`` defaults
@@ -35,16 +35,8 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from evomerge.config_io import format_errors
-from evomerge.merge.segments import (
-    RECORD,
-    Layout,
-    Member,
-    PrefixGram,
-    SegmentRecipe,
-    layout_of,
-    source_member,
-    source_record,
-)
+from evomerge.merge.segments import RECORD, PrefixGram, source_member, source_record
+from evomerge.recipe.segments import Layout, Member, SegmentRecipe, layout_of
 
 __all__ = ["BoundWeightSpace", "WeightSpace", "is_weight_space", "pairing_problems"]
 

@@ -19,8 +19,8 @@ import yaml
 from evomerge.dfs import LAYER_SCALES_LIMIT, DfsSpace
 from evomerge.merge.engine import Merger
 from evomerge.merge.io import export_model
-from evomerge.merge.layerstack import LayerRecipe, LayerSlice, LayerStack, fold_scales, parse_recipe
-from evomerge.recipe import MergeRecipe, RecipeError
+from evomerge.merge.layerstack import LayerStack, fold_scales
+from evomerge.recipe import LayerRecipe, LayerSlice, MergeRecipe, RecipeError, parse_recipe
 
 try:
     from helpers import load_weights, make_family

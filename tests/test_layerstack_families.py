@@ -8,7 +8,7 @@ model, final norm and head of the last), each block's *incoming hidden state* mu
 hop scale (a forward pre-hook), in float64. Against it:
 
 * the stacked model (by reference, hop scales carried as the family's
-  :class:`~evomerge.merge.layerstack.HopForm` says) gives the reference's logits -- in float32
+  :class:`~evomerge.recipe.layers.HopForm` says) gives the reference's logits -- in float32
   with norm epsilons at 1e-12 (the forms are exact but for the norms' epsilon: see
   ``evomerge/merge/layerstack.py``) to float32 rounding, and in bf16 to bf16 rounding;
 * the export (``LayerStack.materialise`` + ``export_model``, and ``evomerge merge`` of the
@@ -38,8 +38,9 @@ import transformers
 from evomerge.dfs import DfsSpace
 from evomerge.merge.engine import Merger, layer_group
 from evomerge.merge.io import export_model
-from evomerge.merge.layerstack import HOP_FORMS, LayerRecipe, LayerSlice, LayerStack
-from evomerge.recipe import RecipeError
+from evomerge.merge.layerstack import LayerStack
+from evomerge.recipe import LayerRecipe, LayerSlice, RecipeError
+from evomerge.recipe.layers import HOP_FORMS
 
 try:
     from arch_models import make_family, tokenizer

@@ -26,18 +26,16 @@ from evomerge.merge.engine import Merger
 from evomerge.merge.io import load_state_dict
 from evomerge.merge.segments import (
     RECORD,
-    Member,
     PrefixGram,
-    SegmentRecipe,
     build_into,
     crossover,
     dense,
     inner,
-    layout_of,
     source_member,
     zero_member,
 )
-from evomerge.recipe import RecipeError
+from evomerge.recipe import RecipeError, SegmentRecipe
+from evomerge.recipe.segments import Member, layout_of
 
 
 def flat(path: Path) -> np.ndarray:

@@ -222,7 +222,8 @@ def weights_geometry(genomes: np.ndarray):
     """The Gram oracle of flat genomes (one "tensor" each), as the weights space builds it."""
     import torch
 
-    from evomerge.merge.segments import PrefixGram, layout_of
+    from evomerge.merge.segments import PrefixGram
+    from evomerge.recipe.segments import layout_of
 
     layout = layout_of({"genome": genomes.shape[1]})
     return PrefixGram([{"genome": torch.from_numpy(g)} for g in genomes], layout, block=7)

@@ -34,9 +34,9 @@ from evomerge.fitness.base import (
 )
 from evomerge.merge.engine import Merger
 from evomerge.merge.io import export_dtype
-from evomerge.merge.layerstack import LayerRecipe, LayerStack, ResidentSources, parse_recipe
-from evomerge.merge.segments import SegmentRecipe, build_into
-from evomerge.recipe import MergeRecipe
+from evomerge.merge.layerstack import LayerStack, ResidentSources
+from evomerge.merge.segments import build_into
+from evomerge.recipe import LayerRecipe, MergeRecipe, SegmentRecipe, parse_recipe
 from evomerge.store import EXPERIMENT, OWNER, Store, open_storage
 
 

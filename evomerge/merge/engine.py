@@ -39,7 +39,7 @@ import torch
 
 from evomerge.merge.io import (InputModelsError, check_compatible, check_finite, dtype_code,
                                load_state_dict, nonfinite_problems, parse_size)
-from evomerge.merge.methods import DEFAULT_CHUNK, TensorInputs, Workspace, work_dtype
+from evomerge.merge.methods import DEFAULT_CHUNK, TensorInputs, Workspace, get_method, work_dtype
 from evomerge.merge.names import model_names
 from evomerge.recipe import MergeRecipe, RecipeError
 
@@ -277,7 +277,7 @@ class Merger:
         name. Every problem (unknown model, missing tensor) is raised before the first tensor
         is written.
         """
-        method = recipe.method
+        method = get_method(recipe.merge_method)
         base_key = self._resolve_ref(recipe.base_model, "base_model") if recipe.base_model else None
         source_keys = [self._resolve_ref(e.model, f"models[{i}].model")
                        for i, e in enumerate(recipe.source_entries())]

@@ -33,12 +33,14 @@ from __future__ import annotations
 
 import hashlib
 import math
-import textwrap
 from collections.abc import Callable, Hashable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+
+from evomerge.recipe.params import (GTA, GTA_METHODS, METHOD_SPECS, RANDOM_SPARSIFIERS, SPARSIFIERS,
+                                    MethodSpec, get_spec, rescale_mode)
 
 Tensor = torch.Tensor
 
@@ -316,62 +318,6 @@ class _AtLeastRank:
 # Sparsification: one per-source mask maker per pass over the tensor
 # --------------------------------------------------------------------------------------------
 
-SPARSIFIERS = ("magnitude", "random", "magnitude_outliers", "della_magprune")
-#: Sparsifiers whose masks are random draws: each entry has a keep probability p to divide by.
-RANDOM_SPARSIFIERS = ("random", "della_magprune")
-
-#: ``rescale`` rules, spelled as a recipe writes them (``true``/``false`` are l1/none).
-RESCALE_MODES = ("l1", "inverse_p", "none")
-
-
-def rescale_mode(value: bool | str) -> str:
-    """The rule a ``rescale`` setting names: one of :data:`RESCALE_MODES`.
-
-    * ``true`` or ``l1`` (mergekit 0.1.5, and since its Feb 2025 change): every kept entry times
-      ``||delta||_1 / ||mask * delta||_1``, one factor per tensor and source;
-    * ``inverse_p`` (the DARE paper; mergekit's ``rescale: true`` before that change; Sakana's
-      evolutionary-merge recipes): every kept entry divided by its keep probability ``p``
-      (``density`` for DARE, the entry's own ramp value for DELLA), so E[kept] = delta;
-    * ``false`` or ``none``: kept entries unchanged.
-    """
-    if value is True or value == "l1":
-        return "l1"
-    if value is False or value == "none":
-        return "none"
-    if value == "inverse_p":
-        return "inverse_p"
-    raise ValueError(f"expected true/false or one of {', '.join(RESCALE_MODES)}, got {value!r}")
-
-
-def _rescale_setting(sparsify: str | None) -> Callable[[Any], bool | str]:
-    """The ``rescale`` parameter's type for one method: checks a value (``inverse_p`` needs
-    a random mask) and returns it as written, so recipes keep their spelling."""
-
-    def rescale(value: Any) -> bool | str:
-        if rescale_mode(value) == "inverse_p" and sparsify not in RANDOM_SPARSIFIERS:
-            raise ValueError("inverse_p divides kept entries by their keep probability, which "
-                             "only random masks have (dare_linear, dare_ties, della, "
-                             "della_linear); use true (L1 norm) or false")
-        return value
-
-    return rescale
-
-
-def mergekit_comment(rescale: Sequence[bool | str]) -> str:
-    """YAML comment lines (empty: none) telling a mergekit user how a recipe whose ``rescale``
-    takes these values reads there: mergekit 0.1.5 takes ``rescale`` as a boolean only and
-    always matches the L1 norm."""
-    notes = []
-    if "inverse_p" in rescale:
-        notes.append("rescale: inverse_p divides each kept entry by its keep probability (DARE's "
-                     "1/p; della: the entry's own p), as mergekit's rescale: true did before its "
-                     "Feb 2025 change; mergekit since then (0.1.5 checked) matches the L1 norm "
-                     "instead and refuses this value (true there means L1).")
-    if "l1" in rescale or "none" in rescale:
-        notes.append("rescale: mergekit 0.1.5 reads only true/false here: l1 is true, none is "
-                     "false.")
-    return "".join(f"# {line}\n" for n in notes for line in textwrap.wrap(n, 96))
-
 
 class _Uniforms:
     """Uniform [0, 1) float32 draws for flat positions of one (tensor, source), block-seeded."""
@@ -582,8 +528,8 @@ def generalized_task_arithmetic(
     """theta = base + lambda * [sum_k m_k u_k] / [normalize ? sum_k w_k m_k : 1].
 
     ``u_k = w_k * f_k * s_k(delta_k)`` with ``s_k`` the sparsifier's mask and ``f_k`` the
-    ``rescale`` rule (:func:`rescale_mode`): ``l1`` (``true``, mergekit 0.1.5) the factor
-    ``||delta_k||_1 / ||s_k(delta_k)||_1`` (1 when either norm is below 1e-7); ``inverse_p``
+    ``rescale`` rule (:func:`~evomerge.recipe.params.rescale_mode`): ``l1`` (``true``, mergekit
+    0.1.5) the factor ``||delta_k||_1 / ||s_k(delta_k)||_1`` (1 when either norm is below 1e-7); ``inverse_p``
     (the DARE paper) ``1 / p`` per kept entry, p its keep probability (DARE: density; DELLA:
     the entry's ramp value), so no extra pass; ``none`` (``false``) 1. With ``consensus`` (TIES
     sign election) ``sign = sgn(sum_k u_k)`` (zero counts as +) and ``m_k = [sgn(u_k) ==
@@ -841,55 +787,36 @@ def model_stock(base: Tensor, sources: Sequence[Tensor], filter_wise: bool = Fal
 # --------------------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class ParamSpec:
-    """One recipe parameter: scope ``shared`` (one value) or ``source`` (one per non-base input)."""
-
-    name: str
-    #: bool, float, or a checker that returns a valid value as given and raises ValueError
-    #: naming what is accepted (``rescale``)
-    type: type | Callable[[Any], Any]
-    scope: str  # "shared" | "source"
-    default: Any = None  # None: required
-    low: float | None = None
-    high: float | None = None
-    doc: str = ""
-
-    @property
-    def required(self) -> bool:
-        return self.default is None
-
-
 MergeFn = Callable[[TensorInputs, Mapping[str, Any], Sequence[Mapping[str, Any]], Tensor | None], Tensor]
 
 
 @dataclass(frozen=True)
-class MergeMethod:
-    """A named merge method: its parameters, its contract on inputs, and its tensor kernel.
+class MergeMethod(MethodSpec):
+    """A named merge method: its parameter table (:class:`~evomerge.recipe.params.MethodSpec`,
+    what recipes validate against) and its tensor kernel.
 
-    ``fn(inputs, shared, per_source, out)`` merges one tensor. ``base`` is "required", "optional"
-    (linear: an extra weighted input) or "ignored"; counts include the base when it is an input.
+    ``fn(inputs, shared, per_source, out)`` merges one tensor.
     """
 
-    name: str
-    params: tuple[ParamSpec, ...]
-    fn: MergeFn
-    base: str = "required"
-    min_inputs: int = 1
-    max_inputs: int | None = None
-    reference: str = ""
+    fn: MergeFn = field(kw_only=True)
 
-    def param(self, name: str) -> ParamSpec | None:
-        return next((p for p in self.params if p.name == name), None)
+    @classmethod
+    def of(cls, spec: MethodSpec, fn: MergeFn) -> MergeMethod:
+        """The method of a table entry and its kernel."""
+        return cls(spec.name, spec.params, spec.base, spec.min_inputs, spec.max_inputs,
+                   spec.reference, fn=fn)
 
 
 METHODS: dict[str, MergeMethod] = {}
 
 
 def register(method: MergeMethod) -> MergeMethod:
+    """Add a method; its table joins :data:`~evomerge.recipe.params.METHOD_SPECS` so that
+    recipes naming it validate."""
     if method.name in METHODS:
         raise ValueError(f"merge method {method.name!r} is already registered")
     METHODS[method.name] = method
+    METHOD_SPECS[method.name] = method
     return method
 
 
@@ -902,37 +829,15 @@ def get_method(name: str) -> MergeMethod:
         ) from None
 
 
-_WEIGHT = ParamSpec("weight", float, "source", doc="scale of this model's task vector")
-_DENSITY = ParamSpec("density", float, "source", 1.0, 0.0, 1.0, "fraction of the task vector kept")
-_GAMMA = ParamSpec("gamma", float, "source", 0.01, 0.0, 1.0, "fraction of largest |delta| dropped")
-_EPSILON = ParamSpec("epsilon", float, "source", 0.15, 0.0, 1.0, "half-width of DELLA's ramp")
-_LAMBDA = ParamSpec("lambda", float, "shared", 1.0, doc="scale of the merged task vector")
-# Accepted for mergekit compatibility; it only shrinks mergekit's stacked sign masks, which the
-# streamed sign election here never materialises.
-_INT8 = ParamSpec("int8_mask", bool, "shared", False, doc="mergekit memory option (no effect)")
-
-
-def _gta(name: str, sparsify: str | None, consensus: bool, normalize: bool, rescale: bool,
-         reference: str) -> MergeMethod:
-    how = ("true/l1: restore the L1 norm after masking; inverse_p: divide kept entries by "
-           "their keep probability; false/none" if sparsify in RANDOM_SPARSIFIERS else
-           "true/l1: restore the L1 norm after masking; false/none")
-    params = [_INT8, ParamSpec("normalize", bool, "shared", normalize, doc="divide by sum of weights"),
-              ParamSpec("rescale", _rescale_setting(sparsify), "shared", rescale, doc=how),
-              _LAMBDA, _WEIGHT, _DENSITY]
-    if sparsify == "magnitude_outliers":
-        params.append(_GAMMA)
-    if sparsify == "della_magprune":
-        params.append(_EPSILON)
-
+def _gta(gta: GTA) -> MergeMethod:
     def fn(inputs: TensorInputs, shared: Mapping[str, Any],
            per_source: Sequence[Mapping[str, Any]], out: Tensor | None) -> Tensor:
         return generalized_task_arithmetic(
             inputs,
             weights=[p["weight"] for p in per_source],
             densities=[p["density"] for p in per_source],
-            sparsify=sparsify,
-            consensus=consensus,
+            sparsify=gta.sparsify,
+            consensus=gta.consensus,
             normalize=shared["normalize"],
             rescale=shared["rescale"],
             lambda_=shared["lambda"],
@@ -941,52 +846,20 @@ def _gta(name: str, sparsify: str | None, consensus: bool, normalize: bool, resc
             out=out,
         )
 
-    return MergeMethod(name, tuple(params), fn, base="required", min_inputs=1, reference=reference)
+    return MergeMethod.of(get_spec(gta.name), fn)
 
 
 for _m in (
-    _gta("task_arithmetic", None, False, False, False, "https://arxiv.org/abs/2212.04089"),
-    _gta("ties", "magnitude", True, True, False, "https://arxiv.org/abs/2306.01708"),
-    _gta("dare_ties", "random", True, False, True, "https://arxiv.org/abs/2311.03099"),
-    _gta("dare_linear", "random", False, False, True, "https://arxiv.org/abs/2311.03099"),
-    _gta("breadcrumbs", "magnitude_outliers", False, False, False, "https://arxiv.org/abs/2312.06795"),
-    _gta("breadcrumbs_ties", "magnitude_outliers", True, False, False,
-         "https://arxiv.org/abs/2312.06795"),
-    _gta("della", "della_magprune", True, True, True, "https://arxiv.org/abs/2406.11617"),
-    _gta("della_linear", "della_magprune", False, False, True, "https://arxiv.org/abs/2406.11617"),
+    *(_gta(g) for g in GTA_METHODS),
+    MergeMethod.of(get_spec("linear"), lambda inputs, shared, per_source, out: linear(
+        inputs.sources, [p["weight"] for p in per_source], shared["normalize"], out,
+        inputs.chunk, inputs.workspace)),
+    MergeMethod.of(get_spec("slerp"), lambda inputs, shared, per_source, out: slerp(
+        shared["t"], inputs.base, inputs.sources[0], out=out, chunk=inputs.chunk,
+        workspace=inputs.workspace)),
+    MergeMethod.of(get_spec("model_stock"), lambda inputs, shared, per_source, out: model_stock(
+        inputs.base, inputs.sources, shared["filter_wise"], out=out, chunk=inputs.chunk,
+        workspace=inputs.workspace)),
 ):
     register(_m)
-
-register(MergeMethod(
-    "linear",
-    (ParamSpec("weight", float, "source", doc="this model's share"),
-     ParamSpec("normalize", bool, "shared", True, doc="divide by sum of weights")),
-    lambda inputs, shared, per_source, out: linear(
-        inputs.sources, [p["weight"] for p in per_source], shared["normalize"], out,
-        inputs.chunk, inputs.workspace),
-    base="optional",
-    min_inputs=1,
-    reference="https://arxiv.org/abs/2203.05482",
-))
-register(MergeMethod(
-    "slerp",
-    (ParamSpec("t", float, "shared", None, 0.0, 1.0, "0 = base, 1 = the other model"),),
-    lambda inputs, shared, per_source, out: slerp(
-        shared["t"], inputs.base, inputs.sources[0], out=out, chunk=inputs.chunk,
-        workspace=inputs.workspace),
-    base="required",
-    min_inputs=2,
-    max_inputs=2,
-    reference="https://en.wikipedia.org/wiki/Slerp",
-))
-register(MergeMethod(
-    "model_stock",
-    (ParamSpec("filter_wise", bool, "shared", False, doc="one interpolation ratio per row"),),
-    lambda inputs, shared, per_source, out: model_stock(
-        inputs.base, inputs.sources, shared["filter_wise"], out=out, chunk=inputs.chunk,
-        workspace=inputs.workspace),
-    base="required",
-    min_inputs=3,
-    reference="https://arxiv.org/abs/2403.19522",
-))
 del _m

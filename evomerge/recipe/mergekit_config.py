@@ -22,13 +22,10 @@ import yaml
 from pydantic import BaseModel, ConfigDict, ValidationError, model_validator
 
 from evomerge.config_io import format_errors, read_yaml
-from evomerge.merge.methods import MergeMethod, ParamSpec, get_method, mergekit_comment, METHODS
+from evomerge.recipe.base import FlowListDumper, RecipeError
+from evomerge.recipe.params import METHOD_SPECS, MethodSpec, ParamSpec, get_spec, mergekit_comment
 
 Scalar = Union[bool, int, float, str]
-
-
-class RecipeError(ValueError):
-    """A recipe that cannot be merged; the message names the offending field."""
 
 
 class Conditional(BaseModel):
@@ -82,8 +79,9 @@ class MergeRecipe(BaseModel):
     # ---- structure ---------------------------------------------------------------------------
 
     @property
-    def method(self) -> MergeMethod:
-        return get_method(self.merge_method)
+    def method(self) -> MethodSpec:
+        """The parameter table of the recipe's merge method."""
+        return get_spec(self.merge_method)
 
     def source_entries(self) -> list[ModelEntry]:
         """The inputs a method merges besides the base, in recipe order.
@@ -139,7 +137,7 @@ class MergeRecipe(BaseModel):
             if data.get(unsupported):
                 raise RecipeError(
                     f"{where}: '{unsupported}:' (layer stacking) is not a weight merge; "
-                    "passthrough slices are layer recipes (evomerge.merge.layerstack, "
+                    "passthrough slices are layer recipes (evomerge.recipe.layers, "
                     "`evomerge merge` reads them)"
                 )
         data = {k: v for k, v in data.items() if k not in ("slices", "modules")}
@@ -192,7 +190,7 @@ class MergeRecipe(BaseModel):
 
     def to_yaml(self) -> str:
         """mergekit YAML; comment lines first where mergekit would read it differently
-        (:func:`evomerge.merge.methods.mergekit_comment`)."""
+        (:func:`evomerge.recipe.params.mergekit_comment`)."""
         comment = mergekit_comment(_scalars((self.parameters or {}).get("rescale", [])))
         return comment + yaml.dump(self.to_dict(), Dumper=FlowListDumper, sort_keys=False)
 
@@ -266,7 +264,7 @@ def _scalars(setting: Setting) -> list[Scalar]:
 
 
 def _check_params(params: dict[str, Setting] | None, scope: str, where: str,
-                  method: MergeMethod) -> list[str]:
+                  method: MethodSpec) -> list[str]:
     problems = []
     valid = [p.name for p in method.params if scope == "global" or p.scope == "source"]
     for name, setting in (params or {}).items():
@@ -300,9 +298,9 @@ def _check_params(params: dict[str, Setting] | None, scope: str, where: str,
 
 def validate_recipe(recipe: MergeRecipe) -> list[str]:
     """Every problem with a recipe, each naming its field; empty when the recipe is mergeable."""
-    if recipe.merge_method not in METHODS:
+    if recipe.merge_method not in METHOD_SPECS:
         return [f"merge_method: unknown merge method {recipe.merge_method!r}; "
-                f"known: {', '.join(sorted(METHODS))}"]
+                f"known: {', '.join(sorted(METHOD_SPECS))}"]
     method = recipe.method
     problems = []
     if not recipe.models:
@@ -356,16 +354,3 @@ def _as_number(text: str) -> float | str:
         return float(text)
     except ValueError:
         return text
-
-
-class FlowListDumper(getattr(yaml, "CSafeDumper", yaml.SafeDumper)):
-    """Write number lists (gradients) inline, like mergekit's own dumper. libyaml's emitter
-    where PyYAML has it: the same text, 4x faster (a search writes every candidate's recipe)."""
-
-
-def _represent_list(dumper: yaml.SafeDumper, data: list) -> yaml.Node:
-    flow = all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in data)
-    return dumper.represent_sequence("tag:yaml.org,2002:seq", data, flow_style=flow)
-
-
-FlowListDumper.add_representer(list, _represent_list)
