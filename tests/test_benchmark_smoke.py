@@ -10,6 +10,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import math
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -92,4 +93,5 @@ def test_markdown_section_is_written_between_markers(result):
     assert "## Merge build (benchmarks/merge_build.py)" in section
     assert "--quick --json --repeats 1" in section
     for name in METHODS:
-        assert f"| {name} |" in section
+        # " †" marks a row whose memcpy reference was contended: how loaded the machine was
+        assert re.search(rf"^\| {name}( †)? \|", section, re.MULTILINE), name
