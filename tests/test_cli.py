@@ -11,7 +11,8 @@ import typer
 from typer.testing import CliRunner
 
 from evomerge import __version__
-from evomerge.cli import ZooName, app
+from evomerge.cli import app
+from evomerge.cli.zoo import ZooName
 
 runner = CliRunner()
 README = Path(__file__).resolve().parents[1] / "README.md"

@@ -420,7 +420,7 @@ def test_cache_and_chunk_reach_the_merger_and_do_not_change_the_result(zoo, tmp_
                                                                       monkeypatch):
     """Passed as the engine's keywords (spied on), and the written model is the same whatever
     they are."""
-    import evomerge.merge.engine as engine
+    from evomerge.merge import engine, from_config
 
     seen: list[dict] = []
 
@@ -429,7 +429,7 @@ def test_cache_and_chunk_reach_the_merger_and_do_not_change_the_result(zoo, tmp_
             seen.append({k: kwargs.get(k) for k in ("cache", "chunk")})
             super().__init__(models, **kwargs)
 
-    monkeypatch.setattr(engine, "Merger", Spy)
+    monkeypatch.setattr(from_config, "Merger", Spy)
     config = write_config(tmp_path / "ties.yaml",
                           ties_config(str(zoo.base), [str(s) for s in zoo.sources]))
     runs = [((), {"cache": "off", "chunk": None}),

@@ -359,11 +359,11 @@ def test_allow_writes_lets_the_dashboard_write(run_dir, tmp_path):
 def test_dashboard_of_a_copied_run_reads_the_copy(run_dir, tmp_path):
     """experiment.yaml records the run's absolute directory; the dashboard of a copy still opens
     the copy's study, and a copy without a study is an error, not a new empty study."""
-    from evomerge.cli import _run_storage
+    from evomerge.execution.run_dir import run_storage
 
     copy = tmp_path / "copy"
     shutil.copytree(run_dir, copy)
-    _, url = _run_storage(copy)
+    _, url = run_storage(copy)
     assert url == f"sqlite:///{copy / 'study.db'}"
     (copy / "study.db").unlink()
     result = CliRunner().invoke(app, ["dashboard", str(copy), "--port", str(free_port())])
@@ -393,7 +393,7 @@ def test_dashboard_of_a_from_scratch_run_serves_one_seeds_journal(tmp_path):
     """From-scratch runs keep one journal study per seed; the dashboard opens the chosen one."""
     import yaml
 
-    from evomerge.cli import _scratch_storage
+    from evomerge.execution.run_dir import scratch_storage
 
     shipped = Path(__file__).resolve().parents[1] / "experiments" / "digits_cmaes_scratch.yaml"
     config = yaml.safe_load(shipped.read_text())
@@ -402,14 +402,14 @@ def test_dashboard_of_a_from_scratch_run_serves_one_seeds_journal(tmp_path):
     run_dir = tmp_path / "run"
     result = CliRunner().invoke(app, ["run", str(path), "--run-dir", str(run_dir)])
     assert result.exit_code == 0, result.output
-    storage, url = _scratch_storage(run_dir, 5)
+    storage, url = scratch_storage(run_dir, 5)
     assert url == str(run_dir / "seed_5" / "study.log")
     (study,) = storage.get_all_studies()
     trials = storage.get_all_trials(study._study_id)
     summary = json.loads((run_dir / "summary.json").read_text())
     (seed_5,) = [row for row in summary["per_seed"] if row["seed"] == 5]
     assert max(t.values[0] for t in trials) == pytest.approx(seed_5["train_acc"])
-    assert _scratch_storage(run_dir, None)[1] == str(run_dir / "seed_3" / "study.log")
+    assert scratch_storage(run_dir, None)[1] == str(run_dir / "seed_3" / "study.log")
     bad = CliRunner().invoke(app, ["dashboard", str(run_dir), "--seed", "4",
                                    "--port", str(free_port())])
     assert bad.exit_code != 0 and "has seeds 3, 5" in bad.output
