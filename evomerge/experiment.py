@@ -221,12 +221,33 @@ class Executor(BaseModel):
         return self
 
 
+def is_object_name(name: Any) -> bool:
+    """Whether a strategy or fitness name is a Python object's ``module:qualname`` (what
+    :func:`evomerge.run` records for an object it was given) rather than a registered name."""
+    return isinstance(name, str) and ":" in name
+
+
+def import_object(name: str) -> Any:
+    """The object a ``module:qualname`` name points to (ImportError saying what is missing)."""
+    import importlib
+
+    module, _, qualname = name.partition(":")
+    try:
+        found: Any = importlib.import_module(module)
+        for part in qualname.split("."):
+            found = getattr(found, part)
+    except (ImportError, AttributeError) as exc:
+        raise ImportError(f"{name!r} cannot be imported here ({exc})") from None
+    return found
+
+
 def _unknown_names(strategy: Any, fitness: Any) -> list[str]:
     """A line per strategy or fitness name (a string; anything else is pydantic's to report)
-    that is not registered."""
+    that is not registered; ``module:qualname`` names are the Plan's to resolve."""
     from evomerge.fitness.base import FITNESSES, _load_builtin
     from evomerge.search import STRATEGIES
 
+    strategy, fitness = ((None if is_object_name(n) else n) for n in (strategy, fitness))
     _load_builtin()
     problems = []
     if isinstance(strategy, str) and strategy not in STRATEGIES:
@@ -255,6 +276,9 @@ class Experiment(BaseModel):
     run_dir: str | None = None
     export: bool = True
     max_fail_share: float = Field(0.5, gt=0, le=1)
+    # field ("fitness", "strategy") -> the Python object given to evomerge.run for it; never
+    # serialised: the experiment records the object's module:qualname as the field's name
+    _objects: dict[str, Any] = PrivateAttr(default_factory=dict)
 
     @model_validator(mode="after")
     def _names_exist(self) -> "Experiment":
@@ -307,6 +331,29 @@ class Experiment(BaseModel):
             if recorded and isinstance(data.get("storage"), str):
                 data["storage"] = _rebased(data["storage"], Path(recorded), run_dir)
         return cls.from_dict(data, where=str(path), **overrides)
+
+    def with_objects(self, **objects: Any) -> "Experiment":
+        """This experiment with Python objects standing for its ``fitness`` or ``strategy``
+        (named by their ``module:qualname``; see :func:`evomerge.run`)."""
+        out = self.model_copy()
+        out._objects = {**self._objects, **{k: v for k, v in objects.items() if v is not None}}
+        return out
+
+    def component(self, field: Literal["fitness", "strategy"]) -> Any | None:
+        """The Python object behind ``field``: the one given to :meth:`with_objects`, else the
+        one its ``module:qualname`` name imports; None for a registered name. ExperimentError
+        when an object's name cannot be imported in this process (a lambda, a closure, an
+        instance, ``__main__`` of another process): it must be given again."""
+        name = getattr(self, field).name
+        if field in self._objects or not is_object_name(name):
+            return self._objects.get(field)
+        try:
+            return import_object(name)
+        except ImportError as exc:
+            raise ExperimentError(
+                f"{field}.name: {exc}; a {field} given to evomerge.run as an object must be given "
+                f"again to resume the run (evomerge.resume(run_dir, {field}=...)), or be "
+                "importable (defined at module level)") from None
 
     def resolved(self) -> "Experiment":
         """Model paths absolute (a DFS space's ``merged`` recipe files too), run_dir fixed:

@@ -33,8 +33,8 @@ from optuna.trial import TrialState
 
 from evomerge.experiment import Experiment, ExperimentError
 from evomerge.execution import make_executor
-from evomerge.execution.worker import torch_threads
-from evomerge.search import Strategy, make_strategy
+from evomerge.execution.worker import fitness_for, torch_threads
+from evomerge.search import Strategy
 from evomerge.store import (EXPERIMENT, INTERRUPTED, RESULT, RunOwnedError, Slot, Store,
                             explain_write_errors, storage_url, x_of)
 
@@ -45,7 +45,6 @@ class Plan:
     """Everything derived from an experiment before any compute: space, strategy, store args."""
 
     def __init__(self, experiment: Experiment) -> None:
-        from evomerge.fitness.base import FITNESSES
         from evomerge.merge.engine import layer_group
         from evomerge.merge.io import CheckpointError, check_compatible, check_finite
         from evomerge.spaces import SearchSpace, load_space
@@ -99,7 +98,7 @@ class Plan:
         problems += pairing_problems(experiment.space, experiment.strategy.name,
                                      experiment.strategy.options, experiment.fitness.options)
         try:
-            self.objectives = _objectives(FITNESSES[experiment.fitness.name], experiment)
+            self.objectives = _objectives(fitness_for(experiment), experiment)
         except ExperimentError as exc:
             problems.append(str(exc))
         if problems:
@@ -118,7 +117,7 @@ class Plan:
                 raise ExperimentError(f"strategy.init: sources: {exc}") from None
         start = getattr(self.space, "start_point", None)  # DFS: start from a real model
         if start is not None and "x0" not in self.strategy_kwargs and _takes_x0(
-                experiment.strategy.name):
+                self.strategy_factory):
             self.strategy_kwargs["x0"] = start.tolist()
         strategy = self.new_strategy()
         if experiment.budget < strategy.popsize:
@@ -136,21 +135,28 @@ class Plan:
                                grace_s=experiment.executor.grace_s)
         _warn_many_writers(self.store_args["url"], experiment.executor)
 
+    @property
+    def strategy_factory(self) -> Callable[..., Strategy]:
+        """The registered strategy class, or the Strategy class (or factory) given to
+        :func:`evomerge.run`: called with the bounds, directions, seed and the experiment's
+        strategy options, afresh for every run and resume (resume is replay)."""
+        from evomerge.search import STRATEGIES
+
+        return self.experiment.component("strategy") or STRATEGIES[self.experiment.strategy.name]
+
     def new_strategy(self) -> Strategy:
         try:
-            return make_strategy(self.experiment.strategy.name, **self.strategy_kwargs)
+            return self.strategy_factory(**self.strategy_kwargs)
         except TypeError as exc:
             raise ExperimentError(f"strategy: {exc}") from None
         except ValueError as exc:
             raise ExperimentError(f"strategy: {exc}") from None
 
 
-def _takes_x0(strategy: str) -> bool:
+def _takes_x0(factory: Callable[..., Strategy]) -> bool:
     import inspect
 
-    from evomerge.search import STRATEGIES
-
-    return "x0" in inspect.signature(STRATEGIES[strategy]).parameters
+    return "x0" in inspect.signature(factory).parameters
 
 
 def _warn_many_writers(url: str, executor: Any) -> None:

@@ -30,8 +30,8 @@ from evomerge.fitness.base import (
     Fitness,
     Objective,
     fitness_class,
-    make_fitness,
 )
+from evomerge.fitness.function import FitnessFactory, fitness_factory
 from evomerge.merge.engine import Merger
 from evomerge.merge.io import export_dtype
 from evomerge.merge.layerstack import LayerStack, ResidentSources
@@ -46,11 +46,12 @@ class Evaluator:
     ``device``: where sources, build target and fitness model live (a ``torch.device`` or its
     name; :func:`evaluator_for` picks it from ``executor.device``). ``dtype``: the fitness
     model's dtype, ``auto`` meaning the checkpoints' own (bf16 stays bf16). ``engine``: the
-    Merger's options (cache, chunk, device_budget). The fitness gets ``device`` and ``dtype``
-    when its constructor takes them and the experiment did not set them itself.
+    Merger's options (cache, chunk, device_budget). ``fitness``: a registered name or a factory
+    (:func:`fitness_for`); it gets ``device`` and ``dtype`` when it takes them and the
+    experiment did not set them itself.
     """
 
-    def __init__(self, model_paths: list[str], fitness_name: str,
+    def __init__(self, model_paths: list[str], fitness: str | FitnessFactory,
                  fitness_options: Mapping[str, Any], base_model: str | None,
                  device: str | torch.device = "cpu", reduction: Any = None,
                  dtype: str = "auto", engine: Mapping[str, Any] | None = None) -> None:
@@ -61,10 +62,11 @@ class Evaluator:
         self.merger = Merger(model_paths, device=self.device, **(engine or {}),
                              dtype=None if weights or dtype == "auto" else self.dtype)
         placement = describe(self.device, self.dtype)  # its device and dtype, as spelled there
-        takes = inspect.signature(fitness_class(fitness_name)).parameters
+        factory = fitness_class(fitness) if isinstance(fitness, str) else fitness
+        takes = inspect.signature(factory).parameters
         #: the fitness as configured; ``fitness`` is what the search sees (maybe IRT-reduced)
-        self.inner: Fitness = make_fitness(
-            fitness_name, base_model=base_model or model_paths[0],
+        self.inner: Fitness = factory(
+            base_model=base_model or model_paths[0],
             **{k: placement[k] for k in ("device", "dtype")
                if k in takes and k not in fitness_options},
             **fitness_options)
@@ -155,8 +157,16 @@ def evaluator_for(experiment: Any, slot: int = 0, device: str | None = None,
     options, spec = reduction.split_options(experiment.fitness.options)
     fitted = reduction.load(experiment.run_path, spec) if spec is not None and reduced else None
     where = resolve_device(device or experiment.executor.device, slot)
-    return Evaluator(paths, experiment.fitness.name, options, models.base, device=where,
+    return Evaluator(paths, fitness_for(experiment), options, models.base, device=where,
                      reduction=fitted, dtype=models.dtype, engine=experiment.engine.options())
+
+
+def fitness_for(experiment: Any) -> FitnessFactory:
+    """How the experiment's fitness is built: its registered class, or the Python object
+    :func:`evomerge.run` was given for it (see :mod:`evomerge.fitness.function`)."""
+    given = experiment.component("fitness")
+    return (fitness_class(experiment.fitness.name) if given is None
+            else fitness_factory(given))
 
 
 @contextmanager
