@@ -225,3 +225,38 @@ def test_candidate_is_plain_data():
     c = build("random", {}).ask(1)[0]
     assert isinstance(c, Candidate) and c.generation == 0 and c.index == 0
     json.dumps(c.meta)  # meta crosses process boundaries with the candidate
+
+
+class Stepper(Strategy):
+    """A user's generational strategy, unregistered: it implements only the algorithm."""
+
+    default_popsize = 3
+
+    def _ask(self, n: int) -> list:
+        start = self.lower + 0.1 * self.generation
+        return [(start + 0.01 * i, {"i": i}) for i in range(n)]
+
+    def _tell(self, candidates, results) -> None:
+        self.seen = [(c.meta["i"], r.values, r.failed, r.item_scores) for c, r in
+                     zip(candidates, results)]
+
+
+def test_a_subclass_implements_only_the_algorithm_and_gets_every_check():
+    strategy = Stepper([0.0, 0.0], [1.0, 1.0], ["maximize"], seed=1)
+    assert strategy.popsize == 3
+    with pytest.raises(ValueError, match="popsize: Stepper needs an integer >= 1, got 0"):
+        Stepper([0.0], [1.0], ["maximize"], popsize=0)
+    with pytest.raises(ValueError, match="Stepper options: unknown sigma; known: popsize"):
+        Stepper([0.0], [1.0], ["maximize"], sigma=0.1)
+    cands = strategy.ask()
+    assert [(c.generation, c.index, c.meta) for c in cands] == [(0, i, {"i": i}) for i in range(3)]
+    with pytest.raises(RuntimeError, match="generation 0 was asked but not told"):
+        strategy.ask()
+    with pytest.raises(ValueError, match="whole generation 0"):
+        strategy.tell(cands[::-1], [[1.0]] * 3)
+    scores = [np.ones(2), None, np.zeros(2)]
+    strategy.tell(cands, [[0.5], None, [float("nan")]], item_scores=scores)
+    assert [s[:3] for s in strategy.seen] == [(0, [0.5], False), (1, [0.5], True),
+                                              (2, [0.5], True)]  # the penalty: worst seen
+    assert [s[3] is None for s in strategy.seen] == [False, True, False]
+    assert strategy.ask()[0].generation == 1

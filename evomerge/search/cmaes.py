@@ -53,7 +53,7 @@ from typing import Any
 
 import numpy as np
 
-from evomerge.search.base import Candidate, Direction, Strategy, register
+from evomerge.search.base import Candidate, Direction, Result, Strategy, register
 
 # cma options this wrapper sets itself; cma_options may not override them.
 _OWNED = ("bounds", "seed", "randn", "popsize", "CMA_diagonal", "verbose", "verb_log",
@@ -63,6 +63,13 @@ _OWNED = ("bounds", "seed", "randn", "popsize", "CMA_diagonal", "verbose", "verb
 @register("cmaes")
 class CMAES(Strategy):
     """CMA-ES (pycma) in the normalised box; see the module docstring for options."""
+
+    min_popsize = 2
+
+    @property
+    def default_popsize(self) -> int:  # type: ignore[override]
+        """cma's ``4 + floor(3 ln d)``, for the padded dimension (see "Dimension 1")."""
+        return 4 + math.floor(3 * math.log(max(self.dim, 2)))
 
     def __init__(self, lower: Sequence[float], upper: Sequence[float],
                  directions: Sequence[Direction], *, seed: int = 0, popsize: int | None = None,
@@ -78,16 +85,11 @@ class CMAES(Strategy):
         import cma  # imported here: pycma pulls in scipy.stats and matplotlib (~1 s)
 
         d = self.dim
-        self._n = max(d, 2)  # see "Dimension 1" in the module docstring
-        if popsize is None:
-            popsize = 4 + int(math.floor(3 * math.log(self._n)))
-        if isinstance(popsize, bool) or not isinstance(popsize, (int, np.integer)) or popsize < 2:
-            raise ValueError(f"popsize: cmaes needs an integer >= 2, got {popsize!r}")
-        self._popsize = int(popsize)
+        n = max(d, 2)  # see "Dimension 1" in the module docstring
         if not (isinstance(sigma0, (int, float)) and 0 < sigma0 <= 1):
             raise ValueError(f"sigma0: a fraction of each coordinate's range in (0, 1], "
                              f"got {sigma0!r}")
-        z0 = np.full(self._n, 0.5)
+        z0 = np.full(n, 0.5)
         if x0 is not None:
             x0a = np.broadcast_to(np.asarray(x0, dtype=float), (d,))
             outside = (x0a < self.lower) | (x0a > self.upper)
@@ -113,7 +115,7 @@ class CMAES(Strategy):
         opts = {
             **extra,
             "bounds": [0.0, 1.0],
-            "popsize": self._popsize,
+            "popsize": self.popsize,
             "CMA_diagonal": diagonal,
             "seed": float("nan"),  # cma: "NaN means do nothing"; sampling uses randn below
             "randn": self._rng.randn,
@@ -125,42 +127,18 @@ class CMAES(Strategy):
         self.sigma0 = float(sigma0)
         self._es = cma.CMAEvolutionStrategy(z0, self.sigma0, opts)
         self._sign = -1.0 if self.directions[0] == "maximize" else 1.0
-        self._pending: list[np.ndarray] | None = None
-
-    @property
-    def popsize(self) -> int:
-        return self._popsize
+        self._asked_z: list[np.ndarray] = []  # the pending generation in cma's [0, 1] box
 
     @property
     def sigma(self) -> float:
         """The current overall step size (normalised units)."""
         return float(self._es.sigma)
 
-    def ask(self, n: int | None = None) -> list[Candidate]:
-        if n is not None and n != self._popsize:
-            raise ValueError(f"cmaes asks whole generations: n must be None or popsize="
-                             f"{self._popsize}, got {n}")
-        if self._pending is not None:
-            raise RuntimeError(f"cmaes: generation {self.generation} was asked but not told; "
-                               "tell it before asking the next")
-        self._pending = [np.asarray(z) for z in self._es.ask()]
+    def _ask(self, n: int) -> list[np.ndarray]:
+        self._asked_z = [np.asarray(z) for z in self._es.ask()]
         span = self.upper - self.lower
-        return [Candidate(x=np.clip(self.lower + z[:self.dim] * span, self.lower, self.upper),
-                          generation=self.generation, index=i)
-                for i, z in enumerate(self._pending)]
+        return [np.clip(self.lower + z[:self.dim] * span, self.lower, self.upper)
+                for z in self._asked_z]
 
-    def tell(self, candidates: Sequence[Candidate],
-             values: Sequence[Sequence[float] | None]) -> None:
-        self._check_tell(candidates, values)
-        if self._pending is None:
-            raise RuntimeError("cmaes: tell without a pending generation (ask first)")
-        expected = [(self.generation, i) for i in range(len(self._pending))]
-        got = [(c.generation, c.index) for c in candidates]
-        if got != expected:
-            raise ValueError(f"cmaes tell: expected the whole generation {self.generation} "
-                             f"({len(expected)} candidates, in asked order), got "
-                             f"{len(got)} with (generation, index) {got[:3]}...")
-        filled = self._note_values(values)
-        self._es.tell(self._pending, [self._sign * v[0] for v in filled])
-        self._pending = None
-        self.generation += 1
+    def _tell(self, candidates: list[Candidate], results: list[Result]) -> None:
+        self._es.tell(self._asked_z, [self._sign * r.values[0] for r in results])

@@ -36,10 +36,9 @@ a1. **Experts, coefficients** (strategy ``m2n2``, ``crossover: coefficients``, t
    the workers already hold, so only ``x`` crosses processes. Generation 0 asks the ``init``
    points (e.g. each expert alone; default two uniform points in the box); then ``popsize``
    children per generation, clipped to the box. The strategy needs the per-item scores of every
-   trial: it sets ``wants_item_scores = True`` and the driver passes ``tell(...,
-   item_scores=[...])`` (the trials' stored correctness vectors, all tasks concatenated in sorted
-   task order; ``None`` for a failed trial, which scores zero), in replay too, so resume works as
-   for every strategy. Crossover acts on coefficients: for a linear/task-arithmetic space a lerp
+   trial (``needs_item_scores``): the driver tells every strategy ``tell(..., item_scores=[...])``
+   (the trials' stored correctness vectors, all tasks concatenated in sorted task order; ``None``
+   for a failed trial, which scores zero), in replay too, so resume works as for every strategy. Crossover acts on coefficients: for a linear/task-arithmetic space a lerp
    of coefficients is the lerp of the merged weights, but the split point can only fall between
    the space's coordinates ((layer x source) groups: the fixed partition M2N2 was made to
    remove), slerp's angle is that of the coefficient vectors, and for TIES/DARE spaces the
@@ -85,13 +84,13 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Any
 
 import numpy as np
 
 from evomerge.merge.segments import RECORD, SLERP_EPS, source_member, source_record, zero_member
 from evomerge.merge.segments import crossover as crossover_members
-from evomerge.search.base import Candidate, Direction, Strategy, register
+from evomerge.search.base import Candidate, Direction, Result, Strategy, register
 
 __all__ = [
     "M2N2", "ChildRecord", "FlatDigitsMLP", "Niches", "attraction", "probabilities",
@@ -284,8 +283,8 @@ class M2N2(Strategy):
     selection uses the per-item scores.
     """
 
-    #: The driver passes ``tell(..., item_scores=[one 1-D array or None per candidate])``.
-    wants_item_scores: ClassVar[bool] = True
+    default_popsize = 1
+    needs_item_scores = True
 
     def __init__(self, lower: Sequence[float], upper: Sequence[float],
                  directions: Sequence[Direction], *, seed: int = 0, popsize: int | None = None,
@@ -300,10 +299,6 @@ class M2N2(Strategy):
         if problems:
             raise ValueError("; ".join(problems))
         self.crossover, self.geometry = crossover, geometry
-        popsize = 1 if popsize is None else popsize
-        if isinstance(popsize, bool) or not isinstance(popsize, (int, np.integer)) or popsize < 1:
-            raise ValueError(f"popsize: m2n2 needs an integer >= 1, got {popsize!r}")
-        self._popsize = int(popsize)
         if isinstance(archive, bool) or not isinstance(archive, (int, np.integer)):
             raise TypeError(f"archive: an integer >= 2, got {archive!r}")
         self._settings: dict[str, Any] = {
@@ -317,7 +312,6 @@ class M2N2(Strategy):
             raise ValueError(f"init: {len(self._init)} points for an archive of {archive}")
         self.niches: Niches | None = None  # sized at the first tell (item count unknown before)
         self._step = 0
-        self._pending: list[Candidate] | None = None
 
     def _init_points(self, init: Sequence[Any] | None) -> list[np.ndarray]:
         if init is None and self.geometry is not None:  # weights: every source alone
@@ -343,63 +337,43 @@ class M2N2(Strategy):
             points.append(x)
         return points
 
-    @property
-    def popsize(self) -> int:
-        return self._popsize
-
-    def ask(self, n: int | None = None) -> list[Candidate]:
-        if self._pending is not None:
-            raise RuntimeError(f"m2n2: generation {self.generation} was asked but not told")
+    def _ask(self, n: int) -> list[tuple[np.ndarray, dict[str, Any]]]:
+        """Generation 0: the init points (however many); then ``n`` children of the archive."""
         if self.generation == 0:
-            cands = [Candidate(x=x, generation=0, index=i, meta={"step": i, "init": True})
-                     for i, x in enumerate(self._init)]
-            if self.geometry is not None:  # weights: the member travels to the driver
-                g = self.geometry
-                cands = [Candidate(c.x, 0, c.index, {**c.meta, "member": source_member(
-                    k, g.n_sources, g.size)}) for c, k in zip(cands, self._sources)]
-        else:
-            assert self.niches is not None
-            cands = []
-            for i in range(self._popsize if n is None else n):
-                record, child = self.niches.breed(self._step + i)
-                if self.geometry is not None:  # x: the record; the member in meta
-                    x = np.array([-1.0, record.parent_a, record.parent_b, record.split,
-                                  record.mix])
-                    meta = {"record": record, "member": child}
-                else:
-                    x, meta = np.clip(child, self.lower, self.upper), {"record": record}
-                cands.append(Candidate(x=x, generation=self.generation, index=i, meta=meta))
-        self._pending = cands
-        return list(cands)
+            if self.geometry is None:
+                return [(x, {"step": i, "init": True}) for i, x in enumerate(self._init)]
+            g = self.geometry  # weights: the member travels to the driver
+            return [(x, {"step": i, "init": True,
+                         "member": source_member(k, g.n_sources, g.size)})
+                    for i, (x, k) in enumerate(zip(self._init, self._sources))]
+        assert self.niches is not None
+        out = []
+        for i in range(n):
+            record, child = self.niches.breed(self._step + i)
+            if self.geometry is not None:  # x: the record; the member in meta
+                x = np.array([-1.0, record.parent_a, record.parent_b, record.split, record.mix])
+                out.append((x, {"record": record, "member": child}))
+            else:
+                out.append((np.clip(child, self.lower, self.upper), {"record": record}))
+        return out
 
-    def tell(self, candidates: Sequence[Candidate], values: Sequence[Sequence[float] | None],
-             item_scores: Sequence[np.ndarray | None] | None = None) -> None:
-        self._check_tell(candidates, values)
-        if self._pending is None or [c.index for c in candidates] != [
-                c.index for c in self._pending]:
-            raise ValueError(f"m2n2 tell: expected the whole generation {self.generation} as "
-                             "asked")
-        if item_scores is None or len(item_scores) != len(candidates):
-            raise ValueError("m2n2 tell: needs item_scores, one per candidate (None for a "
-                             "failure); the driver passes them because wants_item_scores = True")
-        self._note_values(values)
-        known = [np.asarray(s, dtype=float).ravel() for s in item_scores if s is not None]
+    def _tell(self, candidates: list[Candidate], results: list[Result]) -> None:
+        """Insert the children one after another in asked order; a failure scores zero."""
+        known = [r.item_scores for r in results if r.item_scores is not None]
         if not known and self.niches is None:
             raise ValueError("m2n2 tell: every initial candidate failed; no item count to "
                              "size the archive")
         if self.niches is None:
             self.niches = self._new_niches(len(known[0]))
         n_items = self.niches.scores.shape[1]
-        for k, (cand, s) in enumerate(zip(candidates, item_scores)):
-            row = np.zeros(n_items) if s is None else np.asarray(s, dtype=float).ravel()
+        for k, (cand, r) in enumerate(zip(candidates, results)):
+            row = np.zeros(n_items) if r.item_scores is None else r.item_scores
             if len(row) != n_items:
                 raise ValueError(f"m2n2 tell: item_scores[{k}] has {len(row)} items, the "
                                  f"archive {n_items}")
             genome = cand.meta["member"] if self.geometry is not None else cand.x
             self.niches.insert(genome, row, self._step + k)
         self._step += len(candidates)
-        self._pending = None
-        self.generation += 1
 
     def _new_niches(self, n_items: int) -> Niches:
         """The archive: over ``x`` (coefficients), or over members of the sources' flattened

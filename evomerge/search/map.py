@@ -141,7 +141,7 @@ from evomerge.search._surrogate import (
     surrogate_front,
     to_angles,
 )
-from evomerge.search.base import Candidate, Direction, Strategy, register
+from evomerge.search.base import Candidate, Direction, Result, Strategy, register
 
 Batch = list[tuple[np.ndarray, dict[str, Any]]]
 _REFERENCE_RANGE = 3.0  # the reference's surrogate NSGA searches coefficients in [-3, 3]
@@ -182,6 +182,8 @@ def _sub_options(key: str, value: Any, defaults: dict[str, Any]) -> dict[str, An
 class MAPStrategy(Strategy):
     """MAP / Bayesian MAP / Nested MAP; see the module docstring for phases and options."""
 
+    default_popsize = 16
+
     def __init__(self, lower: Sequence[float], upper: Sequence[float],
                  directions: Sequence[Direction], *, seed: int = 0, popsize: int | None = None,
                  design: int | None = None, sampling: str = "lhs", link: str | list = "auto",
@@ -192,7 +194,6 @@ class MAPStrategy(Strategy):
         self._reject_options(options, ("design", "sampling", "link", "front_points",
                                        "front_pop", "front_generations", "bayesian", "nested"))
         d, n_obj = self.dim, len(self.directions)
-        self._popsize = _positive_int("popsize", 16 if popsize is None else popsize)
         t = n_terms(d)
         self._design = _positive_int("design", 2 * t + 4 if design is None else design)
         if self._design <= t:
@@ -207,7 +208,7 @@ class MAPStrategy(Strategy):
                              f"them (one per objective); got {link!r}")
         self._links = links
         self._front_points = _positive_int(
-            "front_points", self._popsize if front_points is None else front_points)
+            "front_points", self.popsize if front_points is None else front_points)
         self._front_pop = _positive_int("front_pop", front_pop, 4)
         self._front_generations = _positive_int("front_generations", front_generations)
         self._bayes = self._check_bayesian(bayesian)
@@ -226,14 +227,13 @@ class MAPStrategy(Strategy):
         self._program = self._run()
         self._batch: Batch = []
         self._pos = 0
-        self._pending: list[Candidate] | None = None
 
     # ---- options -------------------------------------------------------------------------
 
     def _check_bayesian(self, value: Any) -> dict[str, Any] | None:
         d = self.dim
         opts = _sub_options("bayesian", value, {
-            "rounds": 3, "per_round": self._popsize, "temperature": 0.07,
+            "rounds": 3, "per_round": self.popsize, "temperature": 0.07,
             "bins": reference_bins(d)})
         if opts is None:
             return None
@@ -290,45 +290,21 @@ class MAPStrategy(Strategy):
 
     # ---- ask / tell ----------------------------------------------------------------------
 
-    @property
-    def popsize(self) -> int:
-        return self._popsize
-
-    def ask(self, n: int | None = None) -> list[Candidate]:
-        if n is not None:
-            raise ValueError(f"map decides its generation sizes: n must be None, got {n}")
-        if self._pending is not None:
-            raise RuntimeError(f"map: generation {self.generation} was asked but not told; "
-                               "tell it before asking the next")
+    def _ask(self, n: int) -> Batch:
+        """The next at most ``n`` (= popsize) points of the current phase's batch."""
         if self._pos >= len(self._batch):
             self._batch, self._pos = next(self._program), 0
-        chunk = self._batch[self._pos:self._pos + self._popsize]
-        self._pending = [Candidate(x=x.copy(), generation=self.generation, index=i,
-                                   meta=copy.deepcopy(meta)) for i, (x, meta) in enumerate(chunk)]
-        return list(self._pending)
+        return [(x.copy(), copy.deepcopy(meta))
+                for x, meta in self._batch[self._pos:self._pos + n]]
 
-    def tell(self, candidates: Sequence[Candidate],
-             values: Sequence[Sequence[float] | None]) -> None:
-        self._check_tell(candidates, values)
-        if self._pending is None:
-            raise RuntimeError("map: tell without a pending generation (ask first)")
-        expected = [(c.generation, c.index) for c in self._pending]
-        got = [(c.generation, c.index) for c in candidates]
-        if got != expected:
-            raise ValueError(f"map tell: expected the whole generation {self.generation} "
-                             f"({len(expected)} candidates, in asked order), got {len(got)} "
-                             f"with (generation, index) {got[:3]}...")
-        filled = self._note_values(values)
-        for cand, raw, f in zip(self._pending, values, filled):
-            ok = raw is not None and bool(np.all(np.isfinite(np.asarray(raw, dtype=float))))
+    def _tell(self, candidates: list[Candidate], results: list[Result]) -> None:
+        for cand, r in zip(candidates, results):
             self._X.append(cand.x.copy())
-            self._F.append(f)
-            self._ok.append(ok)
-            if ok and "predicted" in cand.meta:
-                self._front_pairs.append((cand.meta["predicted"], list(f)))
-        self._pos += len(self._pending)
-        self._pending = None
-        self.generation += 1
+            self._F.append(r.values)
+            self._ok.append(not r.failed)
+            if not r.failed and "predicted" in cand.meta:
+                self._front_pairs.append((cand.meta["predicted"], list(r.values)))
+        self._pos += len(candidates)
 
     def surrogate_report(self) -> dict[str, Any]:
         """Plain data on the surrogates: per objective its link, coefficients and

@@ -37,12 +37,15 @@ from typing import Any
 
 import numpy as np
 
-from evomerge.search.base import Candidate, Direction, Strategy, register
+from evomerge.search.base import Candidate, Direction, Result, Strategy, register
 
 
 @register("nsga2")
 class NSGA2Strategy(Strategy):
     """NSGA-II (pymoo); see the module docstring for options."""
+
+    default_popsize = 20
+    min_popsize = 2
 
     def __init__(self, lower: Sequence[float], upper: Sequence[float],
                  directions: Sequence[Direction], *, seed: int = 0, popsize: int | None = None,
@@ -61,10 +64,6 @@ class NSGA2Strategy(Strategy):
         from pymoo.operators.sampling.rnd import FloatRandomSampling
         from pymoo.operators.selection.tournament import TournamentSelection
 
-        popsize = 20 if popsize is None else popsize
-        if isinstance(popsize, bool) or not isinstance(popsize, (int, np.integer)) or popsize < 2:
-            raise ValueError(f"popsize: nsga2 needs an integer >= 2, got {popsize!r}")
-        self._popsize = int(popsize)
         samplers = {"random": FloatRandomSampling, "lhs": LHS}
         if sampling not in samplers:
             raise ValueError(f"sampling: {sampling!r} is not one of {', '.join(samplers)}")
@@ -78,7 +77,7 @@ class NSGA2Strategy(Strategy):
         self._problem = Problem(n_var=self.dim, n_obj=len(self.directions),
                                 xl=self.lower.copy(), xu=self.upper.copy())
         self._algorithm = NSGA2(
-            pop_size=self._popsize,
+            pop_size=self.popsize,
             sampling=samplers[sampling](),
             selection=TournamentSelection(func_comp=binary_tournament),
             crossover=SBX(eta=crossover_eta, prob=crossover_prob),
@@ -89,42 +88,19 @@ class NSGA2Strategy(Strategy):
         # A termination that never fires: the driver stops at its evaluation budget.
         self._algorithm.setup(self._problem, seed=self.seed, termination=("n_gen", 2**62))
         self._sign = np.array([-1.0 if d == "maximize" else 1.0 for d in self.directions])
-        self._pending = None  # the pymoo Population last asked
+        self._population = None  # the pymoo Population last asked
 
-    @property
-    def popsize(self) -> int:
-        return self._popsize
+    def _ask(self, n: int) -> list[np.ndarray]:
+        self._population = self._algorithm.ask()
+        X = np.asarray(self._population.get("X"), dtype=float)
+        return [np.clip(x, self.lower, self.upper) for x in X]
 
-    def ask(self, n: int | None = None) -> list[Candidate]:
-        if n is not None and n != self._popsize:
-            raise ValueError(f"nsga2 asks whole generations: n must be None or popsize="
-                             f"{self._popsize}, got {n}")
-        if self._pending is not None:
-            raise RuntimeError(f"nsga2: generation {self.generation} was asked but not told; "
-                               "tell it before asking the next")
-        self._pending = self._algorithm.ask()
-        X = np.asarray(self._pending.get("X"), dtype=float)
-        return [Candidate(x=np.clip(x, self.lower, self.upper), generation=self.generation,
-                          index=i) for i, x in enumerate(X)]
-
-    def tell(self, candidates: Sequence[Candidate],
-             values: Sequence[Sequence[float] | None]) -> None:
+    def _tell(self, candidates: list[Candidate], results: list[Result]) -> None:
         from pymoo.core.evaluator import Evaluator
         from pymoo.problems.static import StaticProblem
 
-        self._check_tell(candidates, values)
-        if self._pending is None:
-            raise RuntimeError("nsga2: tell without a pending generation (ask first)")
-        expected = [(self.generation, i) for i in range(len(self._pending))]
-        got = [(c.generation, c.index) for c in candidates]
-        if got != expected:
-            raise ValueError(f"nsga2 tell: expected the whole generation {self.generation} "
-                             f"({len(expected)} candidates, in asked order), got "
-                             f"{len(got)} with (generation, index) {got[:3]}...")
-        F = np.asarray(self._note_values(values), dtype=float) * self._sign
+        F = np.asarray([r.values for r in results], dtype=float) * self._sign
         # pymoo's documented ask/tell evaluation: a StaticProblem hands back the given F and
         # sets the feasibility bookkeeping (CV, FEAS) that survival reads.
-        Evaluator().eval(StaticProblem(self._problem, F=F), self._pending)
-        self._algorithm.tell(infills=self._pending)
-        self._pending = None
-        self.generation += 1
+        Evaluator().eval(StaticProblem(self._problem, F=F), self._population)
+        self._algorithm.tell(infills=self._population)

@@ -51,7 +51,7 @@ from typing import Any
 
 import numpy as np
 
-from evomerge.search.base import Candidate, Direction, Strategy, register
+from evomerge.search.base import Candidate, Direction, Result, Strategy, register
 
 SAMPLERS = {
     "tpe": "TPESampler",
@@ -81,6 +81,8 @@ def _quiet_optuna() -> Iterator[None]:
 class OptunaStrategy(Strategy):
     """An Optuna sampler over the box; see the module docstring for options."""
 
+    generational = False
+
     def __init__(self, lower: Sequence[float], upper: Sequence[float],
                  directions: Sequence[Direction], *, seed: int = 0, popsize: int | None = None,
                  sampler: str = "tpe", sampler_options: dict[str, Any] | None = None,
@@ -98,9 +100,6 @@ class OptunaStrategy(Strategy):
         if sampler == "cmaes" and len(self.directions) != 1:
             raise ValueError(f"directions: Optuna's CmaEsSampler optimises one objective, got "
                              f"{self.directions}; use sampler nsgaii, tpe or gp")
-        if popsize is not None and (isinstance(popsize, bool) or not isinstance(
-                popsize, (int, np.integer)) or popsize < 1):
-            raise ValueError(f"popsize: a positive integer, got {popsize!r}")
 
         # Align the strategy's generation with the sampler's own population, where it has one.
         if sampler == "nsgaii":
@@ -108,16 +107,15 @@ class OptunaStrategy(Strategy):
             if popsize is not None and size != popsize:
                 raise ValueError(f"popsize {popsize} and sampler_options.population_size {size} "
                                  "differ; give one of them")
-            kwargs["population_size"] = popsize = int(size)
+            kwargs["population_size"] = self.popsize = int(size)
         elif sampler == "cmaes":
-            size = kwargs.get("popsize") or popsize or 4 + int(math.floor(3 * math.log(self.dim)))
+            size = kwargs.get("popsize") or popsize or 4 + math.floor(3 * math.log(self.dim))
             if popsize is not None and size != popsize:
                 raise ValueError(f"popsize {popsize} and sampler_options.popsize {size} differ; "
                                  "give one of them")
-            kwargs["popsize"] = popsize = int(size)
+            kwargs["popsize"] = self.popsize = int(size)
         elif sampler == "qmc":
             kwargs.setdefault("scramble", True)
-        self._popsize = int(popsize or 8)
         self.sampler_name = sampler
 
         cls = getattr(optuna.samplers, SAMPLERS[sampler])
@@ -135,38 +133,20 @@ class OptunaStrategy(Strategy):
                 directions=self.directions, study_name="evomerge-strategy")
         self._distributions = {f"x{i}": FloatDistribution(float(lo), float(hi))
                                for i, (lo, hi) in enumerate(zip(self.lower, self.upper))}
-        self._pending: dict[int, Any] = {}  # optuna trial number -> Trial
+        self._trials: list[Any] = []  # every Trial asked, in order: index = meta["serial"]
 
-    @property
-    def popsize(self) -> int:
-        return self._popsize
-
-    def ask(self, n: int | None = None) -> list[Candidate]:
-        n = self._popsize if n is None else n
-        if n < 1:
-            raise ValueError(f"optuna ask: n must be >= 1, got {n}")
+    def _ask(self, n: int) -> list[np.ndarray]:
         out = []
         with _quiet_optuna():
-            for i in range(n):
+            for _ in range(n):
                 trial = self._study.ask(self._distributions)
-                self._pending[trial.number] = trial
+                self._trials.append(trial)
                 x = np.array([trial.params[name] for name in self._distributions], dtype=float)
-                out.append(Candidate(x=np.clip(x, self.lower, self.upper),
-                                     generation=self.generation, index=i,
-                                     meta={"optuna_trial": trial.number}))
-        self.generation += 1
+                out.append(np.clip(x, self.lower, self.upper))
         return out
 
-    def tell(self, candidates: Sequence[Candidate],
-             values: Sequence[Sequence[float] | None]) -> None:
+    def _tell(self, candidates: list[Candidate], results: list[Result]) -> None:
         """Tell any asked candidates (a whole ``ask`` batch or part of it), in any grouping."""
-        self._check_tell(candidates, values)
-        numbers = [c.meta.get("optuna_trial") for c in candidates]
-        missing = [k for k in numbers if k not in self._pending]
-        if missing or len(set(numbers)) != len(numbers):
-            raise ValueError(f"optuna tell: candidates {missing} were not asked or were already "
-                             "told (meta['optuna_trial'] identifies them)")
-        filled = self._note_values(values)
         with _quiet_optuna():
-            for k, v in zip(numbers, filled):
-                self._study.tell(self._pending.pop(k), v)
+            for c, r in zip(candidates, results):
+                self._study.tell(self._trials[c.meta["serial"]], r.values)
