@@ -3,4 +3,5 @@
 
 from evomerge.cli import app
 
-app()
+if __name__ == "__main__":
+    app()

@@ -34,7 +34,7 @@ HELP = (
 )
 
 
-def run_experiment(experiment: Experiment, resume: bool) -> None:
+def run_and_report(experiment: Experiment, resume: bool) -> None:
     """Run (or resume) ``experiment`` and print its summary; a bad experiment or checkpoint
     exits 2, a run that fails on the way exits 1."""
     from evomerge.experiment import ExperimentError
@@ -82,7 +82,7 @@ def run(
                                           run_dir=str(run_dir) if run_dir else None)
     except ExperimentError as exc:
         fail(exc)
-    run_experiment(experiment, resume=False)
+    run_and_report(experiment, resume=False)
 
 
 def resume(run_dir: Path = typer.Argument(..., metavar="RUN_DIR", show_default=False,
@@ -105,7 +105,7 @@ def resume(run_dir: Path = typer.Argument(..., metavar="RUN_DIR", show_default=F
         experiment = Experiment.from_yaml(run_dir / "experiment.yaml")
     except ExperimentError as exc:
         fail(exc)
-    run_experiment(experiment, resume=True)
+    run_and_report(experiment, resume=True)
 
 
 def _run_scratch(config: dict, run_dir: Path | None, resume: bool, where: str) -> None:

@@ -9,7 +9,7 @@ from pathlib import Path
 import typer
 
 from evomerge.cli._common import console, err_console, fail
-from evomerge.cli.run import run_experiment
+from evomerge.cli.run import run_and_report
 
 app = typer.Typer(help="Run a search on SLURM: a driver plus an array of workers.",
                   rich_markup_mode="rich", no_args_is_help=True)
@@ -78,4 +78,4 @@ def slurm_submit(
         console.print(f"Submitted {role}: job {job}")
     console.print(f"Logs and scripts: [bold]{prepared.folder}[/bold]")
     if driver is DriverWhere.here:
-        run_experiment(prepared.experiment, resume=False)
+        run_and_report(prepared.experiment, resume=False)

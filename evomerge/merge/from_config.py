@@ -38,8 +38,8 @@ Track = Callable[[Iterable[T], str], Iterable[T]]
 
 @dataclasses.dataclass(frozen=True)
 class Merged:
-    """What :func:`merge_config` built: the recipe as merged (Hub ids resolved to local
-    snapshots) and how many tensors it merged."""
+    """What :func:`merge_config` wrote: the recipe as built (Hub ids resolved to local
+    snapshots) and how many tensors it built."""
 
     recipe: MergeRecipe | LayerRecipe | SegmentRecipe
     tensors: int
