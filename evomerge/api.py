@@ -19,9 +19,10 @@ Objects instead of registered names (as ``optuna.create_study().optimize(f)`` or
 
 The run directory records an object as its ``module:qualname``; the object itself never leaves
 the process. So a fitness object runs in the driver (``executor.workers: 0``) or in local
-workers, which import it by that name (it must be defined at module level); remote executors
-(Ray, SLURM) are refused with an error saying so. A strategy runs in the driver only, so any
-executor takes one. Resuming a run made with objects takes them again (``resume(run_dir,
+workers, which import it by that name (it must be defined at module level). Remote executors
+(Ray, SLURM) are refused with an error saying so: their workers start elsewhere from the
+experiment stored in the study, and each still derives a whole plan from it (fitness and
+strategy included). Resuming a run made with objects takes them again (``resume(run_dir,
 fitness=...)``) unless their names import.
 """
 
@@ -212,17 +213,17 @@ def _check_objects(experiment: Experiment) -> None:
     """Objects go where they can (see the module docstring); ExperimentError naming the field
     and what to do, before any compute."""
     executor = experiment.executor
-    given = experiment._objects.get("fitness")
-    name = experiment.fitness.name
-    if given is None and not is_object_name(name):
-        return
-    if executor.kind != "local":
-        raise ExperimentError(
-            f"fitness: {name!r} is a Python object, and executor kind {executor.kind!r} starts "
-            "workers on other machines that read the experiment from the store; remote "
-            "executors need importable names: register the fitness "
-            "(@evomerge.fitness.base.register('name') in a module the workers import) and name "
-            "it in the experiment, or run it with executor kind 'local'")
+    for field in ("fitness", "strategy"):
+        name = getattr(experiment, field).name
+        if executor.kind != "local" and (field in experiment._objects or is_object_name(name)):
+            raise ExperimentError(
+                f"{field}: {name!r} is a Python object, and executor kind {executor.kind!r} "
+                "starts workers elsewhere that read the experiment from the store; remote "
+                f"executors need importable names: register the {field} "
+                f"(@evomerge.{'fitness.base' if field == 'fitness' else 'search'}.register"
+                "('name') in a module the workers import) and name it in the experiment, or "
+                "run it with executor kind 'local'")
+    given, name = experiment._objects.get("fitness"), experiment.fitness.name
     if executor.workers == 0 or given is None:
         return
     main = sys.modules.get("__main__")

@@ -142,12 +142,14 @@ def test_resume_of_a_run_made_with_an_instance_needs_it_again(zoo, tmp_path):
 
 
 @pytest.mark.parametrize("kind", ["slurm", "ray"])
-def test_remote_executor_with_a_fitness_object_says_it_needs_importable_names(
-        zoo, tmp_path, kind):
+@pytest.mark.parametrize("field, given", [("fitness", accuracy), ("strategy", Unregistered)])
+def test_remote_executor_with_an_object_says_it_needs_importable_names(
+        zoo, tmp_path, kind, field, given):
     data = {**experiment_data("cmaes", zoo, tmp_path / "run", budget=BUDGET),
             "executor": {"kind": kind, "workers": 2}}
-    with pytest.raises(ExperimentError, match="remote executors need importable names"):
-        evomerge.run(data, fitness=accuracy)
+    with pytest.raises(ExperimentError, match=f"^{field}: .*remote executors need importable "
+                                              "names"):
+        evomerge.run(data, **{field: given})
     assert not (tmp_path / "run").exists()
 
 
