@@ -41,7 +41,9 @@ _EXPORTS = {
     "EXECUTORS": "evomerge.execution:EXECUTORS",
 }
 
-__all__ = ["__version__", *_EXPORTS]
+__all__ = ["EXECUTORS", "FITNESSES", "METHODS", "STRATEGIES", "Candidate", "EvalResult",
+           "Experiment", "ExperimentError", "Fitness", "MergeRecipe", "Merger", "Objective",
+           "Strategy", "Summary", "__version__", "merge_config", "resume", "run"]
 
 
 def __getattr__(name: str) -> Any:

@@ -35,8 +35,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from evomerge.experiment import (Experiment, ExperimentError, import_object, is_object_name,
-                                 is_run_dir)
+from evomerge.experiment import (
+    Experiment,
+    ExperimentError,
+    import_object,
+    is_object_name,
+    is_run_dir,
+)
 
 Source = Experiment | str | Path | Mapping[str, Any]
 
@@ -88,7 +93,7 @@ class Summary:
     resume: dict[str, Any] | None = None  # what the latest resume did
 
     @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> "Summary":
+    def from_dict(cls, data: Mapping[str, Any]) -> Summary:
         outputs = data["outputs"]
         return cls(
             experiment=data["experiment"], strategy=data["strategy"],
@@ -104,7 +109,7 @@ class Summary:
             resume=data.get("resume"))
 
     @classmethod
-    def read(cls, run_dir: str | Path) -> "Summary":
+    def read(cls, run_dir: str | Path) -> Summary:
         """The summary a finished run wrote in ``run_dir``."""
         from evomerge.report import SUMMARY
 

@@ -11,7 +11,7 @@ import numpy as np
 import torch
 
 import evomerge
-import evomerge.zoo.digits_hf  # noqa: F401 - registers the digits MLP with transformers
+import evomerge.zoo.digits_hf  # registers the digits MLP with transformers
 from evomerge.zoo.digits import digits_splits
 
 pixels, labels = (torch.from_numpy(np.array(a)) for a in digits_splits()["search"])
