@@ -86,7 +86,8 @@ def build_pair_experts(base: Path, out_dir: Path) -> dict[str, Path]:
     zoo's expert recipe on the training split; deterministic (one seeded stream per expert)."""
     import torch
 
-    from evomerge.zoo.digits import DIGITS_HP, DigitsMLP, digits_splits
+    from evomerge.models.digits import DigitsMLP, digits_splits
+    from evomerge.zoo.digits import DIGITS_HP
 
     x_np, y_np = digits_splits()["train"]
     x, y = torch.from_numpy(np.array(x_np)), torch.from_numpy(np.array(y_np))

@@ -13,8 +13,9 @@ from evomerge.fitness import EvalResult, Objective, make_fitness
 from evomerge.fitness.digits import DigitsFitness
 from evomerge.merge.engine import Merger
 from evomerge.merge.io import export_model
+from evomerge.models.digits import DigitsMLP, digits_splits
 from evomerge.recipe import MergeRecipe
-from evomerge.zoo import DigitsMLP, build_digits_zoo, digits_splits
+from evomerge.zoo import build_digits_zoo
 
 HALVES = [
     {"name": "acc_0_4", "classes": [0, 1, 2, 3, 4]},

@@ -16,13 +16,9 @@ import torch
 import yaml
 
 from evomerge.fitness import make_fitness
-from evomerge.fitness.lm import (
-    LMFitness,
-    choice_loglikelihoods,
-    encode_pair,
-    greedy_generate,
-)
+from evomerge.fitness.lm import LMFitness
 from evomerge.fitness.suite import SuiteError, load_suite
+from evomerge.models.causal_lm import choice_loglikelihoods, encode_pair, greedy_generate
 from evomerge.zoo.toy import VOCAB, make_tokenizer
 
 PROMPTS = [

@@ -260,7 +260,7 @@ def test_a_merge_across_the_prompt_boundary_is_scored_alike_by_both_evaluators()
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
 
-    from evomerge.fitness.lm import choice_loglikelihoods
+    from evomerge.models.causal_lm import choice_loglikelihoods
 
     corpus = [p + a + "\n" for p, a in (_problem(random.Random(i)) for i in range(500))]
     core = Tokenizer(models.BPE())  # no pre-tokenizer split: "=three" can become one token

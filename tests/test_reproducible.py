@@ -212,7 +212,8 @@ def test_remerging_the_best_ps_recipe_gives_best_model_bit_for_bit(tmp_path):
 
 def test_an_exported_digits_best_model_loads_with_automodel(tmp_path):
     from evomerge.experiment import Experiment
-    from evomerge.zoo.digits import DigitsMLP, build_digits_zoo, digits_splits
+    from evomerge.models.digits import DigitsMLP, digits_splits
+    from evomerge.zoo.digits import build_digits_zoo
 
     zoo = build_digits_zoo(tmp_path / "zoo", seed=0, progress=False)
     data = yaml.safe_load((REPO / "experiments" / "digits_cmaes.yaml").read_text())

@@ -67,7 +67,7 @@ def test_cmaes_run_writes_every_output_and_beats_every_source(zoo, tmp_path):
     # the exported model is the best recipe, and scores what the summary says on held-out items
     recipe = MergeRecipe.from_yaml(run / "best_recipe.yaml")
     assert recipe.to_dict() == summary["best"]["recipe"]
-    from evomerge.zoo.digits import DigitsMLP
+    from evomerge.models.digits import DigitsMLP
 
     exported = DigitsMLP.from_pretrained(run / "best_model")
     fitness = DigitsFitness(base_model=zoo["base"])

@@ -17,14 +17,9 @@ from evomerge.cli import app
 from evomerge.merge.engine import Merger, layer_group
 from evomerge.merge.io import CheckpointError
 from evomerge.recipe import MergeRecipe
-from evomerge.zoo import (
-    DigitsMLP,
-    accuracy_table,
-    build_digits_zoo,
-    digits_splits,
-    digits_zoo_is_built,
-)
-from evomerge.zoo.digits import MANIFEST, digits_config
+from evomerge.models.digits import DigitsMLP, digits_config, digits_splits
+from evomerge.zoo import accuracy_table, build_digits_zoo, digits_zoo_is_built
+from evomerge.zoo.digits import MANIFEST
 
 MODEL_NAMES = ["base", "expert_0_4", "expert_5_9"]
 

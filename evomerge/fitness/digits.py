@@ -1,7 +1,7 @@
-"""Digits fitness: accuracy of a :class:`~evomerge.zoo.digits.DigitsMLP` on class subsets.
+"""Digits fitness: accuracy of a :class:`~evomerge.models.digits.DigitsMLP` on class subsets.
 
 Each objective is the accuracy over the items of a set of classes of one split (``search`` during
-a search, ``heldout`` for final scores; see :func:`evomerge.zoo.digits.digits_splits`)::
+a search, ``heldout`` for final scores; see :func:`evomerge.models.digits.digits_splits`)::
 
     objectives:                       # default: [{name: acc, classes: all}]
       - {name: acc_0_4, classes: [0, 1, 2, 3, 4]}
@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from evomerge.fitness.base import EvalResult, Fitness, Objective, register
-from evomerge.zoo.digits import NUM_CLASSES, NUM_FEATURES, DigitsMLP, digits_splits
+from evomerge.models.digits import NUM_CLASSES, NUM_FEATURES, DigitsMLP, digits_splits
 
 __all__ = ["DigitsFitness", "parse_objectives"]
 

@@ -100,7 +100,7 @@ generation encodes the prompt with the tokenizer's defaults (its BOS), left-pads
 new tokens with ``skip_special_tokens=True``, cuts at the first stop string; multiple choice
 encodes ``prompt + choice`` and ``prompt`` and scores the tokens of the first past the length of
 the second (trailing spaces of the prompt move to the choice first), summing their log-probs;
-``acc`` is 1 when the first argmax is the gold index. :mod:`evomerge.fitness.lm` does the same,
+``acc`` is 1 when the first argmax is the gold index. :mod:`evomerge.models.causal_lm` does the same,
 and the tests check the per-item scores are equal. Caveats found while checking:
 
 - When BPE merges across the prompt/continuation boundary (``encode(prompt)`` not a prefix of

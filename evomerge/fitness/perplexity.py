@@ -68,7 +68,8 @@ import numpy as np
 import torch
 
 from evomerge.fitness.base import EvalResult, Fitness, Objective, register, resolve_dtype
-from evomerge.fitness.lm import _load_base, left_pad, new_causal_lm, sequence_loglikelihoods
+from evomerge.fitness.lm import _load_base, new_causal_lm
+from evomerge.models.causal_lm import left_pad, sequence_loglikelihoods
 
 __all__ = ["DEFAULT_BATCH_SIZE", "DEFAULT_MAX_LENGTH", "OBJECTIVES", "TASK", "PerplexityFitness",
            "TextDataError", "read_texts"]

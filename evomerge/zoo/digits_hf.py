@@ -9,11 +9,11 @@ model" until this module is imported::
     from transformers import AutoModel
 
     model = AutoModel.from_pretrained("runs/digits_cmaes/best_model")  # a DigitsMLPModel
-    logits = model(pixels)   # pixels: float (n, 64) in [0, 1], as evomerge.zoo.digits_splits
+    logits = model(pixels)   # pixels: float (n, 64) in [0, 1], as models.digits.digits_splits
 
-Without transformers, :meth:`evomerge.zoo.digits.DigitsMLP.from_pretrained` loads the same
+Without transformers, :meth:`evomerge.models.digits.DigitsMLP.from_pretrained` loads the same
 directory. The two give identical logits (same tensor names, same layers). This lives apart from
-:mod:`evomerge.zoo.digits` so that the digits zoo and fitness do not import transformers (seconds
+:mod:`evomerge.models.digits` so that the digits zoo and fitness do not import transformers (seconds
 of start-up).
 """
 
@@ -26,7 +26,7 @@ import torch
 from torch import nn
 from transformers import AutoConfig, AutoModel, PretrainedConfig, PreTrainedModel
 
-from evomerge.zoo.digits import ARCHITECTURE, DIGITS_HP, MODEL_TYPE, DigitsMLP
+from evomerge.models.digits import ARCHITECTURE, LAYER_SIZES, MODEL_TYPE, DigitsMLP
 
 __all__ = ["DigitsMLPConfig", "DigitsMLPModel"]
 
@@ -36,14 +36,14 @@ class DigitsMLPConfig(PretrainedConfig):
 
     model_type = MODEL_TYPE
 
-    def __init__(self, layer_sizes: Sequence[int] = DIGITS_HP.layer_sizes, **kwargs) -> None:
+    def __init__(self, layer_sizes: Sequence[int] = LAYER_SIZES, **kwargs) -> None:
         self.layer_sizes = [int(s) for s in layer_sizes]
         kwargs.setdefault("architectures", [ARCHITECTURE])
         super().__init__(**kwargs)
 
 
 class DigitsMLPModel(PreTrainedModel):
-    """:class:`~evomerge.zoo.digits.DigitsMLP` as a ``PreTrainedModel``: the same layers under
+    """:class:`~evomerge.models.digits.DigitsMLP` as a ``PreTrainedModel``: the same layers under
     the same names (``layers.{i}.weight`` / ``.bias``); ``forward(x)`` returns the logits."""
 
     config_class = DigitsMLPConfig

@@ -69,6 +69,7 @@ from pathlib import Path
 
 import torch
 
+from evomerge.models.causal_lm import greedy_generate
 from evomerge.zoo._common import (
     MANIFEST,
     PORTABLE_ENV,
@@ -512,10 +513,9 @@ def _train(model, tokenizer, tasks, *, steps, lr, batch_size, rng, bar, label,
 
 def exact_match(model, tokenizer, items: Sequence[Mapping], batch_size: int = 64) -> list[bool]:
     """Whether the greedy continuation of each generation item (up to the newline) equals its
-    answer, both stripped: the ``lm`` fitness's scorer, :func:`evomerge.fitness.lm.greedy_generate`.
+    answer, both stripped: the ``lm`` fitness's scorer,
+    :func:`evomerge.models.causal_lm.greedy_generate`.
     """
-    from evomerge.fitness.lm import greedy_generate  # here: evomerge.fitness imports the zoo
-
     outputs = greedy_generate(model, tokenizer, [it["prompt"] for it in items],
                               max_new_tokens=MAX_NEW_TOKENS, stop=(STOP,), batch_size=batch_size)
     return [o.strip() == it["answer"].strip() for o, it in zip(outputs, items)]
