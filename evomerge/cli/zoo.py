@@ -18,6 +18,7 @@ app = typer.Typer(
     no_args_is_help=True,
 )
 
+
 class ZooName(str, Enum):
     toy = "toy"
     digits = "digits"
