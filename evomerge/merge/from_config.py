@@ -45,8 +45,9 @@ class Merged:
     tensors: int
 
 
-def merge_config(config: Path, out: Path, *, device: str = "cpu", shard_size: str = "5GB",
-                 overwrite: bool = False, track: Track | None = None, **engine: Any) -> Merged:
+def merge_config(config: str | Path, out: str | Path, *, device: str = "cpu",
+                 shard_size: str = "5GB", overwrite: bool = False, track: Track | None = None,
+                 **engine: Any) -> Merged:
     """Build the recipe in ``config`` and write it to ``out`` (config, safetensors shards of at
     most ``shard_size``, tokenizer, recipe.yaml), atomically. ``engine`` are the Merger's keywords
     (cache, chunk); ``track`` shows the loading and merging loops.
@@ -54,7 +55,7 @@ def merge_config(config: Path, out: Path, *, device: str = "cpu", shard_size: st
     Raises RecipeError, CheckpointError, ValueError or OSError, with the file, field or tensor
     that was wrong, before any model is loaded where it can.
     """
-    track = track or _untracked
+    config, out, track = Path(config), Path(out), track or _untracked
     if _is_layer_recipe(config):
         return _merge_layers(config, out, device, shard_size, overwrite, track, engine)
     if _is_segment_recipe(config):
