@@ -12,7 +12,7 @@ import torch
 
 import evomerge
 import evomerge.zoo.digits_hf  # registers the digits MLP with transformers
-from evomerge.zoo.digits import digits_splits
+from evomerge.models.digits import digits_splits
 
 pixels, labels = (torch.from_numpy(np.array(a)) for a in digits_splits()["search"])
 

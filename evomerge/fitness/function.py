@@ -68,13 +68,14 @@ class FunctionFitness(Fitness):
 
     def new_model(self) -> torch.nn.Module:
         """The base's architecture as transformers allocates it, in eval mode."""
-        from transformers import AutoModel, AutoModelForCausalLM
+        from transformers import AutoModel
+
+        from evomerge.fitness.lm import new_causal_lm
 
         try:
-            model = AutoModelForCausalLM.from_config(self.config, dtype=self.dtype)
+            return new_causal_lm(self.config, self.dtype, self.device)
         except ValueError:  # not a causal LM (an encoder, a classifier, the digits MLP)
-            model = AutoModel.from_config(self.config, dtype=self.dtype)
-        return model.to(self.device).eval()
+            return AutoModel.from_config(self.config, dtype=self.dtype).to(self.device).eval()
 
     def evaluate(self, model: torch.nn.Module, split: Split = "search") -> EvalResult:
         result = self.fn(model)
