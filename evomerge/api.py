@@ -133,8 +133,9 @@ def run(experiment: Source, /, *, fitness: Any = None, strategy: Any = None,
     base, objects = _source(experiment)
     data = {**base, **{k: v for k, v in overrides.items() if v is not None}}
     for field, given in (("fitness", fitness), ("strategy", strategy)):
-        if isinstance(given, Mapping):
+        if isinstance(given, Mapping):  # a field override: no longer the object it carried
             data[field] = dict(given)
+            objects.pop(field, None)
         elif given is not None:
             data[field] = _object_block(field, given, data.get(field))
             objects[field] = given
