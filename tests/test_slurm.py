@@ -2,14 +2,17 @@
 
 The array-job tests run against a real single-node Slurm (``.ci/slurm.sh`` starts one in CI;
 elsewhere they skip): a 4-task worker array serves a digits search whose driver runs in the
-submitting process. The search is deterministic and the driver tells whole generations in slot
-order, so the array must reproduce the in-process run exactly, each slot evaluated once. The
-rendering, option and error tests need no Slurm.
+submitting process (``--driver here``) or as a job of its own (the default). The search is
+deterministic and the driver tells whole generations in slot order, so the array must reproduce
+the in-process run exactly, each slot evaluated once. The rendering, option and error tests need
+no Slurm.
 """
 
 from __future__ import annotations
 
+import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -101,6 +104,12 @@ def _squeue(job: str) -> list[str]:
     return out.stdout.split()
 
 
+def _reference(zoo, run_dir: Path) -> dict:
+    """``{slot: (x, values)}`` of the uninterrupted in-process run a Slurm run must reproduce."""
+    run_in_process(experiment_data("cmaes", zoo, run_dir, budget=BUDGET))
+    return by_slot(load_trials(run_dir, NAME))
+
+
 def _submit_here(exp: Path, log: Path) -> subprocess.Popen:
     return start(cli("slurm", "submit", exp, "--workers", WORKERS, "--driver", "here",
                      "--time", "10"), log)
@@ -118,10 +127,7 @@ def _cancel_leftovers(run_dir: Path) -> None:
 @pytest.mark.slow
 def test_worker_array_evaluates_each_slot_once_and_reproduces_the_in_process_run(
         slurm, zoo, tmp_path):
-    reference_dir = tmp_path / "reference"
-    run_in_process(experiment_data("cmaes", zoo, reference_dir, budget=BUDGET))
-    reference = by_slot(load_trials(reference_dir, NAME))
-
+    reference = _reference(zoo, tmp_path / "reference")
     exp, run_dir = _experiment(zoo, tmp_path / "slurm")
     log = tmp_path / "submit.log"
     proc = _submit_here(exp, log)
@@ -146,6 +152,36 @@ def test_worker_array_evaluates_each_slot_once_and_reproduces_the_in_process_run
     assert len(logs) == WORKERS
     total = sum(int(text.split("Served ")[1].split()[0]) for text in logs.values())
     assert total == BUDGET, logs
+
+
+@pytest.mark.slow
+def test_default_submit_runs_the_driver_as_a_job_and_reproduces_the_in_process_run(
+        slurm, zoo, tmp_path):
+    """``evomerge slurm submit`` as a user types it: the driver is a job too, the command
+    returns once both jobs are queued, and the two jobs alone finish the run."""
+    reference = _reference(zoo, tmp_path / "reference")
+    exp, run_dir = _experiment(zoo, tmp_path / "slurm")
+    jobs: dict[str, str] = {}
+    try:
+        done = run_cli(cli("slurm", "submit", exp, "--workers", WORKERS, "--time", "10"))
+        assert done.returncode == 0, done.stdout + done.stderr
+        jobs = dict(re.findall(r"Submitted (driver|workers): job (\d+)", done.stdout))
+        assert set(jobs) == {"driver", "workers"}, done.stdout
+        wait_until(lambda: not _squeue(jobs["driver"]) and not _squeue(jobs["workers"]),
+                   timeout=300, interval=0.5, what="the driver and worker jobs to end")
+    finally:
+        _cancel_leftovers(run_dir)
+        if "driver" in jobs:
+            subprocess.run(["scancel", jobs["driver"]], check=False)
+
+    driver_log = run_dir / "slurm" / f"driver-{jobs['driver']}.out"
+    assert (run_dir / "summary.json").is_file(), driver_log.read_text(errors="replace")[-3000:]
+    trials = load_trials(run_dir, NAME)
+    assert_exactly_budget(trials, BUDGET, POPSIZE)
+    assert by_slot(trials) == reference
+    assert None not in Counter(t.system_attrs.get(OWNER) for t in trials)  # the array did it
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["n_trials"] == BUDGET and summary["n_failed"] == 0
 
 
 @pytest.mark.slow
