@@ -1,4 +1,4 @@
-"""Smoke test of benchmarks/tinylm_merges.py on the tiny zoo: it runs the shipped DFS experiment
+"""Smoke test of benchmarks/tinylm_merges.py on the mini tiny-LM zoo: it runs the shipped DFS experiment
 as a user would (model paths relative to the working directory), prints one JSON object whose
 rows are the runs' own summary.json numbers, and reuses a finished run instead of re-running it.
 Its table reads back as the rows it was written from (what ``--only --write-results`` carries
@@ -46,10 +46,11 @@ def test_table_reads_back_as_its_rows():
 
 
 @pytest.mark.slow
-def test_tinylm_merges_tabulates_the_runs_summaries(tmp_path):
-    from evomerge.zoo.tinylm import build_tinylm_zoo
-
-    build_tinylm_zoo(tmp_path / "models" / "tiny-lm", seed=0, size="tiny", progress=False)
+def test_tinylm_merges_tabulates_the_runs_summaries(learning_zoo, tmp_path):
+    # the session's mini zoo (tests/conftest.py) where the script looks: its models score
+    # above zero, so the rows compare real numbers
+    (tmp_path / "models").mkdir()
+    (tmp_path / "models" / "tiny-lm").symlink_to(learning_zoo, target_is_directory=True)
     out = tmp_path / "runs"
     args = [sys.executable, str(SCRIPT), "--only", "tinylm_dfs", "--budget", "12", "--json",
             "--out", str(out)]
@@ -61,6 +62,7 @@ def test_tinylm_merges_tabulates_the_runs_summaries(tmp_path):
     final = {k: v["mean_acc"] for k, v in summary["final"].items()}
     assert row["best"] == final["best"] and row["candidates"] == summary["n_trials"] == 12
     assert row["sources"] == {k: v for k, v in final.items() if k != "best"}
+    assert row["best"] > 0 and len(set(row["sources"].values())) > 1
     assert row["gain"] == pytest.approx(final["best"] - max(row["sources"].values()))
     assert "| tinylm_dfs | DFS, W over layers (CMA-ES) | 12 |" in proc.stderr
 
