@@ -1,8 +1,8 @@
 """Smoke test of benchmarks/tinylm_merges.py on the mini tiny-LM zoo: it runs the shipped DFS
 experiment as a user would (model paths relative to the working directory), prints one JSON
-object whose rows are the runs' own summary.json numbers, and reuses a finished run instead of re-running it.
-Its table reads back as the rows it was written from (what ``--only --write-results`` carries
-over for the experiments it does not re-run)."""
+object whose rows are the runs' own summary.json numbers, and reuses a finished run instead of
+re-running it. Its table reads back as the rows it was written from (what ``--only
+--write-results`` carries over for the experiments it does not re-run)."""
 
 from __future__ import annotations
 
