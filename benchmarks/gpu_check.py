@@ -131,7 +131,7 @@ def run_mode(args: argparse.Namespace, base: Path, sources: list[Path], work: Pa
 
     from evomerge.execution.devices import resolve_device
     from evomerge.experiment import Experiment
-    from evomerge.merge.io import inspect_model
+    from evomerge.merge.checkpoints import inspect_model
 
     device = resolve_device(args.device)
     if device.type == "cuda":

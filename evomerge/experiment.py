@@ -152,7 +152,7 @@ class Engine(BaseModel):
     @field_validator("cache", "device_budget", mode="before")
     @classmethod
     def _size(cls, value: Any, info: Any) -> Any:
-        from evomerge.merge.io import parse_size
+        from evomerge.merge.export import parse_size
 
         named = {"cache": ("off", "on", "auto"), "device_budget": ("auto",)}[info.field_name]
         text = str(value).strip().lower() if isinstance(value, str) else value

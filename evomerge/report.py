@@ -33,7 +33,7 @@ BEST_MODEL = "best_model"
 def write_atomic(path: Path, text: str) -> None:
     """``text`` to ``path`` via a temporary file and a rename, with the mode a plain ``open``
     would give (0644 minus the umask; mkstemp's temporary files are 0600)."""
-    from evomerge.merge.io import _umask
+    from evomerge.merge.export import _umask
 
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     os.fchmod(fd, 0o666 & ~_umask())
@@ -236,7 +236,7 @@ def finish_run(plan: Any, store: Store, evaluator: Any, *, wall_s: float,
     always full evaluations, and so are ``fitness_reduction.best_search_full`` and
     ``sources_search_full``. ``progress``: a line per phase (and the re-scoring's progress).
     """
-    from evomerge.merge.io import export_dtype, export_model
+    from evomerge.merge.export import export_dtype, export_model
 
     experiment, objectives = plan.experiment, plan.objectives
     run_dir = experiment.run_path

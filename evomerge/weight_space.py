@@ -95,8 +95,8 @@ class WeightSpace(BaseModel):
     def bind(self, sources: Mapping[str, str], budget: int,
              tensors: Mapping[str, Any]) -> BoundWeightSpace:
         """Over the experiment's named sources (name -> path); ``tensors``: the checkpoints'
-        tensor headers (name -> :class:`~evomerge.merge.io.TensorMeta`), which fix the layout;
-        ``budget`` bounds the parents' steps in the records."""
+        tensor headers (name -> :class:`~evomerge.merge.checkpoints.TensorMeta`), which fix the
+        layout; ``budget`` bounds the parents' steps in the records."""
         numels = {n: m.numel for n, m in tensors.items() if m.dtype in FLOAT_CODES}
         layout = layout_of(numels)
         problems = []
@@ -139,7 +139,7 @@ class BoundWeightSpace:
     def geometry(self) -> PrefixGram:
         """The sources' Gram oracle; the sources load (memory-mapped) at its first use."""
         if self._geometry is None:
-            from evomerge.merge.io import load_state_dict
+            from evomerge.merge.checkpoints import load_state_dict
 
             self._geometry = PrefixGram(lambda: [load_state_dict(p) for p in self.refs],
                                         self.layout, block=self.space.block,

@@ -20,7 +20,7 @@ from typer.testing import CliRunner
 
 from evomerge.cli import app
 from evomerge.experiment import Experiment, ExperimentError
-from evomerge.merge import io
+from evomerge.merge import checkpoints, export
 from evomerge.merge.engine import Merger
 from evomerge.recipe import MergeRecipe, RecipeError
 
@@ -109,30 +109,30 @@ def test_nonfinite_tensors_counts_nan_and_both_infinities_and_skips_integers():
     state["nan"][4, 6] = float("nan")
     state["inf"][0] = -float("inf")
     state["bf16"][8] = float("inf")
-    assert io.nonfinite_tensors(state) == {"nan": 2, "inf": 1, "bf16": 1}
+    assert checkpoints.nonfinite_tensors(state) == {"nan": 2, "inf": 1, "bf16": 1}
 
 
 def test_a_large_tensor_is_counted_in_chunks(monkeypatch):
-    monkeypatch.setattr(io, "_FINITE_CHUNK", 1000)
+    monkeypatch.setattr(checkpoints, "_FINITE_CHUNK", 1000)
     t = torch.zeros(10_007)
     t[[0, 999, 1000, 10_006]] = float("nan")
-    assert io.nonfinite_tensors({"t": t}) == {"t": 4}
+    assert checkpoints.nonfinite_tensors({"t": t}) == {"t": 4}
 
 
 def test_a_non_contiguous_tensor_is_counted_without_a_copy(monkeypatch):
-    monkeypatch.setattr(io, "_FINITE_CHUNK", 3)
+    monkeypatch.setattr(checkpoints, "_FINITE_CHUNK", 3)
     t = torch.zeros(6, 5)
     t[1, 2] = t[4, 0] = float("inf")
-    assert io.nonfinite_tensors({"t": t.T}) == {"t": 2}
+    assert checkpoints.nonfinite_tensors({"t": t.T}) == {"t": 2}
     assert all(part._base is not None or part.data_ptr() == t.data_ptr()
-               for part in io._chunks(t.T))
+               for part in checkpoints._chunks(t.T))
 
 
 def test_float8_tensors_are_checked_too():
     t = torch.zeros(4).to(torch.float8_e5m2)
-    assert io.nonfinite_tensors({"f8": t}) == {}
+    assert checkpoints.nonfinite_tensors({"f8": t}) == {}
     t[2] = float("inf")
-    assert io.nonfinite_tensors({"f8": t}) == {"f8": 1}
+    assert checkpoints.nonfinite_tensors({"f8": t}) == {"f8": 1}
 
 
 def test_a_source_with_nan_weights_is_refused_at_load_naming_model_tensors_and_counts(
@@ -140,7 +140,7 @@ def test_a_source_with_nan_weights_is_refused_at_load_naming_model_tensors_and_c
     names = list(safetensors.torch.load_file(family.sources[1] / "model.safetensors"))
     bad = poisoned(family.sources[1], tmp_path / "nan_source",
                    {n: [float("nan")] * (i + 1) for i, n in enumerate(names[:5])})
-    with pytest.raises(io.InputModelsError) as caught:
+    with pytest.raises(checkpoints.InputModelsError) as caught:
         Merger([family.base, family.sources[0], bad])
     message = str(caught.value)
     assert len(caught.value.problems) == 1
@@ -155,7 +155,7 @@ def test_a_source_with_nan_weights_is_refused_at_load_naming_model_tensors_and_c
 def test_an_infinity_from_casting_on_load_names_the_cast(family, tmp_path):
     name = next(iter(safetensors.torch.load_file(family.sources[0] / "model.safetensors")))
     big = poisoned(family.sources[0], tmp_path / "big", {name: [1e6]})  # beyond float16
-    with pytest.raises(io.InputModelsError, match="as cast to float16 on load") as caught:
+    with pytest.raises(checkpoints.InputModelsError, match="as cast to float16 on load") as caught:
         Merger([family.base, big], dtype=torch.float16)
     assert f"{name} (1 of " in str(caught.value)
     Merger([family.base, big])  # finite as stored
@@ -180,7 +180,7 @@ def test_merge_of_a_nan_source_exits_2_with_one_error_and_writes_nothing(family,
 def test_a_base_without_config_json_is_refused_before_loading(family, tmp_path):
     base = shutil.copytree(family.base, tmp_path / "base")
     (base / "config.json").unlink()
-    with pytest.raises(io.CheckpointError, match="no config.json") as caught:
+    with pytest.raises(checkpoints.CheckpointError, match="no config.json") as caught:
         Merger([base, *family.sources])
     assert str(base) in str(caught.value)
     Merger([family.sources[0], base])  # a source without one is fine: the config is s0's
@@ -203,8 +203,8 @@ def test_export_refuses_a_base_dir_without_config_json_before_writing(family, tm
     base = shutil.copytree(family.base, tmp_path / "base")
     (base / "config.json").unlink()
     out = tmp_path / "out"
-    with pytest.raises(io.CheckpointError, match="no config.json"):
-        io.export_model(io.load_state_dict(family.base), out, base_dir=base)
+    with pytest.raises(checkpoints.CheckpointError, match="no config.json"):
+        export.export_model(checkpoints.load_state_dict(family.base), out, base_dir=base)
     assert not out.exists() and not list(tmp_path.glob(".out.*"))
 
 
@@ -215,13 +215,13 @@ def test_every_problem_of_the_inputs_in_one_error(family, tmp_path):
     name = next(iter(safetensors.torch.load_file(family.sources[0] / "model.safetensors")))
     bad = poisoned(family.sources[0], tmp_path / "nan_source", {name: [float("nan")]})
     wider = make_family(tmp_path / "wider", n_sources=1, hidden=48).sources[0]
-    with pytest.raises(io.InputModelsError) as caught:
+    with pytest.raises(checkpoints.InputModelsError) as caught:
         Merger([base, bad, wider])
     message = str(caught.value)
     assert f"{base}: no config.json" in message
     assert f"{bad}: 1 tensor(s) hold NaN/inf values" in message
     assert f"{wider}: tensor" in message and "shape" in message
-    assert io.check_finite([bad, base, bad]) == [p for p in caught.value.problems if "NaN" in p]
+    assert checkpoints.check_finite([bad, base, bad]) == [p for p in caught.value.problems if "NaN" in p]
 
 
 # ---- several mistakes, one error ----------------------------------------------------------------
@@ -314,7 +314,7 @@ def test_an_experiment_with_a_nan_source_is_refused_before_the_run_directory(tmp
     from run_helpers import build_zoo
 
     zoo = build_zoo(tmp_path / "zoo")
-    name = sorted(io.inspect_model(zoo["expert_0_4"]).tensors)[0]
+    name = sorted(checkpoints.inspect_model(zoo["expert_0_4"]).tensors)[0]
     bad = poisoned(zoo["expert_0_4"], tmp_path / "nan_expert", {name: [float("nan")]})
     data = {"name": "nan", "run_dir": str(tmp_path / "run"),
             "models": {"base": str(zoo["base"]), "sources": {"a": str(bad),

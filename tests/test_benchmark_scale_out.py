@@ -114,7 +114,7 @@ def test_busy_fitness_scores_exactly_as_the_digits_fitness(so, zoo):
 
     from evomerge.fitness.base import make_fitness
     from evomerge.fitness.digits import DigitsFitness
-    from evomerge.merge.io import load_state_dict
+    from evomerge.merge.checkpoints import load_state_dict
 
     plain = DigitsFitness(zoo["expert_0_4"])
     busy = make_fitness(so.BUSY, base_model=str(zoo["expert_0_4"]), repeat=3)

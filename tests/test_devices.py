@@ -234,7 +234,7 @@ def test_bf16_checkpoints_evaluate_in_bf16_and_a_float32_override_scores_the_sam
 
 @pytest.mark.slow
 def test_a_bf16_run_exports_bf16_and_records_its_dtype(tmp_path):
-    from evomerge.merge.io import inspect_model
+    from evomerge.merge.checkpoints import inspect_model
 
     summary = _bf16_experiment(tmp_path).run(progress=False)
     assert summary["n_failed"] == 0

@@ -18,7 +18,7 @@ import yaml
 
 from evomerge.dfs import LAYER_SCALES_LIMIT, DfsSpace
 from evomerge.merge.engine import Merger
-from evomerge.merge.io import export_model
+from evomerge.merge.export import export_model
 from evomerge.merge.layerstack import LayerStack, fold_scales
 from evomerge.recipe import LayerRecipe, LayerSlice, MergeRecipe, RecipeError, parse_recipe
 

@@ -21,7 +21,7 @@ import yaml
 from typer.testing import CliRunner
 
 from evomerge.cli import app
-from evomerge.merge import io
+from evomerge.merge import checkpoints, export
 
 try:
     from helpers import Family, make_family
@@ -74,11 +74,11 @@ def assert_one_line(message: str, out: Path) -> None:
 
 
 def test_an_export_larger_than_the_free_space_is_refused_before_writing(family, tmpfs):
-    state = io.load_state_dict(family.sources[0])
+    state = checkpoints.load_state_dict(family.sources[0])
     fill(tmpfs, 40_000)
     out = tmpfs / "merged"
-    with pytest.raises(io.DiskFullError) as caught:
-        io.export_model(state, out, base_dir=family.base)
+    with pytest.raises(export.DiskFullError) as caught:
+        export.export_model(state, out, base_dir=family.base)
     assert_one_line(str(caught.value), out)
     assert caught.value.errno == errno.ENOSPC and isinstance(caught.value, OSError)
     assert not out.exists() and not leftovers(tmpfs, "merged")
@@ -87,28 +87,28 @@ def test_an_export_larger_than_the_free_space_is_refused_before_writing(family, 
 def test_running_out_of_space_mid_write_removes_the_temporary_and_a_retry_succeeds(
         family, tmpfs, monkeypatch):
     """The free-space check disabled, the shard write itself hits ENOSPC on the tmpfs."""
-    monkeypatch.setattr(io, "_check_free_space", lambda out_dir, need: None)
-    state = io.load_state_dict(family.sources[0])
+    monkeypatch.setattr(export, "_check_free_space", lambda out_dir, need: None)
+    state = checkpoints.load_state_dict(family.sources[0])
     filler = fill(tmpfs, 40_000)
     out = tmpfs / "merged"
-    with pytest.raises(io.DiskFullError) as caught:
-        io.export_model(state, out, base_dir=family.base, recipe_yaml="merge_method: linear")
+    with pytest.raises(export.DiskFullError) as caught:
+        export.export_model(state, out, base_dir=family.base, recipe_yaml="merge_method: linear")
     assert_one_line(str(caught.value), out)
     assert not out.exists() and not leftovers(tmpfs, "merged")  # the temporary is gone
     filler.unlink()  # free space, run again
-    io.export_model(state, out, base_dir=family.base, recipe_yaml="merge_method: linear")
-    assert torch.equal(io.load_state_dict(out)["lm_head.weight"], state["lm_head.weight"])
+    export.export_model(state, out, base_dir=family.base, recipe_yaml="merge_method: linear")
+    assert torch.equal(checkpoints.load_state_dict(out)["lm_head.weight"], state["lm_head.weight"])
     assert not leftovers(tmpfs, "merged")
 
 
 def test_an_overwrite_that_runs_out_of_space_keeps_the_existing_model(family, tmpfs, monkeypatch):
-    out = io.export_model(io.load_state_dict(family.sources[0]), tmpfs / "merged",
+    out = export.export_model(checkpoints.load_state_dict(family.sources[0]), tmpfs / "merged",
                           base_dir=family.base)
     before = {p.name: p.read_bytes() for p in out.iterdir()}
-    monkeypatch.setattr(io, "_check_free_space", lambda out_dir, need: None)
+    monkeypatch.setattr(export, "_check_free_space", lambda out_dir, need: None)
     fill(tmpfs, 40_000)
-    with pytest.raises(io.DiskFullError, match=r"\(the existing one is unchanged\)"):
-        io.export_model(io.load_state_dict(family.sources[1]), out, base_dir=family.base,
+    with pytest.raises(export.DiskFullError, match=r"\(the existing one is unchanged\)"):
+        export.export_model(checkpoints.load_state_dict(family.sources[1]), out, base_dir=family.base,
                         overwrite=True)
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
     assert not leftovers(tmpfs, "merged")
@@ -142,10 +142,10 @@ def test_safetensors_running_out_of_space_is_a_disk_full_error(family, tmp_path,
         raise safetensors.SafetensorError(
             "Error while serializing: I/O error: No space left on device (os error 28)")
 
-    monkeypatch.setattr(io.safetensors.torch, "save_file", full)
+    monkeypatch.setattr(export.safetensors.torch, "save_file", full)
     out = tmp_path / "merged"
-    with pytest.raises(io.DiskFullError) as caught:
-        io.export_model(io.load_state_dict(family.base), out, base_dir=family.base)
+    with pytest.raises(export.DiskFullError) as caught:
+        export.export_model(checkpoints.load_state_dict(family.base), out, base_dir=family.base)
     assert_one_line(str(caught.value), out)
     assert not out.exists() and not leftovers(tmp_path, "merged")
 
@@ -154,17 +154,17 @@ def test_safetensors_running_out_of_space_is_a_disk_full_error(family, tmp_path,
                                          (errno.EDQUOT, "disk quota exceeded")])
 def test_an_oserror_while_writing_the_config_is_a_disk_full_error(family, tmp_path, monkeypatch,
                                                                   code, words):
-    real = io._write_text
+    real = export._write_text
 
     def full(path, text):
         if path.name == "config.json":
             raise OSError(code, os.strerror(code))
         real(path, text)
 
-    monkeypatch.setattr(io, "_write_text", full)
+    monkeypatch.setattr(export, "_write_text", full)
     out = tmp_path / "merged"
-    with pytest.raises(io.DiskFullError) as caught:
-        io.export_model(io.load_state_dict(family.base), out, base_dir=family.base)
+    with pytest.raises(export.DiskFullError) as caught:
+        export.export_model(checkpoints.load_state_dict(family.base), out, base_dir=family.base)
     assert str(caught.value).startswith(f"{words} writing {out}:")
     assert caught.value.errno == code
     assert not out.exists() and not leftovers(tmp_path, "merged")
@@ -176,7 +176,7 @@ def test_other_write_errors_pass_through_unchanged(family, tmp_path, monkeypatch
     def denied(*args, **kwargs):
         raise PermissionError(errno.EACCES, "Permission denied")
 
-    monkeypatch.setattr(io.safetensors.torch, "save_file", denied)
+    monkeypatch.setattr(export.safetensors.torch, "save_file", denied)
     with pytest.raises(PermissionError):
-        io.export_model(io.load_state_dict(family.base), tmp_path / "merged")
+        export.export_model(checkpoints.load_state_dict(family.base), tmp_path / "merged")
     assert not leftovers(tmp_path, "merged")

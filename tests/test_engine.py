@@ -6,8 +6,8 @@ import pytest
 import torch
 import transformers
 
+from evomerge.merge.checkpoints import IncompatibleModelsError, load_state_dict
 from evomerge.merge.engine import LayerGroup, Merger, gradient_position, layer_group
-from evomerge.merge.io import IncompatibleModelsError, load_state_dict
 from evomerge.recipe import MergeRecipe, RecipeError
 
 CFG = dict(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=3,

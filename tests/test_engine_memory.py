@@ -11,8 +11,8 @@ import pytest
 import torch
 
 import evomerge.merge.methods as methods
+from evomerge.merge.checkpoints import load_state_dict
 from evomerge.merge.engine import Merger
-from evomerge.merge.io import load_state_dict
 from evomerge.recipe import MergeRecipe
 
 try:

@@ -12,7 +12,7 @@ from sklearn.metrics import accuracy_score
 from evomerge.fitness import EvalResult, Objective, make_fitness
 from evomerge.fitness.digits import DigitsFitness
 from evomerge.merge.engine import Merger
-from evomerge.merge.io import export_model
+from evomerge.merge.export import export_model
 from evomerge.models.digits import DigitsMLP, digits_splits
 from evomerge.recipe import MergeRecipe
 from evomerge.zoo import build_digits_zoo

@@ -1,5 +1,6 @@
-"""Specification of evomerge.merge.io: local checkpoint inspection, safe loading, compatibility
-checks and atomic export, checked against real (tiny) transformers models."""
+"""Specification of evomerge.merge.checkpoints and evomerge.merge.export: local checkpoint
+inspection, safe loading, compatibility checks and atomic export, checked against real (tiny)
+transformers models."""
 
 from __future__ import annotations
 
@@ -20,8 +21,8 @@ import torch
 import transformers
 from tokenizers import Tokenizer, models, pre_tokenizers
 
-from evomerge.merge import io
-from evomerge.merge.io import CheckpointError, IncompatibleModelsError, TensorMeta
+from evomerge.merge import checkpoints, export
+from evomerge.merge.checkpoints import CheckpointError, IncompatibleModelsError, TensorMeta
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 INPUT_IDS = torch.tensor([[2, 5, 9, 17, 33, 61, 4, 3]])
@@ -101,7 +102,7 @@ def _assert_same_tensors(got: dict[str, torch.Tensor], want: dict[str, torch.Ten
 
 def test_inspect_model_reports_every_tensor_shape_and_dtype_from_headers(base):
     path, model = base
-    info = io.inspect_model(path)
+    info = checkpoints.inspect_model(path)
     truth = {k: TensorMeta(tuple(v.shape), "F32") for k, v in model.state_dict().items()}
     assert info.tensors == truth
     assert info.architecture == "LlamaForCausalLM"
@@ -113,39 +114,39 @@ def test_weight_files_prefers_safetensors_over_pickles(base, tmp_path):
     path, model = base
     shutil.copytree(path, tmp_path / "m")
     torch.save(model.state_dict(), tmp_path / "m" / "pytorch_model.bin")
-    assert io.weight_files(tmp_path / "m") == [tmp_path / "m" / "model.safetensors"]
+    assert checkpoints.weight_files(tmp_path / "m") == [tmp_path / "m" / "model.safetensors"]
 
 
 def test_weight_files_without_weights_names_the_directory(tmp_path):
     (tmp_path / "config.json").write_text("{}")
     (tmp_path / "training_args.bin").write_bytes(b"not weights")
     with pytest.raises(CheckpointError, match=str(tmp_path)):
-        io.weight_files(tmp_path)
+        checkpoints.weight_files(tmp_path)
     with pytest.raises(CheckpointError, match="no such file"):
-        io.weight_files(tmp_path / "absent")
+        checkpoints.weight_files(tmp_path / "absent")
 
 
 def test_index_pointing_outside_the_directory_is_refused(tmp_path):
     index = {"weight_map": {"w": "../elsewhere.safetensors"}}
     (tmp_path / "model.safetensors.index.json").write_text(json.dumps(index))
     with pytest.raises(CheckpointError, match="outside"):
-        io.weight_files(tmp_path)
+        checkpoints.weight_files(tmp_path)
 
 
 def test_index_naming_a_missing_shard_names_that_shard(tmp_path):
     index = {"weight_map": {"w": "model-00002-of-00002.safetensors"}}
     (tmp_path / "model.safetensors.index.json").write_text(json.dumps(index))
     with pytest.raises(CheckpointError, match="model-00002-of-00002.safetensors"):
-        io.load_state_dict(tmp_path)
+        checkpoints.load_state_dict(tmp_path)
 
 
 def test_truncated_safetensors_file_is_a_checkpoint_error_naming_it(base, tmp_path):
     data = (base[0] / "model.safetensors").read_bytes()
     (tmp_path / "model.safetensors").write_bytes(data[: len(data) // 2])
     with pytest.raises(CheckpointError, match="model.safetensors"):
-        io.inspect_model(tmp_path)
+        checkpoints.inspect_model(tmp_path)
     with pytest.raises(CheckpointError, match="model.safetensors"):
-        io.load_state_dict(tmp_path)
+        checkpoints.load_state_dict(tmp_path)
 
 
 # ------------------------------------------------------------------ export round trips
@@ -153,8 +154,8 @@ def test_truncated_safetensors_file_is_a_checkpoint_error_naming_it(base, tmp_pa
 
 def test_export_round_trip_gives_bit_identical_logits_and_a_working_tokenizer(base, tmp_path):
     path, model = base
-    state = io.load_state_dict(path)
-    out = io.export_model(state, tmp_path / "merged", base_dir=path, recipe_yaml="method: linear")
+    state = checkpoints.load_state_dict(path)
+    out = export.export_model(state, tmp_path / "merged", base_dir=path, recipe_yaml="method: linear")
     assert torch.equal(_logits(out), _reference_logits(model))
 
     original = transformers.AutoTokenizer.from_pretrained(path)
@@ -173,8 +174,8 @@ def test_export_round_trip_gives_bit_identical_logits_and_a_working_tokenizer(ba
 def test_sharded_export_keeps_every_file_under_the_limit_and_maps_each_tensor_once(base, tmp_path):
     path, model = base
     limit = 20_000
-    state = io.load_state_dict(path)
-    out = io.export_model(state, tmp_path / "sharded", base_dir=path, max_shard_size="20KB")
+    state = checkpoints.load_state_dict(path)
+    out = export.export_model(state, tmp_path / "sharded", base_dir=path, max_shard_size="20KB")
 
     shards = sorted(out.glob("*.safetensors"))
     assert len(shards) > 1
@@ -191,14 +192,14 @@ def test_sharded_export_keeps_every_file_under_the_limit_and_maps_each_tensor_on
     assert sorted(seen) == sorted(state) == sorted(index["weight_map"])
     assert index["metadata"]["total_size"] == sum(t.numel() * 4 for t in state.values())
 
-    _assert_same_tensors(io.load_state_dict(out), model.state_dict())
+    _assert_same_tensors(checkpoints.load_state_dict(out), model.state_dict())
     assert torch.equal(_logits(out), _reference_logits(model))
 
 
 def test_tensor_larger_than_the_shard_limit_gets_a_shard_of_its_own(base, tmp_path):
     path, _ = base
-    state = io.load_state_dict(path)
-    out = io.export_model(state, tmp_path / "small", max_shard_size=5000)
+    state = checkpoints.load_state_dict(path)
+    out = export.export_model(state, tmp_path / "small", max_shard_size=5000)
     big = {n for n, t in state.items() if t.numel() * 4 > 5000}
     for shard in out.glob("*.safetensors"):
         keys = _safe_keys(shard)
@@ -206,7 +207,7 @@ def test_tensor_larger_than_the_shard_limit_gets_a_shard_of_its_own(base, tmp_pa
             assert len(keys) == 1
         else:
             assert shard.stat().st_size <= 5000
-    _assert_same_tensors(io.load_state_dict(out), state)
+    _assert_same_tensors(checkpoints.load_state_dict(out), state)
 
 
 def test_tied_weights_are_written_once_under_the_base_checkpoint_name(tied, tmp_path):
@@ -217,7 +218,7 @@ def test_tied_weights_are_written_once_under_the_base_checkpoint_name(tied, tmp_
     state = {"lm_head.weight": state["lm_head.weight"], **state}
     base_names = set(_safe_keys(path / "model.safetensors"))
 
-    out = io.export_model(state, tmp_path / "tied", base_dir=path)
+    out = export.export_model(state, tmp_path / "tied", base_dir=path)
     assert set(_safe_keys(out / "model.safetensors")) == base_names
     assert torch.equal(_logits(out), _reference_logits(model))
 
@@ -225,19 +226,19 @@ def test_tied_weights_are_written_once_under_the_base_checkpoint_name(tied, tmp_
 def test_tied_weights_without_a_base_are_cloned_so_no_name_is_lost(tied, tmp_path):
     _, model = tied
     state = model.state_dict()
-    out = io.export_model(state, tmp_path / "raw")
-    loaded = io.load_state_dict(out)
+    out = export.export_model(state, tmp_path / "raw")
+    loaded = checkpoints.load_state_dict(out)
     _assert_same_tensors(loaded, dict(state))
 
 
 def test_export_dtype_casts_floats_and_makes_config_say_so(base, tmp_path):
     path, model = base
-    out = io.export_model(
-        io.load_state_dict(path), tmp_path / "bf16", base_dir=path, dtype=torch.bfloat16
+    out = export.export_model(
+        checkpoints.load_state_dict(path), tmp_path / "bf16", base_dir=path, dtype=torch.bfloat16
     )
     config = json.loads((out / "config.json").read_text())
     assert config["dtype"] == "bfloat16"
-    assert {m.dtype for m in io.inspect_model(out).tensors.values()} == {"BF16"}
+    assert {m.dtype for m in checkpoints.inspect_model(out).tensors.values()} == {"BF16"}
     reloaded = transformers.AutoModelForCausalLM.from_pretrained(out)
     assert reloaded.dtype == torch.bfloat16
     for name, tensor in model.state_dict().items():
@@ -250,22 +251,22 @@ def test_export_updates_the_legacy_torch_dtype_key_without_adding_a_new_one(base
     config = json.loads((legacy / "config.json").read_text())
     config["torch_dtype"] = config.pop("dtype")
     (legacy / "config.json").write_text(json.dumps(config))
-    out = io.export_model(
-        io.load_state_dict(legacy), tmp_path / "out", base_dir=legacy, dtype=torch.float16
+    out = export.export_model(
+        checkpoints.load_state_dict(legacy), tmp_path / "out", base_dir=legacy, dtype=torch.float16
     )
     written = json.loads((out / "config.json").read_text())
     assert written["torch_dtype"] == "float16" and "dtype" not in written
 
 
 def test_max_shard_size_strings_parse_like_hugging_face():
-    assert io.parse_size("500MB") == 500_000_000
-    assert io.parse_size("2GB") == 2_000_000_000
-    assert io.parse_size("20KB") == 20_000
-    assert io.parse_size("1GiB") == 2**30
-    assert io.parse_size(1234) == 1234
+    assert export.parse_size("500MB") == 500_000_000
+    assert export.parse_size("2GB") == 2_000_000_000
+    assert export.parse_size("20KB") == 20_000
+    assert export.parse_size("1GiB") == 2**30
+    assert export.parse_size(1234) == 1234
     for bad in ("lots", "-1GB", 0, "5 parsecs"):
         with pytest.raises(ValueError, match="max_shard_size"):
-            io.parse_size(bad)
+            export.parse_size(bad)
 
 
 # ------------------------------------------------------------------ pickle checkpoints
@@ -275,11 +276,11 @@ def test_bin_checkpoint_loads_with_weights_only_and_warns(base, tmp_path, caplog
     path, model = base
     shutil.copy(path / "config.json", tmp_path / "config.json")
     torch.save(model.state_dict(), tmp_path / "pytorch_model.bin")
-    with caplog.at_level(logging.WARNING, logger="evomerge.merge.io"):
-        state = io.load_state_dict(tmp_path)
+    with caplog.at_level(logging.WARNING, logger="evomerge.merge.checkpoints"):
+        state = checkpoints.load_state_dict(tmp_path)
     assert "weights_only=True" in caplog.text and "pytorch_model.bin" in caplog.text
     _assert_same_tensors(state, model.state_dict())
-    assert io.inspect_model(tmp_path).tensors == io.inspect_model(path).tensors
+    assert checkpoints.inspect_model(tmp_path).tensors == checkpoints.inspect_model(path).tensors
 
 
 def test_sharded_bin_checkpoint_loads_every_shard(base, tmp_path):
@@ -295,7 +296,7 @@ def test_sharded_bin_checkpoint_loads_every_shard(base, tmp_path):
         torch.save({n: state[n] for n in part}, tmp_path / fname)
         weight_map.update(dict.fromkeys(part, fname))
     (tmp_path / "pytorch_model.bin.index.json").write_text(json.dumps({"weight_map": weight_map}))
-    _assert_same_tensors(io.load_state_dict(tmp_path), state)
+    _assert_same_tensors(checkpoints.load_state_dict(tmp_path), state)
 
 
 class _RunsCode:
@@ -312,9 +313,9 @@ def test_bin_checkpoint_holding_code_is_refused_and_never_executed(tmp_path):
     marker = tmp_path / "pwned"
     torch.save({"w": torch.ones(2), "payload": _RunsCode(marker)}, tmp_path / "pytorch_model.bin")
     with pytest.raises(CheckpointError, match="pytorch_model.bin"):
-        io.load_state_dict(tmp_path)
+        checkpoints.load_state_dict(tmp_path)
     with pytest.raises(CheckpointError, match="pytorch_model.bin"):
-        io.inspect_model(tmp_path)
+        checkpoints.inspect_model(tmp_path)
     assert not marker.exists()
 
 
@@ -367,12 +368,12 @@ def test_check_compatible_reports_every_problem_of_every_model_at_once_without_l
 
     for module, name in [
         (safetensors.torch, "load_file"), (safetensors.torch, "load"), (safetensors, "safe_open"),
-        (safetensors.torch, "safe_open"), (torch, "load"), (io, "load_state_dict"),
+        (safetensors.torch, "safe_open"), (torch, "load"), (checkpoints, "load_state_dict"),
     ]:  # fmt: skip
         monkeypatch.setattr(module, name, no_loading)
 
     with pytest.raises(IncompatibleModelsError) as caught:
-        io.check_compatible([path, reshaped, missing, half, mistral, nowhere, empty])
+        checkpoints.check_compatible([path, reshaped, missing, half, mistral, nowhere, empty])
     message = str(caught.value)
     problems = caught.value.problems
     assert len(problems) == 6
@@ -392,7 +393,7 @@ def test_check_compatible_reports_every_problem_of_every_model_at_once_without_l
 def test_check_compatible_returns_infos_of_matching_models_in_order(base, tmp_path):
     path, model = base
     twin = _save(_tiny_llama(7, tied=False), tmp_path / "twin", tokenizer=False)
-    infos = io.check_compatible([path, str(twin)])
+    infos = checkpoints.check_compatible([path, str(twin)])
     assert [i.path for i in infos] == [path, twin]
     assert infos[0].tensors == infos[1].tensors
     assert set(infos[1].tensors) == set(model.state_dict())
@@ -410,14 +411,14 @@ def test_incompatible_models_error_survives_pickling():
 _SLOW_EXPORT = """
 import sys, time
 import safetensors.torch
-from evomerge.merge import io
+from evomerge.merge import checkpoints, export
 
 real_save = safetensors.torch.save_file
 def save_then_stall(*args, **kwargs):
     real_save(*args, **kwargs)
     time.sleep(120)
 safetensors.torch.save_file = save_then_stall
-io.export_model(io.load_state_dict(sys.argv[1]), sys.argv[2], max_shard_size="20KB")
+export.export_model(checkpoints.load_state_dict(sys.argv[1]), sys.argv[2], max_shard_size="20KB")
 """
 
 
@@ -448,7 +449,7 @@ def test_killed_export_leaves_no_out_dir_and_the_next_export_cleans_up(base, tmp
     assert not out.exists()
     assert tmp.exists()  # only the hidden temp dir is left behind
 
-    io.export_model(io.load_state_dict(path), out, base_dir=path)
+    export.export_model(checkpoints.load_state_dict(path), out, base_dir=path)
     assert not tmp.exists()
     assert _leftovers(out) == []
     assert torch.equal(_logits(out), _reference_logits(model))
@@ -459,7 +460,7 @@ def test_temp_dir_of_a_running_export_to_the_same_dir_is_not_treated_as_stale(ba
     out = tmp_path / "merged"
     child, tmp = _start_stalled_export(path, out)
     try:
-        io.export_model(model.state_dict(), out)
+        export.export_model(model.state_dict(), out)
         assert tmp.exists()
     finally:
         child.send_signal(signal.SIGKILL)
@@ -480,7 +481,7 @@ def test_exception_mid_export_leaves_neither_out_dir_nor_temp_dir(base, tmp_path
     monkeypatch.setattr(safetensors.torch, "save_file", fail_on_second_shard)
     out = tmp_path / "merged"
     with pytest.raises(OSError, match="disk full"):
-        io.export_model(io.load_state_dict(path), out, base_dir=path, max_shard_size="20KB")
+        export.export_model(checkpoints.load_state_dict(path), out, base_dir=path, max_shard_size="20KB")
     assert len(calls) == 2
     assert not out.exists()
     assert list(tmp_path.iterdir()) == []
@@ -492,7 +493,7 @@ def test_existing_out_dir_is_refused_without_overwrite_and_left_untouched(base, 
     out.mkdir()
     (out / "keep.txt").write_text("mine")
     with pytest.raises(CheckpointError, match="overwrite=True"):
-        io.export_model(io.load_state_dict(path), out, base_dir=path)
+        export.export_model(checkpoints.load_state_dict(path), out, base_dir=path)
     assert [p.name for p in out.iterdir()] == ["keep.txt"]
     assert (out / "keep.txt").read_text() == "mine"
     assert _leftovers(out) == []
@@ -500,11 +501,11 @@ def test_existing_out_dir_is_refused_without_overwrite_and_left_untouched(base, 
 
 def test_overwrite_replaces_an_existing_dir_completely(base, tied, tmp_path):
     path, model = base
-    out = io.export_model(tied[1].state_dict(), tmp_path / "merged", base_dir=tied[0])
+    out = export.export_model(tied[1].state_dict(), tmp_path / "merged", base_dir=tied[0])
     (out / "stray.txt").write_text("from the old export")
 
-    state = io.load_state_dict(path)
-    io.export_model(state, out, base_dir=path, overwrite=True, max_shard_size="20KB")
+    state = checkpoints.load_state_dict(path)
+    export.export_model(state, out, base_dir=path, overwrite=True, max_shard_size="20KB")
     assert not (out / "stray.txt").exists()
     assert not (out / "model.safetensors").exists()  # the old single shard is gone too
     assert json.loads((out / "config.json").read_text())["tie_word_embeddings"] is False
@@ -514,9 +515,9 @@ def test_overwrite_replaces_an_existing_dir_completely(base, tied, tmp_path):
 
 def test_progress_bar_does_not_change_the_output(base, tmp_path):
     path, _ = base
-    state = io.load_state_dict(path)
-    plain = io.export_model(state, tmp_path / "plain")
-    shown = io.export_model(state, tmp_path / "shown", progress=True)
+    state = checkpoints.load_state_dict(path)
+    plain = export.export_model(state, tmp_path / "plain")
+    shown = export.export_model(state, tmp_path / "shown", progress=True)
     assert (plain / "model.safetensors").read_bytes() == (shown / "model.safetensors").read_bytes()
 
 
@@ -548,7 +549,7 @@ def test_export_gives_every_file_and_directory_ordinary_permissions(base, tmp_pa
     (templates / "tool.jinja").chmod(0o600)
     templates.chmod(0o700)
     (src / "tokenizer_config.json").chmod(0o600)
-    out = io.export_model(io.load_state_dict(src), tmp_path / "pub" / "merged", base_dir=src,
+    out = export.export_model(checkpoints.load_state_dict(src), tmp_path / "pub" / "merged", base_dir=src,
                           recipe_yaml="merge_method: linear\n", max_shard_size="20KB")
     modes = _modes(out)
     dirs = {".", "additional_chat_templates"}
@@ -559,13 +560,13 @@ def test_export_gives_every_file_and_directory_ordinary_permissions(base, tmp_pa
     assert modes == want, {n: oct(m) for n, m in modes.items() if m != want[n]}
     # the parent export_model created, and an overwrite, follow the same rule
     assert (out.parent.stat().st_mode & 0o777) == 0o777 & ~umask
-    io.export_model(io.load_state_dict(src), out, overwrite=True)
+    export.export_model(checkpoints.load_state_dict(src), out, overwrite=True)
     assert _modes(out) == {".": 0o777 & ~umask, "model.safetensors": 0o666 & ~umask}
     assert _leftovers(out) == []
 
 
 def test_umask_is_read_without_changing_it(umask):
-    assert io._umask() == umask
+    assert export._umask() == umask
     assert os.umask(umask) == umask
 
 
@@ -574,16 +575,16 @@ def test_umask_is_read_without_changing_it(umask):
 
 def test_export_dtype_prefers_out_dtype_then_dtype_then_the_sources(base, tmp_path):
     path, model = base
-    half = io.export_model(model.state_dict(), tmp_path / "bf16", base_dir=path,
+    half = export.export_model(model.state_dict(), tmp_path / "bf16", base_dir=path,
                            dtype=torch.bfloat16)
-    assert io.export_dtype("float16", "float32", sources=[half]) == torch.float16
-    assert io.export_dtype(None, "float32", sources=[half]) == torch.float32
-    assert io.export_dtype(None, torch.float16, sources=[half]) == torch.float16
-    assert io.export_dtype(None, None, sources=[half]) == torch.bfloat16
-    assert io.export_dtype(None, None, sources=[half, half]) == torch.bfloat16
-    assert io.export_dtype(None, None, sources=[path]) == torch.float32
+    assert export.export_dtype("float16", "float32", sources=[half]) == torch.float16
+    assert export.export_dtype(None, "float32", sources=[half]) == torch.float32
+    assert export.export_dtype(None, torch.float16, sources=[half]) == torch.float16
+    assert export.export_dtype(None, None, sources=[half]) == torch.bfloat16
+    assert export.export_dtype(None, None, sources=[half, half]) == torch.bfloat16
+    assert export.export_dtype(None, None, sources=[path]) == torch.float32
     # sources that disagree (the recipe then casts them): write the tensors as they are
-    assert io.export_dtype(None, None, sources=[path, half]) is None
-    assert io.export_dtype(sources=[]) is None
+    assert export.export_dtype(None, None, sources=[path, half]) is None
+    assert export.export_dtype(sources=[]) is None
     with pytest.raises(ValueError, match="unknown dtype"):
-        io.export_dtype("bfloat17")
+        export.export_dtype("bfloat17")

@@ -37,7 +37,7 @@ import transformers
 
 from evomerge.dfs import DfsSpace
 from evomerge.merge.engine import Merger, layer_group
-from evomerge.merge.io import export_model
+from evomerge.merge.export import export_model
 from evomerge.merge.layerstack import LayerStack
 from evomerge.recipe import LayerRecipe, LayerSlice, RecipeError
 from evomerge.recipe.layers import HOP_FORMS

@@ -22,8 +22,8 @@ from helpers import make_family
 from typer.testing import CliRunner
 
 from evomerge.cli import app
+from evomerge.merge.checkpoints import load_state_dict
 from evomerge.merge.engine import Merger
-from evomerge.merge.io import load_state_dict
 from evomerge.merge.segments import (
     RECORD,
     PrefixGram,

@@ -277,8 +277,8 @@ def test_inverse_p_builds_keep_the_engine_memory_contract_and_chunking(method, t
     """Through the Merger on bf16 checkpoints larger than the chunk: scratch is chunk buffers
     plus one random block per source (no mask store: inverse_p draws each mask once, in the
     merge pass), nothing is cached, and every chunk size builds the same bits."""
+    from evomerge.merge.checkpoints import load_state_dict
     from evomerge.merge.engine import Merger
-    from evomerge.merge.io import load_state_dict
 
     try:
         from helpers import make_family

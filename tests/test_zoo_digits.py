@@ -14,10 +14,10 @@ from sklearn.datasets import load_digits
 from typer.testing import CliRunner
 
 from evomerge.cli import app
+from evomerge.merge.checkpoints import CheckpointError
 from evomerge.merge.engine import Merger, layer_group
-from evomerge.merge.io import CheckpointError
-from evomerge.recipe import MergeRecipe
 from evomerge.models.digits import DigitsMLP, digits_config, digits_splits
+from evomerge.recipe import MergeRecipe
 from evomerge.zoo import accuracy_table, build_digits_zoo, digits_zoo_is_built
 from evomerge.zoo.digits import MANIFEST
 

@@ -53,9 +53,9 @@ def merge(
     import torch
 
     from evomerge.execution.devices import DeviceError, resolve_device
+    from evomerge.merge.checkpoints import CheckpointError
     from evomerge.merge.engine import cache_budget
     from evomerge.merge.from_config import merge_config
-    from evomerge.merge.io import CheckpointError
     from evomerge.recipe import LayerRecipe, RecipeError, SegmentRecipe
 
     started = time.perf_counter()

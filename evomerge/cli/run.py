@@ -38,7 +38,7 @@ def run_and_report(experiment: Experiment, resume: bool) -> None:
     """Run (or resume) ``experiment`` and print its summary; a bad experiment or checkpoint
     exits 2, a run that fails on the way exits 1."""
     from evomerge.experiment import ExperimentError
-    from evomerge.merge.io import CheckpointError
+    from evomerge.merge.checkpoints import CheckpointError
     from evomerge.report import print_summary
 
     try:
@@ -166,7 +166,7 @@ def worker(
     """
     from evomerge.execution.worker import serve
     from evomerge.experiment import ExperimentError
-    from evomerge.merge.io import CheckpointError
+    from evomerge.merge.checkpoints import CheckpointError
 
     try:
         served = serve(storage, study, poll_s=poll, max_trials=max_trials, wait_s=wait)

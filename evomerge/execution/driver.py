@@ -45,8 +45,8 @@ class Plan:
     """Everything derived from an experiment before any compute: space, strategy, store args."""
 
     def __init__(self, experiment: Experiment) -> None:
+        from evomerge.merge.checkpoints import CheckpointError, check_compatible, check_finite
         from evomerge.merge.engine import layer_group
-        from evomerge.merge.io import CheckpointError, check_compatible, check_finite
         from evomerge.spaces import SearchSpace, load_space
         from evomerge.weight_space import WeightSpace, is_weight_space, pairing_problems
 

@@ -33,7 +33,7 @@ from evomerge.fitness.base import (
 )
 from evomerge.fitness.function import FitnessFactory, fitness_factory
 from evomerge.merge.engine import Merger
-from evomerge.merge.io import export_dtype
+from evomerge.merge.export import export_dtype
 from evomerge.merge.layerstack import LayerStack, ResidentSources
 from evomerge.merge.segments import build_into
 from evomerge.recipe import LayerRecipe, MergeRecipe, SegmentRecipe, parse_recipe

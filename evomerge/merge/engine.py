@@ -37,8 +37,9 @@ from pathlib import Path
 
 import torch
 
-from evomerge.merge.io import (InputModelsError, check_compatible, check_finite, dtype_code,
-                               load_state_dict, nonfinite_problems, parse_size)
+from evomerge.merge.checkpoints import (InputModelsError, check_compatible, check_finite, dtype_code,
+                                        load_state_dict, nonfinite_problems)
+from evomerge.merge.export import parse_size
 from evomerge.merge.methods import DEFAULT_CHUNK, TensorInputs, Workspace, get_method, work_dtype
 from evomerge.merge.names import model_names
 from evomerge.recipe import MergeRecipe, RecipeError

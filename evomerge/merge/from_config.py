@@ -25,8 +25,9 @@ from typing import Any, TypeVar
 import yaml
 
 from evomerge import hub
+from evomerge.merge.checkpoints import CheckpointError
 from evomerge.merge.engine import Merger
-from evomerge.merge.io import CheckpointError, export_dtype, export_model, parse_size
+from evomerge.merge.export import export_dtype, export_model, parse_size
 from evomerge.merge.layerstack import LayerStack, ResidentSources
 from evomerge.merge.segments import build_into
 from evomerge.recipe import LayerRecipe, MergeRecipe, RecipeError, SegmentRecipe

@@ -27,7 +27,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from evomerge.merge.io import CheckpointError, export_model, load_state_dict, weight_files
+from evomerge.merge.checkpoints import CheckpointError, load_state_dict, weight_files
+from evomerge.merge.export import export_model
 
 __all__ = [
     "ARCHITECTURE",
@@ -165,7 +166,7 @@ class DigitsMLP(nn.Module):
 
     def save_pretrained(self, path: str | os.PathLike, *, overwrite: bool = False) -> Path:
         """Write ``config.json`` + ``model.safetensors`` to ``path``, atomically (via
-        :func:`evomerge.merge.io.export_model`)."""
+        :func:`evomerge.merge.export.export_model`)."""
         state = {k: v.detach().to("cpu").contiguous() for k, v in self.state_dict().items()}
         with tempfile.TemporaryDirectory(prefix="evomerge-digits-config-") as cfg_dir:
             (Path(cfg_dir) / "config.json").write_text(json.dumps(self.config, indent=2) + "\n")
