@@ -446,10 +446,7 @@ def _search(plan: Plan, store: Store, executor: Any, bar: Any,
         _check_failures(trials, store, experiment.max_fail_share, strategy.popsize)
         if size == len(candidates):
             values = [list(t.values) if t.state == TrialState.COMPLETE else None for t in trials]
-            if getattr(strategy, "wants_item_scores", False):  # M2N2: selection per item
-                strategy.tell(candidates, values, item_scores=[_item_scores(t) for t in trials])
-            else:
-                strategy.tell(candidates, values)
+            strategy.tell(candidates, values, item_scores=[_item_scores(t) for t in trials])
         generation += 1
     return strategy
 
@@ -491,7 +488,7 @@ class _Best:
 def _item_scores(trial: Any) -> np.ndarray | None:
     """A finished trial's per-item scores as one vector (tasks in sorted name order), read
     from the store, so a replayed trial tells exactly what the live one did; None if it
-    failed. Passed to strategies with ``wants_item_scores`` (see ``evomerge.search.m2n2``)."""
+    failed. Told to every strategy; M2N2 selects by them (see ``evomerge.search.m2n2``)."""
     from evomerge.store import decode_scores
 
     scores = trial.user_attrs.get(RESULT, {}).get("item_scores")
