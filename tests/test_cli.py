@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -90,6 +92,15 @@ def test_version_prints_the_package_version():
     result = runner.invoke(app, ["--version"])
     assert result.exit_code == 0, result.output
     assert result.output.strip() == f"evomerge {__version__}"
+
+
+def test_the_command_line_loads_no_model_library_until_a_command_needs_one():
+    """``evomerge --help`` stays fast: torch, transformers and optuna load inside commands."""
+    code = ("import sys, evomerge.cli; "
+            "print(sorted(m for m in ('torch', 'transformers', 'optuna') if m in sys.modules))")
+    loaded = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                            check=True).stdout.strip()
+    assert loaded == "[]"
 
 
 # ---- evomerge zoo ---------------------------------------------------------------------------
