@@ -477,3 +477,43 @@ def test_evaluate_setting_agrees_with_mergekit(mergekit_config):
                 assert got == pytest.approx(expected), (name, tensor, t)
                 checked += 1
     assert checked == len(raw) * 3 * 5
+
+
+# ---- a stored recipe is validated once ------------------------------------------------------------
+
+STORED = [
+    {"merge_method": "dare_ties", "base_model": "base", "seed": 3, "dtype": "bfloat16",
+     "parameters": {"lambda": 1.0, "rescale": "inverse_p", "int8_mask": True},
+     "models": [{"model": f"m{i}", "parameters": {
+         "weight": [0.1 * i, 0.2, 0.4], "density": [{"filter": "mlp", "value": [0.5, 0.6]},
+                                                   {"value": 0.7}]}} for i in range(3)]},
+    {"merge_method": "linear",
+     "models": [{"model": "a", "parameters": {"weight": 1}}, {"model": "b"}],
+     "parameters": {"weight": 2.5}},
+    {"merge_method": "slerp", "base_model": "a", "models": [{"model": "a"}, {"model": "b"}],
+     "parameters": {"t": [{"filter": "self_attn", "value": 0.3}, {"value": [0.1, 0.9]}]}},
+]
+
+
+@pytest.mark.parametrize("data", STORED, ids=[d["merge_method"] for d in STORED])
+def test_a_stored_recipe_rebuilt_without_validation_is_the_validated_one(data, monkeypatch):
+    from evomerge.recipe import mergekit_config, parse_recipe
+
+    recipe = MergeRecipe.from_dict(data)
+    stored = recipe.to_dict()
+
+    class Revalidated(Exception):  # not a ValueError: pydantic would turn that into a recipe error
+        pass
+
+    def no_validation(_: MergeRecipe) -> list[str]:
+        raise Revalidated
+
+    monkeypatch.setattr(mergekit_config, "validate_recipe", no_validation)
+    rebuilt = parse_recipe(stored, validated=True)
+    assert rebuilt == recipe
+    assert rebuilt.to_yaml() == recipe.to_yaml()
+    for tensor in (ATTN, MLP, EMBED):
+        for t in (0.0, 0.5, 1.0):
+            assert rebuilt.resolve(tensor, t) == recipe.resolve(tensor, t)
+    with pytest.raises(Revalidated):
+        parse_recipe(stored)  # what a user wrote is always checked

@@ -222,7 +222,8 @@ def process_one(store: Store, evaluator: Evaluator, owner: str | None = None) ->
         return False
     with store.beating(claim) if owner is not None else nullcontext():
         try:
-            recipe = parse_recipe(claim.meta["recipe"])
+            # the driver validated it when it decoded x: checked once per trial, not twice
+            recipe = parse_recipe(claim.meta["recipe"], validated=True)
             result, timings = evaluator.evaluate(recipe)
             values = result.values(evaluator.objectives)
         except Exception as exc:  # noqa: BLE001 - any failure of a candidate is data, not a crash

@@ -29,11 +29,19 @@ __all__ = [
 Recipe = MergeRecipe | LayerRecipe | SegmentRecipe
 
 
-def parse_recipe(data: Mapping[str, Any], *, where: str = "recipe") -> Recipe:
+def parse_recipe(data: Mapping[str, Any], *, where: str = "recipe",
+                 validated: bool = False) -> Recipe:
     """A stored recipe of any kind: layer stacks have ``slices``, M2N2 weight-space members
-    ``merge_method: segments``, everything else is a mergekit merge."""
+    ``merge_method: segments``, everything else is a mergekit merge.
+
+    ``validated``: ``data`` is what a recipe validated in this process's version wrote (a
+    trial the driver stored), so a mergekit merge skips validating it again
+    (:meth:`MergeRecipe.from_validated`; layer and segment recipes check only their own
+    fields, and always do)."""
     if "slices" in data:
         return LayerRecipe.from_dict(data, where=where)
     if data.get("merge_method") == "segments":
         return SegmentRecipe.from_dict(data, where=where)
+    if validated:
+        return MergeRecipe.from_validated(data)
     return MergeRecipe.from_dict(data, where=where)

@@ -152,6 +152,21 @@ class MergeRecipe(BaseModel):
             raise RecipeError(f"{where}: invalid merge recipe:\n" + "\n".join(lines)) from None
 
     @classmethod
+    def from_validated(cls, data: Mapping[str, Any]) -> "MergeRecipe":
+        """The recipe :meth:`to_dict` wrote, rebuilt without validating it again.
+
+        For data a validated recipe produced in this version of evomerge: the trials a driver
+        stores, which its workers rebuild (validation is pydantic plus :func:`validate_recipe`,
+        the larger part of reading a recipe). Anything a user wrote goes through
+        :meth:`from_dict`, which names every bad field."""
+        models = tuple(ModelEntry.model_construct(model=e["model"],
+                                                  parameters=_settings(e.get("parameters")))
+                       for e in data["models"])
+        fields = {k: v for k, v in data.items() if k not in ("models", "parameters")}
+        return cls.model_construct(**fields, models=models,
+                                   parameters=_settings(data.get("parameters")))
+
+    @classmethod
     def _other_problems(cls, data: Mapping[str, Any], exc: ValidationError) -> list[str]:
         """The recipe-level problems pydantic did not get to: a field error (an unknown
         top-level key, a seed that is not a number) stops it before :meth:`_check`. Validated
@@ -202,6 +217,21 @@ class MergeRecipe(BaseModel):
             "base_model": rename(self.base_model),
             "models": tuple(e.model_copy(update={"model": rename(e.model)}) for e in self.models),
         })
+
+
+def _settings(params: Mapping[str, Any] | None) -> dict[str, Setting] | None:
+    """Plain parameter data as the validated types: ``{filter, value}`` mappings become
+    :class:`Conditional` (what :func:`evaluate_setting` matches on), the rest stays."""
+    return None if params is None else {k: _setting(v) for k, v in params.items()}
+
+
+def _setting(value: Any) -> Any:
+    if isinstance(value, Mapping):
+        return Conditional.model_construct(value=_setting(value["value"]),
+                                           filter=value.get("filter"))
+    if isinstance(value, list):
+        return [_setting(v) for v in value]
+    return value
 
 
 # ---- setting evaluation (mergekit's evaluate_setting) ---------------------------------------
