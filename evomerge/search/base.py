@@ -88,10 +88,10 @@ class Strategy(ABC):
 
     ``tell`` receives one entry per candidate, in the order asked: a list of objective values in
     ``directions`` order, or ``None`` for a failed evaluation (the strategy then applies
-    :meth:`penalty`), and optionally per-item scores. Generational strategies (CMA-ES, NSGA-II)
-    expect a whole generation per ``tell``; a driver that stops at an exact evaluation budget
-    evaluates only the first candidates of its last generation and simply never tells that
-    partial generation.
+    :meth:`penalty`), and optionally per-item scores. Generational strategies (CMA-ES, NSGA-II,
+    M2N2, MAP) expect a whole generation per ``tell``; a driver that stops at an exact evaluation
+    budget evaluates only the first candidates of its last generation and simply never tells
+    that partial generation.
     """
 
     name: ClassVar[str] = ""  # the registry name, set by :func:`register`
@@ -123,7 +123,7 @@ class Strategy(ABC):
             raise ValueError(f"seed: must be an integer in [0, 2**32), got {seed!r} (a fixed seed "
                              "is what makes a run replayable)")
         self.seed = int(seed)
-        self._reject_options(options, ())  # given here by a subclass without options
+        self._reject_options(options, ())  # only a subclass with no options of its own passes any
         popsize = self.default_popsize if popsize is None else popsize
         if isinstance(popsize, bool) or not isinstance(popsize, (int, np.integer)) or (
                 popsize < self.min_popsize):

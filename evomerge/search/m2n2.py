@@ -38,11 +38,12 @@ a1. **Experts, coefficients** (strategy ``m2n2``, ``crossover: coefficients``, t
    children per generation, clipped to the box. The strategy needs the per-item scores of every
    trial (``needs_item_scores``): the driver tells every strategy ``tell(..., item_scores=[...])``
    (the trials' stored correctness vectors, all tasks concatenated in sorted task order; ``None``
-   for a failed trial, which scores zero), in replay too, so resume works as for every strategy. Crossover acts on coefficients: for a linear/task-arithmetic space a lerp
-   of coefficients is the lerp of the merged weights, but the split point can only fall between
-   the space's coordinates ((layer x source) groups: the fixed partition M2N2 was made to
-   remove), slerp's angle is that of the coefficient vectors, and for TIES/DARE spaces the
-   crossover means nothing in weight space.
+   for a failed trial, which scores zero), in replay too, so resume works as for every strategy.
+   Crossover acts on coefficients: for a linear/task-arithmetic space a lerp of coefficients is
+   the lerp of the merged weights, but the split point can only fall between the space's
+   coordinates ((layer x source) groups: the fixed partition M2N2 was made to remove), slerp's
+   angle is that of the coefficient vectors, and for TIES/DARE spaces the crossover means
+   nothing in weight space.
 
 a2. **Experts, weights** (``crossover: weights`` with ``space: {kind: weights}``; the paper's
    operator on the parameters themselves, as the reference crosses its flat genomes). A genome is
