@@ -2,12 +2,13 @@
 
 A :class:`~evomerge.recipe.layers.LayerRecipe` is plain data in mergekit's ``passthrough`` +
 ``slices`` syntax: an ordered list of layer ranges, each from one model, each optionally carrying
-a *residual scale* ``s`` that multiplies what its blocks add to the residual stream (how depends on the family, below).
-Embeddings come from the first slice's model, the final norm and the head from the last slice's
-model -- mergekit's own convention. In models with tied embeddings the head *is* the first slice's
-embedding matrix. A stacked model keeps each block's own per-layer configuration: the config's
-``layer_types`` (sliding or full attention: Gemma 2/3, Mistral, Qwen, OLMo 3) and other per-layer
-lists (:data:`PER_LAYER_FIELDS`) are re-built to follow the path.
+a *residual scale* ``s`` that multiplies what its blocks add to the residual stream (how
+depends on the family, below). Embeddings come from the first slice's model, the final norm and
+the head from the last slice's model -- mergekit's own convention. In models with tied
+embeddings the head *is* the first slice's embedding matrix. A stacked model keeps each block's
+own per-layer configuration: the config's ``layer_types`` (sliding or full attention: Gemma 2/3,
+Mistral, Qwen, OLMo 3) and other per-layer lists (:data:`PER_LAYER_FIELDS`) are re-built to
+follow the path.
 
 mergekit: a recipe runs unchanged in ``mergekit-yaml`` and gives the same tensors (tested) when
 it has no ``merged`` models and its scales are written as mergekit ``scale`` parameters -- which

@@ -48,8 +48,9 @@ if TYPE_CHECKING:
     import torch
 
 __all__ = [
-    "RECORD", "PrefixGram", "angle", "build_into", "build_member", "canonical",
-    "coefficients_on", "crossover", "dense", "inner", "refinement", "slerp_weights", "source_member", "source_record", "zero_member",
+    "RECORD", "PrefixGram", "angle", "build_into", "build_member", "canonical", "coefficients_on",
+    "crossover", "dense", "inner", "refinement", "slerp_weights", "source_member", "source_record",
+    "zero_member",
 ]
 
 #: the fixed-length record of how a member was made (the store's parameters in weights mode):
