@@ -44,7 +44,9 @@ pytestmark = pytest.mark.slow
 NAME, POPSIZE, BUDGET = "digits_cmaes", 8, 24
 STALL_S = 45  # no trial state change for this long = a hang (a replacement worker takes
 #              2-3 s to start on an idle 2-core machine, 13 s seen under load 10)
-ORPHAN_S = 10  # how long workers may outlive their killed driver
+ORPHAN_S = 60  # how long workers may outlive their killed driver: each finishes its current
+#               trial first (well under a second idle, 10+ s seen under load 7); the bug
+#               this guards against kept them alive forever
 
 
 @pytest.fixture(scope="module")
