@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Callable, Iterable
 from enum import Enum
 from pathlib import Path
 
@@ -190,43 +191,32 @@ def _zoo_build_tinylm(out_dir: Path, *, seed: int, size: str, force: bool) -> No
         console.print(f"  {model_name:<18} {path}")
 
     acc = json.loads((out_dir / MANIFEST).read_text())["heldout_exact_match"]
-    tasks = list(next(iter(acc.values())))
-    best = {t: max(row[t] for row in acc.values()) for t in tasks}
-    table = Table(
-        title="Held-out exact match (greedy, higher = better)",
-        caption=f"{TINYLM_SIZES[size].table_items} held-out items per task; best in green",
-        title_justify="left",
-        caption_justify="left",
-    )
-    table.add_column("model")
-    for task in [*tasks, "mean"]:
-        table.add_column(task, justify="right")
-    for model_name, row in acc.items():
-        cells = [
-            f"[bold green]{row[t]:.3f}[/bold green]" if row[t] == best[t] else f"{row[t]:.3f}"
-            for t in tasks
-        ]
-        table.add_row(model_name, *cells, f"{sum(row.values()) / len(row):.3f}")
-    console.print(table)
+    _print_best_table(acc, "Held-out exact match (greedy, higher = better)",
+                      f"{TINYLM_SIZES[size].table_items} held-out items per task", max,
+                      mean=True)
 
 
 def _print_loss_table(losses: dict[str, dict[str, float]], n: int) -> None:
-    tasks = list(next(iter(losses.values())))
-    best = {task: min(row[task] for row in losses.values()) for task in tasks}
-    table = Table(
-        title="Answer-token loss (nats, lower = better)",
-        caption=f"{n} held-out items per task; best in green",
-        title_justify="left",
-        caption_justify="left",
-    )
+    _print_best_table(losses, "Answer-token loss (nats, lower = better)",
+                      f"{n} held-out items per task", min, mean=False)
+
+
+def _print_best_table(rows: dict[str, dict[str, float]], title: str, caption: str,
+                      best_of: Callable[[Iterable[float]], float], *, mean: bool) -> None:
+    """A model x task table with each task's best (``best_of`` its column) in green."""
+    tasks = list(next(iter(rows.values())))
+    best = {t: best_of(row[t] for row in rows.values()) for t in tasks}
+    table = Table(title=title, caption=f"{caption}; best in green", title_justify="left",
+                  caption_justify="left")
     table.add_column("model")
-    for task in tasks:
+    for task in [*tasks, "mean"] if mean else tasks:
         table.add_column(task, justify="right")
-    for model_name, row in losses.items():
+    for model_name, row in rows.items():
         cells = [
             f"[bold green]{row[t]:.3f}[/bold green]" if row[t] == best[t] else f"{row[t]:.3f}"
             for t in tasks
         ]
-        table.add_row(model_name, *cells)
+        extra = [f"{sum(row.values()) / len(row):.3f}"] if mean else []
+        table.add_row(model_name, *cells, *extra)
     console.print(table)
 
