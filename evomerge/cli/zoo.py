@@ -96,27 +96,10 @@ def zoo_build(
     if name is ZooName.tiny_lm:
         _zoo_build_tinylm(out_dir, seed=seed, size=size.value, force=force)
         return
-    cached = not force and toy_zoo_is_built(out_dir, seed=seed, size=size.value)
-    started = time.perf_counter()
-    try:
-        paths = build_toy_zoo(out_dir, seed=seed, size=size.value, force=force)
-    except OSError as exc:
-        err_console.print(f"[red]error:[/red] could not build the toy zoo in {out_dir}: {exc}")
-        raise typer.Exit(1) from exc
-    elapsed = time.perf_counter() - started
-
-    if cached:
-        console.print(
-            f"Reused the {name.value} zoo in [bold]{out_dir}[/bold] "
-            f"(size {size.value}, seed {seed}); pass --force to rebuild."
-        )
-    else:
-        console.print(
-            f"Built the {name.value} zoo in [bold]{out_dir}[/bold] "
-            f"(size {size.value}, seed {seed}) in {elapsed:.1f} s."
-        )
-    for model_name, path in paths.items():
-        console.print(f"  {model_name:<16} {path}")
+    paths = _build_zoo(
+        name.value, out_dir, f"size {size.value}, seed {seed}", 16, force,
+        lambda: build_toy_zoo(out_dir, seed=seed, size=size.value, force=force),
+        lambda: toy_zoo_is_built(out_dir, seed=seed, size=size.value))
 
     losses = loss_table(paths, n=eval_items)
     _print_loss_table(losses, eval_items)
@@ -126,46 +109,15 @@ def _zoo_build_digits(out_dir: Path, *, seed: int, force: bool) -> None:
     from evomerge.models.digits import digits_splits
     from evomerge.zoo.digits import accuracy_table, build_digits_zoo, digits_zoo_is_built
 
-    cached = not force and digits_zoo_is_built(out_dir, seed=seed)
-    started = time.perf_counter()
-    try:
-        paths = build_digits_zoo(out_dir, seed=seed, force=force)
-    except OSError as exc:
-        err_console.print(f"[red]error:[/red] could not build the digits zoo in {out_dir}: {exc}")
-        raise typer.Exit(1) from exc
-    elapsed = time.perf_counter() - started
-    if cached:
-        console.print(
-            f"Reused the digits zoo in [bold]{out_dir}[/bold] (seed {seed}); "
-            "pass --force to rebuild."
-        )
-    else:
-        console.print(
-            f"Built the digits zoo in [bold]{out_dir}[/bold] (seed {seed}) in {elapsed:.1f} s."
-        )
-    for model_name, path in paths.items():
-        console.print(f"  {model_name:<16} {path}")
+    paths = _build_zoo(
+        "digits", out_dir, f"seed {seed}", 16, force,
+        lambda: build_digits_zoo(out_dir, seed=seed, force=force),
+        lambda: digits_zoo_is_built(out_dir, seed=seed))
 
     acc = accuracy_table(paths, split="heldout")
-    subsets = list(next(iter(acc.values())))
-    best = {s: max(row[s] for row in acc.values()) for s in subsets}
     n = len(digits_splits()["heldout"][1])
-    table = Table(
-        title="Held-out accuracy (higher = better)",
-        caption=f"{n} held-out images; best in green",
-        title_justify="left",
-        caption_justify="left",
-    )
-    table.add_column("model")
-    for subset in subsets:
-        table.add_column(subset if subset == "all" else f"digits {subset}", justify="right")
-    for model_name, row in acc.items():
-        cells = [
-            f"[bold green]{row[s]:.3f}[/bold green]" if row[s] == best[s] else f"{row[s]:.3f}"
-            for s in subsets
-        ]
-        table.add_row(model_name, *cells)
-    console.print(table)
+    _print_best_table(acc, "Held-out accuracy (higher = better)", f"{n} held-out images", max,
+                      mean=False, label=lambda s: s if s == "all" else f"digits {s}")
 
 
 def _zoo_build_tinylm(out_dir: Path, *, seed: int, size: str, force: bool) -> None:
@@ -174,21 +126,10 @@ def _zoo_build_tinylm(out_dir: Path, *, seed: int, size: str, force: bool) -> No
     from evomerge.zoo._common import MANIFEST
     from evomerge.zoo.tinylm import TINYLM_SIZES, build_tinylm_zoo, tinylm_zoo_is_built
 
-    cached = not force and tinylm_zoo_is_built(out_dir, seed=seed, size=size)
-    started = time.perf_counter()
-    try:
-        paths = build_tinylm_zoo(out_dir, seed=seed, size=size, force=force)
-    except OSError as exc:
-        err_console.print(f"[red]error:[/red] could not build the tiny-lm zoo in {out_dir}: {exc}")
-        raise typer.Exit(1) from exc
-    elapsed = time.perf_counter() - started
-    verb = "Reused" if cached else "Built"
-    tail = "; pass --force to rebuild." if cached else f" in {elapsed:.1f} s."
-    console.print(
-        f"{verb} the tiny-lm zoo in [bold]{out_dir}[/bold] (size {size}, seed {seed}){tail}"
-    )
-    for model_name, path in paths.items():
-        console.print(f"  {model_name:<18} {path}")
+    _build_zoo(
+        "tiny-lm", out_dir, f"size {size}, seed {seed}", 18, force,
+        lambda: build_tinylm_zoo(out_dir, seed=seed, size=size, force=force),
+        lambda: tinylm_zoo_is_built(out_dir, seed=seed, size=size))
 
     acc = json.loads((out_dir / MANIFEST).read_text())["heldout_exact_match"]
     _print_best_table(acc, "Held-out exact match (greedy, higher = better)",
@@ -201,16 +142,41 @@ def _print_loss_table(losses: dict[str, dict[str, float]], n: int) -> None:
                       f"{n} held-out items per task", min, mean=False)
 
 
+def _build_zoo(label: str, out_dir: Path, settings: str, width: int, force: bool,
+               build: Callable[[], dict[str, Path]], is_built: Callable[[], bool],
+               ) -> dict[str, Path]:
+    """Build (or reuse) a zoo, say which, where and how long, and list its models; a failure to
+    write (disk full, permissions) exits 1 with one line."""
+    cached = not force and is_built()
+    started = time.perf_counter()
+    try:
+        paths = build()
+    except OSError as exc:
+        err_console.print(f"[red]error:[/red] could not build the {label} zoo in {out_dir}: {exc}")
+        raise typer.Exit(1) from exc
+    elapsed = time.perf_counter() - started
+    verb = "Reused" if cached else "Built"
+    tail = "; pass --force to rebuild." if cached else f" in {elapsed:.1f} s."
+    console.print(f"{verb} the {label} zoo in [bold]{out_dir}[/bold] ({settings}){tail}")
+    for model_name, path in paths.items():
+        console.print(f"  {model_name:<{width}} {path}")
+    return paths
+
+
 def _print_best_table(rows: dict[str, dict[str, float]], title: str, caption: str,
-                      best_of: Callable[[Iterable[float]], float], *, mean: bool) -> None:
-    """A model x task table with each task's best (``best_of`` its column) in green."""
+                      best_of: Callable[[Iterable[float]], float], *, mean: bool,
+                      label: Callable[[str], str] = str) -> None:
+    """A model x task table with each task's best (``best_of`` its column) in green; ``label``
+    names a task's column."""
     tasks = list(next(iter(rows.values())))
     best = {t: best_of(row[t] for row in rows.values()) for t in tasks}
     table = Table(title=title, caption=f"{caption}; best in green", title_justify="left",
                   caption_justify="left")
     table.add_column("model")
-    for task in [*tasks, "mean"] if mean else tasks:
-        table.add_column(task, justify="right")
+    for task in tasks:
+        table.add_column(label(task), justify="right")
+    if mean:
+        table.add_column("mean", justify="right")
     for model_name, row in rows.items():
         cells = [
             f"[bold green]{row[t]:.3f}[/bold green]" if row[t] == best[t] else f"{row[t]:.3f}"
