@@ -59,6 +59,22 @@ def drive(strategy, f, generations: int, failures: bool = False):
     return record
 
 
+def assert_replays(first, replayed, original) -> None:
+    """``replayed`` (a fresh strategy built like ``first``), told ``original``'s values, asks
+    the same points and metas generation by generation, then the same next points as ``first``,
+    and reports the same surrogates."""
+    for X, values, metas in original:
+        np.random.rand(3)  # other code drawing from the global RNG changes nothing
+        cands = replayed.ask()
+        assert np.array_equal(np.stack([c.x for c in cands]), X)
+        assert [c.meta for c in cands] == metas
+        json.dumps(metas)  # meta is plain data
+        replayed.tell(cands, values)
+    assert np.array_equal(np.stack([c.x for c in replayed.ask()]),
+                          np.stack([c.x for c in first.ask()]))
+    assert replayed.surrogate_report() == first.surrogate_report()
+
+
 # ---- the surrogate -----------------------------------------------------------------------------
 
 def test_features_are_squares_cross_terms_linear_terms_and_one():
@@ -269,17 +285,7 @@ def test_replay_asks_the_same_points_through_every_phase_and_failures():
     assert [len(X) for X, _, _ in original] == [10, 4, 5, 6, 6]
     assert [m[0]["phase"] for _, _, m in original] == [
         "design", "design", "bayesian", "front", "front"]
-    replayed = build()
-    for X, values, metas in original:
-        np.random.rand(3)  # other code drawing from the global RNG changes nothing
-        cands = replayed.ask()
-        assert np.array_equal(np.stack([c.x for c in cands]), X)
-        assert [c.meta for c in cands] == metas
-        json.dumps(metas)  # meta is plain data
-        replayed.tell(cands, values)
-    assert np.array_equal(np.stack([c.x for c in replayed.ask()]),
-                          np.stack([c.x for c in first.ask()]))
-    assert replayed.surrogate_report() == first.surrogate_report()
+    assert_replays(first, build(), original)
     assert not np.array_equal(drive(build(seed=8), f, 1)[0][0], original[0][0])
     # Failures stay out of the fit: the last ask refitted on all 31 told points, 2 failed.
     assert first.surrogate_report()["n_fit"] == 14 + 5 + 6 + 6 - 2
@@ -525,17 +531,7 @@ def test_nested_map_replay_asks_the_same_points_through_failures():
 
     first = build()
     original = drive(first, separable, 8, failures=True)
-    replayed = build()
-    for X, values, metas in original:
-        np.random.rand(3)  # other code drawing from the global RNG changes nothing
-        cands = replayed.ask()
-        assert np.array_equal(np.stack([c.x for c in cands]), X)
-        assert [c.meta for c in cands] == metas
-        json.dumps(metas)
-        replayed.tell(cands, values)
-    assert np.array_equal(np.stack([c.x for c in replayed.ask()]),
-                          np.stack([c.x for c in first.ask()]))
-    assert replayed.surrogate_report() == first.surrogate_report()
+    assert_replays(first, build(), original)
     json.dumps(first.surrogate_report())  # the run writes it as surrogate.json
     other = drive(build(seed=8), separable, 2)
     assert not np.array_equal(other[1][0], original[1][0])  # another seed, another design
