@@ -100,8 +100,9 @@ def stack(*parts: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
 def score_space(name: str, args: argparse.Namespace, heldout_sigmas: dict[str, float],
                 designs: tuple[str, ...]) -> dict[str, Any]:
     """Response rows of one experiment's sources, designs (per seed) and held-out sets."""
-    from evomerge.execution.driver import Plan
-    from evomerge.execution.worker import evaluator_for, torch_threads
+    from evomerge.execution.devices import torch_threads
+    from evomerge.execution.evaluator import evaluator_for
+    from evomerge.execution.plan import Plan
     from evomerge.experiment import Experiment
     from evomerge.fitness.reduced import (
         cached_responses,

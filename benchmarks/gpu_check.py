@@ -130,6 +130,7 @@ def run_mode(args: argparse.Namespace, base: Path, sources: list[Path], work: Pa
     import torch
 
     from evomerge.execution.devices import resolve_device
+    from evomerge.execution.driver import run_experiment
     from evomerge.experiment import Experiment
     from evomerge.merge.checkpoints import inspect_model
 
@@ -141,8 +142,8 @@ def run_mode(args: argparse.Namespace, base: Path, sources: list[Path], work: Pa
         reset_peak_rss()
     log(f"[{mode}] {args.budget} candidates on {device} ...")
     started = time.perf_counter()
-    summary = Experiment.from_dict(experiment(args, base, sources, work, mode)).run(
-        progress=False)
+    summary = run_experiment(Experiment.from_dict(experiment(args, base, sources, work, mode)),
+                             progress=False)
     wall = time.perf_counter() - started
     peak = (torch.cuda.max_memory_allocated(device) if device.type == "cuda"
             else read_status()["VmHWM"])

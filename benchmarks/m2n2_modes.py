@@ -86,13 +86,14 @@ def digits_configs(zoo: Path) -> dict[str, dict[str, Any]]:
 def run_pair(configs: dict[str, dict[str, Any]], budget: int, seed: int, objective: str,
              scratch: Path) -> dict[str, dict[str, Any]]:
     """Each mode's run: held-out score of its best, the best source's, wall time."""
+    from evomerge.execution.driver import run_experiment
     from evomerge.experiment import Experiment
 
     out = {}
     for mode, config in configs.items():
         data = {**config, "budget": budget, "seed": seed, "export": False,
                 "run_dir": str(scratch / f"{config['name']}_{mode}_{seed}")}
-        summary = Experiment.from_dict(data).run(progress=False)
+        summary = run_experiment(Experiment.from_dict(data), progress=False)
         final = {k: v[objective] for k, v in summary["final"].items()}
         sources = {k: v for k, v in final.items() if k != "best"}
         out[mode] = {"heldout": final["best"], "best_source": max(sources.values()),

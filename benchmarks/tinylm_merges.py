@@ -70,6 +70,7 @@ def complete_summary(name: str, out: Path, budget: int | None) -> dict[str, Any]
 
 def run_or_reuse(name: str, out: Path, budget: int | None) -> dict[str, Any]:
     """The experiment's summary: read back when complete, otherwise run (or resume) it."""
+    from evomerge.execution.driver import run_experiment
     from evomerge.experiment import Experiment
 
     summary = complete_summary(name, out, budget)
@@ -79,7 +80,7 @@ def run_or_reuse(name: str, out: Path, budget: int | None) -> dict[str, Any]:
     experiment = Experiment.from_yaml(REPO / "experiments" / f"{name}.yaml",
                                       run_dir=str(run_dir), budget=budget)
     resume = (run_dir / "experiment.yaml").is_file()
-    return experiment.run(resume=resume, progress=sys.stderr.isatty())
+    return run_experiment(experiment, resume=resume, progress=sys.stderr.isatty())
 
 
 def table_rows(section: str) -> dict[str, dict[str, Any]]:

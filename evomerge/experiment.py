@@ -5,8 +5,11 @@ one generation — each as one error naming the field. Model paths are resolved 
 directory (as ``evomerge merge`` does) and stored absolute in the run directory, so ``evomerge
 resume`` works from anywhere.
 
-    from evomerge.experiment import Experiment
-    summary = Experiment.from_yaml("experiments/digits_cmaes.yaml").run()
+An Experiment is configuration only: running it is :func:`evomerge.run`'s (or the driver's,
+:func:`evomerge.execution.driver.run_experiment`), so this module imports nothing that runs::
+
+    import evomerge
+    summary = evomerge.run(Experiment.from_yaml("experiments/digits_cmaes.yaml"))
 """
 
 from __future__ import annotations
@@ -16,10 +19,18 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import (BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator,
-                      model_validator)
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from evomerge.config_io import format_errors, read_yaml
+from evomerge.fitness.reduced import ReducedSpec
 
 
 class ExperimentError(ValueError):
@@ -135,6 +146,25 @@ class Named(BaseModel):
     @property
     def options(self) -> dict[str, Any]:
         return dict(self.model_extra or {})
+
+
+class FitnessConfig(Named):
+    """``{name: ..., <options>, reduced: {...}}``: the fitness, its constructor's options, and
+    optionally its IRT reduction (:class:`~evomerge.fitness.reduced.ReducedSpec`: score the
+    search on a few anchor items per task; see :mod:`evomerge.execution.reduction`), validated
+    with the rest of the experiment."""
+
+    reduced: ReducedSpec | None = None
+
+    @field_validator("reduced", mode="before")
+    @classmethod
+    def _reduced(cls, value: Any) -> Any:
+        if value is None or isinstance(value, ReducedSpec):
+            return value
+        if not isinstance(value, dict):
+            raise ValueError(f"expected a mapping (estimator, anchors, design, ...), got "
+                             f"{value!r}")
+        return ReducedSpec.from_dict(value)
 
 
 class Engine(BaseModel):
@@ -259,6 +289,14 @@ def _unknown_names(strategy: Any, fitness: Any) -> list[str]:
     return problems
 
 
+def _field_line(field: str, message: str) -> str:
+    """``field: message``, unless the message names its field itself (``fitness.reduced.anchors:
+    ...`` from :class:`~evomerge.fitness.reduced.ReducedSpec`)."""
+    if not field or message.startswith((f"{field}.", f"{field}:")):
+        return message
+    return f"{field}: {message}"
+
+
 class Experiment(BaseModel):
     """A search. ``budget`` counts evaluated candidates (failed ones included)."""
 
@@ -266,7 +304,7 @@ class Experiment(BaseModel):
     name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
     models: Models
     space: str | dict[str, Any]
-    fitness: Named
+    fitness: FitnessConfig
     strategy: Named
     budget: int = Field(gt=0)
     seed: int = 0
@@ -297,7 +335,7 @@ class Experiment(BaseModel):
         try:
             return cls.model_validate(data)
         except ValidationError as exc:
-            text = format_errors(exc)
+            text = format_errors(exc, _field_line)
             # Field errors stop pydantic before _names_exist: name the unknown names too.
             names = [data[k].get("name") if isinstance(data.get(k), dict) else None
                      for k in ("strategy", "fitness")]
@@ -371,11 +409,3 @@ class Experiment(BaseModel):
     @property
     def run_path(self) -> Path:
         return Path(self.run_dir or Path("runs") / self.name).absolute()
-
-    # ---- running -------------------------------------------------------------------------
-
-    def run(self, *, resume: bool = False, progress: bool = True) -> dict[str, Any]:
-        """Run (or, with ``resume``, continue) the search; returns ``summary.json``'s content."""
-        from evomerge.execution.driver import run_experiment
-
-        return run_experiment(self, resume=resume, progress=progress)

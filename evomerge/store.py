@@ -47,6 +47,7 @@ META = "evomerge"  # user attribute set at enqueue: generation, index, recipe
 RESULT = "result"  # user attribute set on finish: timings, item scores, error
 INTERRUPTED = "interrupted"
 EXPERIMENT = "experiment"  # study user attribute: the resolved experiment, for remote workers
+STORE_ARGS = "evomerge:store_args"  # study user attribute: Store's arguments, for remote workers
 OWNER = "evomerge:owner"  # system attribute: the worker ("host:pid") running a trial
 HEARTBEAT = "evomerge:heartbeat"  # system attribute: a worker's last beat (its time.time())
 PARAMS = "evomerge:params"  # study user attribute: the Optuna parameter names, x[i] -> PARAMS[i]

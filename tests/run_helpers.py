@@ -26,6 +26,8 @@ import optuna
 import yaml
 from optuna.trial import FrozenTrial, TrialState
 
+from evomerge.execution.driver import run_experiment
+
 REPO = Path(__file__).resolve().parents[1]
 META = "evomerge"
 RESULT = "result"
@@ -64,7 +66,7 @@ def run_in_process(data: dict[str, Any]) -> dict[str, Any]:
     """An uninterrupted run of ``data`` in this process; its summary."""
     from evomerge.experiment import Experiment
 
-    return Experiment.from_dict(data).run(progress=False)
+    return run_experiment(Experiment.from_dict(data), progress=False)
 
 
 # ---- processes ---------------------------------------------------------------------------------

@@ -36,6 +36,7 @@ import yaml
 from typer.testing import CliRunner
 
 from evomerge.cli import app
+from evomerge.execution.driver import run_experiment
 from evomerge.merge.engine import Merger
 from evomerge.recipe import MergeRecipe
 
@@ -157,7 +158,7 @@ def test_a_stored_tied_head_equal_to_the_embeddings_is_written_once(families, su
     """Tied-embedding checkpoints that store lm_head.weight anyway, equal to the embeddings (as
     some releases do): from_pretrained ties them; the candidate and its export hold the merged
     embeddings in both."""
-    from evomerge.execution.worker import Evaluator
+    from evomerge.execution.evaluator import Evaluator
 
     paths = _tied_storing_head(families, tmp_path, lambda e: e.clone())
     loaded = transformers.AutoModelForCausalLM.from_pretrained(paths[1])
@@ -333,13 +334,14 @@ def experiment(family: str, paths: list[Path], run_dir: Path, suite: Path) -> di
 @pytest.mark.slow
 @pytest.mark.parametrize("family", FAMILIES)
 def test_search_exports_the_candidate_it_scored(family, families, suite, tmp_path):
-    from evomerge.execution.worker import Evaluator
+    from evomerge.execution.evaluator import Evaluator
     from evomerge.experiment import Experiment
     from evomerge.report import BEST_MODEL, BEST_RECIPE
 
     paths = families(family)
     run_dir = tmp_path / "run"
-    summary = Experiment.from_dict(experiment(family, paths, run_dir, suite)).run(progress=False)
+    summary = run_experiment(Experiment.from_dict(experiment(family, paths, run_dir, suite)),
+                             progress=False)
     assert summary["n_trials"] == 4 and summary["n_failed"] == 0, summary
     out = run_dir / BEST_MODEL
     assert stored_names(out) == stored_names(paths[0])  # the sources' names, not the class's

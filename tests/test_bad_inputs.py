@@ -19,6 +19,7 @@ import yaml
 from typer.testing import CliRunner
 
 from evomerge.cli import app
+from evomerge.execution.driver import run_experiment
 from evomerge.experiment import Experiment, ExperimentError
 from evomerge.merge import checkpoints, export
 from evomerge.merge.engine import Merger
@@ -301,7 +302,7 @@ def test_an_experiment_with_several_mistakes_reports_them_all_before_any_compute
             "fitness": {"name": "digits", "bogus_option": 3},
             "strategy": {"name": "cmaes", "popsize": 8}, "budget": 16}
     with pytest.raises(ExperimentError) as err:
-        Experiment.from_dict(data).run(progress=False)
+        run_experiment(Experiment.from_dict(data), progress=False)
     message = str(err.value)
     assert "models.sources.b:" in message
     assert "'wieght' is not a parameter of task_arithmetic" in message
@@ -323,6 +324,6 @@ def test_an_experiment_with_a_nan_source_is_refused_before_the_run_directory(tmp
             "fitness": {"name": "digits"}, "strategy": {"name": "random", "popsize": 2},
             "budget": 2}
     with pytest.raises(ExperimentError) as err:
-        Experiment.from_dict(data).run(progress=False)
+        run_experiment(Experiment.from_dict(data), progress=False)
     assert "nan_expert" in str(err.value) and name in str(err.value)
     assert not (tmp_path / "run").exists()

@@ -23,6 +23,7 @@ import yaml
 from typer.testing import CliRunner
 
 from evomerge.cli import app
+from evomerge.execution.driver import run_experiment
 from evomerge.merge.engine import Merger
 from evomerge.merge.methods import METHODS
 from evomerge.recipe import MergeRecipe
@@ -399,7 +400,7 @@ def test_search_run_exports_its_best_in_the_sources_dtype(tmp_path):
     }
     old = os.umask(0o022)
     try:
-        Experiment.from_dict(data).run(progress=False)
+        run_experiment(Experiment.from_dict(data), progress=False)
     finally:
         os.umask(old)
     best = tmp_path / "run" / "best_model"

@@ -11,12 +11,13 @@ import json
 
 import pytest
 import torch
+from run_helpers import build_zoo, experiment_data, run_in_process
 from typer.testing import CliRunner
 
 from evomerge.execution import local
 from evomerge.execution.devices import DeviceError, describe, resolve_device
+from evomerge.execution.driver import run_experiment
 from evomerge.experiment import Experiment, ExperimentError
-from run_helpers import build_zoo, experiment_data, run_in_process
 
 
 @pytest.fixture(scope="module")
@@ -102,7 +103,7 @@ def test_defaults_are_auto(zoo, tmp_path):
 
 
 def test_engine_options_reach_the_merger(zoo, tmp_path):
-    from evomerge.execution.worker import evaluator_for
+    from evomerge.execution.evaluator import evaluator_for
 
     e = Experiment.from_dict(_data(zoo, tmp_path, engine={"cache": "3MB", "chunk": 4096}))
     evaluator = evaluator_for(e.resolved())
@@ -112,12 +113,12 @@ def test_engine_options_reach_the_merger(zoo, tmp_path):
 
 
 def test_an_explicit_gpu_fails_before_any_model_loads(zoo, tmp_path, monkeypatch):
-    from evomerge.execution import worker
+    from evomerge.execution import evaluator
 
-    monkeypatch.setattr(worker, "Merger", lambda *a, **k: pytest.fail("loaded models"))
+    monkeypatch.setattr(evaluator, "Merger", lambda *a, **k: pytest.fail("loaded models"))
     e = Experiment.from_dict(_data(zoo, tmp_path, executor={"device": "cuda"}))
     with pytest.raises(DeviceError, match="asked for a GPU"):
-        worker.evaluator_for(e.resolved())
+        evaluator.evaluator_for(e.resolved())
 
 
 # ---- local workers get slots; a replacement keeps its slot -----------------------------------
@@ -213,7 +214,7 @@ def _bf16_experiment(tmp_path, **models):
 
 
 def test_bf16_checkpoints_evaluate_in_bf16_and_a_float32_override_scores_the_same_merge(tmp_path):
-    from evomerge.execution.worker import evaluator_for
+    from evomerge.execution.evaluator import evaluator_for
     from evomerge.recipe import MergeRecipe
 
     auto = evaluator_for(_bf16_experiment(tmp_path))
@@ -236,7 +237,7 @@ def test_bf16_checkpoints_evaluate_in_bf16_and_a_float32_override_scores_the_sam
 def test_a_bf16_run_exports_bf16_and_records_its_dtype(tmp_path):
     from evomerge.merge.checkpoints import inspect_model
 
-    summary = _bf16_experiment(tmp_path).run(progress=False)
+    summary = run_experiment(_bf16_experiment(tmp_path), progress=False)
     assert summary["n_failed"] == 0
     assert summary["devices"]["workers"]["in-process"] == {"device": "cpu", "dtype": "bfloat16",
                                                            "trials": 2}

@@ -456,7 +456,7 @@ def test_merged_models_join_the_layer_sources(family, tmp_path):
     recipe = space.decode(space.start_point)
     assert recipe.slices == (LayerSlice("ps", 0, 3),) and set(recipe.merged) == {"ps"}
 
-    from evomerge.execution.worker import Evaluator
+    from evomerge.execution.evaluator import Evaluator
 
     evaluator = Evaluator.__new__(Evaluator)  # the stacking half of an evaluator, no fitness
     merger = Merger([str(p) for p in family.all])

@@ -155,7 +155,7 @@ def test_summaries_and_verdict_follow_their_stated_rule():
 def test_benchmark_runs_end_to_end_and_reuses_its_scores(tmp_path, monkeypatch, capsys):
     """On the tiny zoo: every table present, the design it fits on is the run's own
     (calibration_design), and a second invocation scores nothing (cached responses)."""
-    from evomerge.execution.worker import Evaluator
+    from evomerge.execution.evaluator import Evaluator
     from evomerge.zoo.tinylm import build_tinylm_zoo
 
     bench = load_benchmark()
@@ -172,7 +172,7 @@ def test_benchmark_runs_end_to_end_and_reuses_its_scores(tmp_path, monkeypatch, 
     result = json.loads(capsys.readouterr().out)
     # DFS: 4 sources + 2 seeds x 5 x (local, uniform) + 2 x 3 held-out; PS: 4 + 2 x 5 + 3
     assert len(scored) == (4 + 20 + 6) + (4 + 10 + 3)
-    from evomerge.execution.driver import Plan
+    from evomerge.execution.plan import Plan
     from evomerge.experiment import Experiment
 
     space = Plan(Experiment.from_dict(bench.experiment_data(

@@ -12,6 +12,7 @@ import pytest
 import transformers
 import yaml
 
+from evomerge.execution.driver import run_experiment
 from evomerge.experiment import Experiment, ExperimentError
 from evomerge.fitness.lm import LMFitness
 
@@ -51,7 +52,7 @@ def rescored_export(summary: dict, run_dir: Path, zoo: Path) -> float:
 @pytest.mark.slow
 def test_tinylm_dfs_runs_end_to_end(zoo, tmp_path):
     data = shipped("tinylm_dfs", zoo, tmp_path / "run")
-    summary = Experiment.from_dict(data).run(progress=False)
+    summary = run_experiment(Experiment.from_dict(data), progress=False)
 
     assert summary["n_trials"] == data["budget"] and summary["n_failed"] == 0
     assert set(summary["final"]) == {"best", *data["models"]["sources"]}
@@ -70,7 +71,7 @@ def test_tinylm_ps_dfs_routes_through_the_ps_merge(zoo, tmp_path):
     text = yaml.safe_dump(ps).replace("models/tiny-lm/", f"{zoo}/")
     (tmp_path / "ps.yaml").write_text(text)
     data["space"]["merged"] = {"ps": os.path.relpath(tmp_path / "ps.yaml")}
-    summary = Experiment.from_dict(data).run(progress=False)
+    summary = run_experiment(Experiment.from_dict(data), progress=False)
 
     assert set(summary["final"]) == {"best", "ps", *data["models"]["sources"]}
     # the printed table: the PS merge (held-out only) and the base beside the sources
@@ -99,10 +100,10 @@ def test_dfs_space_errors_name_the_field_before_compute(zoo, tmp_path):
     data = shipped("tinylm_dfs", zoo, tmp_path / "run")
     data["space"] = {**data["space"], "start": "expert_zz"}
     with pytest.raises(ExperimentError, match="(?s)space: .*start: 'expert_zz'"):
-        Experiment.from_dict(data).run(progress=False)
+        run_experiment(Experiment.from_dict(data), progress=False)
     data["space"] = {"kind": "dfs", "repeats": 0}
     with pytest.raises(ExperimentError, match="repeats"):
-        Experiment.from_dict(data).run(progress=False)
+        run_experiment(Experiment.from_dict(data), progress=False)
     assert not (tmp_path / "run" / "study.db").exists()
 
 

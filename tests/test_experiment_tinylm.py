@@ -12,6 +12,7 @@ import pytest
 import transformers
 import yaml
 
+from evomerge.execution.driver import run_experiment
 from evomerge.experiment import Experiment
 from evomerge.fitness.lm import LMFitness
 
@@ -39,7 +40,7 @@ def test_tinylm_ps_cmaes_runs_end_to_end_and_exports_the_evaluated_model(learnin
     data["fitness"]["reduced"].update(anchors=3, design=6)
     data.update(budget=2 * data["strategy"]["popsize"], run_dir=str(tmp_path / "run"))
 
-    summary = Experiment.from_dict(data).run(progress=False)
+    summary = run_experiment(Experiment.from_dict(data), progress=False)
 
     assert summary["n_trials"] == data["budget"]
     assert set(summary["final"]) == {"best", *data["models"]["sources"]}
@@ -72,7 +73,7 @@ def test_a_task_arithmetic_search_beats_every_source_on_the_heldout_items(learni
         "executor": {"kind": "local", "threads": 1},
         "run_dir": str(tmp_path / "run"),
     }
-    summary = Experiment.from_dict(data).run(progress=False)
+    summary = run_experiment(Experiment.from_dict(data), progress=False)
 
     final = {name: scores["mean_acc"] for name, scores in summary["final"].items()}
     best_source = max(final[name] for name in data["models"]["sources"])
@@ -100,7 +101,7 @@ def test_an_lm_eval_fitness_runs_a_search_with_the_harness_scoring_every_candida
         "run_dir": str(tmp_path / "run"),
         "export": False,
     }
-    summary = Experiment.from_dict(data).run(progress=False)
+    summary = run_experiment(Experiment.from_dict(data), progress=False)
     assert summary["n_trials"] == 4 and summary["n_failed"] == 0
     assert set(summary["final"]["best"]) == set(keys)
     assert all(0.0 <= v <= 1.0 for v in summary["final"]["best"].values())
@@ -123,7 +124,7 @@ def test_tinylm_perplexity_runs_end_to_end_and_beats_its_sources(learning_zoo, t
     data["fitness"]["max_items"] = 40
     data.update(budget=2 * data["strategy"]["popsize"], run_dir=str(tmp_path / "run"))
 
-    summary = Experiment.from_dict(data).run(progress=False)
+    summary = run_experiment(Experiment.from_dict(data), progress=False)
 
     assert summary["n_trials"] == data["budget"] and summary["n_failed"] == 0
     best = summary["best"]["objectives"]["neg_log_ppl"]

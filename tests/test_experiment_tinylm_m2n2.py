@@ -19,6 +19,7 @@ import optuna
 import pytest
 import yaml
 
+from evomerge.execution.driver import run_experiment
 from evomerge.experiment import Experiment
 
 REPO = Path(__file__).resolve().parents[1]
@@ -95,7 +96,7 @@ def test_tinylm_m2n2_runs_end_to_end_and_every_child_is_a_crossover_of_earlier_o
     budget = len(sources) + CHILDREN
     data.update(budget=budget, run_dir=str(tmp_path / "run"), export=False)
 
-    summary = Experiment.from_dict(data).run(progress=False)
+    summary = run_experiment(Experiment.from_dict(data), progress=False)
 
     assert summary["n_trials"] == budget and summary["n_failed"] == 0
     assert set(summary["final"]) == {"best", *sources}

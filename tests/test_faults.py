@@ -16,6 +16,7 @@ import torch
 from optuna.trial import TrialState
 from run_helpers import build_zoo, experiment_data
 
+from evomerge.execution.driver import run_experiment
 from evomerge.execution.worker import process_one
 from evomerge.experiment import Experiment
 from evomerge.fitness.base import EvalResult, Objective, register
@@ -52,7 +53,7 @@ def test_out_of_memory_and_infinite_candidates_fail_with_their_reason_and_the_ru
     OomDigits.calls = 0
     data = experiment_data("cmaes", zoo, tmp_path / "run", budget=16)
     data["fitness"] = {"name": "oom_digits_for_tests"}
-    summary = Experiment.from_dict(data).run(progress=False)
+    summary = run_experiment(Experiment.from_dict(data), progress=False)
     study = optuna.load_study(study_name=data["name"],
                               storage=f"sqlite:///{tmp_path / 'run' / 'study.db'}")
     trials = study.get_trials()

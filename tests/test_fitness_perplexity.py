@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 import torch
 
+from evomerge.execution.driver import run_experiment
 from evomerge.fitness import make_fitness
 from evomerge.fitness.perplexity import PerplexityFitness, TextDataError
 from evomerge.zoo.toy import VOCAB, make_tokenizer
@@ -385,7 +386,7 @@ def test_a_search_maximises_neg_log_ppl_and_its_winner_rescores_the_same(zoo, tm
 
     from evomerge.experiment import Experiment
 
-    summary = Experiment.from_dict(run_data(zoo, tmp_path)).run(progress=False)
+    summary = run_experiment(Experiment.from_dict(run_data(zoo, tmp_path)), progress=False)
     assert summary["n_trials"] == 8 and summary["n_failed"] == 0
     assert summary["objectives"] == [{"name": "neg_log_ppl", "direction": "maximize"}]
     best = summary["best"]["objectives"]["neg_log_ppl"]
@@ -422,7 +423,7 @@ def test_reduced_is_refused_before_any_compute(zoo, tmp_path, monkeypatch):
     data = run_data(zoo, tmp_path, reduced={"anchors": 2, "design": 2})
     with pytest.raises(ExperimentError, match="fitness.reduced: the 'perplexity' fitness cannot "
                                               "be IRT-reduced: its item scores are continuous"):
-        Experiment.from_dict(data).run(progress=False)
+        run_experiment(Experiment.from_dict(data), progress=False)
     assert not (tmp_path / "run").exists()  # refused at plan time: no run directory, no study
     check_reducible(LMFitness)  # the suite fitness can be reduced
     with pytest.raises(ValueError, match="cannot be IRT-reduced: it has no num_items"):

@@ -20,6 +20,7 @@ from typer.testing import CliRunner
 
 from evomerge import hub
 from evomerge.cli import app
+from evomerge.execution.driver import run_experiment
 from evomerge.experiment import Experiment, ExperimentError, Models
 
 try:
@@ -279,7 +280,7 @@ def digits_experiment(tmp_path: Path) -> dict:
 def test_run_with_hub_models_records_their_commits(offline, tmp_path):
     from evomerge import report
 
-    summary = Experiment.from_dict(digits_experiment(tmp_path)).run(progress=False)
+    summary = run_experiment(Experiment.from_dict(digits_experiment(tmp_path)), progress=False)
     assert summary["n_trials"] == 2 and summary["n_failed"] == 0
     run = tmp_path / "run"
     recorded = yaml.safe_load((run / "experiment.yaml").read_text())["models"]
@@ -314,7 +315,7 @@ def test_run_with_an_unknown_hub_model_fails_before_compute(offline, tmp_path):
     data["models"]["sources"]["expert_0_4"] = "nobody/nothing@main"
     data["models"]["base"] = str(tmp_path / "missing-base")
     with pytest.raises(ExperimentError) as info:
-        Experiment.from_dict(data).run(progress=False)
+        run_experiment(Experiment.from_dict(data), progress=False)
     message = str(info.value)
     assert "models.base" in message and "missing-base" in message  # every problem at once
     assert "models.sources.expert_0_4: nobody/nothing@main" in message

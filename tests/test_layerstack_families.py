@@ -36,6 +36,7 @@ import torch
 import transformers
 
 from evomerge.dfs import DfsSpace
+from evomerge.execution.driver import run_experiment
 from evomerge.merge.engine import Merger, layer_group
 from evomerge.merge.export import export_model
 from evomerge.merge.layerstack import LayerStack
@@ -425,7 +426,7 @@ def test_dfs_run_per_family(families, family, tmp_path):
         "executor": {"kind": "local", "threads": 1, "device": "cpu"},
         "run_dir": str(tmp_path / "run"),
     }
-    summary = Experiment.from_dict(data).run(progress=False)
+    summary = run_experiment(Experiment.from_dict(data), progress=False)
     assert summary["n_trials"] == 4 and summary["n_failed"] == 0
     recipe = LayerRecipe.from_dict(summary["best"]["recipe"])
     model = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "run" / "best_model")

@@ -22,6 +22,7 @@ from helpers import make_family
 from typer.testing import CliRunner
 
 from evomerge.cli import app
+from evomerge.execution.driver import run_experiment
 from evomerge.merge.checkpoints import load_state_dict
 from evomerge.merge.engine import Merger
 from evomerge.merge.segments import (
@@ -252,7 +253,7 @@ def weights_experiment(zoo, run_dir: Path, budget: int) -> dict:
 
 
 def test_bad_pairings_are_one_error_naming_both_fixes(zoo, tmp_path):
-    from evomerge.execution.driver import Plan
+    from evomerge.execution.plan import Plan
     from evomerge.experiment import Experiment, ExperimentError
 
     data = weights_experiment(zoo, tmp_path / "run", 10)
@@ -373,7 +374,7 @@ def test_the_shipped_tinylm_weights_experiment_runs_and_starts_from_the_experts(
     budget = len(sources) + 6
     data.update(budget=budget, run_dir=str(tmp_path / "run"), export=False)
 
-    summary = Experiment.from_dict(data).run(progress=False)
+    summary = run_experiment(Experiment.from_dict(data), progress=False)
 
     assert summary["n_trials"] == budget and summary["n_failed"] == 0
     trials = sorted(load_trials(tmp_path / "run", data["name"]), key=lambda t: t.number)

@@ -34,7 +34,8 @@ from run_helpers import (
     state_counts,
 )
 
-from evomerge.execution.driver import Plan, run_experiment
+from evomerge.execution.driver import run_experiment
+from evomerge.execution.plan import Plan
 from evomerge.execution.ray import (
     RayExecutor,
     check_address,

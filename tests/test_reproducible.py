@@ -18,6 +18,8 @@ import transformers
 import yaml
 from safetensors.torch import load_file
 
+from evomerge.execution.driver import run_experiment
+
 REPO = Path(__file__).resolve().parents[1]
 MODELS = ["base", "expert_add", "expert_reverse", "expert_sort", "expert_translate"]
 
@@ -189,7 +191,7 @@ def test_remerging_the_best_ps_recipe_gives_best_model_bit_for_bit(tmp_path):
         "executor": {"kind": "local", "threads": 1},
         "run_dir": str(tmp_path / "run"),
     }
-    Experiment.from_dict(data).run(progress=False)
+    run_experiment(Experiment.from_dict(data), progress=False)
     run = tmp_path / "run"
     recipe = yaml.safe_load((run / "best_recipe.yaml").read_text())
     assert recipe["merge_method"] == "dare_ties"
@@ -220,7 +222,7 @@ def test_an_exported_digits_best_model_loads_with_automodel(tmp_path):
     data["models"] = {"base": str(zoo["base"]),
                       "sources": {n: str(zoo[n]) for n in data["models"]["sources"]}}
     data.update(budget=data["strategy"]["popsize"], run_dir=str(tmp_path / "run"))
-    Experiment.from_dict(data).run(progress=False)
+    run_experiment(Experiment.from_dict(data), progress=False)
     best = tmp_path / "run" / "best_model"
 
     from transformers import AutoConfig, AutoModel

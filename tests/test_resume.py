@@ -22,9 +22,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from typer.testing import CliRunner
-
-from evomerge.cli import app
 from run_helpers import (
     assert_exactly_budget,
     build_zoo,
@@ -42,6 +39,10 @@ from run_helpers import (
     wait_until,
     write_experiment,
 )
+from typer.testing import CliRunner
+
+from evomerge.cli import app
+from evomerge.execution.driver import run_experiment
 
 pytestmark = pytest.mark.slow
 
@@ -194,7 +195,8 @@ def test_resume_of_a_complete_run_evaluates_nothing_and_rewrites_the_summary(ref
     before = [(t.number, t.state, t.values) for t in load_trials(run_dir, NAME["cmaes"])]
     (run_dir / "summary.json").unlink()
 
-    summary = Experiment.from_yaml(run_dir / "experiment.yaml").run(resume=True, progress=False)
+    summary = run_experiment(Experiment.from_yaml(run_dir / "experiment.yaml"),
+                             resume=True, progress=False)
 
     after = [(t.number, t.state, t.values) for t in load_trials(run_dir, NAME["cmaes"])]
     assert after == before

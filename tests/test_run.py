@@ -9,10 +9,11 @@ import numpy as np
 import optuna
 import pytest
 import yaml
+from run_helpers import run_in_process
 from typer.testing import CliRunner
 
 from evomerge.cli import app
-from evomerge.experiment import Experiment, ExperimentError
+from evomerge.experiment import ExperimentError
 from evomerge.fitness.base import FITNESSES, register
 from evomerge.fitness.digits import DigitsFitness
 from evomerge.recipe import MergeRecipe
@@ -43,7 +44,7 @@ def experiment(zoo, tmp_path, **changes):
 
 
 def test_cmaes_run_writes_every_output_and_beats_every_source(zoo, tmp_path):
-    summary = Experiment.from_dict(experiment(zoo, tmp_path, budget=64)).run(progress=False)
+    summary = run_in_process(experiment(zoo, tmp_path, budget=64))
     run = tmp_path / "run"
     for name in ("study.db", "summary.json", "best_recipe.yaml", "convergence.png",
                  "experiment.yaml", "provenance.json", "best_model/model.safetensors",
@@ -87,13 +88,13 @@ def test_cmaes_run_writes_every_output_and_beats_every_source(zoo, tmp_path):
 
 
 def test_budget_is_exact_when_it_is_not_a_multiple_of_popsize(zoo, tmp_path):
-    summary = Experiment.from_dict(experiment(zoo, tmp_path, budget=21)).run(progress=False)
+    summary = run_in_process(experiment(zoo, tmp_path, budget=21))
     assert summary["n_trials"] == 21
 
 
 def test_same_seed_same_search(zoo, tmp_path):
-    a = Experiment.from_dict(experiment(zoo, tmp_path / "a", budget=24)).run(progress=False)
-    b = Experiment.from_dict(experiment(zoo, tmp_path / "b", budget=24)).run(progress=False)
+    a = run_in_process(experiment(zoo, tmp_path / "a", budget=24))
+    b = run_in_process(experiment(zoo, tmp_path / "b", budget=24))
     assert a["best"] == b["best"]
 
 
@@ -103,7 +104,7 @@ def test_nsga2_experiment_front_has_five_points_none_dominated_by_a_source(zoo, 
     data = yaml.safe_load(open(Path(__file__).parents[1] / "experiments" / "digits_nsga2.yaml"))
     data["models"] = experiment(zoo, tmp_path)["models"]
     data["run_dir"] = str(tmp_path / "run")
-    summary = Experiment.from_dict(data).run(progress=False)
+    summary = run_in_process(data)
     front = sorted({(p["objectives"]["acc_0_4"], p["objectives"]["acc_5_9"])
                     for p in summary["pareto"]})  # distinct points: equal merges may repeat
     assert len(front) >= 5
@@ -132,7 +133,7 @@ def test_nsga2_experiment_front_has_five_points_none_dominated_by_a_source(zoo, 
 ])
 def test_invalid_experiments_fail_before_compute_naming_the_field(zoo, tmp_path, change, field):
     with pytest.raises(ExperimentError, match=field):
-        Experiment.from_dict(experiment(zoo, tmp_path, **change)).run(progress=False)
+        run_in_process(experiment(zoo, tmp_path, **change))
     assert not (tmp_path / "run" / "study.db").exists()
 
 
@@ -140,7 +141,7 @@ def test_missing_model_directory_is_named(zoo, tmp_path):
     data = experiment(zoo, tmp_path)
     data["models"]["sources"]["expert_5_9"] = str(tmp_path / "nope")
     with pytest.raises(ExperimentError, match=r"models\.sources\.expert_5_9"):
-        Experiment.from_dict(data).run(progress=False)
+        run_in_process(data)
 
 
 @register("flaky_digits_for_tests")
@@ -164,8 +165,8 @@ class FlakyDigits(DigitsFitness):
 def test_failed_candidates_are_recorded_with_their_reason_and_the_run_goes_on(zoo, tmp_path):
     assert "flaky_digits_for_tests" in FITNESSES
     FlakyDigits.calls = 0
-    summary = Experiment.from_dict(experiment(
-        zoo, tmp_path, fitness={"name": "flaky_digits_for_tests"}, budget=24)).run(progress=False)
+    summary = run_in_process(experiment(
+        zoo, tmp_path, fitness={"name": "flaky_digits_for_tests"}, budget=24))
     study = optuna.load_study(study_name="t", storage=f"sqlite:///{tmp_path / 'run' / 'study.db'}")
     failed = study.get_trials(states=(optuna.trial.TrialState.FAIL,))
     errors = [t.user_attrs["result"]["error"] for t in failed]
@@ -180,8 +181,8 @@ def test_failed_candidates_are_recorded_with_their_reason_and_the_run_goes_on(zo
 def test_too_many_failures_stop_the_run_with_a_clear_message(zoo, tmp_path):
     FlakyDigits.calls = 0
     with pytest.raises(RuntimeError, match="max_fail_share"):
-        Experiment.from_dict(experiment(zoo, tmp_path, fitness={"name": "flaky_digits_for_tests"},
-                                        max_fail_share=0.1)).run(progress=False)
+        run_in_process(experiment(zoo, tmp_path, fitness={"name": "flaky_digits_for_tests"},
+                                  max_fail_share=0.1))
 
 
 def test_cli_run_prints_the_final_table_and_overrides_budget_and_seed(zoo, tmp_path):
@@ -205,7 +206,7 @@ def test_cli_run_reports_a_bad_experiment_with_exit_code_2(zoo, tmp_path):
 
 
 def test_strategy_sees_decoded_candidates_inside_the_space(zoo, tmp_path):
-    Experiment.from_dict(experiment(zoo, tmp_path, budget=16)).run(progress=False)
+    run_in_process(experiment(zoo, tmp_path, budget=16))
     study = optuna.load_study(study_name="t", storage=f"sqlite:///{tmp_path / 'run' / 'study.db'}")
     for trial in study.trials:
         x = np.array([trial.params[n] for n in study.user_attrs["evomerge:params"]])
@@ -224,9 +225,8 @@ def test_executor_threads_pin_torch_during_the_run_and_are_restored(zoo, tmp_pat
     before = torch.get_num_threads()
     data = experiment(zoo, tmp_path, budget=8, executor={"kind": "local", "threads": 1},
                       export=False)
-    pinned = Experiment.from_dict(data).run(progress=False)
+    pinned = run_in_process(data)
     assert set(seen) == {1}  # search, source and held-out scores alike
     assert torch.get_num_threads() == before
-    unpinned = Experiment.from_dict(experiment(zoo, tmp_path / "b", budget=8,
-                                               export=False)).run(progress=False)
+    unpinned = run_in_process(experiment(zoo, tmp_path / "b", budget=8, export=False))
     assert pinned["best"] == unpinned["best"]  # the same search either way

@@ -30,6 +30,7 @@ from run_helpers import build_zoo, cli, experiment_data, run_cli, run_in_process
 from typer.testing import CliRunner
 
 from evomerge.cli import app
+from evomerge.execution.driver import run_experiment
 from evomerge.experiment import Experiment
 from evomerge.store import PARAMS, RUN, RunOwnedError, Slot, Store, StoreFullError, no_space_cause
 
@@ -235,7 +236,7 @@ def test_resume_counts_the_trials_it_marks_interrupted(zoo, tmp_path, capsys):
     assert st.pop("ghost:1") is not None
     set_budget(tmp_path / "run", 16)
     (tmp_path / "run" / "summary.json").unlink()
-    Experiment.from_run_dir(tmp_path / "run").run(resume=True, progress=True)
+    run_experiment(Experiment.from_run_dir(tmp_path / "run"), resume=True, progress=True)
     err = capsys.readouterr().err
     assert "replayed 8 trials from the store, 1 marked failed as interrupted (evaluated " \
            "again), 8 of 16 slots left" in err

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 from optuna.trial import TrialState
 
+from evomerge.execution.driver import run_experiment
 from evomerge.execution.reduction import REDUCTION_FILE
 from evomerge.experiment import Experiment, ExperimentError
 
@@ -43,7 +44,7 @@ def experiment(zoo, run_dir, **reduced) -> dict:
 
 @pytest.mark.slow
 def test_reduced_run_scores_anchors_and_reports_full_heldout(zoo, tmp_path, monkeypatch):
-    from evomerge.execution.worker import Evaluator
+    from evomerge.execution.evaluator import Evaluator
     from evomerge.fitness.base import make_fitness
     from evomerge.fitness.irt import Reduction
     from evomerge.merge.engine import Merger
@@ -55,7 +56,7 @@ def test_reduced_run_scores_anchors_and_reports_full_heldout(zoo, tmp_path, monk
     monkeypatch.setattr(Evaluator, "score_items",
                         lambda self, recipes: scored.extend(recipes) or original(self, recipes))
     data = experiment(zoo, tmp_path / "run")
-    summary = Experiment.from_dict(data).run(progress=False)
+    summary = run_experiment(Experiment.from_dict(data), progress=False)
 
     # calibration: the 2 sources + the design, each scored once on the full search items
     assert len(scored) == 2 + DESIGN
@@ -98,14 +99,14 @@ def test_reduced_run_scores_anchors_and_reports_full_heldout(zoo, tmp_path, monk
 
     # resuming the finished run replays the store and reads the calibration from the cache
     scored.clear()
-    Experiment.from_dict(data).run(resume=True, progress=False)
+    run_experiment(Experiment.from_dict(data), resume=True, progress=False)
     assert scored == []
 
 
 def test_bad_reduced_block_is_refused_before_any_compute(zoo, tmp_path):
     data = experiment(zoo, tmp_path / "run", estimator="magic")
     with pytest.raises(ExperimentError, match=r"fitness.reduced.estimator: unknown 'magic'"):
-        Experiment.from_dict(data).run(progress=False)
+        run_experiment(Experiment.from_dict(data), progress=False)
     assert not (tmp_path / "run" / "study.db").exists()
 
 
@@ -121,7 +122,7 @@ def test_rescore_keeps_the_best_full_search_score_among_the_top_estimates(zoo, t
 
     k = 3
     data = {**experiment(zoo, tmp_path / "run", rescore=k), "budget": 12}
-    summary = Experiment.from_dict(data).run(progress=False)
+    summary = run_experiment(Experiment.from_dict(data), progress=False)
 
     inner = make_fitness("lm", base_model=str(zoo / "base"), suite="tinylm", max_items=MAX_ITEMS)
     store = Store(f"sqlite:///{tmp_path / 'run' / 'study.db'}", "tinylm_reduced",
@@ -148,7 +149,7 @@ def test_rescore_keeps_the_best_full_search_score_among_the_top_estimates(zoo, t
 
     plain = {**data, "run_dir": str(tmp_path / "plain")}
     plain["fitness"] = {**data["fitness"], "reduced": {**data["fitness"]["reduced"], "rescore": 0}}
-    unguarded = Experiment.from_dict(plain).run(progress=False)
+    unguarded = run_experiment(Experiment.from_dict(plain), progress=False)
     assert unguarded["fitness_reduction"]["rescored"] == []
     assert unguarded["best"]["trial"] == top[0].number  # same seed, same trials: best estimate
 
@@ -158,8 +159,8 @@ def test_a_reduced_dfs_run_calibrates_on_perturbations_of_its_start_path(zoo, tm
                                                                        monkeypatch):
     """A DFS space has a start path: calibration scores the sources and the local design
     around it (evomerge.fitness.reduced.calibration_design), not uniform layer paths."""
-    from evomerge.execution.driver import Plan
-    from evomerge.execution.worker import Evaluator
+    from evomerge.execution.plan import Plan
+    from evomerge.execution.evaluator import Evaluator
     from evomerge.fitness.reduced import calibration_design, source_recipe
 
     scored = []
@@ -171,7 +172,7 @@ def test_a_reduced_dfs_run_calibrates_on_perturbations_of_its_start_path(zoo, tm
             "models": {"base": str(zoo / "base"),
                        "sources": {t: str(zoo / f"expert_{t}") for t in ("add", "sort")}},
             "space": {"kind": "dfs", "repeats": 2, "start": "sort"}}
-    summary = Experiment.from_dict(data).run(progress=False)
+    summary = run_experiment(Experiment.from_dict(data), progress=False)
 
     space = Plan(Experiment.from_dict(data)).space
     points, kind = calibration_design(space, DESIGN, seed=0)

@@ -8,6 +8,7 @@ import math
 import numpy as np
 import pytest
 
+from evomerge.execution.driver import run_experiment
 from evomerge.search import make_strategy
 from evomerge.search.m2n2 import (
     ChildRecord,
@@ -309,7 +310,7 @@ def test_resume_replays_stored_item_scores_and_continues_the_same_run(zoo, tmp_p
     assert len(load_trials(part, "digits_m2n2_experts")) == 7
     from evomerge.experiment import Experiment
 
-    Experiment.from_dict(data(part, 13)).run(resume=True, progress=False)
+    run_experiment(Experiment.from_dict(data(part, 13)), resume=True, progress=False)
     want, got = (by_slot(load_trials(r, "digits_m2n2_experts")) for r in (whole, part))
     assert want.keys() == got.keys() and len(want) == 13
     for slot in want:

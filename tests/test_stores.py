@@ -283,7 +283,7 @@ def test_sqlite_with_many_writers_gets_advice_naming_journal_and_postgresql(url,
 def test_the_driver_warns_once_about_an_sqlite_store_with_many_writers(executor, warned):
     import warnings
 
-    from evomerge.execution.driver import _warn_many_writers
+    from evomerge.execution.plan import _warn_many_writers
     from evomerge.experiment import Executor
 
     with warnings.catch_warnings(record=True) as caught:

@@ -20,7 +20,8 @@ from run_helpers import build_zoo, experiment_data, run_in_process
 
 from evomerge.dfs import DfsSpace
 from evomerge.execution import driver
-from evomerge.execution.driver import Plan, _note
+from evomerge.execution.driver import _note, run_experiment
+from evomerge.execution.plan import Plan
 from evomerge.experiment import Experiment
 from evomerge.store import PARAMS, RUN, Slot, Store, legacy_names, x_of
 
@@ -167,7 +168,7 @@ def test_a_run_stored_with_x_names_resumes_with_them_on_the_same_trajectory(zoo,
     recorded = yaml.safe_load((run_dir / "experiment.yaml").read_text())
     (run_dir / "experiment.yaml").write_text(yaml.safe_dump({**recorded, "budget": 24}))
     (run_dir / "summary.json").unlink()
-    summary = Experiment.from_run_dir(run_dir).run(resume=True, progress=False)
+    summary = run_experiment(Experiment.from_run_dir(run_dir), resume=True, progress=False)
     study = optuna.load_study(study_name=NAME, storage=url)
     assert study.user_attrs[PARAMS] == legacy_names(6)  # a study keeps the names it began with
     assert len(study.trials) == 24 and (run_dir / "run.json").is_file()

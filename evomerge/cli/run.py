@@ -3,6 +3,7 @@ after a kill, and a worker serving a run's queue from anywhere its storage reach
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -35,19 +36,22 @@ HELP = (
 
 
 def run_and_report(experiment: Experiment, resume: bool) -> None:
-    """Run (or resume) ``experiment`` and print its summary; a bad experiment or checkpoint
-    exits 2, a run that fails on the way exits 1."""
+    """Run (or resume) ``experiment`` through :mod:`evomerge.api` and print its summary; a bad
+    experiment or checkpoint exits 2, a run that fails on the way exits 1."""
+    from evomerge import api
     from evomerge.experiment import ExperimentError
     from evomerge.merge.checkpoints import CheckpointError
-    from evomerge.report import print_summary
+    from evomerge.report import SUMMARY, print_summary
 
     try:
-        summary = experiment.run(resume=resume)
+        summary = (api.resume(experiment.run_path, progress=True) if resume
+                   else api.run(experiment, progress=True))
     except (ExperimentError, CheckpointError) as exc:
         fail(exc)
     except RuntimeError as exc:
         fail(exc, 1)
-    print_summary(summary, console)
+    # the table is of summary.json as the run wrote it (fields the typed Summary leaves out too)
+    print_summary(json.loads((summary.run_dir / SUMMARY).read_text()), console)
     console.print(f"Run directory: [bold]{experiment.run_path}[/bold]")
 
 

@@ -2,7 +2,7 @@
 
 An executor is built as ``cls(experiment, store_args)`` and offers:
 
-- ``evaluator``: an :class:`~evomerge.execution.worker.Evaluator` in the driver process (source
+- ``evaluator``: an :class:`~evomerge.execution.evaluator.Evaluator` in the driver process (source
   and held-out scores at the end of a run);
 - ``run(store, done, tick)``: return once ``done()``; ``tick(1)`` per trial evaluated in this
   process, ``tick()`` after each poll of remote progress;
@@ -15,7 +15,11 @@ recording and exactly-once accounting from the driver for free.
 from __future__ import annotations
 
 import importlib
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:  # the package's own modules import it: only annotations name them here
+    from evomerge.execution.worker import Executor
+    from evomerge.experiment import Experiment
 
 #: kind -> "module:Class", imported on use so that `local` runs never import ray.
 EXECUTORS: dict[str, str] = {
@@ -25,7 +29,7 @@ EXECUTORS: dict[str, str] = {
 }
 
 
-def make_executor(experiment: Any, store_args: dict) -> Any:
+def make_executor(experiment: Experiment, store_args: dict[str, Any]) -> Executor:
     """The executor for ``experiment.executor.kind``."""
     module, _, cls = EXECUTORS[experiment.executor.kind].partition(":")
     return getattr(importlib.import_module(module), cls)(experiment, store_args)

@@ -22,173 +22,35 @@ import re
 import sys
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from collections.abc import Callable
 from typing import Any
 
 import numpy as np
-from optuna.trial import TrialState
+from optuna.trial import FrozenTrial, TrialState
 
-from evomerge.experiment import Experiment, ExperimentError
 from evomerge.execution import make_executor
-from evomerge.execution.worker import fitness_for, torch_threads
+from evomerge.execution.devices import torch_threads
+from evomerge.execution.plan import BoundSpaceLike, Plan
+from evomerge.execution.worker import Executor
+from evomerge.experiment import Experiment, ExperimentError
+from evomerge.fitness.base import Objective
+from evomerge.recipe import LayerRecipe, MergeRecipe, SegmentRecipe
 from evomerge.search import Strategy
-from evomerge.store import (EXPERIMENT, INTERRUPTED, RESULT, RunOwnedError, Slot, Store,
-                            explain_write_errors, storage_url, x_of)
+from evomerge.store import (
+    EXPERIMENT,
+    INTERRUPTED,
+    RESULT,
+    STORE_ARGS,
+    RunOwnedError,
+    Slot,
+    Store,
+    explain_write_errors,
+    x_of,
+)
 
 RUN_FILE = "run.json"  # RUN_DIR/run.json: {"run_id", "study"}: the run's identity
-
-
-class Plan:
-    """Everything derived from an experiment before any compute: space, strategy, store args."""
-
-    def __init__(self, experiment: Experiment) -> None:
-        from evomerge.merge.checkpoints import CheckpointError, check_compatible, check_finite
-        from evomerge.merge.engine import layer_group
-        from evomerge.spaces import SearchSpace, load_space
-        from evomerge.weight_space import WeightSpace, is_weight_space, pairing_problems
-
-        problems: list[str] = []  # every problem the file has, raised together below
-        missing = experiment.models.missing()
-        if missing:
-            problems.append("models not found (local directories, e.g. built by `evomerge zoo "
-                            "build digits`, or Hub ids in the Hugging Face cache):\n  "
-                            + "\n  ".join(missing))
-        else:
-            experiment = experiment.resolved()
-        self.experiment = experiment
-        models = experiment.models
-        self.paths = ([models.base] if models.base else []) + list(models.sources.values())
-        infos = None
-        if not missing:
-            try:
-                infos = check_compatible(self.paths)
-            except CheckpointError as exc:
-                problems.append(str(exc))
-            # NaN/inf weights, before the run directory exists (one pass; workers check again)
-            problems += check_finite(self.paths)
-        weights = is_weight_space(experiment.space)  # M2N2's members (evomerge.weight_space)
-        try:
-            dfs = isinstance(experiment.space, dict) and experiment.space.get("kind") == "dfs"
-            if dfs:
-                from evomerge.dfs import DfsSpace
-
-                space = DfsSpace.from_dict(experiment.space)
-            elif weights:
-                space = WeightSpace.from_dict(experiment.space)
-            else:
-                space = (SearchSpace.from_dict(experiment.space, where="space")
-                         if isinstance(experiment.space, dict) else load_space(experiment.space))
-            if infos is not None:  # binding needs the models' layers
-                names = list(infos[0].tensors)
-                groups = [layer_group(n) for n in names]
-                num_layers = 1 + max((g.layer for g in groups if g.layer is not None),
-                                     default=-1)
-                non_layer = [n for n, g in zip(names, groups) if g.layer is None]
-                self.space = (space.bind(models.sources, experiment.budget, infos[0].tensors)
-                              if weights else space.bind(models.sources, num_layers,
-                                         infos[0].config.get("model_type"), loaded=self.paths)
-                              if dfs else space.bind(models.base, list(models.sources.values()),
-                                                     num_layers, non_layer))
-        except (ValueError, KeyError, FileNotFoundError) as exc:
-            message = str(exc)
-            problems.append(message if message.startswith("space:") else f"space: {message}")
-        problems += pairing_problems(experiment.space, experiment.strategy.name,
-                                     experiment.strategy.options, experiment.fitness.options)
-        try:
-            self.objectives = _objectives(fitness_for(experiment), experiment)
-        except ExperimentError as exc:
-            problems.append(str(exc))
-        if problems:
-            raise ExperimentError("\n".join(problems))
-        directions = [o.direction for o in self.objectives]
-        self.strategy_kwargs = dict(lower=self.space.lower, upper=self.space.upper,
-                                    directions=directions, seed=experiment.seed,
-                                    **experiment.strategy.options)
-        if weights:  # M2N2 crosses members with the space's Gram oracle (loaded on first use)
-            self.strategy_kwargs.setdefault("crossover", "weights")
-            self.strategy_kwargs["geometry"] = self.space.geometry
-        if self.strategy_kwargs.get("init") == "sources":  # M2N2: each source alone
-            try:
-                self.strategy_kwargs["init"] = [p.tolist() for p in self.space.source_points()]
-            except ValueError as exc:
-                raise ExperimentError(f"strategy.init: sources: {exc}") from None
-        start = getattr(self.space, "start_point", None)  # DFS: start from a real model
-        if start is not None and "x0" not in self.strategy_kwargs and _takes_x0(
-                self.strategy_factory):
-            self.strategy_kwargs["x0"] = start.tolist()
-        strategy = self.new_strategy()
-        if experiment.budget < strategy.popsize:
-            raise ExperimentError(f"budget: {experiment.budget} is smaller than one generation "
-                                  f"(strategy.popsize = {strategy.popsize})")
-        self.store_args = dict(url=storage_url(experiment.storage, experiment.run_path),
-                               study_name=experiment.name, directions=directions,
-                               lower=list(map(float, self.space.lower)),
-                               upper=list(map(float, self.space.upper)),
-                               param_names=list(self.space.names),
-                               objective_names=[o.name for o in self.objectives],
-                               # Always on: only workers with an owner beat (one write per
-                               # heartbeat_s each), the in-process executor never does.
-                               heartbeat_s=experiment.executor.heartbeat_s,
-                               grace_s=experiment.executor.grace_s)
-        _warn_many_writers(self.store_args["url"], experiment.executor)
-
-    @property
-    def strategy_factory(self) -> Callable[..., Strategy]:
-        """The registered strategy class, or the Strategy class (or factory) given to
-        :func:`evomerge.run`: called with the bounds, directions, seed and the experiment's
-        strategy options, afresh for every run and resume (resume is replay)."""
-        from evomerge.search import STRATEGIES
-
-        return self.experiment.component("strategy") or STRATEGIES[self.experiment.strategy.name]
-
-    def new_strategy(self) -> Strategy:
-        try:
-            return self.strategy_factory(**self.strategy_kwargs)
-        except TypeError as exc:
-            raise ExperimentError(f"strategy: {exc}") from None
-        except ValueError as exc:
-            raise ExperimentError(f"strategy: {exc}") from None
-
-
-def _takes_x0(factory: Callable[..., Strategy]) -> bool:
-    import inspect
-
-    return "x0" in inspect.signature(factory).parameters
-
-
-def _warn_many_writers(url: str, executor: Any) -> None:
-    """One warning when the experiment's workers would all write one SQLite file."""
-    import warnings
-
-    from evomerge.store import many_writers_warning
-
-    remote = executor.kind == "slurm" or (executor.kind == "ray" and executor.address != "local")
-    advice = many_writers_warning(url, executor.workers, remote=remote)
-    if advice:
-        warnings.warn(advice, UserWarning, stacklevel=3)
-
-
-def _objectives(fitness_cls: Any, experiment: Experiment) -> list:
-    """The fitness's objectives, validating its options (``reduced`` block included) before
-    any compute."""
-    from evomerge.execution.reduction import split_options
-
-    from evomerge.fitness.reduced import check_reducible
-
-    try:
-        options, spec = split_options(experiment.fitness.options)
-        if spec is not None:  # refused before the run directory or the study exist
-            check_reducible(fitness_cls, experiment.fitness.name)
-        fitness = fitness_cls(base_model=experiment.models.base or next(
-            iter(experiment.models.sources.values())), **options)
-    except (TypeError, ValueError) as exc:
-        message = str(exc)
-        raise ExperimentError(message if message.startswith("fitness") else
-                              f"fitness: {message}") from None
-    return list(fitness.objectives)
 
 
 def run_experiment(experiment: Experiment, *, resume: bool = False, progress: bool = True,
@@ -246,12 +108,17 @@ def _run_locked(plan: Plan, resume: bool, progress: bool,
         _say(progress, resumed["line"])
     store.set_finished(False)
     reduction = None
-    if "reduced" in plan.experiment.fitness.options:  # before any evaluator reads it
+    if plan.experiment.fitness.reduced is not None:  # before any evaluator reads it
+        from evomerge.execution.evaluator import evaluator_for
         from evomerge.execution.reduction import calibrate_run
 
-        reduction = calibrate_run(plan, progress=progress)
+        reduction = calibrate_run(plan, lambda: evaluator_for(plan.experiment, reduced=False),
+                                  progress=progress)
     with explain_write_errors(plan.store_args["url"], store.resume_hint):
-        # Remote workers (`evomerge worker --storage URL --study NAME`) read the experiment here.
+        # Remote workers (`evomerge worker --storage URL --study NAME`) read the experiment
+        # and open the store with these arguments (their own URL and study name aside).
+        store.study.set_user_attr(STORE_ARGS, {k: v for k, v in plan.store_args.items()
+                                               if k not in ("url", "study_name")})
         store.study.set_user_attr(EXPERIMENT, plan.experiment.model_dump(mode="json"))
     executor = make_executor(plan.experiment, plan.store_args)
     budget = plan.experiment.budget
@@ -349,7 +216,8 @@ def _record_resume(run_dir: Path, summary: dict[str, Any], resumed: dict[str, An
     write_atomic(run_dir / SUMMARY, json.dumps(summary, indent=2))
 
 
-def _note(space: Any, recipe: Any, slot: Slot) -> str:
+def _note(space: BoundSpaceLike, recipe: MergeRecipe | LayerRecipe | SegmentRecipe,
+          slot: Slot) -> str:
     """A trial's recipe as optuna-dashboard shows it on the trial's page (Markdown): the
     mergekit YAML with models by their short names and numbers to 4 decimals, then which
     model each short name is."""
@@ -364,7 +232,7 @@ def _note(space: Any, recipe: Any, slot: Slot) -> str:
             f"```yaml\n{text.rstrip()}\n```\n\n**Models**\n\n{legend}\n")
 
 
-def _model_names(space: Any) -> dict[str, str]:
+def _model_names(space: BoundSpaceLike) -> dict[str, str]:
     """Model reference -> its short name in the space (the names its parameters carry)."""
     from evomerge.spaces import BoundSpace
 
@@ -377,7 +245,7 @@ def _model_names(space: Any) -> dict[str, str]:
     return {ref: label for ref, label in zip(refs, labels) if ref != label}
 
 
-def _search(plan: Plan, store: Store, executor: Any, bar: Any,
+def _search(plan: Plan, store: Store, executor: Executor, bar: Any,
             on_trial: Callable[[int, int], None] | None) -> Strategy:
     """Ask, enqueue, evaluate and tell until the budget is spent; the told strategy."""
     experiment = plan.experiment
@@ -451,7 +319,7 @@ def _search(plan: Plan, store: Store, executor: Any, bar: Any,
     return strategy
 
 
-def _enqueue(store: Store, space: Any, x: np.ndarray, slot: Slot,
+def _enqueue(store: Store, space: BoundSpaceLike, x: np.ndarray, slot: Slot,
              meta: dict[str, Any] | None = None) -> int:
     """One candidate into the store: its parameters by name, its recipe (data, and readable as
     the trial's dashboard note; not for an in-memory study, which no dashboard can open). A
@@ -466,12 +334,12 @@ def _enqueue(store: Store, space: Any, x: np.ndarray, slot: Slot,
 class _Best:
     """Best-so-far for the progress bar, tracked locally (no store scan per trial)."""
 
-    def __init__(self, objectives: list) -> None:
+    def __init__(self, objectives: list[Objective]) -> None:
         self.objectives = objectives
         self.value: float | None = None
         self.front = 0
 
-    def add(self, trial: Any) -> None:
+    def add(self, trial: FrozenTrial) -> None:
         if trial.state != TrialState.COMPLETE:
             return
         if len(self.objectives) == 1:
@@ -485,7 +353,7 @@ class _Best:
         return "-" if self.value is None else f"{self.objectives[0].name} {self.value:.4f}"
 
 
-def _item_scores(trial: Any) -> np.ndarray | None:
+def _item_scores(trial: FrozenTrial) -> np.ndarray | None:
     """A finished trial's per-item scores as one vector (tasks in sorted name order), read
     from the store, so a replayed trial tells exactly what the live one did; None if it
     failed. Told to every strategy; M2N2 selects by them (see ``evomerge.search.m2n2``)."""
@@ -497,12 +365,13 @@ def _item_scores(trial: Any) -> np.ndarray | None:
     return np.concatenate([decode_scores(scores[task]) for task in sorted(scores)])
 
 
-def _interrupted(trial: Any) -> bool:
+def _interrupted(trial: FrozenTrial) -> bool:
     return trial.state == TrialState.FAIL and trial.user_attrs.get(RESULT, {}).get(
         "error") == INTERRUPTED
 
 
-def _check_failures(generation: list, store: Store, share: float, popsize: int) -> None:
+def _check_failures(generation: list[FrozenTrial], store: Store, share: float,
+                    popsize: int) -> None:
     """Stop the run when more than ``share`` of the finished candidates failed."""
     finished = [t for t in store.slots().values() if t.state.is_finished()] if any(
         t.state == TrialState.FAIL for t in generation) else None

@@ -14,15 +14,15 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from evomerge.execution.worker import (Executor, drain, evaluator_for, worker_id,
-                                       worker_loop)
+from evomerge.execution.evaluator import evaluator_for
+from evomerge.execution.worker import Executor, drain, worker_id, worker_loop
+from evomerge.experiment import Experiment
 from evomerge.store import Store
 
 
-def _worker_main(experiment_data: dict, store_args: dict, parent: int, slot: int) -> None:
+def _worker_main(experiment_data: dict[str, Any], store_args: dict[str, Any], parent: int,
+                 slot: int) -> None:
     import torch
-
-    from evomerge.experiment import Experiment
 
     experiment = Experiment.model_validate(experiment_data)
     # N workers share this machine's cores: torch's default (all cores each) oversubscribes
@@ -38,7 +38,7 @@ def _worker_main(experiment_data: dict, store_args: dict, parent: int, slot: int
 class LocalExecutor(Executor):
     """Runs the enqueued trials of a generation to completion."""
 
-    def __init__(self, experiment: Any, store_args: dict) -> None:
+    def __init__(self, experiment: Experiment, store_args: dict[str, Any]) -> None:
         super().__init__(experiment, store_args)
         self.workers = experiment.executor.workers
         self._procs: list[mp.Process] = []

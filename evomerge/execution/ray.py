@@ -60,8 +60,9 @@ from typing import Any
 import ray
 from ray.exceptions import RayActorError, RayTaskError
 
-from evomerge.execution.worker import Executor, evaluator_for, process_one, worker_id
-from evomerge.experiment import ExperimentError
+from evomerge.execution.evaluator import evaluator_for
+from evomerge.execution.worker import Executor, process_one, worker_id
+from evomerge.experiment import Experiment, ExperimentError
 from evomerge.store import Store
 
 POLL_S = 0.05  # how often the driver re-checks the generation while actors are busy
@@ -94,11 +95,10 @@ def missing_resources(available: dict[str, float], workers: int, cpus_per_worker
 class _Actor:
     """One Ray worker: the sources resident once, then one queued trial per :meth:`step`."""
 
-    def __init__(self, experiment_data: dict, store_args: dict, device: str) -> None:
+    def __init__(self, experiment_data: dict[str, Any], store_args: dict[str, Any],
+                 device: str) -> None:
         """``device``: the experiment's ``executor.device`` for an actor Ray gave GPUs (Ray
         sets its ``CUDA_VISIBLE_DEVICES``, so ``auto`` is the actor's first GPU), else cpu."""
-        from evomerge.experiment import Experiment
-
         experiment = Experiment.model_validate(experiment_data)
         self.store = Store(**store_args)
         self.evaluator = evaluator_for(experiment, device=device)
@@ -119,7 +119,7 @@ _REMOTE_ACTOR = ray.remote(_Actor)
 class RayExecutor(Executor):
     """N Ray actors serving the store's queue (see the module docstring)."""
 
-    def __init__(self, experiment: Any, store_args: dict) -> None:
+    def __init__(self, experiment: Experiment, store_args: dict[str, Any]) -> None:
         options = experiment.executor
         check_address(options.address)
         if options.workers < 1:  # also refused by the Experiment; kept for direct callers

@@ -20,30 +20,23 @@ from __future__ import annotations
 import gc
 import json
 import os
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+from evomerge.experiment import ExperimentError
+from evomerge.fitness.reduced import ReducedSpec
+
+if TYPE_CHECKING:  # the driver's: it hands calibration its plan and a way to build an evaluator
+    from evomerge.execution.evaluator import Evaluator
+    from evomerge.execution.plan import Plan
+    from evomerge.fitness.irt import Reduction
 
 #: Where the fitted reduction lives, relative to the run directory (workers read it there).
 REDUCTION_FILE = Path("irt") / "reduction.json"
 
 
-def split_options(options: dict[str, Any]) -> tuple[dict[str, Any], Any]:
-    """``(fitness options without the reduced block, its ReducedSpec or None)``; raises
-    ValueError naming a bad ``fitness.reduced`` key before any compute."""
-    from evomerge.fitness.reduced import ReducedSpec
-
-    options = dict(options)
-    block = options.pop("reduced", None)
-    if block is None:
-        return options, None
-    if not isinstance(block, dict):
-        raise ValueError(  # noqa: TRY004 - a configuration error, as drivers report them
-            "fitness.reduced: expected a mapping (estimator, anchors, design, "
-            f"...), got {block!r}")
-    return options, ReducedSpec.from_dict(block)
-
-
-def load(run_dir: Path, spec: Any) -> tuple[Any, str]:
+def load_reduction(run_dir: Path, spec: ReducedSpec) -> tuple[Reduction, str]:
     """The run's fitted reduction and estimator, for ``Evaluator(reduction=...)``."""
     from evomerge.fitness.irt import Reduction
 
@@ -54,21 +47,24 @@ def load(run_dir: Path, spec: Any) -> tuple[Any, str]:
     return Reduction.from_dict(json.loads(path.read_text())), spec.estimator
 
 
-def calibrate_run(plan: Any, *, progress: bool = True) -> dict[str, Any]:
+def calibrate_run(plan: Plan, new_evaluator: Callable[[], Evaluator], *,
+                  progress: bool = True) -> dict[str, Any]:
     """Calibrate the run's reduction (or reuse the cached one) and write it where evaluators
-    read it; returns what summary.json reports about it. A fitness that cannot be reduced
-    (:func:`evomerge.fitness.reduced.check_reducible`) is refused before anything is scored."""
-    from evomerge.experiment import ExperimentError
+    read it; returns what summary.json reports about it. ``new_evaluator``: a full (not
+    reduced) evaluator of the run, built here and released before the executor builds its own.
+    A fitness that cannot be reduced (:func:`evomerge.fitness.reduced.check_reducible`) is
+    refused before anything is scored."""
     from evomerge.fitness.base import FITNESSES
     from evomerge.fitness.reduced import check_reducible
 
     experiment = plan.experiment
+    spec = experiment.fitness.reduced
+    assert spec is not None, "calibrate_run needs a fitness.reduced block"
     try:
         check_reducible(FITNESSES[experiment.fitness.name], experiment.fitness.name)
     except ValueError as exc:
         raise ExperimentError(str(exc)) from None
-    options, spec = split_options(experiment.fitness.options)
-    reduction, design = _calibrate(plan, options, spec, progress)
+    reduction, design = _calibrate(plan, new_evaluator, spec, progress)
     gc.collect()  # the calibration evaluator (sources, model) is gone before workers start
     path = experiment.run_path / REDUCTION_FILE
     tmp = path.with_name(path.name + ".tmp")
@@ -82,14 +78,13 @@ def calibrate_run(plan: Any, *, progress: bool = True) -> dict[str, Any]:
             "reduction_factor": round(full / evaluated, 2)}
 
 
-def _calibrate(plan: Any, options: dict[str, Any], spec: Any, progress: bool
-               ) -> tuple[Any, str]:
+def _calibrate(plan: Plan, new_evaluator: Callable[[], Evaluator], spec: ReducedSpec,
+               progress: bool) -> tuple[Reduction, str]:
     """Score sources + the space's design (:func:`evomerge.fitness.reduced.calibration_design`:
     uniform in the bounds, or local around a DFS space's start) on the full search items; fit.
     Returns the reduction and the design's kind. Progress: a bar on a terminal, plain periodic
     lines in a log (:func:`evomerge.report.track`).
     """
-    from evomerge.execution.worker import evaluator_for
     from evomerge.fitness.reduced import calibrate, calibration_design, source_recipe
     from evomerge.report import track
 
@@ -97,7 +92,7 @@ def _calibrate(plan: Any, options: dict[str, Any], spec: Any, progress: bool
     endpoints = [source_recipe(p) for p in experiment.models.sources.values()]
     points, kind = calibration_design(plan.space, spec.design, spec.seed)
     design = [plan.space.decode(x) for x in points]
-    evaluator = evaluator_for(experiment, reduced=False)
+    evaluator = new_evaluator()
 
     def score(recipes: list) -> list:
         items = track(list(recipes), "IRT calibration (full search items)", enabled=progress)
@@ -105,4 +100,5 @@ def _calibrate(plan: Any, options: dict[str, Any], spec: Any, progress: bool
 
     return calibrate(score, endpoints, design, spec,
                      experiment.run_path / REDUCTION_FILE.parent,
-                     fingerprint={"fitness": experiment.fitness.name, "options": options}), kind
+                     fingerprint={"fitness": experiment.fitness.name,
+                                  "options": experiment.fitness.options}), kind

@@ -25,6 +25,8 @@ from pathlib import Path
 from typing import Any
 
 from evomerge.execution.worker import Executor, storage_file
+from evomerge.experiment import Executor as ExecutorConfig
+from evomerge.experiment import Experiment
 from evomerge.store import Store, open_storage, storage_url
 
 #: Where the sbatch templates live (a repository folder, next to experiments/).
@@ -45,7 +47,7 @@ class SlurmExecutor(Executor):
     poll_s = 0.25  # how often the driver reads the generation's trials
     check_s = 10.0  # how often it asks squeue whether the worker array still exists
 
-    def __init__(self, experiment: Any, store_args: dict) -> None:
+    def __init__(self, experiment: Experiment, store_args: dict[str, Any]) -> None:
         super().__init__(experiment, store_args)
         self._folder = Path(experiment.run_path) / "slurm"
         self._missing = 0  # consecutive squeue checks that found no worker task
@@ -134,7 +136,7 @@ class Prepared:
 
     run_dir: Path
     storage: str
-    experiment: Any  # the driver's Experiment: executor.kind slurm, storage set, paths absolute
+    experiment: Experiment  # the driver's: executor.kind slurm, storage set, paths absolute
     worker_script: str
     driver_script: str
 
@@ -143,18 +145,16 @@ class Prepared:
         return self.run_dir / "slurm"
 
 
-def prepare(experiment: Any, *, workers: int, options: Mapping[str, str],
+def prepare(experiment: Experiment, *, workers: int, options: Mapping[str, str],
             storage: str | None = None, poll_s: float = 0.5, signal_s: int = 60,
             python: str = sys.executable, workdir: Path | None = None) -> Prepared:
     """Render both scripts for ``experiment`` (no side effects). ``storage`` default: the
     experiment's, else SQLite in the run directory. Workers get SIGTERM ``signal_s`` before
     their time limit: ample to give a trial back (one storage write)."""
-    from evomerge.experiment import Executor
-
     if workers < 1:
         raise ValueError(f"workers: {workers}; an array needs at least one task")
     url = storage or storage_url(experiment.storage, experiment.run_path)
-    executor = Executor.model_validate({**experiment.executor.model_dump(), "kind": "slurm",
+    executor = ExecutorConfig.model_validate({**experiment.executor.model_dump(), "kind": "slurm",
                                         "workers": workers, "slurm": dict(options)})
     driver_experiment = experiment.resolved().model_copy(
         update={"executor": executor, "storage": url})

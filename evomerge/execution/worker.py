@@ -1,185 +1,30 @@
 """The worker loop: pop an enqueued trial, build its merge in place, score it, record it.
 
-The same loop serves the in-process executor, local worker processes, and (later) Ray actors
-and SLURM array tasks: everything it needs arrives as data (model paths, fitness options, and
-the recipe stored with each trial), so a worker can start anywhere the storage URL reaches.
+The same loop serves the in-process executor, local worker processes, Ray actors and SLURM
+array tasks: everything it needs arrives as data (the experiment and the store's arguments,
+stored in the study by the driver, and the recipe stored with each trial), so a worker can
+start anywhere the storage URL reaches. Scoring itself is :mod:`evomerge.execution.evaluator`'s.
 """
 
 from __future__ import annotations
 
-import inspect
 import math
 import os
 import signal
 import socket
 import time
 import traceback
-import warnings
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
-from evomerge.execution.devices import describe, resolve_device
-from evomerge.fitness.base import (
-    DTYPES,
-    EvalResult,
-    Fitness,
-    Objective,
-    fitness_class,
-)
-from evomerge.fitness.function import FitnessFactory, fitness_factory
-from evomerge.merge.engine import Merger
-from evomerge.merge.export import export_dtype
-from evomerge.merge.layerstack import LayerStack, ResidentSources
-from evomerge.merge.segments import build_into
-from evomerge.recipe import LayerRecipe, MergeRecipe, SegmentRecipe, parse_recipe
-from evomerge.store import EXPERIMENT, OWNER, Store, open_storage
-
-
-class Evaluator:
-    """Sources resident once, one model to build into, one fitness: scores recipes.
-
-    ``device``: where sources, build target and fitness model live (a ``torch.device`` or its
-    name; :func:`evaluator_for` picks it from ``executor.device``). ``dtype``: the fitness
-    model's dtype, ``auto`` meaning the checkpoints' own (bf16 stays bf16). ``engine``: the
-    Merger's options (cache, chunk, device_budget). ``fitness``: a registered name or a factory
-    (:func:`fitness_for`); it gets ``device`` and ``dtype`` when it takes them and the
-    experiment did not set them itself.
-    """
-
-    def __init__(self, model_paths: list[str], fitness: str | FitnessFactory,
-                 fitness_options: Mapping[str, Any], base_model: str | None,
-                 device: str | torch.device = "cpu", reduction: Any = None,
-                 dtype: str = "auto", engine: Mapping[str, Any] | None = None) -> None:
-        self.device = torch.device(device)
-        weights = export_dtype(sources=model_paths)  # None: the checkpoints' dtypes differ
-        self.dtype = (weights or torch.float32) if dtype == "auto" else DTYPES[dtype]
-        # mixed-dtype checkpoints merge once cast to an explicit dtype; agreeing ones never cast
-        self.merger = Merger(model_paths, device=self.device, **(engine or {}),
-                             dtype=None if weights or dtype == "auto" else self.dtype)
-        placement = describe(self.device, self.dtype)  # its device and dtype, as spelled there
-        factory = fitness_class(fitness) if isinstance(fitness, str) else fitness
-        takes = inspect.signature(factory).parameters
-        #: the fitness as configured; ``fitness`` is what the search sees (maybe IRT-reduced)
-        self.inner: Fitness = factory(
-            base_model=base_model or model_paths[0],
-            **{k: placement[k] for k in ("device", "dtype")
-               if k in takes and k not in fitness_options},
-            **fitness_options)
-        self.fitness: Fitness = self.inner
-        if reduction is not None:
-            self.reduce(*reduction)
-        self.model = self.fitness.new_model().to(self.device)
-        #: what this worker records with each trial it evaluates (see devices.describe)
-        self.placement = describe(self.device, next(self.model.parameters()).dtype)
-        self._stack: LayerStack | None = None
-
-    def reduce(self, reduction: Any, estimator: str) -> None:
-        """Score searches on the reduction's anchor items only (see evomerge.fitness.reduced)."""
-        from evomerge.fitness.reduced import ReducedFitness
-
-        self.fitness = ReducedFitness(self.inner, reduction, estimator)
-
-    def build(self, recipe: MergeRecipe | LayerRecipe) -> torch.nn.Module:
-        """The candidate: a merge written in place into the evaluator's model, or a layer stack
-        (DFS) assembled by reference over the resident models."""
-        if isinstance(recipe, LayerRecipe):
-            return self._stack_for(recipe).build(recipe)
-        if isinstance(recipe, SegmentRecipe):  # an M2N2 weight-space member
-            build_into(recipe, self.merger, self.model)
-            return self.model
-        self.merger.build(recipe, into=self.model)
-        return self.model
-
-    def materialise(self, recipe: MergeRecipe | LayerRecipe
-                    ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-        """The candidate's tensors for export, and the config fields that differ from the
-        base's (a layer stack's depth)."""
-        if isinstance(recipe, LayerRecipe):
-            return self._stack_for(recipe).materialise(recipe)
-        built = (build_into(recipe, self.merger, self.model) if isinstance(recipe, SegmentRecipe)
-                 else self.merger.build(recipe, into=self.model))
-        # by the checkpoints' names (GPT-NeoX: embed_out, not the class's lm_head); a tied half
-        # the checkpoints store anyway as the model holds it (the merged embeddings); tensors
-        # the model does not keep (old buffers such as Pythia's attention masks) as the base
-        # holds them: the export has the sources' layout
-        own = self.model.state_dict()
-        base = self.merger.state(getattr(recipe, "base_model", None) or self.merger.paths[0])
-        return {n: (built[n] if n in built else own[n] if n in own else base[n]).detach()
-                for n in self.merger.names}, {}
-
-    def _stack_for(self, recipe: LayerRecipe) -> LayerStack:
-        """The layer stacker, with the recipe's ``merged`` models (PS+DFS) built once each."""
-        if self._stack is None:
-            self._stack = LayerStack(ResidentSources(self.merger), self.model.config, self.model)
-        self._stack.tensors.prepare(recipe.merged)
-        return self._stack
-
-    def score_items(self, recipes: Sequence[MergeRecipe | LayerRecipe]
-                    ) -> list[dict[str, np.ndarray]]:
-        """Per-item scores of the configured fitness on the full search split (IRT calibration)."""
-        return [self.inner.evaluate(self.build(recipe), "search").item_scores
-                for recipe in recipes]
-
-    @property
-    def objectives(self) -> list[Objective]:
-        return self.fitness.objectives
-
-    def evaluate(self, recipe: MergeRecipe | LayerRecipe, split: str = "search"
-                 ) -> tuple[EvalResult, dict[str, float]]:
-        started = time.perf_counter()
-        model = self.build(recipe)
-        built = time.perf_counter()
-        result = self.fitness.evaluate(model, split)
-        return result, {"build_s": built - started, "eval_s": time.perf_counter() - built}
-
-    def evaluate_source(self, path: str, split: str = "search") -> EvalResult:
-        """Score an input model as it is (no merge)."""
-        self.merger.copy(path, into=self.model)
-        return self.fitness.evaluate(self.model, split)
-
-
-def evaluator_for(experiment: Any, slot: int = 0, device: str | None = None,
-                  reduced: bool = True) -> Evaluator:
-    """The evaluator of an experiment's models and fitness on the device of worker ``slot``
-    (``executor.device``, see :mod:`evomerge.execution.devices`; ``device`` overrides it), in
-    ``models.dtype`` with the ``engine`` options; IRT-reduced when the experiment says so and
-    ``reduced`` (the driver has written the run's reduction before any trial exists; its
-    calibration itself scores full items)."""
-    from evomerge.execution import reduction
-
-    models = experiment.models
-    paths = ([models.base] if models.base else []) + list(models.sources.values())
-    options, spec = reduction.split_options(experiment.fitness.options)
-    fitted = reduction.load(experiment.run_path, spec) if spec is not None and reduced else None
-    where = resolve_device(device or experiment.executor.device, slot)
-    return Evaluator(paths, fitness_for(experiment), options, models.base, device=where,
-                     reduction=fitted, dtype=models.dtype, engine=experiment.engine.options())
-
-
-def fitness_for(experiment: Any) -> FitnessFactory:
-    """How the experiment's fitness is built: its registered class, or the Python object
-    :func:`evomerge.run` was given for it (see :mod:`evomerge.fitness.function`)."""
-    given = experiment.component("fitness")
-    return (fitness_class(experiment.fitness.name) if given is None
-            else fitness_factory(given))
-
-
-@contextmanager
-def torch_threads(n: int | None) -> Iterator[None]:
-    """torch's intra-op threads set to ``n`` (None: unchanged) for the block. On a shared
-    machine, torch's default (one thread per core, spinning) made LM evaluation 16x slower."""
-    before = torch.get_num_threads()
-    if n:
-        torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
+from evomerge.execution.evaluator import Evaluator, evaluator_for
+from evomerge.experiment import Experiment
+from evomerge.recipe import parse_recipe
+from evomerge.store import EXPERIMENT, OWNER, STORE_ARGS, Store, open_storage
 
 
 class Executor:
@@ -187,7 +32,7 @@ class Executor:
     experiment, the store arguments, and the driver's own evaluator, built on first use (source
     and held-out scores at the end of a run; in-process trials for the local executor)."""
 
-    def __init__(self, experiment: Any, store_args: dict) -> None:
+    def __init__(self, experiment: Experiment, store_args: dict[str, Any]) -> None:
         self.experiment = experiment
         self.store_args = store_args
         self._evaluator: Evaluator | None = None
@@ -303,11 +148,12 @@ def storage_file(url: str) -> Path | None:
     return None
 
 
-def wait_for_experiment(url: str, study: str, *, wait_s: float, poll_s: float = 1.0
-                        ) -> dict[str, Any]:
-    """The experiment that ``evomerge run`` stored in ``study`` (the study's user attribute
-    ``experiment``), waiting up to ``wait_s`` for the driver to create it: array tasks may start
-    before their driver. LookupError naming what is missing after the wait."""
+def wait_for_run(url: str, study: str, *, wait_s: float, poll_s: float = 1.0
+                 ) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The experiment and the store arguments that ``evomerge run`` stored in ``study`` (its
+    user attributes ``experiment`` and ``evomerge:store_args``), waiting up to ``wait_s`` for
+    the driver to create them: array tasks may start before their driver. LookupError naming
+    what is missing after the wait."""
     import sqlalchemy.exc
 
     deadline = time.monotonic() + wait_s
@@ -319,10 +165,10 @@ def wait_for_experiment(url: str, study: str, *, wait_s: float, poll_s: float = 
                 problem = f"{path} does not exist"
             else:
                 storage = storage or open_storage(url)
-                study_id = storage.get_study_id_from_name(study)
-                data = storage.get_study_user_attrs(study_id).get(EXPERIMENT)
-                if isinstance(data, dict):
-                    return data
+                attrs = storage.get_study_user_attrs(storage.get_study_id_from_name(study))
+                data, store_args = attrs.get(EXPERIMENT), attrs.get(STORE_ARGS)
+                if isinstance(data, dict) and isinstance(store_args, dict):
+                    return data, store_args
                 problem = (f"study {study!r} holds no experiment (attribute {EXPERIMENT!r}); "
                            "was it created by `evomerge run`?")
         except KeyError:
@@ -340,27 +186,21 @@ def serve(url: str, study: str, *, poll_s: float = 1.0, max_trials: int | None =
           wait_s: float = 600.0) -> dict[str, Any]:
     """Serve a run's queue from anywhere its storage URL reaches: a SLURM array task, a shell.
 
-    Everything comes from the study (the driver stored the resolved experiment there), so a
-    worker needs only the URL and the study name. Returns ``{"trials": n, "given_back": [...],
-    "terminated": bool}``. On SIGTERM the running trial is given back at once (FAIL
-    "interrupted", which the driver enqueues again) and the worker returns normally, so a
-    cancelled, preempted or timed-out task exits 0 and no slot is evaluated twice.
+    Everything comes from the study (the driver stored the resolved experiment and the store's
+    arguments there), so a worker needs only the URL and the study name. Returns ``{"trials":
+    n, "given_back": [...], "terminated": bool}``. On SIGTERM the running trial is given back
+    at once (FAIL "interrupted", which the driver enqueues again) and the worker returns
+    normally, so a cancelled, preempted or timed-out task exits 0 and no slot is evaluated twice.
     """
-    from evomerge.execution.driver import Plan
-    from evomerge.experiment import Experiment
-
     owner, count, given_back = worker_id(), 0, []
     with _sigterm_raises():
         store_args: dict[str, Any] | None = None
         try:
-            experiment = Experiment.model_validate(
-                wait_for_experiment(url, study, wait_s=wait_s, poll_s=poll_s))
-            with warnings.catch_warnings():  # advice on the storage: the driver gave it once
-                warnings.simplefilter("ignore", UserWarning)
-                plan = Plan(experiment)
-            # Plan's store args carry executor.heartbeat_s: this worker beats while it holds a
-            # trial, so the driver gives the trial back if the task dies (kill -9, node loss).
-            store_args = {**plan.store_args, "url": url, "study_name": study}
+            data, stored = wait_for_run(url, study, wait_s=wait_s, poll_s=poll_s)
+            experiment = Experiment.model_validate(data)
+            # the store args carry executor.heartbeat_s: this worker beats while it holds a
+            # trial, so the driver gives the trial back if the task dies (kill -9, node loss)
+            store_args = {**stored, "url": url, "study_name": study}
             store = Store(**store_args)
             # Slurm gives the task its GPUs through CUDA_VISIBLE_DEVICES: slot 0 is the first
             # of them; several tasks of one step sharing a node's GPUs take them by local id

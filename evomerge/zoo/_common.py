@@ -22,6 +22,9 @@ from typing import Any, Self, TextIO
 
 import torch
 
+# Zoos train on a pinned thread count (torch_threads(BUILD_THREADS)): float reductions split
+# differently across threads, so the weights would otherwise depend on the machine's core count.
+from evomerge.execution.devices import torch_threads  # noqa: F401 - the zoos' builders use it
 from evomerge.progress import hms, live_display, progress_interval
 
 MANIFEST = "zoo.json"
@@ -58,21 +61,6 @@ def manifest_matches(out_dir: Path, expected: dict, required_files: Iterable[str
     return all(
         (out_dir / d / name).is_file() for d in expected["models"].values() for name in files
     )
-
-
-@contextmanager
-def torch_threads(n: int) -> Iterator[None]:
-    """Run the body with ``n`` torch intra-op threads, then restore the caller's setting.
-
-    Zoos train on a pinned thread count: float reductions split differently across threads, so
-    the weights would otherwise depend on the machine's core count.
-    """
-    before = torch.get_num_threads()
-    torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
 
 
 @contextmanager
