@@ -21,8 +21,8 @@ The run directory records an object as its ``module:qualname``; the object itsel
 the process. So a fitness object runs in the driver (``executor.workers: 0``) or in local
 workers, which import it by that name (it must be defined at module level). Remote executors
 (Ray, SLURM) are refused with an error saying so: their workers start elsewhere from the
-experiment stored in the study, and each still derives a whole plan from it (fitness and
-strategy included). Resuming a run made with objects takes them again (``resume(run_dir,
+experiment stored in the study, and each builds its fitness from the names it records.
+Resuming a run made with objects takes them again (``resume(run_dir,
 fitness=...)``) unless their names import.
 """
 

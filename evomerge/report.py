@@ -16,7 +16,7 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from importlib import metadata
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from optuna.trial import FrozenTrial, TrialState
@@ -24,6 +24,13 @@ from optuna.trial import FrozenTrial, TrialState
 from evomerge.recipe import parse_recipe
 from evomerge.progress import hms, live_display, progress_interval
 from evomerge.store import INTERRUPTED, META, OWNER, RESULT, Store
+
+if TYPE_CHECKING:  # the driver's values, reported here; this module loads without torch
+    from evomerge.execution.evaluator import Evaluator
+    from evomerge.execution.plan import Plan
+    from evomerge.experiment import Experiment
+    from evomerge.fitness.base import Objective
+    from evomerge.search import Strategy
 
 SUMMARY = "summary.json"
 BEST_RECIPE = "best_recipe.yaml"
@@ -44,7 +51,7 @@ def write_atomic(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def write_provenance(run_dir: Path, experiment: Any, *, resumed: bool) -> None:
+def write_provenance(run_dir: Path, experiment: Experiment, *, resumed: bool) -> None:
     """The resolved experiment (what ``resume`` reads), the versions that ran it and the Hub
     models it read (repository, revision asked, commit)."""
     import evomerge
@@ -195,8 +202,8 @@ def _earliest(trial: FrozenTrial) -> tuple[int, int]:
     return -trial.user_attrs[META]["generation"], -trial.user_attrs[META]["index"]
 
 
-def _rescore(complete: list[FrozenTrial], objectives: list, evaluator: Any, k: int,
-             objs: Callable[[Any], dict[str, float]], *, progress: bool = False
+def _rescore(complete: list[FrozenTrial], objectives: list[Objective], evaluator: Evaluator,
+             k: int, objs: Callable[[Any], dict[str, float]], *, progress: bool = False
              ) -> tuple[FrozenTrial, list[dict[str, Any]]]:
     """The winner's-curse guard of a reduced fitness: the ``k`` best trials by their estimates
     are scored on the full search items and the best of those full scores wins.
@@ -218,14 +225,14 @@ def _rescore(complete: list[FrozenTrial], objectives: list, evaluator: Any, k: i
     return max(scored, key=lambda pair: pair[0])[1], rows
 
 
-def write_strategy_report(strategy: Any, run_dir: Path) -> None:
+def write_strategy_report(strategy: Strategy, run_dir: Path) -> None:
     """Surrogate strategies (MAP) report their surrogates' error: RUN_DIR/surrogate.json."""
     report = getattr(strategy, "surrogate_report", None)
     if callable(report):
         write_atomic(run_dir / "surrogate.json", json.dumps(report(), indent=2))
 
 
-def finish_run(plan: Any, store: Store, evaluator: Any, *, wall_s: float,
+def finish_run(plan: Plan, store: Store, evaluator: Evaluator, *, wall_s: float,
                reduction: dict[str, Any] | None = None, progress: bool = False
                ) -> dict[str, Any]:
     """Score best and sources on both splits, export the best, plot, write summary.json, and
