@@ -140,8 +140,8 @@ def run_one(config: str, zoo: dict[str, Path], seed: int, ks: list[int],
             run_dir: Path) -> dict[str, Any]:
     """Drive one strategy for max(ks) evaluations; HV and the best preference-weighted score
     (mean accuracy) at each k, surrogate error for MAP, the tree's choice for Nested MAP."""
-    from evomerge.execution.plan import Plan
     from evomerge.execution.evaluator import evaluator_for
+    from evomerge.execution.plan import Plan
     from evomerge.experiment import Experiment
 
     experiment = Experiment.from_dict({**experiment_data(config, zoo, seed),
@@ -176,8 +176,8 @@ def run_one(config: str, zoo: dict[str, Path], seed: int, ks: list[int],
 
 def base_scores(zoo: dict[str, Path]) -> list[float]:
     """The five-task objectives of the base model alone (every expert weight 0)."""
-    from evomerge.execution.plan import Plan
     from evomerge.execution.evaluator import evaluator_for
+    from evomerge.execution.plan import Plan
     from evomerge.experiment import Experiment
 
     with tempfile.TemporaryDirectory() as tmp:

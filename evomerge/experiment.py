@@ -161,9 +161,9 @@ class FitnessConfig(Named):
     def _reduced(cls, value: Any) -> Any:
         if value is None or isinstance(value, ReducedSpec):
             return value
-        if not isinstance(value, dict):
-            raise ValueError(f"expected a mapping (estimator, anchors, design, ...), got "
-                             f"{value!r}")
+        if not isinstance(value, dict):  # pydantic reports ValueErrors, not TypeErrors
+            raise ValueError(  # noqa: TRY004
+                f"expected a mapping (estimator, anchors, design, ...), got {value!r}")
         return ReducedSpec.from_dict(value)
 
 

@@ -14,9 +14,8 @@ import json
 import pkgutil
 import subprocess
 import sys
-from pathlib import Path
-
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 

@@ -159,8 +159,8 @@ def test_a_reduced_dfs_run_calibrates_on_perturbations_of_its_start_path(zoo, tm
                                                                        monkeypatch):
     """A DFS space has a start path: calibration scores the sources and the local design
     around it (evomerge.fitness.reduced.calibration_design), not uniform layer paths."""
-    from evomerge.execution.plan import Plan
     from evomerge.execution.evaluator import Evaluator
+    from evomerge.execution.plan import Plan
     from evomerge.fitness.reduced import calibration_design, source_recipe
 
     scored = []

@@ -32,23 +32,16 @@ from optuna.trial import FrozenTrial, TrialState
 
 from evomerge.execution import make_executor
 from evomerge.execution.devices import torch_threads
+from evomerge.execution.evaluator import evaluator_for
 from evomerge.execution.plan import BoundSpaceLike, Plan
+from evomerge.execution.reduction import calibrate_run
 from evomerge.execution.worker import Executor
 from evomerge.experiment import Experiment, ExperimentError
 from evomerge.fitness.base import Objective
 from evomerge.recipe import LayerRecipe, MergeRecipe, SegmentRecipe
 from evomerge.search import Strategy
-from evomerge.store import (
-    EXPERIMENT,
-    INTERRUPTED,
-    RESULT,
-    STORE_ARGS,
-    RunOwnedError,
-    Slot,
-    Store,
-    explain_write_errors,
-    x_of,
-)
+from evomerge.store import (EXPERIMENT, INTERRUPTED, RESULT, STORE_ARGS, RunOwnedError, Slot,
+                            Store, explain_write_errors, x_of)
 
 RUN_FILE = "run.json"  # RUN_DIR/run.json: {"run_id", "study"}: the run's identity
 
@@ -109,9 +102,6 @@ def _run_locked(plan: Plan, resume: bool, progress: bool,
     store.set_finished(False)
     reduction = None
     if plan.experiment.fitness.reduced is not None:  # before any evaluator reads it
-        from evomerge.execution.evaluator import evaluator_for
-        from evomerge.execution.reduction import calibrate_run
-
         reduction = calibrate_run(plan, lambda: evaluator_for(plan.experiment, reduced=False),
                                   progress=progress)
     with explain_write_errors(plan.store_args["url"], store.resume_hint):

@@ -2,7 +2,7 @@
 
 ``executor: {kind: ray, workers: N}`` starts N actors (``num_cpus=cpus_per_worker``,
 ``num_gpus=gpus_per_worker``). Each loads the sources once (an
-:class:`~evomerge.execution.worker.Evaluator`; start-up costs seconds, so actors live for the
+:class:`~evomerge.execution.evaluator.Evaluator`; start-up costs seconds, so actors live for the
 whole run) and evaluates one queued trial per call through
 :func:`~evomerge.execution.worker.process_one`, under its own owner id (``host:pid``), so
 progress, results and failures land in the same store as in a local run. The driver keeps one
