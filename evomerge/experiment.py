@@ -5,11 +5,12 @@ one generation — each as one error naming the field. Model paths are resolved 
 directory (as ``evomerge merge`` does) and stored absolute in the run directory, so ``evomerge
 resume`` works from anywhere.
 
-An Experiment is configuration only: running it is :func:`evomerge.run`'s (or the driver's,
-:func:`evomerge.execution.driver.run_experiment`), so this module imports nothing that runs::
+An Experiment is configuration only: running one is :func:`evomerge.run`'s (an Experiment, a
+path or a mapping; or the driver's, :func:`evomerge.execution.driver.run_experiment`), so this
+module imports nothing that runs::
 
     import evomerge
-    summary = evomerge.run(Experiment.from_yaml("experiments/digits_cmaes.yaml"))
+    summary = evomerge.run("experiments/digits_cmaes.yaml")
 """
 
 from __future__ import annotations
@@ -19,15 +20,8 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import (
-    BaseModel,
-    ConfigDict,
-    Field,
-    PrivateAttr,
-    ValidationError,
-    field_validator,
-    model_validator,
-)
+from pydantic import (BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator,
+                      model_validator)
 
 from evomerge.config_io import format_errors, read_yaml
 from evomerge.fitness.reduced import ReducedSpec

@@ -1,5 +1,7 @@
-"""The import arrows run one way: recipes are plain data; fitnesses and zoos share models, not each other;
-no module of evomerge imports itself back through others.
+"""The import arrows run one way: recipes are plain data; fitnesses and zoos share models, not each other.
+
+No module of evomerge imports itself back through others (no import cycle); an experiment is
+configuration that imports nothing that runs it; workers never build a driver's plan.
 
 Each check imports in a fresh interpreter and reads ``sys.modules`` (what the import really
 loaded, transitively), and reads every module's source for imports inside functions too, which
