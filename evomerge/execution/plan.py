@@ -170,7 +170,9 @@ def _warn_many_writers(url: str, executor: ExecutorConfig) -> None:
 
 def _objectives(fitness_cls: FitnessFactory, experiment: Experiment) -> list[Objective]:
     """The fitness's objectives, validating its options (and that a ``reduced`` block's fitness
-    can be reduced) before any compute."""
+    can be reduced) before any compute. The fitness is built once here, in the driver, because
+    building it is what checks every option and data file (a suite's items, whether each fits
+    the model's context) before the run directory exists; workers never build a plan."""
     from evomerge.fitness.reduced import check_reducible
 
     try:
