@@ -16,12 +16,13 @@ module imports nothing that runs::
 from __future__ import annotations
 
 import re
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import (BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator,
-                      model_validator)
+from pydantic import (BaseModel, ConfigDict, Field, PrivateAttr, ValidationError,
+                      field_serializer, field_validator, model_validator)
 
 from evomerge.config_io import format_errors, read_yaml
 from evomerge.fitness.reduced import ReducedSpec
@@ -159,6 +160,13 @@ class FitnessConfig(Named):
             raise ValueError(  # noqa: TRY004
                 f"expected a mapping (estimator, anchors, design, ...), got {value!r}")
         return ReducedSpec.from_dict(value)
+
+    @field_serializer("reduced")
+    def _dump_reduced(self, spec: ReducedSpec | None) -> dict[str, Any] | None:
+        """The block's fields as given (``race: false`` stays a bool, which pydantic's typed
+        dump would coerce); None, "chosen for the run's strategy", is left out as if unset."""
+        return None if spec is None else {k: v for k, v in asdict(spec).items()
+                                           if v is not None}
 
 
 class Engine(BaseModel):

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from evomerge.execution.devices import describe, resolve_device
-from evomerge.execution.reduction import load_reduction
+from evomerge.execution.reduction import Reductions, is_fixed, load_reduction
 from evomerge.experiment import Experiment
 from evomerge.fitness.base import DTYPES, EvalResult, Fitness, Objective, fitness_class
 from evomerge.fitness.function import FitnessFactory, fitness_factory
@@ -48,7 +48,8 @@ class Evaluator:
                  fitness_options: Mapping[str, Any], base_model: str | None,
                  device: str | torch.device = "cpu",
                  reduction: tuple[Reduction, str] | None = None,
-                 dtype: str = "auto", engine: Mapping[str, Any] | None = None) -> None:
+                 dtype: str = "auto", engine: Mapping[str, Any] | None = None,
+                 reductions: Reductions | None = None) -> None:
         self.device = torch.device(device)
         weights = export_dtype(sources=model_paths)  # None: the checkpoints' dtypes differ
         self.dtype = (weights or torch.float32) if dtype == "auto" else DTYPES[dtype]
@@ -67,6 +68,9 @@ class Evaluator:
         self.fitness: Fitness = self.inner
         if reduction is not None:
             self.reduce(*reduction)
+        #: the run's fitted reductions by key, for trials that name theirs (see ``evaluate``)
+        self.reductions = reductions
+        self._reduced: dict[str, Fitness] = {}
         self.model = self.fitness.new_model().to(self.device)
         #: what this worker records with each trial it evaluates (see devices.describe)
         self.placement = describe(self.device, next(self.model.parameters()).dtype)
@@ -77,6 +81,25 @@ class Evaluator:
         from evomerge.fitness.reduced import ReducedFitness
 
         self.fitness = ReducedFitness(self.inner, reduction, estimator)
+
+    def search_fitness(self, fidelity: Mapping[str, Any] | None) -> Fitness:
+        """What scores a trial enqueued with ``fidelity`` (see
+        :mod:`evomerge.execution.reduction`): ``{"full": true}`` every search item,
+        ``{"reduction": key, ...}`` that fitted reduction's anchors, None the configured
+        fitness (runs recorded before trials named their fidelity)."""
+        from evomerge.fitness.reduced import ReducedFitness
+
+        if fidelity is None:
+            return self.fitness
+        key = fidelity.get("reduction")
+        if key is None:
+            return self.inner
+        if key not in self._reduced:
+            if self.reductions is None:
+                raise ValueError(f"trial names reduction {key!r}, but this evaluator was "
+                                 "built without the run's reductions")
+            self._reduced[key] = ReducedFitness(self.inner, *self.reductions.load(key))
+        return self._reduced[key]
 
     def build(self, recipe: MergeRecipe | LayerRecipe) -> torch.nn.Module:
         """The candidate: a merge written in place into the evaluator's model, or a layer stack
@@ -123,12 +146,21 @@ class Evaluator:
     def objectives(self) -> list[Objective]:
         return self.fitness.objectives
 
-    def evaluate(self, recipe: MergeRecipe | LayerRecipe, split: str = "search"
+    def evaluate(self, recipe: MergeRecipe | LayerRecipe, split: str = "search",
+                 fidelity: Mapping[str, Any] | None = None
                  ) -> tuple[EvalResult, dict[str, float]]:
+        """Build and score ``recipe``; on ``search``, at the trial's ``fidelity``
+        (:meth:`search_fitness`; a reduction's ``race`` thresholds go to its evaluate)."""
         started = time.perf_counter()
         model = self.build(recipe)
         built = time.perf_counter()
-        result = self.fitness.evaluate(model, split)
+        if split == "search" and fidelity is not None:
+            fitness = self.search_fitness(fidelity)
+            race = fidelity.get("race")
+            result = (fitness.evaluate(model, split, race=race) if race is not None
+                      else fitness.evaluate(model, split))
+        else:
+            result = self.fitness.evaluate(model, split)
         return result, {"build_s": built - started, "eval_s": time.perf_counter() - built}
 
     def evaluate_source(self, path: str, split: str = "search") -> EvalResult:
@@ -147,11 +179,15 @@ def evaluator_for(experiment: Experiment, slot: int = 0, device: str | None = No
     models = experiment.models
     paths = ([models.base] if models.base else []) + list(models.sources.values())
     spec = experiment.fitness.reduced
-    fitted = load_reduction(experiment.run_path, spec) if spec is not None and reduced else None
+    reduced = reduced and spec is not None
+    fitted = load_reduction(experiment.run_path, spec) if reduced and is_fixed(
+        experiment.run_path) else None
     where = resolve_device(device or experiment.executor.device, slot)
     return Evaluator(paths, fitness_for(experiment), experiment.fitness.options, models.base,
                      device=where, reduction=fitted, dtype=models.dtype,
-                     engine=experiment.engine.options())
+                     engine=experiment.engine.options(),
+                     reductions=Reductions(experiment.run_path, spec.estimator)
+                     if reduced else None)
 
 
 def fitness_for(experiment: Experiment) -> FitnessFactory:

@@ -69,7 +69,7 @@ def process_one(store: Store, evaluator: Evaluator, owner: str | None = None) ->
         try:
             # the driver validated it when it decoded x: checked once per trial, not twice
             recipe = parse_recipe(claim.meta["recipe"], validated=True)
-            result, timings = evaluator.evaluate(recipe)
+            result, timings = evaluator.evaluate(recipe, fidelity=claim.meta.get("fidelity"))
             values = result.values(evaluator.objectives)
         except Exception as exc:  # noqa: BLE001 - any failure of a candidate is data, not a crash
             if isinstance(exc, torch.OutOfMemoryError):
@@ -80,7 +80,7 @@ def process_one(store: Store, evaluator: Evaluator, owner: str | None = None) ->
         finite = all(math.isfinite(v) for v in values)
         store.finish(claim, values, timings=timings, item_scores=result.item_scores,
                      error=None if finite else f"non-finite objectives {values}",
-                     worker=getattr(evaluator, "placement", None))
+                     worker=getattr(evaluator, "placement", None), info=result.info)
     return True
 
 
