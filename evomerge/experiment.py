@@ -244,11 +244,10 @@ def import_object(name: str) -> Any:
 def _unknown_names(strategy: Any, fitness: Any) -> list[str]:
     """A line per strategy or fitness name (a string; anything else is pydantic's to report)
     that is not registered; ``module:qualname`` names are the Plan's to resolve."""
-    from evomerge.fitness.base import FITNESSES, _load_builtin
+    from evomerge.fitness.base import FITNESSES
     from evomerge.search import STRATEGIES
 
     strategy, fitness = ((None if is_object_name(n) else n) for n in (strategy, fitness))
-    _load_builtin()
     problems = []
     if isinstance(strategy, str) and strategy not in STRATEGIES:
         problems.append(f"strategy.name: unknown strategy {strategy!r}; known: "

@@ -16,6 +16,8 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
+from evomerge.registry import Registry
+
 Direction = Literal["maximize", "minimize"]
 Split = Literal["search", "heldout"]
 
@@ -78,35 +80,22 @@ def resolve_dtype(dtype: str | torch.dtype, config: Any) -> torch.dtype:
     return DTYPES[dtype]
 
 
-FITNESSES: dict[str, Callable[..., Fitness]] = {}
-
-
-def register(name: str) -> Callable[[type[Fitness]], type[Fitness]]:
-    """Class decorator: make a fitness available to experiments by name."""
-    def wrap(cls: type[Fitness]) -> type[Fitness]:
-        if name in FITNESSES:
-            raise ValueError(f"fitness {name!r} is already registered")
-        FITNESSES[name] = cls
-        return cls
-    return wrap
+#: name -> Fitness class. The built-ins are lazy targets, so this module imports none of them and
+#: naming one imports only its module; plugins: entry-point group ``evomerge.fitnesses``.
+FITNESSES: Registry[Callable[..., Fitness]] = Registry("fitness", "evomerge.fitnesses", {
+    "digits": "evomerge.fitness.digits:DigitsFitness",
+    "lm": "evomerge.fitness.lm:LMFitness",
+    "lm-eval": "evomerge.fitness.lmeval:LmEvalFitness",
+    "perplexity": "evomerge.fitness.perplexity:PerplexityFitness",
+})
+#: class decorator: ``@register("name")`` makes a fitness available to experiments by name
+register = FITNESSES.register
 
 
 def fitness_class(name: str) -> Callable[..., Fitness]:
     """The registered fitness ``name`` (KeyError listing the known names)."""
-    _load_builtin()
-    try:
-        return FITNESSES[name]
-    except KeyError:
-        raise KeyError(f"unknown fitness {name!r}; known: {', '.join(sorted(FITNESSES))}") from None
+    return FITNESSES[name]
 
 
 def make_fitness(name: str, **options: Any) -> Fitness:
     return fitness_class(name)(**options)
-
-
-def _load_builtin() -> None:
-    """Import the built-in fitness modules so their ``@register`` runs."""
-    import evomerge.fitness.digits  # noqa: F401
-    import evomerge.fitness.lm  # noqa: F401
-    import evomerge.fitness.lmeval  # noqa: F401
-    import evomerge.fitness.perplexity  # noqa: F401

@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from evomerge.fitness.base import EvalResult, Fitness, Objective, register
+from evomerge.fitness.base import EvalResult, Fitness, Objective
 from evomerge.models.digits import NUM_CLASSES, NUM_FEATURES, DigitsMLP, digits_splits
 
 __all__ = ["DigitsFitness", "parse_objectives"]
@@ -92,7 +92,6 @@ def _parse_classes(classes: Any, where: str) -> tuple[int, ...]:
     return tuple(sorted(int(c) for c in classes))
 
 
-@register("digits")
 class DigitsFitness(Fitness):
     """Accuracy of digits MLPs on class subsets of the digits ``search`` / ``heldout`` split.
 

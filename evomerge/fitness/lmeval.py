@@ -128,7 +128,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from evomerge.fitness.base import EvalResult, Fitness, Objective, register, resolve_dtype
+from evomerge.fitness.base import EvalResult, Fitness, Objective, resolve_dtype
 
 __all__ = [
     "DEFAULT_INCLUDE_PATH",
@@ -643,7 +643,6 @@ def _report(problems: Sequence[str]) -> str:
 # --------------------------------------------------------------------------------------------
 
 
-@register("lm-eval")
 class LmEvalFitness(Fitness):
     """Per-item scores of an in-memory causal LM on lm-evaluation-harness tasks.
 
