@@ -109,9 +109,6 @@ class Registry(Generic[T]):
             self._entries[name] = target = obj
         return target  # type: ignore[return-value]
 
-    def get(self, name: str, default: T | None = None) -> T | None:
-        return self[name] if name in self else default
-
     def __contains__(self, name: object) -> bool:
         if name not in self._entries:
             self._load_plugins()
@@ -128,9 +125,6 @@ class Registry(Generic[T]):
     def names(self) -> list[str]:
         """The registered names, sorted (what errors and help texts list)."""
         return sorted(self)
-
-    def keys(self) -> list[str]:
-        return list(self)
 
     def values(self) -> list[T]:
         return [self[name] for name in self]
