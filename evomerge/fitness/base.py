@@ -9,9 +9,9 @@ candidate into, so a worker allocates it once and never re-instantiates it.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 import numpy as np
 import torch
@@ -19,6 +19,8 @@ import torch
 from evomerge.registry import Registry
 
 Direction = Literal["maximize", "minimize"]
+_DIRECTIONS = ("maximize", "minimize")
+T = TypeVar("T")
 Split = Literal["search", "heldout"]
 
 
@@ -57,6 +59,50 @@ class Fitness(ABC):
     @abstractmethod
     def evaluate(self, model: torch.nn.Module, split: Split = "search") -> EvalResult:
         """Score ``model`` on the ``search`` items (seen by the search) or the ``heldout`` ones."""
+
+
+def parse_objective_specs(objectives: Any, target: str,
+                          parse_target: Callable[[Any, str], T]) -> list[tuple[Objective, T]]:
+    """Objective specs ``[{name, <target>, direction}]`` (the digits fitness's ``classes``,
+    lm-eval's ``tasks``; ``"all"`` when left out) validated in one place, so every fitness
+    words its config errors alike: ``[(Objective, parse_target(spec[target], where))]``, a
+    ValueError naming the field otherwise."""
+    keys = ("name", target, "direction")
+    if isinstance(objectives, (str, bytes, Mapping)) or not isinstance(objectives, Sequence):
+        raise ValueError(  # noqa: TRY004 - config errors are ValueErrors for the CLI
+            f"objectives: expected a list of {{name, {target}, direction}} mappings, "
+            f"got {type(objectives).__name__}"
+        )
+    if not objectives:
+        raise ValueError(f"objectives: empty; give at least one {{name, {target}}} objective")
+    parsed: list[tuple[Objective, T]] = []
+    seen: set[str] = set()
+    for i, spec in enumerate(objectives):
+        where = f"objectives[{i}]"
+        if not isinstance(spec, Mapping):
+            raise ValueError(  # noqa: TRY004 - config errors are ValueErrors for the CLI
+                f"{where}: expected a mapping with name and {target}, got {spec!r}"
+            )
+        unknown = [k for k in spec if k not in keys]
+        if unknown:
+            raise ValueError(
+                f"{where}: unknown key(s) {', '.join(map(repr, unknown))}; "
+                f"allowed: {', '.join(keys)}"
+            )
+        name = spec.get("name")
+        if not isinstance(name, str) or not name.strip():
+            raise ValueError(f"{where}.name: expected a non-empty string, got {name!r}")
+        if name in seen:
+            raise ValueError(f"{where}.name: duplicate objective name {name!r}")
+        seen.add(name)
+        chosen = parse_target(spec.get(target, "all"), f"{where}.{target}")
+        direction = spec.get("direction", "maximize")
+        if direction not in _DIRECTIONS:
+            raise ValueError(
+                f"{where}.direction: expected one of {', '.join(_DIRECTIONS)}, got {direction!r}"
+            )
+        parsed.append((Objective(name, direction), chosen))
+    return parsed
 
 
 #: ``dtype`` options of model-owning fitnesses (``auto``: the checkpoint's own, see below).
