@@ -35,13 +35,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from evomerge.experiment import (
-    Experiment,
-    ExperimentError,
-    import_object,
-    is_object_name,
-    is_run_dir,
-)
+from evomerge.experiment import Experiment, ExperimentError, is_run_dir
+from evomerge.registry import import_object, is_object_name
 
 Source = Experiment | str | Path | Mapping[str, Any]
 
@@ -90,6 +85,7 @@ class Summary:
     devices: dict[str, Any]
     base: dict[str, Any] | None = None  # the base's scores, when it is not a source
     fitness_reduction: dict[str, Any] | None = None  # IRT-reduced runs
+    item_evaluations: dict[str, int] | None = None  # calibration, search, rescore, total
     resume: dict[str, Any] | None = None  # what the latest resume did
 
     @classmethod
@@ -106,6 +102,7 @@ class Summary:
             best_model=Path(outputs["best_model"]) if outputs.get("best_model") else None,
             storage=data["storage"], timing=data["timing"], devices=data["devices"],
             base=data.get("base"), fitness_reduction=data.get("fitness_reduction"),
+            item_evaluations=data.get("item_evaluations"),
             resume=data.get("resume"))
 
     @classmethod
