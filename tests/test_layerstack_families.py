@@ -35,7 +35,7 @@ import pytest
 import torch
 import transformers
 
-from evomerge.dfs import DfsSpace
+from evomerge.spaces import DfsSpace
 from evomerge.merge.engine import Merger, layer_group
 from evomerge.merge.export import export_model
 from evomerge.merge.layerstack import LayerStack

@@ -46,9 +46,7 @@ class Plan:
 
     def __init__(self, experiment: Experiment) -> None:
         from evomerge.merge.checkpoints import CheckpointError, check_compatible, check_finite
-        from evomerge.merge.engine import layer_group
-        from evomerge.spaces import SearchSpace, load_space
-        from evomerge.weight_space import WeightSpace, is_weight_space, pairing_problems
+        from evomerge.spaces import BindTarget, pairing_problems, parse_space, strategy_options
 
         problems: list[str] = []  # every problem the file has, raised together below
         missing = experiment.models.missing()
@@ -69,29 +67,12 @@ class Plan:
                 problems.append(str(exc))
             # NaN/inf weights, before the run directory exists (one pass; workers check again)
             problems += check_finite(self.paths)
-        weights = is_weight_space(experiment.space)  # M2N2's members (evomerge.weight_space)
         try:
-            dfs = isinstance(experiment.space, dict) and experiment.space.get("kind") == "dfs"
-            if dfs:
-                from evomerge.dfs import DfsSpace
-
-                space = DfsSpace.from_dict(experiment.space)
-            elif weights:
-                space = WeightSpace.from_dict(experiment.space)
-            else:
-                space = (SearchSpace.from_dict(experiment.space, where="space")
-                         if isinstance(experiment.space, dict) else load_space(experiment.space))
+            space = parse_space(experiment.space)  # any kind (evomerge.spaces), bound one way
             if infos is not None:  # binding needs the models' layers
-                names = list(infos[0].tensors)
-                groups = [layer_group(n) for n in names]
-                num_layers = 1 + max((g.layer for g in groups if g.layer is not None),
-                                     default=-1)
-                non_layer = [n for n, g in zip(names, groups) if g.layer is None]
-                self.space = (space.bind(models.sources, experiment.budget, infos[0].tensors)
-                              if weights else space.bind(models.sources, num_layers,
-                                         infos[0].config.get("model_type"), loaded=self.paths)
-                              if dfs else space.bind(models.base, list(models.sources.values()),
-                                                     num_layers, non_layer))
+                self.space = space.bind_to(BindTarget(
+                    models.base, models.sources, infos[0].tensors,
+                    infos[0].config.get("model_type"), experiment.budget))
         except (ValueError, KeyError, FileNotFoundError) as exc:
             message = str(exc)
             problems.append(message if message.startswith("space:") else f"space: {message}")
@@ -104,21 +85,13 @@ class Plan:
         if problems:
             raise ExperimentError("\n".join(problems))
         directions = [o.direction for o in self.objectives]
+        try:  # the experiment's options and what the space implies (a start, M2N2's crossover)
+            options = strategy_options(self.space, experiment.strategy.options,
+                                       self.strategy_factory)
+        except ValueError as exc:
+            raise ExperimentError(str(exc)) from None
         self.strategy_kwargs = dict(lower=self.space.lower, upper=self.space.upper,
-                                    directions=directions, seed=experiment.seed,
-                                    **experiment.strategy.options)
-        if weights:  # M2N2 crosses members with the space's Gram oracle (loaded on first use)
-            self.strategy_kwargs.setdefault("crossover", "weights")
-            self.strategy_kwargs["geometry"] = self.space.geometry
-        if self.strategy_kwargs.get("init") == "sources":  # M2N2: each source alone
-            try:
-                self.strategy_kwargs["init"] = [p.tolist() for p in self.space.source_points()]
-            except ValueError as exc:
-                raise ExperimentError(f"strategy.init: sources: {exc}") from None
-        start = getattr(self.space, "start_point", None)  # DFS: start from a real model
-        if start is not None and "x0" not in self.strategy_kwargs and _takes_x0(
-                self.strategy_factory):
-            self.strategy_kwargs["x0"] = start.tolist()
+                                    directions=directions, seed=experiment.seed, **options)
         strategy = self.new_strategy()
         if experiment.budget < strategy.popsize:
             raise ExperimentError(f"budget: {experiment.budget} is smaller than one generation "
@@ -151,12 +124,6 @@ class Plan:
             raise ExperimentError(f"strategy: {exc}") from None
         except ValueError as exc:
             raise ExperimentError(f"strategy: {exc}") from None
-
-
-def _takes_x0(factory: Callable[..., Strategy]) -> bool:
-    import inspect
-
-    return "x0" in inspect.signature(factory).parameters
 
 
 def _warn_many_writers(url: str, executor: Any) -> None:
@@ -353,7 +320,7 @@ def _note(space: Any, recipe: Any, slot: Slot) -> str:
     """A trial's recipe as optuna-dashboard shows it on the trial's page (Markdown): the
     mergekit YAML with models by their short names and numbers to 4 decimals, then which
     model each short name is."""
-    names = _model_names(space)
+    names = space.model_names()
     text = recipe.to_yaml()
     for ref in sorted(names, key=len, reverse=True):
         text = text.replace(ref, names[ref])
@@ -362,19 +329,6 @@ def _note(space: Any, recipe: Any, slot: Slot) -> str:
     legend = "\n".join(f"- `{short}`: `{ref}`" for ref, short in names.items())
     return (f"### Recipe: generation {slot.generation}, candidate {slot.index}\n\n"
             f"```yaml\n{text.rstrip()}\n```\n\n**Models**\n\n{legend}\n")
-
-
-def _model_names(space: Any) -> dict[str, str]:
-    """Model reference -> its short name in the space (the names its parameters carry)."""
-    from evomerge.spaces import BoundSpace
-
-    if isinstance(space, BoundSpace):
-        names = dict(zip(space.inputs, space.labels))
-        if space.base_model and space.base_model not in names:
-            names[space.base_model] = Path(space.base_model).name or space.base_model
-        return names
-    refs, labels = getattr(space, "refs", ()), getattr(space, "labels", ())  # DFS
-    return {ref: label for ref, label in zip(refs, labels) if ref != label}
 
 
 def _search(plan: Plan, store: Store, executor: Any, bar: Any,
@@ -454,11 +408,9 @@ def _search(plan: Plan, store: Store, executor: Any, bar: Any,
 def _enqueue(store: Store, space: Any, x: np.ndarray, slot: Slot,
              meta: dict[str, Any] | None = None) -> int:
     """One candidate into the store: its parameters by name, its recipe (data, and readable as
-    the trial's dashboard note; not for an in-memory study, which no dashboard can open). A
-    weights-space candidate's recipe comes from its member (``meta["member"]``), its ``x``
-    being the record of how it was made."""
-    recipe = (space.decode_member(meta["member"]) if meta and "member" in meta
-              else space.decode(x))
+    the trial's dashboard note; not for an in-memory study, which no dashboard can open), which
+    the space decodes from the candidate's ``x`` and ``meta``."""
+    recipe = space.decode(x, meta)
     note = None if store.url == "memory" else _note(space, recipe, slot)
     return store.enqueue(x, slot, recipe.to_dict(), note=note)
 
