@@ -16,12 +16,12 @@ import numpy as np
 import pytest
 import safetensors.torch
 import torch
+from helpers import make_family
 
 from evomerge.merge.checkpoints import check_compatible
 from evomerge.merge.from_config import merge_config
 from evomerge.search import STRATEGIES
 from evomerge.spaces import SPACE_KINDS, BindTarget, Bound, parse_space, strategy_options
-from helpers import make_family
 
 #: one experiment ``space`` per registered kind
 CONFIGS = {

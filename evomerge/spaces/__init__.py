@@ -34,17 +34,17 @@ from evomerge.spaces.ps import CATALOG_DIR, Axis, BoundSpace, SearchSpace, catal
 from evomerge.spaces.weights import BoundWeightSpace, WeightSpace, pairing_problems
 
 __all__ = [
+    "CATALOG_DIR",
+    "LAYER_SCALES_LIMIT",
+    "SCALE_FORMS",
+    "SPACE_KINDS",
     "Axis",
     "BindTarget",
     "Bound",
     "BoundDfsSpace",
     "BoundSpace",
     "BoundWeightSpace",
-    "CATALOG_DIR",
     "DfsSpace",
-    "LAYER_SCALES_LIMIT",
-    "SCALE_FORMS",
-    "SPACE_KINDS",
     "SearchSpace",
     "SpaceDefinition",
     "SpaceError",

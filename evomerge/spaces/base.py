@@ -19,14 +19,16 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
-from typing import Any, ClassVar, Protocol
+from typing import Any, ClassVar, Protocol, get_args
 
 import numpy as np
+from pydantic import BaseModel, ValidationError
 
+from evomerge.config_io import format_errors
 from evomerge.registry import Registry
 
-__all__ = ["SPACE_KINDS", "BindTarget", "Bound", "SpaceDefinition", "SpaceError", "parse_space",
-           "space_kind", "strategy_options"]
+__all__ = ["SPACE_KINDS", "BindTarget", "Bound", "KindedSpace", "SpaceDefinition", "SpaceError",
+           "parse_space", "space_kind", "strategy_options"]
 
 
 class SpaceError(ValueError):
@@ -118,9 +120,26 @@ class SpaceDefinition(Protocol):
     """A space kind's definition, as :data:`SPACE_KINDS` holds it (a class)."""
 
     @classmethod
-    def from_config(cls, config: Any) -> "SpaceDefinition": ...
+    def from_config(cls, config: Any) -> SpaceDefinition: ...
 
     def bind_to(self, target: BindTarget) -> Bound: ...
+
+
+class KindedSpace(BaseModel):
+    """A definition written as a mapping that names its ``kind`` (``dfs``, ``weights``; the
+    subclass declares ``kind: Literal[...]``)."""
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any], *, where: str = "space") -> Any:
+        try:
+            return cls.model_validate(dict(data))
+        except ValidationError as exc:
+            kind = get_args(cls.model_fields["kind"].annotation)[0]
+            raise ValueError(f"{where}: invalid {kind} space:\n{format_errors(exc)}") from None
+
+    @classmethod
+    def from_config(cls, config: Mapping[str, Any]) -> Any:
+        return cls.from_dict(config)
 
 
 #: space kind -> its definition class (``kind:`` in an experiment's space; ``ps`` when absent)

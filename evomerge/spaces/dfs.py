@@ -75,13 +75,12 @@ from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import ConfigDict, Field, field_validator
 
-from evomerge.config_io import format_errors
 from evomerge.merge.layerstack import fold_scales
 from evomerge.recipe import LayerRecipe, LayerSlice, MergeRecipe, RecipeError
 from evomerge.recipe.layers import HOP_FORMS, HopForm, hop_form
-from evomerge.spaces.base import BindTarget, Bound, short_names
+from evomerge.spaces.base import BindTarget, Bound, KindedSpace, short_names
 
 __all__ = ["LAYER_SCALES_LIMIT", "SCALE_FORMS", "BoundDfsSpace", "DfsSpace", "hop_matrix",
            "scale_names"]
@@ -140,7 +139,7 @@ def hop_matrix(form: str, coords: np.ndarray, n_models: int, num_layers: int) ->
     return out
 
 
-class DfsSpace(BaseModel):
+class DfsSpace(KindedSpace):
     """A DFS genome definition (see the module docstring)."""
 
     model_config = ConfigDict(frozen=True, extra="forbid")
@@ -177,17 +176,6 @@ class DfsSpace(BaseModel):
             raise ValueError(f"scale_bounds [{lo}, {hi}] must satisfy 0 < low <= 1 <= high "
                              "(1 = no scaling must be reachable)")
         return value
-
-    @classmethod
-    def from_dict(cls, data: Mapping[str, Any], *, where: str = "space") -> DfsSpace:
-        try:
-            return cls.model_validate(dict(data))
-        except ValidationError as exc:
-            raise ValueError(f"{where}: invalid dfs space:\n{format_errors(exc)}") from None
-
-    @classmethod
-    def from_config(cls, config: Mapping[str, Any]) -> DfsSpace:
-        return cls.from_dict(config)
 
     def bind_to(self, target: BindTarget) -> BoundDfsSpace:
         """The space over an experiment's models (the protocol of :mod:`evomerge.spaces.base`)."""

@@ -36,12 +36,11 @@ from collections.abc import Mapping, Sequence
 from typing import Any, Literal
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import ConfigDict, Field
 
-from evomerge.config_io import format_errors
 from evomerge.merge.segments import RECORD, PrefixGram, source_member, source_record
 from evomerge.recipe.segments import Layout, Member, SegmentRecipe, layout_of
-from evomerge.spaces.base import BindTarget, Bound, short_names, space_kind
+from evomerge.spaces.base import BindTarget, Bound, KindedSpace, short_names, space_kind
 
 __all__ = ["BoundWeightSpace", "WeightSpace", "pairing_problems"]
 
@@ -75,7 +74,7 @@ def pairing_problems(space: Any, strategy: str, options: Mapping[str, Any],
     return problems
 
 
-class WeightSpace(BaseModel):
+class WeightSpace(KindedSpace):
     """A weights space definition (see the module docstring)."""
 
     model_config = ConfigDict(frozen=True, extra="forbid")
@@ -84,17 +83,6 @@ class WeightSpace(BaseModel):
     block: int = Field(1 << 16, ge=1, description="prefix-Gram block, in parameters")
     dtype: Literal["float32", "float16", "bfloat16"] | None = None
     description: str = ""
-
-    @classmethod
-    def from_dict(cls, data: Mapping[str, Any], *, where: str = "space") -> WeightSpace:
-        try:
-            return cls.model_validate(dict(data))
-        except ValidationError as exc:
-            raise ValueError(f"{where}: invalid weights space:\n{format_errors(exc)}") from None
-
-    @classmethod
-    def from_config(cls, config: Mapping[str, Any]) -> WeightSpace:
-        return cls.from_dict(config)
 
     def bind_to(self, target: BindTarget) -> BoundWeightSpace:
         """The space over an experiment's models (the protocol of :mod:`evomerge.spaces.base`)."""
