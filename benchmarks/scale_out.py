@@ -363,7 +363,10 @@ class SimSpace:
     lower = np.zeros(SIM_DIM)
     upper = np.ones(SIM_DIM)
 
-    def decode(self, x: np.ndarray) -> Any:
+    def model_names(self) -> dict[str, str]:
+        return {}  # the dashboard note keeps the models' paths
+
+    def decode(self, x: np.ndarray, meta: dict | None = None) -> Any:
         from evomerge.recipe import MergeRecipe
 
         half = SIM_DIM // 2
