@@ -23,7 +23,7 @@ from optuna.trial import FrozenTrial, TrialState
 
 from evomerge.recipe import parse_recipe
 from evomerge.progress import hms, live_display, progress_interval
-from evomerge.store import INTERRUPTED, META, OWNER, RESULT, Store
+from evomerge.store import INTERRUPTED, META, OWNER, RESULT, Store, items_scored, scored_in_full
 
 SUMMARY = "summary.json"
 BEST_RECIPE = "best_recipe.yaml"
@@ -198,24 +198,41 @@ def _earliest(trial: FrozenTrial) -> tuple[int, int]:
 def _rescore(complete: list[FrozenTrial], objectives: list, evaluator: Any, k: int,
              objs: Callable[[Any], dict[str, float]], *, progress: bool = False
              ) -> tuple[FrozenTrial, list[dict[str, Any]]]:
-    """The winner's-curse guard of a reduced fitness: the ``k`` best trials by their estimates
-    are scored on the full search items and the best of those full scores wins.
+    """The winner's-curse guard of a reduced fitness: the best trial by full score, among
+    those the search scored in full (an IRT warmup, raced candidates) and the ``k`` best by
+    their estimates, which are scored on the full search items now.
 
     A search that keeps the maximum of hundreds of noisy estimates picks one the noise
     flattered; on the tiny-LM zoo re-ranking the top 8 on all search items raised the
     held-out score of the PS winner from 0.655 to 0.669 (M2N2: 0.651 to 0.658), measured.
     """
-    top = sorted(complete, key=lambda t: (_score(t, objectives), *_earliest(t)),
+    full = [t for t in complete if scored_in_full(t, reduced=True)]
+    estimates = [t for t in complete if not scored_in_full(t, reduced=True)]
+    top = sorted(estimates, key=lambda t: (_score(t, objectives), *_earliest(t)),
                  reverse=True)[:k]
-    rows, scored = [], []
+    rows = []
+    scored = [((_score(t, objectives), *_earliest(t)), t) for t in full]
     for trial in track(top, "re-scoring the best estimates on all search items",
                        enabled=progress, unit="trial"):
         model = evaluator.build(parse_recipe(trial.user_attrs[META]["recipe"]))
-        full = objs(evaluator.inner.evaluate(model, "search"))
-        rows.append({"trial": trial.number, "estimate": dict(zip(full, trial.values)),
-                     "full": full})
-        scored.append(((_score(list(full.values()), objectives), *_earliest(trial)), trial))
+        values = objs(evaluator.inner.evaluate(model, "search"))
+        rows.append({"trial": trial.number, "estimate": dict(zip(values, trial.values)),
+                     "full": values})
+        scored.append(((_score(list(values.values()), objectives), *_earliest(trial)), trial))
     return max(scored, key=lambda pair: pair[0])[1], rows
+
+
+def item_evaluations(trials: list[FrozenTrial], reduction: dict[str, Any] | None,
+                     rescored: int) -> dict[str, int]:
+    """Item evaluations the run spent to find its best: ``calibration`` (the sources and design
+    merges an IRT reduction scored in full before the search), ``search`` (every finished
+    trial's scored items: anchors, or all of them), ``rescore`` (the final re-scoring of
+    estimates), and their ``total``. The report's own scores (sources, held-out) are not
+    counted."""
+    full = reduction["full_items"] if reduction else 0
+    spent = {"calibration": reduction["calibration_models"] * full if reduction else 0,
+             "search": sum(items_scored(t) for t in trials), "rescore": rescored * full}
+    return {**spent, "total": sum(spent.values())}
 
 
 def write_strategy_report(strategy: Any, run_dir: Path) -> None:
@@ -255,9 +272,9 @@ def finish_run(plan: Any, store: Store, evaluator: Any, *, wall_s: float,
     # numbers) reports the same best as an uninterrupted one
     best = max(pareto, key=lambda t: (_score(t, objectives), *_earliest(t)))
     rescored: list[dict[str, Any]] = []
-    rescore = reduction.get("rescore", 0) if reduction is not None else 0
-    if rescore > 0:
-        best, rescored = _rescore(complete, objectives, evaluator, rescore, objs,
+    if reduction is not None and (reduction["rescore"] > 0 or any(
+            scored_in_full(t, reduced=True) for t in complete)):
+        best, rescored = _rescore(complete, objectives, evaluator, reduction["rescore"], objs,
                                   progress=progress)
     recipe = parse_recipe(best.user_attrs[META]["recipe"])
     write_atomic(run_dir / BEST_RECIPE, recipe.to_yaml())
@@ -301,13 +318,15 @@ def finish_run(plan: Any, store: Store, evaluator: Any, *, wall_s: float,
         "budget": experiment.budget,
         "objectives": [{"name": o.name, "direction": o.direction} for o in objectives],
         "best": {"trial": best.number, "objectives": dict(zip(names, best.values)),
-                 "rule": best_rule(objectives, len(rescored)), "recipe": recipe.to_dict()},
+                 "rule": best_rule(objectives, len(rescored), reduction),
+                 "recipe": recipe.to_dict()},
         "pareto": [{"trial": t.number, "objectives": dict(zip(names, t.values))}
                    for t in sorted(pareto, key=lambda t: t.number)],
         "sources": sources,
         "final": final,
         **({"base": base_scores} if base_scores else {}),
         "timing": _timings(complete),
+        "item_evaluations": item_evaluations(trials, reduction, len(rescored)),
         "devices": {"driver": getattr(evaluator, "placement", None),
                     "workers": _workers(trials)},
         "storage": store.url,
@@ -318,7 +337,9 @@ def finish_run(plan: Any, store: Store, evaluator: Any, *, wall_s: float,
         # the search saw estimates from anchor items; the best's full search score shows how
         # far the search's pick of anchors flattered it (the re-scoring measured it already)
         full = next((r["full"] for r in rescored if r["trial"] == best.number), None)
-        if full is None:
+        if full is None and scored_in_full(best, reduced=True):
+            full = dict(zip(names, best.values))
+        elif full is None:
             full = objs(evaluator.inner.evaluate(evaluator.build(recipe), "search"))
         # the sources' full scores, next to their estimates (as calibration scored them)
         from evomerge.fitness.reduced import source_recipe
@@ -326,9 +347,13 @@ def finish_run(plan: Any, store: Store, evaluator: Any, *, wall_s: float,
         sources_full = {
             name: objs(evaluator.inner.evaluate(evaluator.build(source_recipe(path)), "search"))
             for name, path in experiment.models.sources.items()}
-        summary["fitness_reduction"] = {**reduction, "best_search_full": full,
-                                        "sources_search_full": sources_full,
-                                        "rescored": rescored}
+        estimate = best.user_attrs.get(RESULT, {}).get("estimate")
+        summary["fitness_reduction"] = {
+            **reduction, "best_search_full": full,
+            "best_search_estimate": estimate if estimate is not None or scored_in_full(
+                best, reduced=True) else dict(zip(names, best.values)),
+            "scored_in_full": sum(scored_in_full(t, reduced=True) for t in complete),
+            "sources_search_full": sources_full, "rescored": rescored}
     write_atomic(run_dir / SUMMARY, json.dumps(summary, indent=2))
     plots = plot_run(run_dir, complete, pareto, objectives, sources, best=best,
                      estimated=reduction is not None)
@@ -336,7 +361,8 @@ def finish_run(plan: Any, store: Store, evaluator: Any, *, wall_s: float,
     return summary
 
 
-def best_rule(objectives: list, rescore: int = 0) -> str:
+def best_rule(objectives: list, rescore: int = 0, reduction: dict[str, Any] | None = None
+              ) -> str:
     """How finish_run picks "the best" (see ``_score``, ``_earliest``, ``_rescore``), in words:
     summary.json's ``best.rule`` and the final table's caption."""
     if len(objectives) == 1:
@@ -346,7 +372,13 @@ def best_rule(objectives: list, rescore: int = 0) -> str:
     else:
         rule = ("the trial with the largest mean of the objectives, each signed so that larger "
                 "is better (minimized ones negated)")
-    if rescore > 0:
+    racing = reduction is not None and (reduction.get("warmup") or reduction.get("race"))
+    if racing:
+        rule += (" on all search items, among the trials the search scored in full (warmup "
+                 "and raced candidates)")
+        if rescore > 0:
+            rule += f" and the {rescore} best IRT estimates, re-scored in full"
+    elif rescore > 0:
         rule += (f", by its full re-score on all search items, among the {rescore} best by "
                  "their IRT estimates")
     elif len(objectives) > 1:

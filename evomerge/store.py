@@ -229,6 +229,23 @@ def encode_scores(scores: np.ndarray) -> dict[str, Any]:
     return {"n": int(arr.size), "values": [round(float(v), 6) for v in arr]}
 
 
+def scored_in_full(trial: FrozenTrial, *, reduced: bool) -> bool:
+    """Whether a finished trial's values are full scores rather than an IRT estimate from
+    anchor items (``reduced``: the run's fitness is IRT-reduced): enqueued for every item (an
+    IRT warmup), raced to every item, or of a run without reduction. A reduced run's trial
+    recorded before trials named their fidelity holds an estimate."""
+    if trial.user_attrs.get(META, {}).get("fidelity", {}).get("full"):
+        return True
+    return trial.user_attrs.get(RESULT, {}).get("fidelity", "anchors" if reduced else "full") \
+        == "full"
+
+
+def items_scored(trial: FrozenTrial) -> int:
+    """How many item evaluations a finished trial spent (the lengths of its item scores)."""
+    return sum(int(v["n"]) for v in trial.user_attrs.get(RESULT, {}).get("item_scores", {})
+               .values())
+
+
 def decode_scores(data: Mapping[str, Any]) -> np.ndarray:
     if "bits" in data:
         bits = np.frombuffer(base64.b64decode(data["bits"]), dtype=np.uint8)
@@ -389,8 +406,10 @@ class Store:
     # ---- driver side ---------------------------------------------------------------------
 
     def enqueue(self, x: np.ndarray, slot: Slot, recipe: Mapping[str, Any] | None = None, *,
-                note: str | None = None) -> int:
+                note: str | None = None, extra: Mapping[str, Any] | None = None) -> int:
         """Record a candidate as a WAITING trial (before anyone evaluates it); its trial id.
+        ``extra``: more metadata for its worker (:attr:`Claim.meta`), such as an IRT-reduced
+        run's ``fidelity``.
 
         The same as ``study.enqueue_trial``, through the storage so the id comes back. ``note``:
         Markdown that optuna-dashboard shows on the trial's page (two writes more). After
@@ -403,6 +422,7 @@ class Store:
         meta: dict[str, Any] = {"generation": slot.generation, "index": slot.index}
         if recipe is not None:
             meta["recipe"] = dict(recipe)
+        meta.update(extra or {})
         template = optuna.trial.create_trial(state=TrialState.WAITING,
                                              system_attrs={"fixed_params": params},
                                              user_attrs={META: meta})
@@ -647,9 +667,11 @@ class Store:
     def finish(self, claim: Claim, values: Sequence[float] | None, *,
                timings: Mapping[str, float] | None = None,
                item_scores: Mapping[str, np.ndarray] | None = None,
-               error: str | None = None, worker: Mapping[str, Any] | None = None) -> bool:
+               error: str | None = None, worker: Mapping[str, Any] | None = None,
+               info: Mapping[str, Any] | None = None) -> bool:
         """COMPLETE with values, or FAIL with ``error``; timings and scores in one attribute,
-        with ``worker``: where it ran (device, dtype; see execution/devices.describe).
+        with ``worker``: where it ran (device, dtype; see execution/devices.describe), and
+        ``info``: what the evaluation was (an IRT-reduced one's fidelity and estimate).
 
         False when the trial is no longer this worker's to finish: a checker gave it back
         (:meth:`fail_stale`, a resuming driver), or the worker's lease ran out (see
@@ -664,6 +686,7 @@ class Store:
             result["error"] = error or f"non-finite objective values {list(values or [])}"
         if worker:
             result["worker"] = dict(worker)
+        result.update(info or {})
         result["finished_at"] = time.time()
         if ok and len(values) != self.n_objectives:
             raise ValueError(f"trial {claim.number}: {len(values)} values for "

@@ -36,7 +36,7 @@ def test_tinylm_ps_cmaes_runs_end_to_end_and_exports_the_evaluated_model(learnin
                       "sources": {k: str(zoo / Path(v).name)
                                   for k, v in data["models"]["sources"].items()}}
     data["fitness"]["max_items"] = 10
-    data["fitness"]["reduced"].update(anchors=3, design=6)
+    data["fitness"]["reduced"].update(anchors=3)
     data.update(budget=2 * data["strategy"]["popsize"], run_dir=str(tmp_path / "run"))
 
     summary = Experiment.from_dict(data).run(progress=False)

@@ -1,6 +1,8 @@
 """Runs with an IRT-reduced fitness (``fitness: {..., reduced: {...}}``), end to end on the
-tiny-LM zoo: the driver calibrates once, trials are scored on the anchors only, held-out
-scores are full evaluations, and a resumed run re-uses the calibration without re-scoring."""
+tiny-LM zoo, calibrated once before the search (``warmup: 0, race: off, refit: off``: the
+schedule M2N2 keeps; the default schedule is tested in test_reduced_schedule.py): trials are
+scored on the anchors only, held-out scores are full evaluations, and a resumed run re-uses the
+calibration without re-scoring."""
 
 from __future__ import annotations
 
@@ -33,7 +35,8 @@ def experiment(zoo, run_dir, **reduced) -> dict:
         "space": "task_arithmetic_per_source",
         "fitness": {"name": "lm", "suite": "tinylm", "max_items": MAX_ITEMS,
                     "reduced": {"estimator": "gp-irt", "anchors": ANCHORS, "design": DESIGN,
-                                "dim": 1, **reduced}},
+                                "dim": 1, "warmup": 0, "race": False, "refit": False,
+                                **reduced}},
         "strategy": {"name": "random", "popsize": 4},
         "budget": 8,
         "run_dir": str(run_dir),

@@ -1,18 +1,28 @@
 """IRT reduction of a run's fitness (``fitness: {..., reduced: {...}}`` in an experiment).
 
-The driver calibrates once per run, before the search: it scores the source models and a
-design of candidates drawn from the run's own search space (uniform in its bounds; for a space
-with a start point, DFS, perturbations of that start: see
-:func:`evomerge.fitness.reduced.calibration_design`) on the FULL search items, fits
-the IRT model and picks anchors (:func:`evomerge.fitness.reduced.calibrate`, cached as JSON in
-``RUN_DIR/irt/``, so a resumed run re-uses it without re-scoring), and writes the fitted
-reduction to ``RUN_DIR/irt/reduction.json``. Every evaluator (in-process, worker processes,
-Ray actors, SLURM tasks) then reads that file and scores candidates on the anchors only; held-out
-scores at the end of a run are always full evaluations.
+How a reduced run spends its evaluations (:class:`Schedule`, the block's fields in
+:class:`evomerge.fitness.reduced.ReducedSpec`):
 
-Calibration uses a throw-away evaluator in the driver, released before the executor starts its
-own, so the sources are never resident twice at once (they are loaded twice: seconds, from the
-page cache).
+1. Before the search the driver scores the sources (and ``design`` merges of the space, when
+   asked) on the FULL search items with a throw-away evaluator, released before the executor
+   starts its own (responses cached as JSON in ``RUN_DIR/irt/``: a resumed run re-scores
+   nothing).
+2. The first ``warmup`` generations of the search are scored on every search item. They are
+   real candidates, counted in the budget and told to the strategy, and with the sources they
+   are the rows the IRT model is fit on: calibration spends no evaluation the search does not
+   use.
+3. Every later candidate is scored on the fitted anchors; when its estimate comes within the
+   racing margin of the best full score of the earlier generations, on the remaining items
+   too (racing): the search and the final pick rank the promising candidates by exact scores,
+   and each raced candidate measures the estimator's error (the ``auto`` margin) and adds a row.
+4. The IRT model is refit on all rows scored in full whenever they grew by ``refit``.
+
+Every decision is made between generations from finished trials only, and written into each
+trial when it is enqueued (``meta["fidelity"]``: ``{"full": true}``, or ``{"reduction": KEY,
+"race": {objective: threshold}}``), so any executor's workers follow it (they read fit KEY from
+``RUN_DIR/irt/fit-KEY.json``: :class:`Reductions`), and a resumed run replays the same
+decisions from the store. The latest fit is also written to ``RUN_DIR/irt/reduction.json``.
+Held-out scores at the end of a run are always full evaluations.
 """
 
 from __future__ import annotations
@@ -20,18 +30,37 @@ from __future__ import annotations
 import gc
 import json
 import os
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+from optuna.trial import FrozenTrial, TrialState
+
+from evomerge.experiment import ExperimentError
+from evomerge.fitness.base import FITNESSES, Objective
+from evomerge.fitness.irt import Reduction
+from evomerge.fitness.reduced import (
+    ReducedSpec,
+    cached_responses,
+    calibration_design,
+    check_reducible,
+    fit_reduction,
+    race_thresholds,
+    source_recipe,
+)
+from evomerge.store import RESULT, decode_scores, scored_in_full
+
+if TYPE_CHECKING:
+    from evomerge.execution.driver import Plan
 
 #: Where the fitted reduction lives, relative to the run directory (workers read it there).
 REDUCTION_FILE = Path("irt") / "reduction.json"
 
 
-def split_options(options: dict[str, Any]) -> tuple[dict[str, Any], Any]:
+def split_options(options: dict[str, Any]) -> tuple[dict[str, Any], ReducedSpec | None]:
     """``(fitness options without the reduced block, its ReducedSpec or None)``; raises
     ValueError naming a bad ``fitness.reduced`` key before any compute."""
-    from evomerge.fitness.reduced import ReducedSpec
-
     options = dict(options)
     block = options.pop("reduced", None)
     if block is None:
@@ -43,10 +72,8 @@ def split_options(options: dict[str, Any]) -> tuple[dict[str, Any], Any]:
     return options, ReducedSpec.from_dict(block)
 
 
-def load(run_dir: Path, spec: Any) -> tuple[Any, str]:
-    """The run's fitted reduction and estimator, for ``Evaluator(reduction=...)``."""
-    from evomerge.fitness.irt import Reduction
-
+def load(run_dir: Path, spec: ReducedSpec) -> tuple[Reduction, str]:
+    """The run's latest fitted reduction and estimator, for ``Evaluator(reduction=...)``."""
     path = Path(run_dir) / REDUCTION_FILE
     if not path.is_file():
         raise FileNotFoundError(f"{path} is missing: the driver writes it before any trial is "
@@ -54,43 +81,68 @@ def load(run_dir: Path, spec: Any) -> tuple[Any, str]:
     return Reduction.from_dict(json.loads(path.read_text())), spec.estimator
 
 
-def calibrate_run(plan: Any, *, progress: bool = True) -> dict[str, Any]:
-    """Calibrate the run's reduction (or reuse the cached one) and write it where evaluators
-    read it; returns what summary.json reports about it. A fitness that cannot be reduced
-    (:func:`evomerge.fitness.reduced.check_reducible`) is refused before anything is scored."""
-    from evomerge.experiment import ExperimentError
-    from evomerge.fitness.base import FITNESSES
-    from evomerge.fitness.reduced import check_reducible
+def is_fixed(run_dir: Path) -> bool:
+    """Whether the run has a fitted ``reduction.json`` its trials may use without naming it
+    (runs recorded before trials carried their fidelity)."""
+    return (Path(run_dir) / REDUCTION_FILE).is_file()
 
+
+class Reductions:
+    """A worker's view of the run's fits: ``load(key) -> (Reduction, estimator)``."""
+
+    def __init__(self, run_dir: Path, estimator: str) -> None:
+        self.directory = Path(run_dir) / REDUCTION_FILE.parent
+        self.estimator = estimator
+
+    def load(self, key: str) -> tuple[Reduction, str]:
+        path = self.directory / f"fit-{key}.json"
+        if not path.is_file():
+            raise FileNotFoundError(f"{path} is missing: the driver writes each fit before it "
+                                    "enqueues a trial that uses it (is the run directory "
+                                    "shared with this worker?)")
+        return Reduction.from_dict(json.loads(path.read_text())["reduction"]), self.estimator
+
+
+def resolve_spec(plan: Plan, spec: ReducedSpec) -> ReducedSpec:
+    """``spec`` with its defaults chosen for the run's strategy (see ``ReducedSpec.resolved``)."""
+    try:
+        return spec.resolved(getattr(plan.strategy_factory, "needs_item_scores", False))
+    except ValueError as exc:
+        raise ExperimentError(str(exc)) from None
+
+
+def calibrate_run(plan: Plan, *, progress: bool = True) -> tuple[dict[str, Any], Schedule]:
+    """Score the sources and the design (or reuse their cached scores) and make the run's
+    :class:`Schedule`; returns what summary.json reports about it, and the schedule. A fitness
+    that cannot be reduced (:func:`evomerge.fitness.reduced.check_reducible`) is refused before
+    anything is scored."""
     experiment = plan.experiment
     try:
         check_reducible(FITNESSES[experiment.fitness.name], experiment.fitness.name)
     except ValueError as exc:
         raise ExperimentError(str(exc)) from None
     options, spec = split_options(experiment.fitness.options)
-    reduction, design = _calibrate(plan, options, spec, progress)
+    spec = resolve_spec(plan, spec)
+    rows, design = _score_calibration(plan, options, spec, progress)
     gc.collect()  # the calibration evaluator (sources, model) is gone before workers start
-    path = experiment.run_path / REDUCTION_FILE
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(reduction.to_dict()))
-    os.replace(tmp, path)
-    full, evaluated = reduction.num_items(), reduction.num_evaluated()
-    return {"estimator": spec.estimator, "anchors_per_task": spec.anchors,
-            "design_merges": spec.design, "design": design,
-            "calibration_models": len(experiment.models.sources) + spec.design,
-            "items_per_candidate": evaluated, "full_items": full, "rescore": spec.rescore,
-            "reduction_factor": round(full / evaluated, 2)}
+    schedule = Schedule(spec, plan.objectives, experiment.run_path / REDUCTION_FILE.parent,
+                        rows, len(experiment.models.sources))
+    facts = {"estimator": spec.estimator, "anchors_per_task": spec.anchors,
+             "design_merges": spec.design, "design": design, "warmup": spec.warmup,
+             "race": spec.race, "refit": spec.refit,
+             "calibration_models": len(experiment.models.sources) + spec.design,
+             "full_items": sum(np.shape(y)[1] for y in rows.values()),
+             "rescore": spec.rescore}
+    return facts, schedule
 
 
-def _calibrate(plan: Any, options: dict[str, Any], spec: Any, progress: bool
-               ) -> tuple[Any, str]:
-    """Score sources + the space's design (:func:`evomerge.fitness.reduced.calibration_design`:
-    uniform in the bounds, or local around a DFS space's start) on the full search items; fit.
-    Returns the reduction and the design's kind. Progress: a bar on a terminal, plain periodic
-    lines in a log (:func:`evomerge.report.track`).
-    """
+def _score_calibration(plan: Plan, options: dict[str, Any], spec: ReducedSpec, progress: bool
+                       ) -> tuple[dict[str, np.ndarray], str]:
+    """The sources' and the design's full search responses (task -> models x items; the design
+    from :func:`evomerge.fitness.reduced.calibration_design`: uniform in the bounds, or local
+    around a DFS space's start), and the design's kind. Progress: a bar on a terminal, plain
+    periodic lines in a log (:func:`evomerge.report.track`)."""
     from evomerge.execution.worker import evaluator_for
-    from evomerge.fitness.reduced import calibrate, calibration_design, source_recipe
     from evomerge.report import track
 
     experiment = plan.experiment
@@ -103,6 +155,86 @@ def _calibrate(plan: Any, options: dict[str, Any], spec: Any, progress: bool
         items = track(list(recipes), "IRT calibration (full search items)", enabled=progress)
         return [evaluator.score_items([r])[0] for r in items]
 
-    return calibrate(score, endpoints, design, spec,
-                     experiment.run_path / REDUCTION_FILE.parent,
-                     fingerprint={"fitness": experiment.fitness.name, "options": options}), kind
+    responses, _ = cached_responses(
+        score, endpoints + design, experiment.run_path / REDUCTION_FILE.parent,
+        {"fitness": experiment.fitness.name, "options": options, "endpoints": len(endpoints)})
+    return responses, kind if spec.design else "none"
+
+
+class Schedule:
+    """Which items each generation's candidates are scored on (the module docstring's steps
+    2-4), decided between generations from what finished. The driver asks :meth:`fidelity`
+    before it enqueues a generation and :meth:`observe` once the generation finished
+    (replayed or evaluated: the same trials, the same decisions)."""
+
+    def __init__(self, spec: ReducedSpec, objectives: Sequence[Objective], cache_dir: Path,
+                 rows: Mapping[str, np.ndarray], num_endpoints: int) -> None:
+        self.spec, self.objectives, self.cache_dir = spec, list(objectives), Path(cache_dir)
+        self.num_endpoints = num_endpoints
+        self._rows = {t: list(y) for t, y in rows.items()}  # sources, design, then full trials
+        self.key: str | None = None
+        self.reduction: Reduction | None = None
+        self.fits: list[dict[str, Any]] = []  # after which generation, on how many rows
+        self.best: dict[str, float] = {}  # best full score per objective
+        self.errors: dict[str, list[float]] = {o.name: [] for o in self.objectives}
+        self.generations = 0
+        if spec.warmup == 0:
+            self._fit()
+
+    def fidelity(self) -> dict[str, Any]:
+        """The next generation's: every item during the warmup, else the latest fit's anchors
+        with racing thresholds (once some candidate was scored in full)."""
+        if self.key is None:
+            return {"full": True}
+        out: dict[str, Any] = {"reduction": self.key}
+        if self.spec.race is not None and self.best:
+            out["race"] = race_thresholds(self.best, self.errors, self.spec.race,
+                                          self.objectives)
+        return out
+
+    def observe(self, trials: Sequence[FrozenTrial]) -> None:
+        """A finished generation (slot order): its full scores (best, estimator error, rows),
+        then a fit when the warmup ends or the rows grew by ``refit``."""
+        for t in trials:
+            if t.state != TrialState.COMPLETE or not scored_in_full(t, reduced=True):
+                continue
+            result = t.user_attrs.get(RESULT, {})
+            scores = {task: decode_scores(v) for task, v in result.get("item_scores", {}).items()}
+            if set(scores) == set(self._rows):
+                for task, row in scores.items():
+                    self._rows[task].append(row)
+            for o, value in zip(self.objectives, t.values):
+                better = max if o.direction == "maximize" else min
+                self.best[o.name] = better(self.best.get(o.name, value), value)
+                if "estimate" in result:
+                    self.errors[o.name].append(result["estimate"][o.name] - value)
+        self.generations += 1
+        rows = len(next(iter(self._rows.values())))
+        if self.key is None:
+            if self.generations >= self.spec.warmup:
+                self._fit()
+        elif self.spec.refit is not None and rows >= self.spec.refit * self.fits[-1]["rows"]:
+            self._fit()
+
+    def facts(self) -> dict[str, Any]:
+        """What summary.json reports of the fits: anchor items per candidate (the latest
+        fit's; k-means may merge anchors), the reduction factor, and every fit."""
+        if self.reduction is None:
+            return {"fits": []}
+        evaluated = self.reduction.num_evaluated()
+        return {"items_per_candidate": evaluated,
+                "reduction_factor": round(self.reduction.num_items() / evaluated, 2),
+                "fits": list(self.fits)}
+
+    def _fit(self) -> None:
+        responses = {t: np.stack(rows) for t, rows in self._rows.items()}
+        reduction, self.key = fit_reduction(responses, self.num_endpoints, self.spec,
+                                            self.cache_dir)
+        self.reduction = reduction
+        path = self.cache_dir.parent / REDUCTION_FILE
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text(json.dumps(reduction.to_dict()))
+        os.replace(tmp, path)
+        self.fits.append({"after_generation": self.generations - 1, "key": self.key,
+                          "rows": len(next(iter(responses.values())))})
+

@@ -54,7 +54,8 @@ class Evaluator:
     def __init__(self, model_paths: list[str], fitness: str | FitnessFactory,
                  fitness_options: Mapping[str, Any], base_model: str | None,
                  device: str | torch.device = "cpu", reduction: Any = None,
-                 dtype: str = "auto", engine: Mapping[str, Any] | None = None) -> None:
+                 dtype: str = "auto", engine: Mapping[str, Any] | None = None,
+                 reductions: Any = None) -> None:
         self.device = torch.device(device)
         weights = export_dtype(sources=model_paths)  # None: the checkpoints' dtypes differ
         self.dtype = (weights or torch.float32) if dtype == "auto" else DTYPES[dtype]
@@ -73,6 +74,9 @@ class Evaluator:
         self.fitness: Fitness = self.inner
         if reduction is not None:
             self.reduce(*reduction)
+        #: the run's fitted reductions by key, for trials that name theirs (see ``evaluate``)
+        self.reductions = reductions
+        self._reduced: dict[str, Fitness] = {}
         self.model = self.fitness.new_model().to(self.device)
         #: what this worker records with each trial it evaluates (see devices.describe)
         self.placement = describe(self.device, next(self.model.parameters()).dtype)
@@ -83,6 +87,25 @@ class Evaluator:
         from evomerge.fitness.reduced import ReducedFitness
 
         self.fitness = ReducedFitness(self.inner, reduction, estimator)
+
+    def search_fitness(self, fidelity: Mapping[str, Any] | None) -> Fitness:
+        """What scores a trial enqueued with ``fidelity`` (see
+        :mod:`evomerge.execution.reduction`): ``{"full": true}`` every search item,
+        ``{"reduction": key, ...}`` that fitted reduction's anchors, None the configured
+        fitness (runs recorded before trials named their fidelity)."""
+        from evomerge.fitness.reduced import ReducedFitness
+
+        if fidelity is None:
+            return self.fitness
+        key = fidelity.get("reduction")
+        if key is None:
+            return self.inner
+        if key not in self._reduced:
+            if self.reductions is None:
+                raise ValueError(f"trial names reduction {key!r}, but this evaluator was "
+                                 "built without the run's reductions")
+            self._reduced[key] = ReducedFitness(self.inner, *self.reductions.load(key))
+        return self._reduced[key]
 
     def build(self, recipe: MergeRecipe | LayerRecipe) -> torch.nn.Module:
         """The candidate: a merge written in place into the evaluator's model, or a layer stack
@@ -129,12 +152,21 @@ class Evaluator:
     def objectives(self) -> list[Objective]:
         return self.fitness.objectives
 
-    def evaluate(self, recipe: MergeRecipe | LayerRecipe, split: str = "search"
+    def evaluate(self, recipe: MergeRecipe | LayerRecipe, split: str = "search",
+                 fidelity: Mapping[str, Any] | None = None
                  ) -> tuple[EvalResult, dict[str, float]]:
+        """Build and score ``recipe``; on ``search``, at the trial's ``fidelity``
+        (:meth:`search_fitness`; a reduction's ``race`` thresholds go to its evaluate)."""
         started = time.perf_counter()
         model = self.build(recipe)
         built = time.perf_counter()
-        result = self.fitness.evaluate(model, split)
+        if split == "search" and fidelity is not None:
+            fitness = self.search_fitness(fidelity)
+            race = fidelity.get("race")
+            result = (fitness.evaluate(model, split, race=race) if race is not None
+                      else fitness.evaluate(model, split))
+        else:
+            result = self.fitness.evaluate(model, split)
         return result, {"build_s": built - started, "eval_s": time.perf_counter() - built}
 
     def evaluate_source(self, path: str, split: str = "search") -> EvalResult:
@@ -155,10 +187,14 @@ def evaluator_for(experiment: Any, slot: int = 0, device: str | None = None,
     models = experiment.models
     paths = ([models.base] if models.base else []) + list(models.sources.values())
     options, spec = reduction.split_options(experiment.fitness.options)
-    fitted = reduction.load(experiment.run_path, spec) if spec is not None and reduced else None
+    reduced = reduced and spec is not None
+    fitted = reduction.load(experiment.run_path, spec) if reduced and reduction.is_fixed(
+        experiment.run_path) else None
     where = resolve_device(device or experiment.executor.device, slot)
     return Evaluator(paths, fitness_for(experiment), options, models.base, device=where,
-                     reduction=fitted, dtype=models.dtype, engine=experiment.engine.options())
+                     reduction=fitted, dtype=models.dtype, engine=experiment.engine.options(),
+                     reductions=reduction.Reductions(experiment.run_path, spec.estimator)
+                     if reduced else None)
 
 
 def fitness_for(experiment: Any) -> FitnessFactory:
@@ -224,7 +260,7 @@ def process_one(store: Store, evaluator: Evaluator, owner: str | None = None) ->
         try:
             # the driver validated it when it decoded x: checked once per trial, not twice
             recipe = parse_recipe(claim.meta["recipe"], validated=True)
-            result, timings = evaluator.evaluate(recipe)
+            result, timings = evaluator.evaluate(recipe, fidelity=claim.meta.get("fidelity"))
             values = result.values(evaluator.objectives)
         except Exception as exc:  # noqa: BLE001 - any failure of a candidate is data, not a crash
             if isinstance(exc, torch.OutOfMemoryError):
@@ -235,7 +271,7 @@ def process_one(store: Store, evaluator: Evaluator, owner: str | None = None) ->
         finite = all(math.isfinite(v) for v in values)
         store.finish(claim, values, timings=timings, item_scores=result.item_scores,
                      error=None if finite else f"non-finite objectives {values}",
-                     worker=getattr(evaluator, "placement", None))
+                     worker=getattr(evaluator, "placement", None), info=result.info)
     return True
 
 

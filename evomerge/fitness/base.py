@@ -28,10 +28,13 @@ class Objective:
 
 @dataclass
 class EvalResult:
-    """Objective values by name, and per-item scores by task (1-D float arrays)."""
+    """Objective values by name, per-item scores by task (1-D float arrays), and ``info``:
+    what the evaluation was, recorded with the trial (an IRT-reduced fitness says whether the
+    values are an estimate from anchors or a full score, and its estimate)."""
 
     objectives: dict[str, float]
     item_scores: dict[str, np.ndarray] = field(default_factory=dict)
+    info: dict[str, Any] = field(default_factory=dict)
 
     def values(self, objectives: list[Objective]) -> list[float]:
         """Objective values in the given order (what a strategy is told)."""

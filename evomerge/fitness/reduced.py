@@ -24,7 +24,7 @@ import hashlib
 import json
 import os
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -35,8 +35,10 @@ from evomerge.fitness.base import EvalResult, Fitness, Objective
 from evomerge.fitness.irt import ESTIMATORS, Reduction, estimate
 from evomerge.recipe import MergeRecipe
 
-__all__ = ["ReducedFitness", "ReducedSpec", "SubsetFitness", "cached_responses", "calibrate",
-           "calibration_design", "check_reducible", "local_design", "random_merges",
+__all__ = ["RACE_PRIOR", "RACE_WINDOW", "ReducedFitness", "ReducedSpec", "SubsetFitness",
+           "cached_responses", "calibrate", "calibration_design", "check_reducible", "fit_reduction",
+           "fit_settings",
+           "local_design", "promising", "race_margin", "race_thresholds", "random_merges",
            "response_matrix", "source_recipe", "uniform_design", "validate"]
 
 #: Scores recipes on the full search items: one ``{task: per-item scores}`` per recipe, in order.
@@ -58,39 +60,85 @@ class SubsetFitness(Protocol):
     def objectives_from_task_scores(self, task_scores: Mapping[str, float]) -> dict[str, float]: ...
 
 
+#: Racing's margin before enough estimates were checked against full scores to measure it.
+RACE_PRIOR = 0.05
+#: How many (estimate, full score) pairs measure racing's margin: the most recent ones, since
+#: each refit changes the estimator's error.
+RACE_WINDOW = 20
+
+
 @dataclass(frozen=True)
 class ReducedSpec:
     """The experiment's ``fitness.reduced`` block.
 
-    estimator: one of ``irt.ESTIMATORS``; anchors: per task; design: how many candidates of
-    the run's space (besides the sources) calibrate the IRT model (drawn by
-    :func:`calibration_design`: uniform, or around a DFS space's start path); dim: IRT
-    dimension; features: what anchors cluster on (``irt`` embeddings or ``correctness`` vectors); seed: the design and k-means;
-    rescore: at the end of the run, score this many best candidates (by estimate) on the
-    full search items and keep the best of those (0: keep the best estimate; see
-    ``evomerge.report._rescore``).
+    estimator: one of ``irt.ESTIMATORS``; anchors: per task; dim: IRT dimension; features:
+    what anchors cluster on (``irt`` embeddings or ``correctness`` vectors); seed: the design
+    and k-means.
+
+    How the run spends its evaluations (see :mod:`evomerge.execution.reduction`):
+
+    - warmup: the first ``warmup`` generations of the search are scored on every search item;
+      they are real candidates (the strategy is told their exact scores) and, with the sources,
+      the rows the IRT model is first fit on. 0: fit before the search, on the sources and the
+      design.
+    - design: candidates drawn from the run's space (:func:`calibration_design`: uniform, or
+      around a DFS space's start path) scored in full before the search, only to calibrate.
+    - race: after the warmup a candidate is scored on the anchors; when its estimate comes
+      within ``race`` of the best full score of the earlier generations it is scored on the
+      remaining items too, and the search and the final pick see its exact score. ``auto``:
+      twice the estimator's measured error (root mean square of estimate minus full score over
+      the last :data:`RACE_WINDOW` raced candidates; :data:`RACE_PRIOR` until 5 were). None:
+      never (every candidate keeps its estimate).
+    - refit: refit the IRT model, on every row scored in full so far, whenever the rows grew by
+      this factor since the last fit. None: fit once.
+    - rescore: at the end, score this many best estimates that were not scored in full on
+      every search item; the best full score wins (see ``evomerge.report._rescore``).
+
+    None means "chosen for the strategy" (:meth:`resolved`): a strategy that selects per item
+    (M2N2) needs the same anchors for the whole run, so it keeps one calibration before the
+    search (warmup 0, 40 design merges, no racing, no refit, rescore 8); every other strategy
+    gets warmup 1, no design, racing ``auto``, refit 1.5 and no rescore.
     """
 
     estimator: str = "gp-irt"
     anchors: int = 20
-    design: int = 40
+    design: int | None = None
     dim: int = 2
     features: str = "irt"
     seed: int = 0
-    rescore: int = 8
+    rescore: int | None = None
+    warmup: int | None = None
+    race: float | str | None = None
+    refit: float | None = None
 
     def __post_init__(self) -> None:
         where = "fitness.reduced"
         if self.estimator not in ESTIMATORS:
             raise ValueError(f"{where}.estimator: unknown {self.estimator!r}; "
                              f"known: {', '.join(ESTIMATORS)}")
-        for name, low in (("anchors", 1), ("design", 0), ("dim", 1), ("rescore", 0)):
+        for name, low in (("anchors", 1), ("design", 0), ("dim", 1), ("rescore", 0),
+                          ("warmup", 0)):
             value = getattr(self, name)
+            if value is None and name in ("design", "rescore", "warmup"):
+                continue
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
                 raise ValueError(f"{where}.{name}: expected an integer >= {low}, got {value!r}")
         if self.features not in ("irt", "correctness"):
             raise ValueError(f"{where}.features: expected 'irt' or 'correctness', "
                              f"got {self.features!r}")
+        race = self.race
+        if not (race is None or race is False or race == "auto" or (
+                isinstance(race, (int, float)) and not isinstance(race, bool) and race >= 0)):
+            raise ValueError(f"{where}.race: expected auto, a margin >= 0 or off, got {race!r}")
+        refit = self.refit
+        if not (refit is None or refit is False or (
+                isinstance(refit, (int, float)) and not isinstance(refit, bool) and refit > 1)):
+            raise ValueError(f"{where}.refit: expected a growth factor > 1 (1.5: refit when the "
+                             f"rows scored in full grew by half) or off, got {refit!r}")
+        if self.warmup == 0 and self.design == 0:
+            raise ValueError(f"{where}: warmup 0 and design 0 leave nothing to fit the IRT model "
+                             "on but the sources; set warmup >= 1 (the search's first "
+                             "generation, scored in full) or design > 0")
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any] | None) -> ReducedSpec:
@@ -101,6 +149,30 @@ class ReducedSpec:
             raise ValueError(f"fitness.reduced: unknown key(s) {', '.join(unknown)}; allowed: "
                              f"{', '.join(cls.__dataclass_fields__)}")
         return cls(**data)
+
+    def resolved(self, item_selecting: bool = False) -> ReducedSpec:
+        """Every None (and ``off``) made explicit for a strategy that selects per item
+        (``item_selecting``: M2N2) or not; refuses what an item-selecting strategy cannot use."""
+        off = (None, False)
+        if item_selecting:
+            bad = [f"{k}: {v}" for k, v in (("warmup", self.warmup), ("race", self.race),
+                                             ("refit", self.refit)) if v not in (*off, 0)]
+            if bad:
+                raise ValueError(
+                    f"fitness.reduced: {', '.join(bad)}: a strategy that selects per item "
+                    "compares candidates' answers on the same anchors for the whole run; use "
+                    "warmup: 0, race: off, refit: off (the defaults for it)")
+            warmup, race, refit = 0, None, None
+        else:
+            warmup = 1 if self.warmup is None else self.warmup
+            race = "auto" if self.race is None else (None if self.race is False else self.race)
+            refit = 1.5 if self.refit is None else (None if self.refit is False else self.refit)
+        design = (40 if warmup == 0 else 0) if self.design is None else self.design
+        rescore = (0 if race is not None else 8) if self.rescore is None else self.rescore
+        spec = replace(self, warmup=warmup, race=race, refit=refit, design=design,
+                       rescore=rescore)
+        spec.__post_init__()  # warmup 0 with design 0 is refused here too
+        return spec
 
 
 def check_reducible(fitness: Any, name: str | None = None) -> None:
@@ -143,6 +215,7 @@ class ReducedFitness(Fitness):
         self.estimator = estimator
         self.objectives = list(inner.objectives)
         self._anchors = reduction.anchor_items()
+        self._rest = {t: np.setdiff1d(np.arange(sizes[t]), a) for t, a in self._anchors.items()}
 
     def new_model(self) -> torch.nn.Module:
         return self.inner.new_model()
@@ -157,12 +230,69 @@ class ReducedFitness(Fitness):
         """Estimated full-set accuracy per task from the anchor answers."""
         return self.reduction.estimate(self.estimator, anchor_scores)
 
-    def evaluate(self, model: torch.nn.Module, split: str = "search") -> EvalResult:
+    def evaluate(self, model: torch.nn.Module, split: str = "search", *,
+                 race: Mapping[str, float] | None = None) -> EvalResult:
+        """On ``search``: the anchors' answers and the estimate; with ``race`` (objective ->
+        threshold, from :func:`race_thresholds`), a candidate whose estimate reaches a
+        threshold is scored on the remaining items too and gets its exact score and full item
+        rows. ``info`` says which (``fidelity``: ``anchors`` or ``full``) and holds the
+        estimate, so a driver can measure the estimator's error on the raced candidates."""
         if split != "search":
             return self.inner.evaluate(model, split)
         result = self.inner.evaluate(model, split, items=self._anchors)
-        estimates = self.estimate(result.item_scores)
-        return EvalResult(self.inner.objectives_from_task_scores(estimates), result.item_scores)
+        estimate = self.inner.objectives_from_task_scores(self.estimate(result.item_scores))
+        info: dict[str, Any] = {"fidelity": "anchors", "estimate": estimate}
+        if race is None or not promising(estimate, race, self.objectives):
+            return EvalResult(estimate, result.item_scores, info)
+        rest = self.inner.evaluate(model, split, items=self._rest)
+        rows = {t: _interleave(self._anchors[t], result.item_scores[t], self._rest[t],
+                               rest.item_scores[t]) for t in self._anchors}
+        exact = self.inner.objectives_from_task_scores({t: float(r.mean()) for t, r in rows.items()})
+        return EvalResult(exact, rows, {**info, "fidelity": "full"})
+
+
+def _interleave(anchors: np.ndarray, answers: np.ndarray, rest: np.ndarray,
+                more: np.ndarray) -> np.ndarray:
+    """One task's full row (item order) from the anchors' and the other items' answers
+    (each in ascending item order, as the inner fitness returns them)."""
+    row = np.empty(len(anchors) + len(rest))
+    row[np.sort(anchors)] = answers
+    row[rest] = more
+    return row
+
+
+def promising(estimate: Mapping[str, float], thresholds: Mapping[str, float],
+              objectives: Sequence[Objective]) -> bool:
+    """Whether an estimate reaches any objective's racing threshold (>= for an objective to
+    maximize, <= to minimize): the candidate could belong on the front."""
+    return any(estimate[o.name] >= thresholds[o.name] if o.direction == "maximize"
+               else estimate[o.name] <= thresholds[o.name]
+               for o in objectives if o.name in thresholds)
+
+
+def race_margin(errors: Sequence[float], race: float | str) -> float:
+    """Racing's margin for one objective: ``race`` itself, or for ``auto`` twice the root mean
+    square of the last :data:`RACE_WINDOW` (estimate - full score) differences (at least
+    0.005), :data:`RACE_PRIOR` while fewer than 5 were measured."""
+    if race != "auto":
+        return float(race)
+    if len(errors) < 5:
+        return RACE_PRIOR
+    recent = np.asarray(errors[-RACE_WINDOW:], dtype=float)
+    return max(0.005, 2.0 * float(np.sqrt(np.mean(recent ** 2))))
+
+
+def race_thresholds(best: Mapping[str, float], errors: Mapping[str, Sequence[float]],
+                    race: float | str, objectives: Sequence[Objective]) -> dict[str, float]:
+    """Per objective with a full score so far: its best full score, less (maximize) or plus
+    (minimize) the margin (:func:`race_margin`)."""
+    out = {}
+    for o in objectives:
+        if o.name in best:
+            margin = race_margin(errors.get(o.name, ()), race)
+            out[o.name] = best[o.name] - margin if o.direction == "maximize" \
+                else best[o.name] + margin
+    return out
 
 
 # ---------------------------------------------------------------------------------------------
@@ -276,6 +406,34 @@ def cached_responses(score: ScoreRecipes, recipes: Sequence[MergeRecipe],
     return responses, key
 
 
+def fit_settings(spec: ReducedSpec) -> dict[str, Any]:
+    """What of ``spec`` a fit depends on (the estimator is chosen at scoring time)."""
+    return {"anchors": spec.anchors, "dim": spec.dim, "features": spec.features,
+            "seed": spec.seed}
+
+
+def fit_reduction(responses: Mapping[str, np.ndarray], num_endpoints: int, spec: ReducedSpec,
+                  cache_dir: str | os.PathLike) -> tuple[Reduction, str]:
+    """Fit the reduction of ``responses`` (task -> models x items, the endpoints' rows first)
+    and its key, a hash of the responses and the fit settings; the fit is cached as
+    ``fit-<key>.json`` in ``cache_dir``, which is also where workers read it by key
+    (:class:`evomerge.execution.reduction.Reductions`)."""
+    settings = {**fit_settings(spec), "num_endpoints": num_endpoints}
+    digest = hashlib.sha256(json.dumps(settings, sort_keys=True).encode())
+    for task in sorted(responses):
+        digest.update(task.encode())
+        digest.update(np.ascontiguousarray(responses[task], dtype=np.float64).tobytes())
+    key = digest.hexdigest()[:16]
+    path = Path(cache_dir) / f"fit-{key}.json"
+    if path.is_file():
+        return Reduction.from_dict(json.loads(path.read_text())["reduction"]), key
+    reduction = Reduction.build(responses, num_endpoints=num_endpoints, anchors=spec.anchors,
+                                dim=spec.dim, features=spec.features, seed=spec.seed)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    _write_json(path, {"settings": settings, "reduction": reduction.to_dict()})
+    return reduction, key
+
+
 def calibrate(score: ScoreRecipes, endpoints: Sequence[MergeRecipe],
               design: Sequence[MergeRecipe], spec: ReducedSpec, cache_dir: str | os.PathLike,
               fingerprint: Mapping[str, Any] | None = None) -> Reduction:
@@ -283,25 +441,14 @@ def calibrate(score: ScoreRecipes, endpoints: Sequence[MergeRecipe],
 
     ``endpoints`` are the source models (as :func:`source_recipe`); they come first in the
     response matrix and their abilities are mp-IRT's endpoints. ``fingerprint`` is whatever else
-    determines the scores (fitness name and options): it enters the cache key. The responses are
-    cached under a key of (endpoints, design, fingerprint), the reduction under that plus the
-    fit settings of ``spec`` (the estimator is chosen at scoring time and is not part of it).
+    determines the scores (fitness name and options): it enters the responses' cache key
+    (:func:`cached_responses`); the fit is cached under the responses and the fit settings of
+    ``spec`` (:func:`fit_reduction`).
     """
-    cache = Path(cache_dir)
-    settings = {k: v for k, v in asdict(spec).items()
-                if k not in ("estimator", "design", "rescore")}
     recipes = list(endpoints) + list(design)
     fingerprint = {**dict(fingerprint or {}), "endpoints": len(endpoints)}
-    key = _digest([[r.to_dict() for r in recipes], fingerprint, settings])
-    path = cache / f"irt-reduction-{key}.json"
-    if path.is_file():
-        return Reduction.from_dict(json.loads(path.read_text())["reduction"])
-    responses, resp_key = cached_responses(score, recipes, cache, fingerprint)
-    reduction = Reduction.build(responses, num_endpoints=len(endpoints), anchors=spec.anchors,
-                                dim=spec.dim, features=spec.features, seed=spec.seed)
-    _write_json(path, {"responses": f"irt-responses-{resp_key}.json", "settings": settings,
-                       "reduction": reduction.to_dict()})
-    return reduction
+    responses, _ = cached_responses(score, recipes, cache_dir, fingerprint)
+    return fit_reduction(responses, len(endpoints), spec, cache_dir)[0]
 
 
 # ---------------------------------------------------------------------------------------------

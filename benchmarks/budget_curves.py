@@ -1,0 +1,311 @@
+#!/usr/bin/env python
+"""The best merge at every budget: full evaluation vs IRT reduction vs the default, on tiny-LM PS.
+
+The experiment is ``experiments/tinylm_ps_cmaes.yaml`` (Sakana's PS merge of the four tiny-LM
+experts: CMA-ES over 40 DARE-TIES coefficients, popsize 12), run as a user runs it
+(``evomerge.run``) in three ways, each for ``--seeds`` and up to the largest budget:
+
+* ``full``: no ``reduced:`` block: every candidate scored on all 1,200 search items;
+* ``fixed``: the reduction evomerge shipped before (``design: 40, warmup: 0, race: off,
+  refit: off, rescore: 8``): 4 sources + 40 random merges scored in full before the search fit
+  the IRT model once, every candidate is scored on 60 anchor items, the 8 best estimates are
+  re-scored in full at the end;
+* ``default``: the shipped experiment, with ``fitness.reduced``'s defaults (warmup 1, racing
+  ``auto``, refit 1.5; see ``evomerge.execution.reduction``).
+
+A run's candidates come in a fixed order that does not depend on the budget (CMA-ES's
+generations; a racing threshold and a refit use earlier generations only), so the run with the
+largest budget holds every smaller one: the best "at N candidates" is the run's own pick rule
+applied to its first N trials (``full``: the best score; ``default``: the best full score among
+the candidates scored in full; ``fixed``: the best full re-score of the 8 best estimates, scored
+here). The script checks that rule against the run's own ``summary.json`` at its budget.
+
+Per arm and budget: held-out mean exact match of that pick (1,200 held-out items, the number
+``summary.json`` reports under ``final``), item evaluations spent (calibration + trials +
+re-scoring), and wall seconds from the run's start to its N-th trial (plus the re-scoring, timed
+here); mean +- std over seeds. "Full at equal time": the ``full`` run's best (its held-out score)
+among the trials it had finished when the ``default`` run reached N candidates, same seed. The
+plot (``benchmarks/budget_curves.png``) shows held-out vs candidates and vs wall seconds.
+
+Runs go two at a time (``--jobs``) so that every arm's wall time is measured under the same
+load; completed runs under ``--out`` are reused. Needs the zoo: ``evomerge zoo build tiny-lm``.
+
+Usage::
+
+    python benchmarks/budget_curves.py --write-results          # 3 seeds x 3 arms, ~1 h on 2 cores
+    python benchmarks/budget_curves.py --budgets 24 48 --seeds 0 --out /tmp/bc   # a smoke run
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from concurrent.futures import ProcessPoolExecutor
+from multiprocessing import get_context
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _results import cpu_name, loadavg, run_main
+
+REPO = Path(__file__).resolve().parents[1]
+EXPERIMENT = REPO / "experiments" / "tinylm_ps_cmaes.yaml"
+START, END = "<!-- budget_curves:start -->", "<!-- budget_curves:end -->"
+ARMS = ("full", "fixed", "default")
+FIXED = {"design": 40, "warmup": 0, "race": False, "refit": False, "rescore": 8}
+PLOT = Path(__file__).resolve().parent / "budget_curves.png"
+
+
+def experiment(arm: str, seed: int, budget: int, run_dir: Path) -> dict[str, Any]:
+    """The shipped experiment as ``arm`` runs it."""
+    import yaml
+
+    data = yaml.safe_load(EXPERIMENT.read_text())
+    reduced = data["fitness"].pop("reduced")
+    if arm == "fixed":
+        data["fitness"]["reduced"] = {**reduced, **FIXED}
+    elif arm == "default":
+        data["fitness"]["reduced"] = reduced
+    base = REPO / "models" / "tiny-lm"
+    data["models"] = {"base": str(base / "base"), "sources": {
+        k: str(base / Path(v).name) for k, v in data["models"]["sources"].items()}}
+    return {**data, "seed": seed, "budget": budget, "run_dir": str(run_dir), "export": False}
+
+
+def run_arm(arm: str, seed: int, budgets: list[int], out: Path) -> dict[str, Any]:
+    """Run (or reuse) one arm and seed, then read its curve; in a fresh process."""
+    import evomerge
+
+    budget = budgets[-1]
+    run_dir = out / f"{arm}_s{seed}"
+    curve_file = run_dir / "curve.json"
+    if curve_file.is_file():
+        curve = json.loads(curve_file.read_text())
+        if [p["n"] for p in curve["points"]] == budgets:
+            return curve
+    started_file = run_dir / "started.json"
+    summary_file = run_dir / "summary.json"
+    done = summary_file.is_file() and json.loads(summary_file.read_text())["budget"] == budget
+    if not done:
+        if run_dir.exists():
+            import shutil
+
+            shutil.rmtree(run_dir)
+        run_dir.mkdir(parents=True)
+        started_file.write_text(json.dumps({"t": time.time(), "loadavg": loadavg()}))
+        evomerge.run(experiment(arm, seed, budget, run_dir), progress=False)
+    curve = read_curve(arm, seed, budgets, run_dir, json.loads(started_file.read_text())["t"])
+    curve_file.write_text(json.dumps(curve))
+    return curve
+
+
+def read_curve(arm: str, seed: int, budgets: list[int], run_dir: Path, started: float
+               ) -> dict[str, Any]:
+    """Per trial (slot order): elapsed seconds at completion, items, value, full score known;
+    and every prefix's pick by the arm's rule, with its held-out score."""
+    import torch
+
+    from evomerge.execution.driver import Plan
+    from evomerge.execution.worker import evaluator_for
+    from evomerge.experiment import Experiment
+    from evomerge.recipe import parse_recipe
+    from evomerge.store import META, Store, items_scored, scored_in_full
+
+    torch.set_num_threads(1)
+    budget = budgets[-1]
+    summary = json.loads((run_dir / "summary.json").read_text())
+    exp = Experiment.from_dict(experiment(arm, seed, budget, run_dir))
+    store = Store(**Plan(exp).store_args)
+    trials = sorted(store.trials(), key=lambda t: (t.user_attrs[META]["generation"],
+                                                   t.user_attrs[META]["index"]))
+    evaluator = evaluator_for(exp, reduced=False)
+    reduced = arm != "full"
+    cache: dict[tuple[int, str], float] = {}
+    timed: list[float] = []
+
+    def score(i: int, split: str) -> float:
+        if (i, split) not in cache:
+            began = time.perf_counter()
+            recipe = parse_recipe(trials[i].user_attrs[META]["recipe"])
+            result, _ = evaluator.evaluate(recipe, split)
+            cache[(i, split)] = result.objectives["mean_acc"]
+            if split == "search":
+                timed.append(time.perf_counter() - began)
+        return cache[(i, split)]
+
+    full_known = [scored_in_full(t, reduced=reduced) for t in trials]
+    values = [t.values[0] for t in trials]
+    elapsed = [t.datetime_complete.timestamp() - started for t in trials]
+    items = np.cumsum([items_scored(t) for t in trials])
+    fr = summary.get("fitness_reduction") or {}
+    calibration = summary["item_evaluations"]["calibration"]
+
+    def pick(n: int) -> tuple[int, int]:
+        """The arm's best among the first n trials (ties: earliest) and the re-scores it took."""
+        if arm == "fixed":
+            top = sorted(range(n), key=lambda i: (-values[i], i))[:fr["rescore"]]
+            return max(top, key=lambda i: (score(i, "search"), -i)), len(top)
+        known = [i for i in range(n) if full_known[i]]
+        return max(known, key=lambda i: (values[i], -i)), 0
+
+    points = []
+    for n in budgets:
+        best, rescored = pick(n)
+        rescore_s = rescored * (float(np.mean(timed)) if timed else 0.0)
+        points.append({"n": n, "trial": trials[best].number, "heldout": score(best, "heldout"),
+                       "items": int(calibration + items[n - 1] + rescored * fr.get(
+                           "full_items", 0)),
+                       "wall_s": elapsed[n - 1] + rescore_s})
+    # the run's own pick at its budget is the rule's
+    assert points[-1]["trial"] == summary["best"]["trial"], (arm, seed, points[-1],
+                                                             summary["best"]["trial"])
+    records = []  # full evaluation: each new best as it was found, for "at equal time"
+    if arm == "full":
+        best = None
+        for i in range(len(trials)):
+            if best is None or values[i] > values[best]:
+                best = i
+                records.append({"wall_s": elapsed[i], "n": i + 1,
+                                "heldout": score(best, "heldout")})
+    return {"arm": arm, "seed": seed, "budget": budget, "points": points, "records": records,
+            "n_full": int(sum(full_known)), "fits": len(fr.get("fits", []))}
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    budgets = sorted(args.budgets)
+    jobs = [(arm, seed) for seed in args.seeds for arm in ARMS]
+    began = time.time()
+    load = loadavg()
+    with ProcessPoolExecutor(args.jobs, mp_context=get_context("spawn")) as pool:
+        futures = [pool.submit(run_arm, arm, seed, budgets, args.out) for arm, seed in jobs]
+        curves = [f.result() for f in futures]
+    rows = []
+    for arm in ARMS:
+        for i, n in enumerate(budgets):
+            pts = [c["points"][i] for c in curves if c["arm"] == arm]
+            row = {"arm": arm, "n": n, **{k: _stats([p[k] for p in pts])
+                                          for k in ("heldout", "items", "wall_s")}}
+            if arm == "default":
+                same = [equal_time(next(c for c in curves if c["arm"] == "full"
+                                        and c["seed"] == p_seed), p["wall_s"])
+                        for p, p_seed in zip(pts, [c["seed"] for c in curves
+                                                    if c["arm"] == arm])]
+                row["full_at_equal_time"] = _stats(same)
+            rows.append(row)
+    result = {"budgets": budgets, "seeds": list(args.seeds), "rows": rows, "curves": curves,
+              "targets": targets(rows, budgets), "cpu": cpu_name(), "loadavg_start": load,
+              "jobs": args.jobs, "wall_s": round(time.time() - began, 1)}
+    plot(rows, result)
+    return result
+
+
+def equal_time(full_curve: dict[str, Any], wall_s: float) -> float:
+    """The full-evaluation run's held-out score of its best found by ``wall_s`` seconds (its
+    first best, when it had finished nothing yet: generous to full evaluation)."""
+    found = [r for r in full_curve["records"] if r["wall_s"] <= wall_s]
+    return (found[-1] if found else full_curve["records"][0])["heldout"]
+
+
+def _stats(values: list[float]) -> dict[str, float]:
+    arr = np.asarray(values, dtype=float)
+    return {"mean": float(arr.mean()), "std": float(arr.std(ddof=1)) if len(arr) > 1 else 0.0}
+
+
+def targets(rows: list[dict[str, Any]], budgets: list[int]) -> list[dict[str, Any]]:
+    """The issue's targets per budget: default >= full - 0.005 at equal candidates, and > full
+    at equal wall time (means over seeds)."""
+    by = {(r["arm"], r["n"]): r for r in rows}
+    out = []
+    for n in budgets:
+        d, f = by[("default", n)], by[("full", n)]
+        out.append({"n": n, "equal_candidates": d["heldout"]["mean"] - f["heldout"]["mean"],
+                    "equal_candidates_ok": d["heldout"]["mean"] >= f["heldout"]["mean"] - 0.005,
+                    "equal_time": d["heldout"]["mean"] - d["full_at_equal_time"]["mean"],
+                    "equal_time_ok": d["heldout"]["mean"] > d["full_at_equal_time"]["mean"]})
+    return out
+
+
+def plot(rows: list[dict[str, Any]], result: dict[str, Any]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    for arm in ARMS:
+        arm_rows = [r for r in rows if r["arm"] == arm]
+        mean = [r["heldout"]["mean"] for r in arm_rows]
+        std = [r["heldout"]["std"] for r in arm_rows]
+        axes[0].errorbar([r["n"] for r in arm_rows], mean, yerr=std, marker="o", capsize=3,
+                         label=arm)
+        axes[1].errorbar([r["wall_s"]["mean"] for r in arm_rows], mean, yerr=std, marker="o",
+                         capsize=3, label=arm)
+    axes[0].set_xscale("log")
+    axes[0].set_xticks(result["budgets"], [str(b) for b in result["budgets"]])
+    axes[0].set_xlabel("candidates")
+    axes[1].set_xlabel("wall seconds (2 runs at a time on 2 cores)")
+    for ax in axes:
+        ax.set_ylabel("held-out mean exact match")
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.suptitle(f"tiny-LM PS (CMA-ES), mean +- std over seeds {result['seeds']}")
+    fig.tight_layout()
+    fig.savefig(PLOT, dpi=110)
+    plt.close(fig)
+
+
+def markdown(result: dict[str, Any]) -> str:
+    def ms(s: dict[str, float], digits: int = 3) -> str:
+        return f"{s['mean']:.{digits}f} ± {s['std']:.{digits}f}"
+
+    lines = [START, "## Search efficiency at every budget (`benchmarks/budget_curves.py`)", "",
+             f"`experiments/tinylm_ps_cmaes.yaml` (CMA-ES, popsize 12, 40 DARE-TIES "
+             f"coefficients), seeds {result['seeds']}, one run per arm and seed, "
+             f"{result['jobs']} at a time, on {result['cpu']} (load average "
+             f"{result['loadavg_start']} at the start). Held-out: mean exact match of the "
+             "arm's pick on 1,200 held-out items. Items: item evaluations spent (calibration + "
+             "trials + final re-scoring). `full`: every candidate on all 1,200 search items; "
+             "`fixed`: the reduction shipped before (sources + 40 random merges calibrate "
+             "once, 60 anchors per candidate, top 8 re-scored); `default`: warmup generation "
+             "in full, anchors + racing, refits.", "",
+             "| arm | candidates | held-out | item evaluations | wall s | full eval at equal time |",
+             "|---|---|---|---|---|---|"]
+    for r in result["rows"]:
+        same = ms(r["full_at_equal_time"]) if "full_at_equal_time" in r else ""
+        lines.append(f"| {r['arm']} | {r['n']} | {ms(r['heldout'])} | "
+                     f"{r['items']['mean']:,.0f} | {r['wall_s']['mean']:.0f} | {same} |")
+    lines += ["", "Targets (default vs full, means over seeds):", "",
+              "| candidates | equal candidates: default - full (>= -0.005) | "
+              "equal time: default - full (> 0) |", "|---|---|---|"]
+    for t in result["targets"]:
+        lines.append(f"| {t['n']} | {t['equal_candidates']:+.4f} "
+                     f"{'ok' if t['equal_candidates_ok'] else 'MISSED'} | "
+                     f"{t['equal_time']:+.4f} {'ok' if t['equal_time_ok'] else 'MISSED'} |")
+    lines += ["", "![held-out vs candidates and wall time](budget_curves.png)", "", END]
+    return "\n".join(lines)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--out", type=Path, default=REPO / "runs" / "budget_curves",
+                   help="where the runs go (reused when complete)")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument("--budgets", type=int, nargs="+", default=[50, 100, 200, 400],
+                   help="candidate counts to report; the runs go to the largest")
+    p.add_argument("--jobs", type=int, default=2, help="runs at a time")
+    p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
+    p.add_argument("--write-results", action="store_true",
+                   help="rewrite the budget_curves section of benchmarks/RESULTS.md")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_main(argv, parse_args, run, markdown, START, END)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
