@@ -339,7 +339,8 @@ class SleepEvaluator:
         self.sigma = sigma
         self.rng = np.random.default_rng(seed)
 
-    def evaluate(self, recipe: Any, split: str = "search") -> tuple[Any, dict[str, float]]:
+    def evaluate(self, recipe: Any, split: str = "search",
+                 fidelity: Any = None) -> tuple[Any, dict[str, float]]:
         from evomerge.fitness.base import EvalResult
 
         seconds = float(self.rng.lognormal(self.mu, self.sigma))

@@ -238,7 +238,7 @@ class _Evaluator:
 
         self.objectives = [Objective(OBJECTIVE, "maximize")]
 
-    def evaluate(self, recipe, split: str = "search"):
+    def evaluate(self, recipe, split: str = "search", fidelity=None):
         from evomerge.fitness.base import EvalResult
 
         started = time.perf_counter()
