@@ -90,6 +90,7 @@ class Summary:
     devices: dict[str, Any]
     base: dict[str, Any] | None = None  # the base's scores, when it is not a source
     fitness_reduction: dict[str, Any] | None = None  # IRT-reduced runs
+    item_evaluations: dict[str, int] | None = None  # calibration, search, rescore, total
     resume: dict[str, Any] | None = None  # what the latest resume did
 
     @classmethod
@@ -106,6 +107,7 @@ class Summary:
             best_model=Path(outputs["best_model"]) if outputs.get("best_model") else None,
             storage=data["storage"], timing=data["timing"], devices=data["devices"],
             base=data.get("base"), fitness_reduction=data.get("fitness_reduction"),
+            item_evaluations=data.get("item_evaluations"),
             resume=data.get("resume"))
 
     @classmethod

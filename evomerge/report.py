@@ -542,8 +542,10 @@ def print_summary(summary: dict[str, Any], console: Any) -> None:
             table.add_column(f"{n} (search)", justify="right")
         table.add_column(f"{n} (held-out)", justify="right")
     full = (reduced or {}).get("sources_search_full", {})
-    rows = {"best": (summary["best"]["objectives"], (reduced or {}).get("best_search_full"),
-                     summary["final"]["best"])}
+    # the best's estimate (None: the warmup scored it in full and nothing estimated it)
+    estimate = (reduced or {}).get("best_search_estimate", summary["best"]["objectives"])
+    rows = {"best": (estimate if reduced else summary["best"]["objectives"],
+                     (reduced or {}).get("best_search_full"), summary["final"]["best"])}
     rows |= {m: (summary["sources"].get(m), full.get(m), held)
              for m, held in summary["final"].items()
              if m != "best"}  # sources, then merges a DFS space routes through
