@@ -611,13 +611,8 @@ def ray_session(enabled: bool) -> Iterator[None]:
 
 def ray_available() -> str | None:
     """None if the Ray executor can run here, else why not."""
-    from evomerge.execution import EXECUTORS
-
-    module = EXECUTORS["ray"].partition(":")[0]
     if importlib.util.find_spec("ray") is None:
         return "ray is not installed (pip install 'evomerge[ray]')"
-    if importlib.util.find_spec(module) is None:
-        return f"{module} does not exist yet"
     return None
 
 

@@ -37,7 +37,7 @@ _EXPORTS = {
     # the registries: name -> what experiments and recipes refer to by that name
     "FITNESSES": "evomerge.fitness.base:FITNESSES",
     "STRATEGIES": "evomerge.search:STRATEGIES",
-    "METHODS": "evomerge.merge.methods:METHODS",
+    "METHODS": "evomerge.recipe.params:METHODS",
     "EXECUTORS": "evomerge.execution:EXECUTORS",
     "SPACE_KINDS": "evomerge.spaces:SPACE_KINDS",
 }

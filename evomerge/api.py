@@ -35,13 +35,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from evomerge.experiment import (
-    Experiment,
-    ExperimentError,
-    import_object,
-    is_object_name,
-    is_run_dir,
-)
+from evomerge.experiment import Experiment, ExperimentError, is_run_dir
+from evomerge.registry import import_object, is_object_name
 
 Source = Experiment | str | Path | Mapping[str, Any]
 

@@ -20,6 +20,7 @@ from pydantic import (BaseModel, ConfigDict, Field, PrivateAttr, ValidationError
                       model_validator)
 
 from evomerge.config_io import format_errors, read_yaml
+from evomerge.registry import import_object, is_object_name
 
 
 class ExperimentError(ValueError):
@@ -221,34 +222,13 @@ class Executor(BaseModel):
         return self
 
 
-def is_object_name(name: Any) -> bool:
-    """Whether a strategy or fitness name is a Python object's ``module:qualname`` (what
-    :func:`evomerge.run` records for an object it was given) rather than a registered name."""
-    return isinstance(name, str) and ":" in name
-
-
-def import_object(name: str) -> Any:
-    """The object a ``module:qualname`` name points to (ImportError saying what is missing)."""
-    import importlib
-
-    module, _, qualname = name.partition(":")
-    try:
-        found: Any = importlib.import_module(module)
-        for part in qualname.split("."):
-            found = getattr(found, part)
-    except (ImportError, AttributeError) as exc:
-        raise ImportError(f"{name!r} cannot be imported here ({exc})") from None
-    return found
-
-
 def _unknown_names(strategy: Any, fitness: Any) -> list[str]:
     """A line per strategy or fitness name (a string; anything else is pydantic's to report)
     that is not registered; ``module:qualname`` names are the Plan's to resolve."""
-    from evomerge.fitness.base import FITNESSES, _load_builtin
+    from evomerge.fitness.base import FITNESSES
     from evomerge.search import STRATEGIES
 
     strategy, fitness = ((None if is_object_name(n) else n) for n in (strategy, fitness))
-    _load_builtin()
     problems = []
     if isinstance(strategy, str) and strategy not in STRATEGIES:
         problems.append(f"strategy.name: unknown strategy {strategy!r}; known: "

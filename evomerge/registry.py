@@ -30,23 +30,21 @@ __all__ = ["Registry", "import_object", "is_object_name"]
 
 
 def is_object_name(name: Any) -> bool:
-    """Whether ``name`` reads as an importable ``"module:object"`` target."""
+    """Whether ``name`` is a ``"module:qualname"`` target (what :func:`evomerge.run` records for
+    an object it was given, and how lazy entries are written) rather than a registered name."""
     return isinstance(name, str) and ":" in name
 
 
 def import_object(target: str) -> Any:
-    """Import the object a ``"module:object"`` target names (``object`` may be dotted:
-    ``"pkg.mod:Class.factory"``). ImportError says which part was missing."""
-    module_name, _, attr = target.partition(":")
-    if not module_name or not attr:
-        raise ImportError(f"{target!r}: expected 'module:object'")
-    obj: Any = importlib.import_module(module_name)
-    for part in attr.split("."):
-        try:
-            obj = getattr(obj, part)
-        except AttributeError:
-            raise ImportError(f"{target!r}: module {module_name!r} has no {attr!r}") from None
-    return obj
+    """The object a ``"module:qualname"`` target names (ImportError saying what is missing)."""
+    module, _, qualname = target.partition(":")
+    try:
+        found: Any = importlib.import_module(module)
+        for part in qualname.split("."):
+            found = getattr(found, part)
+    except (ImportError, AttributeError) as exc:
+        raise ImportError(f"{target!r} cannot be imported here ({exc})") from None
+    return found
 
 
 class Registry(Generic[T]):
@@ -103,14 +101,13 @@ class Registry(Generic[T]):
         if isinstance(target, str):
             try:
                 obj = import_object(target)
-            except Exception as e:
-                raise ImportError(f"{self.kind} {name!r} ({target}) could not be loaded: "
-                                  f"{type(e).__name__}: {e}") from e
+            except ImportError as e:
+                raise ImportError(f"{self.kind} {name!r}: {e}") from e
+            except Exception as e:  # a plugin's module failing as it runs is named too
+                raise ImportError(f"{self.kind} {name!r}: {target!r} failed on import "
+                                  f"({type(e).__name__}: {e})") from e
             self._entries[name] = target = obj
         return target  # type: ignore[return-value]
-
-    def get(self, name: str, default: T | None = None) -> T | None:
-        return self[name] if name in self else default
 
     def __contains__(self, name: object) -> bool:
         if name not in self._entries:
@@ -128,9 +125,6 @@ class Registry(Generic[T]):
     def names(self) -> list[str]:
         """The registered names, sorted (what errors and help texts list)."""
         return sorted(self)
-
-    def keys(self) -> list[str]:
-        return list(self)
 
     def values(self) -> list[T]:
         return [self[name] for name in self]

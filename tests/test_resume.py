@@ -119,10 +119,11 @@ def _kill_when(args: list[str], run_dir: Path, log: Path, group: bool,
     try:
         wait_until(lambda: proc.poll() is not None or when(state_counts(run_dir)), timeout=90,
                    log=log, what="the kill point")
-        if group:
-            os.killpg(proc.pid, signal.SIGKILL)  # an exited process stays a zombie until waited
-        else:
-            os.kill(proc.pid, signal.SIGKILL)
+        # The poll above reaps a process that exited on its own (returncode set): killing its
+        # pid then raises ProcessLookupError (seen under load). Unreaped, it is alive or a
+        # zombie, which the kill reaches safely.
+        if proc.returncode is None:
+            (os.killpg if group else os.kill)(proc.pid, signal.SIGKILL)
         proc.wait(timeout=30)
         landed = state_counts(run_dir)
         assert when(landed), (f"process exited ({proc.returncode}) before the kill point:\n"

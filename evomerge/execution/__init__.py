@@ -14,18 +14,19 @@ recording and exactly-once accounting from the driver for free.
 
 from __future__ import annotations
 
-import importlib
 from typing import Any
 
-#: kind -> "module:Class", imported on use so that `local` runs never import ray.
-EXECUTORS: dict[str, str] = {
+from evomerge.registry import Registry
+
+#: kind -> executor class, imported on use so that `local` runs never import ray; plugins:
+#: entry-point group ``evomerge.executors``.
+EXECUTORS: Registry[Any] = Registry("executor", "evomerge.executors", {
     "local": "evomerge.execution.local:LocalExecutor",
     "ray": "evomerge.execution.ray:RayExecutor",
     "slurm": "evomerge.execution.slurm:SlurmExecutor",
-}
+})
 
 
 def make_executor(experiment: Any, store_args: dict) -> Any:
     """The executor for ``experiment.executor.kind``."""
-    module, _, cls = EXECUTORS[experiment.executor.kind].partition(":")
-    return getattr(importlib.import_module(module), cls)(experiment, store_args)
+    return EXECUTORS[experiment.executor.kind](experiment, store_args)

@@ -9,14 +9,18 @@ candidate into, so a worker allocates it once and never re-instantiates it.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 import numpy as np
 import torch
 
+from evomerge.registry import Registry
+
 Direction = Literal["maximize", "minimize"]
+_DIRECTIONS = ("maximize", "minimize")
+T = TypeVar("T")
 Split = Literal["search", "heldout"]
 
 
@@ -60,6 +64,50 @@ class Fitness(ABC):
         """Score ``model`` on the ``search`` items (seen by the search) or the ``heldout`` ones."""
 
 
+def parse_objective_specs(objectives: Any, target: str,
+                          parse_target: Callable[[Any, str], T]) -> list[tuple[Objective, T]]:
+    """Objective specs ``[{name, <target>, direction}]`` (the digits fitness's ``classes``,
+    lm-eval's ``tasks``; ``"all"`` when left out) validated in one place, so every fitness
+    words its config errors alike: ``[(Objective, parse_target(spec[target], where))]``, a
+    ValueError naming the field otherwise."""
+    keys = ("name", target, "direction")
+    if isinstance(objectives, (str, bytes, Mapping)) or not isinstance(objectives, Sequence):
+        raise ValueError(  # noqa: TRY004 - config errors are ValueErrors for the CLI
+            f"objectives: expected a list of {{name, {target}, direction}} mappings, "
+            f"got {type(objectives).__name__}"
+        )
+    if not objectives:
+        raise ValueError(f"objectives: empty; give at least one {{name, {target}}} objective")
+    parsed: list[tuple[Objective, T]] = []
+    seen: set[str] = set()
+    for i, spec in enumerate(objectives):
+        where = f"objectives[{i}]"
+        if not isinstance(spec, Mapping):
+            raise ValueError(  # noqa: TRY004 - config errors are ValueErrors for the CLI
+                f"{where}: expected a mapping with name and {target}, got {spec!r}"
+            )
+        unknown = [k for k in spec if k not in keys]
+        if unknown:
+            raise ValueError(
+                f"{where}: unknown key(s) {', '.join(map(repr, unknown))}; "
+                f"allowed: {', '.join(keys)}"
+            )
+        name = spec.get("name")
+        if not isinstance(name, str) or not name.strip():
+            raise ValueError(f"{where}.name: expected a non-empty string, got {name!r}")
+        if name in seen:
+            raise ValueError(f"{where}.name: duplicate objective name {name!r}")
+        seen.add(name)
+        chosen = parse_target(spec.get(target, "all"), f"{where}.{target}")
+        direction = spec.get("direction", "maximize")
+        if direction not in _DIRECTIONS:
+            raise ValueError(
+                f"{where}.direction: expected one of {', '.join(_DIRECTIONS)}, got {direction!r}"
+            )
+        parsed.append((Objective(name, direction), chosen))
+    return parsed
+
+
 #: ``dtype`` options of model-owning fitnesses (``auto``: the checkpoint's own, see below).
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -81,35 +129,22 @@ def resolve_dtype(dtype: str | torch.dtype, config: Any) -> torch.dtype:
     return DTYPES[dtype]
 
 
-FITNESSES: dict[str, Callable[..., Fitness]] = {}
-
-
-def register(name: str) -> Callable[[type[Fitness]], type[Fitness]]:
-    """Class decorator: make a fitness available to experiments by name."""
-    def wrap(cls: type[Fitness]) -> type[Fitness]:
-        if name in FITNESSES:
-            raise ValueError(f"fitness {name!r} is already registered")
-        FITNESSES[name] = cls
-        return cls
-    return wrap
+#: name -> Fitness class. The built-ins are lazy targets, so this module imports none of them and
+#: naming one imports only its module; plugins: entry-point group ``evomerge.fitnesses``.
+FITNESSES: Registry[Callable[..., Fitness]] = Registry("fitness", "evomerge.fitnesses", {
+    "digits": "evomerge.fitness.digits:DigitsFitness",
+    "lm": "evomerge.fitness.lm:LMFitness",
+    "lm-eval": "evomerge.fitness.lmeval:LmEvalFitness",
+    "perplexity": "evomerge.fitness.perplexity:PerplexityFitness",
+})
+#: class decorator: ``@register("name")`` makes a fitness available to experiments by name
+register = FITNESSES.register
 
 
 def fitness_class(name: str) -> Callable[..., Fitness]:
     """The registered fitness ``name`` (KeyError listing the known names)."""
-    _load_builtin()
-    try:
-        return FITNESSES[name]
-    except KeyError:
-        raise KeyError(f"unknown fitness {name!r}; known: {', '.join(sorted(FITNESSES))}") from None
+    return FITNESSES[name]
 
 
 def make_fitness(name: str, **options: Any) -> Fitness:
     return fitness_class(name)(**options)
-
-
-def _load_builtin() -> None:
-    """Import the built-in fitness modules so their ``@register`` runs."""
-    import evomerge.fitness.digits  # noqa: F401
-    import evomerge.fitness.lm  # noqa: F401
-    import evomerge.fitness.lmeval  # noqa: F401
-    import evomerge.fitness.perplexity  # noqa: F401

@@ -22,15 +22,13 @@ from typing import Any
 import numpy as np
 import torch
 
-from evomerge.fitness.base import EvalResult, Fitness, Objective, register
+from evomerge.fitness.base import EvalResult, Fitness, Objective, parse_objective_specs
 from evomerge.models.digits import NUM_CLASSES, NUM_FEATURES, DigitsMLP, digits_splits
 
 __all__ = ["DigitsFitness", "parse_objectives"]
 
 TASK = "digits"
 _SPLITS = ("search", "heldout")
-_KEYS = ("name", "classes", "direction")
-_DIRECTIONS = ("maximize", "minimize")
 DEFAULT_OBJECTIVES: tuple[dict[str, Any], ...] = ({"name": "acc", "classes": "all"},)
 
 
@@ -38,41 +36,8 @@ def parse_objectives(
     objectives: Sequence[Mapping[str, Any]] | None,
 ) -> list[tuple[Objective, tuple[int, ...]]]:
     """Validate objective specs; ``[(Objective, classes)]``. Raises ValueError naming the field."""
-    if objectives is None:
-        objectives = DEFAULT_OBJECTIVES
-    if isinstance(objectives, (str, bytes, Mapping)) or not isinstance(objectives, Sequence):
-        raise ValueError(
-            f"objectives: expected a list of {{name, classes, direction}} mappings, "
-            f"got {type(objectives).__name__}"
-        )
-    if not objectives:
-        raise ValueError("objectives: empty; give at least one {name, classes} objective")
-    parsed: list[tuple[Objective, tuple[int, ...]]] = []
-    seen: set[str] = set()
-    for i, spec in enumerate(objectives):
-        where = f"objectives[{i}]"
-        if not isinstance(spec, Mapping):
-            raise ValueError(f"{where}: expected a mapping with name and classes, got {spec!r}")
-        unknown = [k for k in spec if k not in _KEYS]
-        if unknown:
-            raise ValueError(
-                f"{where}: unknown key(s) {', '.join(map(repr, unknown))}; "
-                f"allowed: {', '.join(_KEYS)}"
-            )
-        name = spec.get("name")
-        if not isinstance(name, str) or not name.strip():
-            raise ValueError(f"{where}.name: expected a non-empty string, got {name!r}")
-        if name in seen:
-            raise ValueError(f"{where}.name: duplicate objective name {name!r}")
-        seen.add(name)
-        classes = _parse_classes(spec.get("classes", "all"), f"{where}.classes")
-        direction = spec.get("direction", "maximize")
-        if direction not in _DIRECTIONS:
-            raise ValueError(
-                f"{where}.direction: expected one of {', '.join(_DIRECTIONS)}, got {direction!r}"
-            )
-        parsed.append((Objective(name, direction), classes))
-    return parsed
+    return parse_objective_specs(DEFAULT_OBJECTIVES if objectives is None else objectives,
+                                 "classes", _parse_classes)
 
 
 def _parse_classes(classes: Any, where: str) -> tuple[int, ...]:
@@ -92,7 +57,6 @@ def _parse_classes(classes: Any, where: str) -> tuple[int, ...]:
     return tuple(sorted(int(c) for c in classes))
 
 
-@register("digits")
 class DigitsFitness(Fitness):
     """Accuracy of digits MLPs on class subsets of the digits ``search`` / ``heldout`` split.
 

@@ -49,6 +49,8 @@ from sklearn.cluster import KMeans
 from sklearn.exceptions import ConvergenceWarning
 from threadpoolctl import threadpool_limits
 
+from evomerge.registry import Registry
+
 __all__ = [
     "ESTIMATORS",
     "IRTFit",
@@ -347,13 +349,16 @@ def gmp_irt(task: TaskReduction, y: np.ndarray) -> float:
     return GMP_DELTA * anchor_estimate(task, y) + (1 - GMP_DELTA) * mp_irt(task, y)
 
 
-ESTIMATORS: dict[str, Callable[[TaskReduction, np.ndarray], float]] = {
-    "anchor": anchor_estimate,
-    "p-irt": p_irt,
-    "gp-irt": gp_irt,
-    "mp-irt": mp_irt,
-    "gmp-irt": gmp_irt,
-}
+#: name -> ``fn(task, anchor_answers) -> accuracy``; plugins: entry-point group
+#: ``evomerge.estimators``.
+ESTIMATORS: Registry[Callable[[TaskReduction, np.ndarray], float]] = Registry(
+    "estimator", "evomerge.estimators", {
+        "anchor": anchor_estimate,
+        "p-irt": p_irt,
+        "gp-irt": gp_irt,
+        "mp-irt": mp_irt,
+        "gmp-irt": gmp_irt,
+    })
 
 
 def estimate(name: str, task: TaskReduction, y: np.ndarray) -> float:

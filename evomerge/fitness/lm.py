@@ -3,11 +3,12 @@
 The scorers (greedy generation, choice log-likelihoods) and the tokenization boundary they share
 with lm-evaluation-harness are :mod:`evomerge.models.causal_lm`.
 
-The ``lm`` fitness (``@register("lm")``) reads a suite (:mod:`evomerge.fitness.suite`), tokenizes
-every task's items once into left-padded tensors, and scores each candidate: ``generate`` items by
-exact match of the stripped prediction with the stripped answer, ``multiple_choice`` items by
-whether the gold choice has the highest log-likelihood. ``item_scores[task]`` holds those 1.0 / 0.0
-values; each objective is the macro mean of its tasks' accuracies.
+The ``lm`` fitness (``lm`` in :data:`~evomerge.fitness.base.FITNESSES`) reads a suite
+(:mod:`evomerge.fitness.suite`), tokenizes every task's items once into left-padded tensors, and
+scores each candidate: ``generate`` items by exact match of the stripped prediction with the
+stripped answer, ``multiple_choice`` items by whether the gold choice has the highest
+log-likelihood. ``item_scores[task]`` holds those 1.0 / 0.0 values; each
+objective is the macro mean of its tasks' accuracies.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from evomerge.fitness.base import EvalResult, Fitness, Objective, register, resolve_dtype
+from evomerge.fitness.base import EvalResult, Fitness, Objective, resolve_dtype
 from evomerge.fitness.suite import (
     SPLITS,
     ChoiceItem,
@@ -63,7 +64,6 @@ class _TaskData:
     gold: np.ndarray | None = None
 
 
-@register("lm")
 class LMFitness(Fitness):
     """Accuracy of a causal LM on the tasks of a suite (``generate`` and ``multiple_choice``).
 

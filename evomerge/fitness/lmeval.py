@@ -128,7 +128,13 @@ from typing import Any
 import numpy as np
 import torch
 
-from evomerge.fitness.base import EvalResult, Fitness, Objective, register, resolve_dtype
+from evomerge.fitness.base import (
+    EvalResult,
+    Fitness,
+    Objective,
+    parse_objective_specs,
+    resolve_dtype,
+)
 
 __all__ = [
     "DEFAULT_INCLUDE_PATH",
@@ -147,8 +153,6 @@ __all__ = [
 DEFAULT_INCLUDE_PATH = Path(__file__).resolve().parents[2] / "fitness" / "lmeval"
 
 SPLITS = ("search", "heldout")
-_OBJECTIVE_KEYS = ("name", "tasks", "direction")
-_DIRECTIONS = ("maximize", "minimize")
 #: Per-item metrics taken as "the task's accuracy", in order of preference.
 ACCURACY_METRICS = ("acc", "exact_match")
 _YAML_SUFFIXES = (".yaml", ".yml")
@@ -364,51 +368,21 @@ def parse_objectives(
     """``[(Objective, task keys)]``; default one maximised objective per key, named by it."""
     if objectives is None:
         return [(Objective(key), (key,)) for key in keys]
-    if isinstance(objectives, (str, bytes, Mapping)) or not isinstance(objectives, Sequence):
-        raise ValueError(  # noqa: TRY004 - config errors are ValueErrors for the CLI
-            f"objectives: expected a list of {{name, tasks, direction}} mappings, "
-            f"got {type(objectives).__name__}"
-        )
-    if not objectives:
-        raise ValueError("objectives: empty; give at least one {name, tasks} objective")
-    parsed: list[tuple[Objective, tuple[str, ...]]] = []
-    seen: set[str] = set()
-    for i, spec in enumerate(objectives):
-        where = f"objectives[{i}]"
-        if not isinstance(spec, Mapping):
-            raise ValueError(  # noqa: TRY004 - config errors are ValueErrors for the CLI
-                f"{where}: expected a mapping with name and tasks, got {spec!r}"
-            )
-        unknown = [k for k in spec if k not in _OBJECTIVE_KEYS]
-        if unknown:
-            raise ValueError(
-                f"{where}: unknown key(s) {', '.join(map(repr, unknown))}; "
-                f"allowed: {', '.join(_OBJECTIVE_KEYS)}"
-            )
-        name = spec.get("name")
-        if not isinstance(name, str) or not name.strip():
-            raise ValueError(f"{where}.name: expected a non-empty string, got {name!r}")
-        if name in seen:
-            raise ValueError(f"{where}.name: duplicate objective name {name!r}")
-        seen.add(name)
-        chosen = spec.get("tasks", "all")
+
+    def tasks(chosen: Any, where: str) -> tuple[str, ...]:
         if chosen == "all":
             chosen = list(keys)
         if isinstance(chosen, (str, bytes)) or not isinstance(chosen, Sequence) or not chosen:
-            raise ValueError(f"{where}.tasks: expected 'all' or a list of task keys, got {chosen!r}")
+            raise ValueError(f"{where}: expected 'all' or a list of task keys, got {chosen!r}")
         missing = [t for t in chosen if t not in keys]
         if missing:
             raise ValueError(
-                f"{where}.tasks: unknown task(s) {', '.join(map(repr, missing))}; "
+                f"{where}: unknown task(s) {', '.join(map(repr, missing))}; "
                 f"known: {', '.join(keys)}"
             )
-        direction = spec.get("direction", "maximize")
-        if direction not in _DIRECTIONS:
-            raise ValueError(
-                f"{where}.direction: expected one of {', '.join(_DIRECTIONS)}, got {direction!r}"
-            )
-        parsed.append((Objective(name, direction), tuple(dict.fromkeys(chosen))))
-    return parsed
+        return tuple(dict.fromkeys(chosen))
+
+    return parse_objective_specs(objectives, "tasks", tasks)
 
 
 def resolve_data_files(data_files: Any, base_dir: Path, where: str) -> Any:
@@ -643,7 +617,6 @@ def _report(problems: Sequence[str]) -> str:
 # --------------------------------------------------------------------------------------------
 
 
-@register("lm-eval")
 class LmEvalFitness(Fitness):
     """Per-item scores of an in-memory causal LM on lm-evaluation-harness tasks.
 

@@ -67,7 +67,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from evomerge.fitness.base import EvalResult, Fitness, Objective, register, resolve_dtype
+from evomerge.fitness.base import EvalResult, Fitness, Objective, resolve_dtype
 from evomerge.fitness.lm import _load_base, new_causal_lm
 from evomerge.models.causal_lm import left_pad, sequence_loglikelihoods
 
@@ -140,7 +140,6 @@ def _check_int(name: str, value: Any, low: int = 1, optional: bool = True) -> No
                          f"got {value!r}")
 
 
-@register("perplexity")
 class PerplexityFitness(Fitness):
     """Token-weighted log-perplexity of a causal LM on the user's text (module docstring)."""
 

@@ -1,4 +1,4 @@
-"""Merge methods: pure functions on tensors, plus the registry that names them.
+"""Merge methods: pure functions on tensors, and the kernels the method table names.
 
 Semantics follow mergekit 0.1.5 (``mergekit/merge_methods/generalized_task_arithmetic.py``,
 ``sparsify.py``, ``linear.py``, ``slerp.py``, ``model_stock.py``), so a recipe found here means the
@@ -33,14 +33,14 @@ from __future__ import annotations
 
 import hashlib
 import math
-from collections.abc import Callable, Hashable, Mapping, Sequence
+from collections.abc import Hashable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
-from evomerge.recipe.params import (GTA, GTA_METHODS, METHOD_SPECS, RANDOM_SPARSIFIERS, SPARSIFIERS,
-                                    MethodSpec, get_spec, rescale_mode)
+from evomerge.recipe.params import (METHODS, RANDOM_SPARSIFIERS, SPARSIFIERS, MethodSpec,
+                                    rescale_mode)
 
 Tensor = torch.Tensor
 
@@ -783,83 +783,58 @@ def model_stock(base: Tensor, sources: Sequence[Tensor], filter_wise: bool = Fal
 
 
 # --------------------------------------------------------------------------------------------
-# Registry
+# Kernels: what :data:`~evomerge.recipe.params.METHODS` entries name, one tensor each
 # --------------------------------------------------------------------------------------------
 
-
-MergeFn = Callable[[TensorInputs, Mapping[str, Any], Sequence[Mapping[str, Any]], Tensor | None], Tensor]
-
-
-@dataclass(frozen=True)
-class MergeMethod(MethodSpec):
-    """A named merge method: its parameter table (:class:`~evomerge.recipe.params.MethodSpec`,
-    what recipes validate against) and its tensor kernel.
-
-    ``fn(inputs, shared, per_source, out)`` merges one tensor.
-    """
-
-    fn: MergeFn = field(kw_only=True)
-
-    @classmethod
-    def of(cls, spec: MethodSpec, fn: MergeFn) -> MergeMethod:
-        """The method of a table entry and its kernel."""
-        return cls(spec.name, spec.params, spec.base, spec.min_inputs, spec.max_inputs,
-                   spec.reference, fn=fn)
+#: a method's entry in the one table (:class:`~evomerge.recipe.params.MethodSpec`): its
+#: parameters and, as :attr:`~evomerge.recipe.params.MethodSpec.fn`, its kernel
+MergeMethod = MethodSpec
 
 
-METHODS: dict[str, MergeMethod] = {}
+def get_method(name: str) -> MethodSpec:
+    """The registered method ``name`` (KeyError listing the known names)."""
+    return METHODS[name]
 
 
-def register(method: MergeMethod) -> MergeMethod:
-    """Add a method; its table joins :data:`~evomerge.recipe.params.METHOD_SPECS` so that
-    recipes naming it validate."""
-    if method.name in METHODS:
-        raise ValueError(f"merge method {method.name!r} is already registered")
-    METHODS[method.name] = method
-    METHOD_SPECS[method.name] = method
-    return method
+def register(method: MethodSpec) -> MethodSpec:
+    """Add a method (its table and its ``kernel`` target) under its name; recipes naming it
+    then validate and merge."""
+    return METHODS.register(method.name, method)
 
 
-def get_method(name: str) -> MergeMethod:
-    try:
-        return METHODS[name]
-    except KeyError:
-        raise KeyError(
-            f"unknown merge method {name!r}; known: {', '.join(sorted(METHODS))}"
-        ) from None
+def gta_kernel(inputs: TensorInputs, shared: Mapping[str, Any],
+               per_source: Sequence[Mapping[str, Any]], out: Tensor | None, *,
+               sparsify: str | None, consensus: bool) -> Tensor:
+    """The generalized-task-arithmetic family; ``sparsify`` and ``consensus`` come from the
+    method's :class:`~evomerge.recipe.params.GTA` configuration."""
+    return generalized_task_arithmetic(
+        inputs,
+        weights=[p["weight"] for p in per_source],
+        densities=[p["density"] for p in per_source],
+        sparsify=sparsify,
+        consensus=consensus,
+        normalize=shared["normalize"],
+        rescale=shared["rescale"],
+        lambda_=shared["lambda"],
+        gammas=[p.get("gamma", 0.01) for p in per_source],
+        epsilons=[p.get("epsilon", 0.15) for p in per_source],
+        out=out,
+    )
 
 
-def _gta(gta: GTA) -> MergeMethod:
-    def fn(inputs: TensorInputs, shared: Mapping[str, Any],
-           per_source: Sequence[Mapping[str, Any]], out: Tensor | None) -> Tensor:
-        return generalized_task_arithmetic(
-            inputs,
-            weights=[p["weight"] for p in per_source],
-            densities=[p["density"] for p in per_source],
-            sparsify=gta.sparsify,
-            consensus=gta.consensus,
-            normalize=shared["normalize"],
-            rescale=shared["rescale"],
-            lambda_=shared["lambda"],
-            gammas=[p.get("gamma", 0.01) for p in per_source],
-            epsilons=[p.get("epsilon", 0.15) for p in per_source],
-            out=out,
-        )
-
-    return MergeMethod.of(get_spec(gta.name), fn)
+def linear_kernel(inputs: TensorInputs, shared: Mapping[str, Any],
+                  per_source: Sequence[Mapping[str, Any]], out: Tensor | None) -> Tensor:
+    return linear(inputs.sources, [p["weight"] for p in per_source], shared["normalize"], out,
+                  inputs.chunk, inputs.workspace)
 
 
-for _m in (
-    *(_gta(g) for g in GTA_METHODS),
-    MergeMethod.of(get_spec("linear"), lambda inputs, shared, per_source, out: linear(
-        inputs.sources, [p["weight"] for p in per_source], shared["normalize"], out,
-        inputs.chunk, inputs.workspace)),
-    MergeMethod.of(get_spec("slerp"), lambda inputs, shared, per_source, out: slerp(
-        shared["t"], inputs.base, inputs.sources[0], out=out, chunk=inputs.chunk,
-        workspace=inputs.workspace)),
-    MergeMethod.of(get_spec("model_stock"), lambda inputs, shared, per_source, out: model_stock(
-        inputs.base, inputs.sources, shared["filter_wise"], out=out, chunk=inputs.chunk,
-        workspace=inputs.workspace)),
-):
-    register(_m)
-del _m
+def slerp_kernel(inputs: TensorInputs, shared: Mapping[str, Any],
+                 per_source: Sequence[Mapping[str, Any]], out: Tensor | None) -> Tensor:
+    return slerp(shared["t"], inputs.base, inputs.sources[0], out=out, chunk=inputs.chunk,
+                 workspace=inputs.workspace)
+
+
+def model_stock_kernel(inputs: TensorInputs, shared: Mapping[str, Any],
+                       per_source: Sequence[Mapping[str, Any]], out: Tensor | None) -> Tensor:
+    return model_stock(inputs.base, inputs.sources, shared["filter_wise"], out=out,
+                       chunk=inputs.chunk, workspace=inputs.workspace)

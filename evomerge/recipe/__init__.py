@@ -16,11 +16,11 @@ from evomerge.recipe.base import RecipeError
 from evomerge.recipe.layers import LayerRecipe, LayerSlice
 from evomerge.recipe.mergekit_config import (Conditional, MergeRecipe, Setting, evaluate_setting,
                                              validate_recipe)
-from evomerge.recipe.params import METHOD_SPECS, MethodSpec, ParamSpec
+from evomerge.recipe.params import METHODS, MethodSpec, ParamSpec
 from evomerge.recipe.segments import SegmentRecipe
 
 __all__ = [
-    "METHOD_SPECS", "Conditional", "LayerRecipe", "LayerSlice", "MergeRecipe", "MethodSpec",
+    "METHODS", "Conditional", "LayerRecipe", "LayerSlice", "MergeRecipe", "MethodSpec",
     "ParamSpec", "Recipe", "RecipeError", "SegmentRecipe", "Setting", "evaluate_setting",
     "parse_recipe",
     "validate_recipe",

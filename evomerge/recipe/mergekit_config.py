@@ -23,7 +23,7 @@ from pydantic import BaseModel, ConfigDict, ValidationError, model_validator
 
 from evomerge.config_io import format_errors, read_yaml
 from evomerge.recipe.base import FlowListDumper, RecipeError
-from evomerge.recipe.params import METHOD_SPECS, MethodSpec, ParamSpec, get_spec, mergekit_comment
+from evomerge.recipe.params import METHODS, MethodSpec, ParamSpec, get_spec, mergekit_comment
 
 Scalar = Union[bool, int, float, str]
 
@@ -328,9 +328,9 @@ def _check_params(params: dict[str, Setting] | None, scope: str, where: str,
 
 def validate_recipe(recipe: MergeRecipe) -> list[str]:
     """Every problem with a recipe, each naming its field; empty when the recipe is mergeable."""
-    if recipe.merge_method not in METHOD_SPECS:
+    if recipe.merge_method not in METHODS:
         return [f"merge_method: unknown merge method {recipe.merge_method!r}; "
-                f"known: {', '.join(sorted(METHOD_SPECS))}"]
+                f"known: {', '.join(sorted(METHODS))}"]
     method = recipe.method
     problems = []
     if not recipe.models:

@@ -1,16 +1,21 @@
 """The parameter table of every merge method: what a recipe may set, and where.
 
 Plain data, torch-free, so that a recipe is validated wherever it is read (the driver, a CLI
-check, a worker) without loading a tensor library. The kernels that read these parameters live
-in :mod:`evomerge.merge.methods`, which pairs each :class:`MethodSpec` here with its function.
+check, a worker) without loading a tensor library. Each :class:`MethodSpec` names its tensor
+kernel as a lazy ``"module:function"`` target (the built-ins' live in
+:mod:`evomerge.merge.methods`), imported only when a merge runs: :data:`METHODS` is the one
+table of merge methods, for recipes and the engine alike.
 """
 
 from __future__ import annotations
 
 import textwrap
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from functools import cached_property, partial
 from typing import Any
+
+from evomerge.registry import Registry, import_object
 
 #: Sparsifiers of the generalized task arithmetic family (mergekit's names).
 SPARSIFIERS = ("magnitude", "random", "magnitude_outliers", "della_magprune")
@@ -91,10 +96,13 @@ class ParamSpec:
 
 @dataclass(frozen=True)
 class MethodSpec:
-    """What a recipe of one merge method may say: its parameters and its contract on inputs.
+    """One merge method: what a recipe of it may say (its parameters, its contract on inputs)
+    and the kernel that merges a tensor.
 
     ``base`` is "required", "optional" (linear: an extra weighted input) or "ignored"; counts
-    include the base when it is an input.
+    include the base when it is an input. ``kernel`` is the ``"module:function"`` of
+    ``fn(inputs, shared, per_source, out) -> Tensor``, called with ``kernel_options`` as
+    keywords; it is imported on first use of :attr:`fn`, so the table stays torch-free.
     """
 
     name: str
@@ -103,24 +111,26 @@ class MethodSpec:
     min_inputs: int = 1
     max_inputs: int | None = None
     reference: str = ""
+    kernel: str = field(kw_only=True)
+    kernel_options: tuple[tuple[str, Any], ...] = field(default=(), kw_only=True)
 
     def param(self, name: str) -> ParamSpec | None:
         return next((p for p in self.params if p.name == name), None)
 
-
-#: merge_method -> its table; a method registered in :mod:`evomerge.merge.methods` adds its own.
-METHOD_SPECS: dict[str, MethodSpec] = {}
+    @cached_property
+    def fn(self) -> Callable[..., Any]:
+        """The tensor kernel, ``kernel`` imported with ``kernel_options`` bound."""
+        kernel = import_object(self.kernel)
+        return partial(kernel, **dict(self.kernel_options)) if self.kernel_options else kernel
 
 
 def get_spec(name: str) -> MethodSpec:
-    try:
-        return METHOD_SPECS[name]
-    except KeyError:
-        raise KeyError(
-            f"unknown merge method {name!r}; known: {', '.join(sorted(METHOD_SPECS))}"
-        ) from None
+    """The registered method ``name`` (KeyError listing the known names)."""
+    return METHODS[name]
 
 
+#: where the built-in kernels live (imported when a merge runs, never by the table)
+_KERNELS = "evomerge.merge.methods"
 _WEIGHT = ParamSpec("weight", float, "source", doc="scale of this model's task vector")
 _DENSITY = ParamSpec("density", float, "source", 1.0, 0.0, 1.0, "fraction of the task vector kept")
 _GAMMA = ParamSpec("gamma", float, "source", 0.01, 0.0, 1.0, "fraction of largest |delta| dropped")
@@ -160,7 +170,9 @@ class GTA:
         if self.sparsify == "della_magprune":
             params.append(_EPSILON)
         return MethodSpec(self.name, tuple(params), base="required", min_inputs=1,
-                          reference=self.reference)
+                          reference=self.reference, kernel=f"{_KERNELS}:gta_kernel",
+                          kernel_options=(("sparsify", self.sparsify),
+                                          ("consensus", self.consensus)))
 
 
 #: the generalized task arithmetic family, in mergekit's configuration
@@ -177,20 +189,22 @@ GTA_METHODS: tuple[GTA, ...] = (
     GTA("della_linear", "della_magprune", False, False, True, "https://arxiv.org/abs/2406.11617"),
 )
 
-for _spec in (
+#: merge_method -> its :class:`MethodSpec`; plugins: entry-point group ``evomerge.methods`` (a
+#: MethodSpec whose ``kernel`` names the plugin's function).
+METHODS: Registry[MethodSpec] = Registry("merge method", "evomerge.methods", {s.name: s for s in (
     *(g.spec for g in GTA_METHODS),
     MethodSpec("linear",
                (ParamSpec("weight", float, "source", doc="this model's share"),
                 ParamSpec("normalize", bool, "shared", True, doc="divide by sum of weights")),
-               base="optional", min_inputs=1, reference="https://arxiv.org/abs/2203.05482"),
+               base="optional", min_inputs=1, reference="https://arxiv.org/abs/2203.05482",
+               kernel=f"{_KERNELS}:linear_kernel"),
     MethodSpec("slerp",
                (ParamSpec("t", float, "shared", None, 0.0, 1.0, "0 = base, 1 = the other model"),),
                base="required", min_inputs=2, max_inputs=2,
-               reference="https://en.wikipedia.org/wiki/Slerp"),
+               reference="https://en.wikipedia.org/wiki/Slerp", kernel=f"{_KERNELS}:slerp_kernel"),
     MethodSpec("model_stock",
                (ParamSpec("filter_wise", bool, "shared", False,
                           doc="one interpolation ratio per row"),),
-               base="required", min_inputs=3, reference="https://arxiv.org/abs/2403.19522"),
-):
-    METHOD_SPECS[_spec.name] = _spec
-del _spec
+               base="required", min_inputs=3, reference="https://arxiv.org/abs/2403.19522",
+               kernel=f"{_KERNELS}:model_stock_kernel"),
+)})

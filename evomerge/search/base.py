@@ -53,6 +53,8 @@ from typing import Any, ClassVar, Literal
 
 import numpy as np
 
+from evomerge.registry import Registry
+
 Direction = Literal["maximize", "minimize"]
 
 #: What ``_ask`` returns per candidate: a point, or a point and the metadata to carry with it.
@@ -267,16 +269,17 @@ class Strategy(ABC):
                              f"known: {', '.join(['popsize', *known])}")
 
 
-STRATEGIES: dict[str, Callable[..., Strategy]] = {}
+#: name -> Strategy class. The built-ins register on import of :mod:`evomerge.search`; plugins:
+#: entry-point group ``evomerge.strategies``.
+STRATEGIES: Registry[Callable[..., Strategy]] = Registry("strategy", "evomerge.strategies")
 
 
 def register(name: str) -> Callable[[type[Strategy]], type[Strategy]]:
-    """Class decorator: make a strategy available to experiments by name."""
+    """Class decorator: make a strategy available to experiments by name (the name its errors
+    then carry)."""
     def wrap(cls: type[Strategy]) -> type[Strategy]:
-        if name in STRATEGIES:
-            raise ValueError(f"strategy {name!r} is already registered")
+        STRATEGIES.register(name, cls)
         cls.name = name
-        STRATEGIES[name] = cls
         return cls
     return wrap
 
@@ -284,9 +287,4 @@ def register(name: str) -> Callable[[type[Strategy]], type[Strategy]]:
 def make_strategy(name: str, **kwargs: Any) -> Strategy:
     """Build a registered strategy: ``make_strategy("cmaes", lower=..., upper=...,
     directions=[...], seed=0, popsize=None, **options)``."""
-    try:
-        cls = STRATEGIES[name]
-    except KeyError:
-        known = ", ".join(sorted(STRATEGIES))
-        raise KeyError(f"unknown strategy {name!r}; known: {known}") from None
-    return cls(**kwargs)
+    return STRATEGIES[name](**kwargs)

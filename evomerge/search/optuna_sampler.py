@@ -51,16 +51,19 @@ from typing import Any
 
 import numpy as np
 
+from evomerge.registry import Registry
 from evomerge.search.base import Candidate, Direction, Result, Strategy, register
 
-SAMPLERS = {
-    "tpe": "TPESampler",
-    "cmaes": "CmaEsSampler",
-    "nsgaii": "NSGAIISampler",
-    "gp": "GPSampler",
-    "random": "RandomSampler",
-    "qmc": "QMCSampler",
-}
+#: sampler name -> Optuna sampler class (imported on use); plugins: entry-point group
+#: ``evomerge.samplers`` (a class taking ``seed=`` and its ``sampler_options``).
+SAMPLERS: Registry[type] = Registry("sampler", "evomerge.samplers", {
+    "tpe": "optuna.samplers:TPESampler",
+    "cmaes": "optuna.samplers:CmaEsSampler",
+    "nsgaii": "optuna.samplers:NSGAIISampler",
+    "gp": "optuna.samplers:GPSampler",
+    "random": "optuna.samplers:RandomSampler",
+    "qmc": "optuna.samplers:QMCSampler",
+})
 
 
 @contextlib.contextmanager
@@ -118,14 +121,14 @@ class OptunaStrategy(Strategy):
             kwargs.setdefault("scramble", True)
         self.sampler_name = sampler
 
-        cls = getattr(optuna.samplers, SAMPLERS[sampler])
+        cls = SAMPLERS[sampler]
         with warnings.catch_warnings():
             # The user chose the sampler by name; "experimental" is not news to them.
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
             try:
                 self._sampler = cls(seed=self.seed, **kwargs)
             except TypeError as e:
-                raise ValueError(f"sampler_options for {sampler} ({SAMPLERS[sampler]}): {e}") \
+                raise ValueError(f"sampler_options for {sampler} ({cls.__name__}): {e}") \
                     from None
         with _quiet_optuna():
             self._study = optuna.create_study(
