@@ -2,7 +2,7 @@
 """M2N2 on the reference digits setting: held-out accuracy, wall time and peak memory per seed.
 
 Three runs per seed, each in a fresh spawned process (so its peak RSS is its own), all through
-:func:`evomerge.execution.scratch.run_one` (every evaluation recorded in a journal study in a
+:func:`evomerge.reproductions.scratch.run_one` (every evaluation recorded in a journal study in a
 temporary directory; ``evomerge run experiments/digits_m2n2_scratch.yaml`` runs one config the
 same way and keeps its run directory):
 
@@ -61,7 +61,7 @@ def configs(quick: bool) -> dict[str, dict[str, Any]]:
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
-    from evomerge.execution.scratch import check_config, run_one
+    from evomerge.reproductions.scratch import check_config, run_one
 
     chosen = configs(args.quick)
     if args.config:

@@ -339,7 +339,8 @@ class SleepEvaluator:
         self.sigma = sigma
         self.rng = np.random.default_rng(seed)
 
-    def evaluate(self, recipe: Any, split: str = "search") -> tuple[Any, dict[str, float]]:
+    def evaluate(self, recipe: Any, split: str = "search",
+                 fidelity: Any = None) -> tuple[Any, dict[str, float]]:
         from evomerge.fitness.base import EvalResult
 
         seconds = float(self.rng.lognormal(self.mu, self.sigma))
@@ -363,7 +364,10 @@ class SimSpace:
     lower = np.zeros(SIM_DIM)
     upper = np.ones(SIM_DIM)
 
-    def decode(self, x: np.ndarray) -> Any:
+    def model_names(self) -> dict[str, str]:
+        return {}  # the dashboard note keeps the models' paths
+
+    def decode(self, x: np.ndarray, meta: dict | None = None) -> Any:
         from evomerge.recipe import MergeRecipe
 
         half = SIM_DIM // 2

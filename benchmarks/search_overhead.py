@@ -217,7 +217,10 @@ class _Space:
     lower = np.zeros(DIM)
     upper = np.ones(DIM)
 
-    def decode(self, x: np.ndarray):
+    def model_names(self) -> dict[str, str]:
+        return {}  # the dashboard note keeps the models' paths
+
+    def decode(self, x: np.ndarray, meta: dict | None = None):
         from evomerge.recipe import MergeRecipe
 
         half = DIM // 2
@@ -235,7 +238,7 @@ class _Evaluator:
 
         self.objectives = [Objective(OBJECTIVE, "maximize")]
 
-    def evaluate(self, recipe, split: str = "search"):
+    def evaluate(self, recipe, split: str = "search", fidelity=None):
         from evomerge.fitness.base import EvalResult
 
         started = time.perf_counter()

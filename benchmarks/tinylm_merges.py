@@ -174,7 +174,7 @@ def markdown(result: dict[str, Any]) -> str:
               "layers plus an embedding row for the first block's input (`scales: layers`), "
               "`W over model pairs` one scale per pair of layer sources (`scales: model_pairs`, "
               "ours), `W factored` the layer W as P[model, model] q[layer] (`scales: factored`, "
-              "ours); see `evomerge/dfs.py`."),
+              "ours); see `evomerge/spaces/dfs.py`."),
              *([("- † carried over from an earlier table, not re-run by this invocation: "
                  f"measured {' and '.join(carried)}.")] if carried else []),
              "", "| experiment | method | candidates | wall s | search | best held-out | "

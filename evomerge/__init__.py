@@ -39,11 +39,12 @@ _EXPORTS = {
     "STRATEGIES": "evomerge.search:STRATEGIES",
     "METHODS": "evomerge.recipe.params:METHODS",
     "EXECUTORS": "evomerge.execution:EXECUTORS",
+    "SPACE_KINDS": "evomerge.spaces:SPACE_KINDS",
 }
 
-__all__ = ["EXECUTORS", "FITNESSES", "METHODS", "STRATEGIES", "Candidate", "EvalResult",
-           "Experiment", "ExperimentError", "Fitness", "MergeRecipe", "Merger", "Objective",
-           "Strategy", "Summary", "__version__", "merge_config", "resume", "run"]
+__all__ = ["EXECUTORS", "FITNESSES", "METHODS", "SPACE_KINDS", "STRATEGIES", "Candidate",
+           "EvalResult", "Experiment", "ExperimentError", "Fitness", "MergeRecipe", "Merger",
+           "Objective", "Strategy", "Summary", "__version__", "merge_config", "resume", "run"]
 
 
 def __getattr__(name: str) -> Any:

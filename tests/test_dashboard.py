@@ -393,7 +393,7 @@ def test_dashboard_of_a_from_scratch_run_serves_one_seeds_journal(tmp_path):
     """From-scratch runs keep one journal study per seed; the dashboard opens the chosen one."""
     import yaml
 
-    from evomerge.execution.run_dir import scratch_storage
+    from evomerge.reproductions.scratch import scratch_storage
 
     shipped = Path(__file__).resolve().parents[1] / "experiments" / "digits_cmaes_scratch.yaml"
     config = yaml.safe_load(shipped.read_text())

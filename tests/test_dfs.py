@@ -16,7 +16,7 @@ import torch
 import transformers
 import yaml
 
-from evomerge.dfs import LAYER_SCALES_LIMIT, DfsSpace
+from evomerge.spaces import LAYER_SCALES_LIMIT, DfsSpace
 from evomerge.merge.engine import Merger
 from evomerge.merge.export import export_model
 from evomerge.merge.layerstack import LayerStack, fold_scales

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from evomerge.dfs import DfsSpace
+from evomerge.spaces import DfsSpace
 from evomerge.fitness.reduced import calibration_design, local_design, uniform_design
 
 REPO = Path(__file__).resolve().parents[1]

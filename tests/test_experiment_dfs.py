@@ -117,7 +117,7 @@ def test_dfs_space_errors_name_the_field_before_compute(zoo, tmp_path):
     ("tinylm_ps_dfs_pairs", "model_pairs", 40 + 5 * 5),
 ])
 def test_shipped_dfs_spaces_have_the_coordinates_their_comments_say(name, scales, dim):
-    from evomerge.dfs import DfsSpace
+    from evomerge.spaces import DfsSpace
 
     text = (REPO / "experiments" / f"{name}.yaml").read_text()
     data = yaml.safe_load(text)

@@ -178,3 +178,23 @@ def test_workers_derive_no_plan_and_import_no_driver():
                 reached.add(m)
                 todo.append(m)
         assert not reached & {"evomerge.execution.driver", "evomerge.execution.plan"}, module
+
+
+def test_spaces_import_nothing_above_them():
+    """Spaces sit below the driver: they decode candidates and imply strategy options, but
+    never import the execution, the search strategies, the store or the CLI."""
+    for module in ["evomerge.spaces", *_modules_of("evomerge.spaces")]:
+        ours = _imported_names(module)
+        for above in ("evomerge.execution", "evomerge.search", "evomerge.store", "evomerge.cli",
+                      "evomerge.api"):
+            assert _under(ours, above) == [], (module, above)
+
+
+def test_only_the_cli_imports_the_reproductions():
+    """The from-scratch runner is a separate package: the library never imports it."""
+    for path in sorted(PACKAGE.rglob("*.py")):
+        module = ".".join(path.relative_to(PACKAGE.parent).with_suffix("").parts)
+        module = module.removesuffix(".__init__")
+        if module.startswith(("evomerge.cli", "evomerge.reproductions")):
+            continue
+        assert _under(_imported_names(module), "evomerge.reproductions") == [], module

@@ -35,8 +35,8 @@ import pytest
 import torch
 import transformers
 
-from evomerge.dfs import DfsSpace
 from evomerge.execution.driver import run_experiment
+from evomerge.spaces import DfsSpace
 from evomerge.merge.engine import Merger, layer_group
 from evomerge.merge.export import export_model
 from evomerge.merge.layerstack import LayerStack

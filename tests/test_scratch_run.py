@@ -15,7 +15,7 @@ import yaml
 from typer.testing import CliRunner
 
 from evomerge.cli import app
-from evomerge.execution.scratch import mean_std, run_scratch
+from evomerge.reproductions.scratch import mean_std, run_scratch
 
 runner = CliRunner()
 EXPERIMENTS = Path(__file__).resolve().parents[1] / "experiments"

@@ -394,7 +394,7 @@ def test_reference_split_and_layout():
 
 
 def test_scratch_run_records_every_evaluation_compactly_and_resumes_by_replay(tmp_path):
-    from evomerge.execution.scratch import run_scratch
+    from evomerge.reproductions.scratch import run_scratch
 
     config = {"name": "s", "strategy": {"name": "m2n2", "popsize": 3}, "seed": 1,
               "record_every": 20}
@@ -404,7 +404,7 @@ def test_scratch_run_records_every_evaluation_compactly_and_resumes_by_replay(tm
     import optuna
     from optuna.storages.journal import JournalFileBackend
 
-    from evomerge.execution.scratch import _stored
+    from evomerge.reproductions.scratch import _stored
 
     study = optuna.load_study(study_name="s", storage=optuna.storages.JournalStorage(
         JournalFileBackend(str(tmp_path / "whole" / "study.log"))))
@@ -445,7 +445,7 @@ def test_scratch_records_rebuild_the_children():
 
 
 def test_scratch_cmaes_resumes_by_replay(tmp_path):
-    from evomerge.execution.scratch import run_scratch
+    from evomerge.reproductions.scratch import run_scratch
 
     config = {"name": "c", "strategy": {"name": "cmaes", "popsize": 10}, "seed": 1,
               "record_every": 10}
@@ -465,7 +465,7 @@ def test_scratch_cmaes_resumes_by_replay(tmp_path):
     ({"name": "x", "strategy": {"name": "m2n2", "init": "zoo"}, "budget": 5}, "init"),
 ])
 def test_scratch_config_errors_name_the_field(config, message):
-    from evomerge.execution.scratch import check_config
+    from evomerge.reproductions.scratch import check_config
 
     with pytest.raises(ValueError, match=message):
         check_config(config)

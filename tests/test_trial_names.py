@@ -18,7 +18,7 @@ import yaml
 from optuna_dashboard import get_note
 from run_helpers import build_zoo, experiment_data, run_in_process
 
-from evomerge.dfs import DfsSpace
+from evomerge.spaces import DfsSpace
 from evomerge.execution import driver
 from evomerge.execution.driver import _note, run_experiment
 from evomerge.execution.plan import Plan

@@ -44,8 +44,8 @@ def dashboard(
 ) -> None:
     """Serve optuna-dashboard for a run's study, read-only, on 127.0.0.1."""
     from evomerge import dashboard as board
-    from evomerge.execution.run_dir import run_storage, scratch_storage
-    from evomerge.execution.scratch import scratch_config
+    from evomerge.execution.run_dir import run_storage
+    from evomerge.reproductions.scratch import scratch_config, scratch_storage
     from evomerge.experiment import ExperimentError
 
     try:

@@ -69,7 +69,7 @@ def run(
                                                 "experiment's run_dir, else runs/NAME]."),
 ) -> None:
     """Run a merge search described by an experiment YAML."""
-    from evomerge.execution.scratch import scratch_config
+    from evomerge.reproductions.scratch import scratch_config
     from evomerge.experiment import Experiment, ExperimentError
 
     scratch = scratch_config(experiment_file)
@@ -97,7 +97,7 @@ def resume(run_dir: Path = typer.Argument(..., metavar="RUN_DIR", show_default=F
     The experiment is RUN_DIR/experiment.yaml (written by [green]evomerge run[/green]); the
     trials go to the run's study and the summary, recipe, best model and plots to RUN_DIR, as
     [green]evomerge run[/green] writes them. From-scratch runs resume each seed's journal."""
-    from evomerge.execution.scratch import scratch_config
+    from evomerge.reproductions.scratch import scratch_config
     from evomerge.experiment import Experiment, ExperimentError
 
     scratch = scratch_config(run_dir / "experiment.yaml")
@@ -113,9 +113,10 @@ def resume(run_dir: Path = typer.Argument(..., metavar="RUN_DIR", show_default=F
 
 
 def _run_scratch(config: dict, run_dir: Path | None, resume: bool, where: str) -> None:
-    """A from-scratch config's every seed (evomerge.execution.scratch.run_seeds), one progress
-    bar per seed, then a table of the seeds and the mean +- std of the held-out accuracy."""
-    from evomerge.execution.scratch import run_seeds
+    """A from-scratch config's every seed (evomerge.reproductions.scratch.run_seeds), one
+    progress bar per seed, then a table of the seeds and the mean +- std of the held-out
+    accuracy."""
+    from evomerge.reproductions.scratch import run_seeds
 
     bars: dict[int, int] = {}
     try:

@@ -33,13 +33,14 @@ from optuna.trial import FrozenTrial, TrialState
 from evomerge.execution import make_executor
 from evomerge.execution.devices import torch_threads
 from evomerge.execution.evaluator import evaluator_for
-from evomerge.execution.plan import BoundSpaceLike, Plan
+from evomerge.execution.plan import Plan
 from evomerge.execution.reduction import Schedule, calibrate_run
 from evomerge.execution.worker import Executor
 from evomerge.experiment import Experiment, ExperimentError
 from evomerge.fitness.base import Objective
 from evomerge.recipe import LayerRecipe, MergeRecipe, SegmentRecipe
 from evomerge.search import Strategy
+from evomerge.spaces.base import Bound
 from evomerge.store import (EXPERIMENT, INTERRUPTED, RESULT, STORE_ARGS, RunOwnedError, Slot,
                             Store, explain_write_errors, x_of)
 
@@ -208,12 +209,12 @@ def _record_resume(run_dir: Path, summary: dict[str, Any], resumed: dict[str, An
     write_atomic(run_dir / SUMMARY, json.dumps(summary, indent=2))
 
 
-def _note(space: BoundSpaceLike, recipe: MergeRecipe | LayerRecipe | SegmentRecipe,
+def _note(space: Bound, recipe: MergeRecipe | LayerRecipe | SegmentRecipe,
           slot: Slot) -> str:
     """A trial's recipe as optuna-dashboard shows it on the trial's page (Markdown): the
     mergekit YAML with models by their short names and numbers to 4 decimals, then which
     model each short name is."""
-    names = _model_names(space)
+    names = space.model_names()
     text = recipe.to_yaml()
     for ref in sorted(names, key=len, reverse=True):
         text = text.replace(ref, names[ref])
@@ -222,19 +223,6 @@ def _note(space: BoundSpaceLike, recipe: MergeRecipe | LayerRecipe | SegmentReci
     legend = "\n".join(f"- `{short}`: `{ref}`" for ref, short in names.items())
     return (f"### Recipe: generation {slot.generation}, candidate {slot.index}\n\n"
             f"```yaml\n{text.rstrip()}\n```\n\n**Models**\n\n{legend}\n")
-
-
-def _model_names(space: BoundSpaceLike) -> dict[str, str]:
-    """Model reference -> its short name in the space (the names its parameters carry)."""
-    from evomerge.spaces import BoundSpace
-
-    if isinstance(space, BoundSpace):
-        names = dict(zip(space.inputs, space.labels))
-        if space.base_model and space.base_model not in names:
-            names[space.base_model] = Path(space.base_model).name or space.base_model
-        return names
-    refs, labels = getattr(space, "refs", ()), getattr(space, "labels", ())  # DFS
-    return {ref: label for ref, label in zip(refs, labels) if ref != label}
 
 
 def _search(plan: Plan, store: Store, executor: Executor, bar: Any,
@@ -317,15 +305,13 @@ def _search(plan: Plan, store: Store, executor: Executor, bar: Any,
     return strategy
 
 
-def _enqueue(store: Store, space: BoundSpaceLike, x: np.ndarray, slot: Slot,
+def _enqueue(store: Store, space: Bound, x: np.ndarray, slot: Slot,
              meta: dict[str, Any] | None = None, extra: dict[str, Any] | None = None) -> int:
     """One candidate into the store: its parameters by name, its recipe (data, and readable as
-    the trial's dashboard note; not for an in-memory study, which no dashboard can open), and
-    ``extra`` metadata for its worker (an IRT-reduced run's ``fidelity``). A weights-space
-    candidate's recipe comes from its member (``meta["member"]``), its ``x`` being the record
-    of how it was made."""
-    recipe = (space.decode_member(meta["member"]) if meta and "member" in meta
-              else space.decode(x))
+    the trial's dashboard note; not for an in-memory study, which no dashboard can open), which
+    the space decodes from the candidate's ``x`` and ``meta``, and ``extra`` metadata for its
+    worker (an IRT-reduced run's ``fidelity``)."""
+    recipe = space.decode(x, meta)
     note = None if store.url == "memory" else _note(space, recipe, slot)
     return store.enqueue(x, slot, recipe.to_dict(), note=note, extra=extra)
 

@@ -12,22 +12,16 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from evomerge.dfs import BoundDfsSpace
 from evomerge.execution.evaluator import fitness_for
 from evomerge.experiment import Executor as ExecutorConfig
 from evomerge.experiment import Experiment, ExperimentError
 from evomerge.fitness.base import Objective
 from evomerge.fitness.function import FitnessFactory
 from evomerge.search import Strategy
-from evomerge.spaces import BoundSpace
+from evomerge.spaces.base import Bound
 from evomerge.store import storage_url
-from evomerge.weight_space import BoundWeightSpace
 
-__all__ = ["BoundSpaceLike", "Plan"]
-
-#: A search space bound to the run's models: x <-> recipe (coefficients, a DFS layer path, or
-#: M2N2's weight-space members).
-BoundSpaceLike = BoundSpace | BoundDfsSpace | BoundWeightSpace
+__all__ = ["Plan"]
 
 
 class Plan:
@@ -35,16 +29,14 @@ class Plan:
 
     experiment: Experiment  #: resolved: absolute model paths and run directory
     paths: list[str]  #: the checkpoints, base first
-    space: BoundSpaceLike
+    space: Bound  #: x <-> recipe, bound to the run's models
     objectives: list[Objective]
     strategy_kwargs: dict[str, Any]  #: what :attr:`strategy_factory` is called with
     store_args: dict[str, Any]  #: :class:`~evomerge.store.Store`'s arguments
 
     def __init__(self, experiment: Experiment) -> None:
         from evomerge.merge.checkpoints import CheckpointError, check_compatible, check_finite
-        from evomerge.merge.engine import layer_group
-        from evomerge.spaces import SearchSpace, load_space
-        from evomerge.weight_space import WeightSpace, is_weight_space, pairing_problems
+        from evomerge.spaces import BindTarget, pairing_problems, parse_space, strategy_options
 
         problems: list[str] = []  # every problem the file has, raised together below
         missing = experiment.models.missing()
@@ -65,29 +57,12 @@ class Plan:
                 problems.append(str(exc))
             # NaN/inf weights, before the run directory exists (one pass; workers check again)
             problems += check_finite(self.paths)
-        weights = is_weight_space(experiment.space)  # M2N2's members (evomerge.weight_space)
         try:
-            dfs = isinstance(experiment.space, dict) and experiment.space.get("kind") == "dfs"
-            if dfs:
-                from evomerge.dfs import DfsSpace
-
-                space = DfsSpace.from_dict(experiment.space)
-            elif weights:
-                space = WeightSpace.from_dict(experiment.space)
-            else:
-                space = (SearchSpace.from_dict(experiment.space, where="space")
-                         if isinstance(experiment.space, dict) else load_space(experiment.space))
+            space = parse_space(experiment.space)  # any kind (evomerge.spaces), bound one way
             if infos is not None:  # binding needs the models' layers
-                names = list(infos[0].tensors)
-                groups = [layer_group(n) for n in names]
-                num_layers = 1 + max((g.layer for g in groups if g.layer is not None),
-                                     default=-1)
-                non_layer = [n for n, g in zip(names, groups) if g.layer is None]
-                self.space = (space.bind(models.sources, experiment.budget, infos[0].tensors)
-                              if weights else space.bind(models.sources, num_layers,
-                                         infos[0].config.get("model_type"), loaded=self.paths)
-                              if dfs else space.bind(models.base, list(models.sources.values()),
-                                                     num_layers, non_layer))
+                self.space = space.bind_to(BindTarget(
+                    models.base, models.sources, infos[0].tensors,
+                    infos[0].config.get("model_type"), experiment.budget))
         except (ValueError, KeyError, FileNotFoundError) as exc:
             message = str(exc)
             problems.append(message if message.startswith("space:") else f"space: {message}")
@@ -101,21 +76,13 @@ class Plan:
         if problems:
             raise ExperimentError("\n".join(problems))
         directions = [o.direction for o in self.objectives]
+        try:  # the experiment's options and what the space implies (a start, M2N2's crossover)
+            options = strategy_options(self.space, experiment.strategy.options,
+                                       self.strategy_factory)
+        except ValueError as exc:
+            raise ExperimentError(str(exc)) from None
         self.strategy_kwargs = dict(lower=self.space.lower, upper=self.space.upper,
-                                    directions=directions, seed=experiment.seed,
-                                    **experiment.strategy.options)
-        if weights:  # M2N2 crosses members with the space's Gram oracle (loaded on first use)
-            self.strategy_kwargs.setdefault("crossover", "weights")
-            self.strategy_kwargs["geometry"] = self.space.geometry
-        if self.strategy_kwargs.get("init") == "sources":  # M2N2: each source alone
-            try:
-                self.strategy_kwargs["init"] = [p.tolist() for p in self.space.source_points()]
-            except ValueError as exc:
-                raise ExperimentError(f"strategy.init: sources: {exc}") from None
-        start = getattr(self.space, "start_point", None)  # DFS: start from a real model
-        if start is not None and "x0" not in self.strategy_kwargs and _takes_x0(
-                self.strategy_factory):
-            self.strategy_kwargs["x0"] = start.tolist()
+                                    directions=directions, seed=experiment.seed, **options)
         strategy = self.new_strategy()
         if experiment.budget < strategy.popsize:
             raise ExperimentError(f"budget: {experiment.budget} is smaller than one generation "
@@ -148,12 +115,6 @@ class Plan:
             raise ExperimentError(f"strategy: {exc}") from None
         except ValueError as exc:
             raise ExperimentError(f"strategy: {exc}") from None
-
-
-def _takes_x0(factory: Callable[..., Strategy]) -> bool:
-    import inspect
-
-    return "x0" in inspect.signature(factory).parameters
 
 
 def _warn_many_writers(url: str, executor: ExecutorConfig) -> None:

@@ -2,7 +2,7 @@
 
 A merge search records its study where its experiment.yaml says (default sqlite
 ``RUN_DIR/study.db``); a from-scratch run keeps one journal per seed
-(``RUN_DIR/seed_<s>/study.log``, :mod:`evomerge.execution.scratch`).
+(:func:`evomerge.reproductions.scratch.scratch_storage`).
 """
 
 from __future__ import annotations
@@ -11,7 +11,6 @@ from pathlib import Path
 
 import optuna
 
-from evomerge.execution.scratch import journal, seed_journals
 from evomerge.experiment import Experiment
 from evomerge.store import open_storage, storage_url
 
@@ -37,18 +36,3 @@ def run_storage(run_dir: Path) -> tuple[optuna.storages.BaseStorage, str]:
             raise FileNotFoundError(f"{run_dir}: no study at {path} yet (has the run started?)")
         url = prefix + str(path)
     return open_storage(url), url
-
-
-def scratch_storage(run_dir: Path, seed: int | None) -> tuple[optuna.storages.BaseStorage, str]:
-    """A from-scratch run's journal study for ``seed`` (None: the first seed) and its path.
-
-    Raises FileNotFoundError before the run has written a journal, ValueError for a seed the run
-    does not have.
-    """
-    logs = seed_journals(run_dir)
-    if not logs:
-        raise FileNotFoundError(f"{run_dir}: no seed_<s>/study.log yet (has the run started?)")
-    if seed is not None and seed not in logs:
-        raise ValueError(f"seed {seed}: {run_dir} has seeds {', '.join(map(str, logs))}")
-    log = logs[seed if seed is not None else min(logs)]
-    return journal(log), str(log)

@@ -23,8 +23,8 @@ transformers 5) its stacks load only at the sources' depth and with the sources'
 Hop scales
 ----------
 Sakana's DFS multiplies the hidden state by a scale on every hop of the path
-(:mod:`evomerge.dfs`: ``W[i, j]`` when the path goes from layer i to layer j, and, ours, a scale
-on the first block's input, the embedding output). Let ``E`` be the embedding output, ``H_p``
+(:mod:`evomerge.spaces.dfs`: ``W[i, j]`` when the path goes from layer i to layer j, and, ours, a
+scale on the first block's input, the embedding output). Let ``E`` be the embedding output, ``H_p``
 the residual stream entering path block ``p`` (after its hop scale ``w_p``), ``c_p = w_0 w_1 ...
 w_p`` and ``f_p`` what block ``p`` adds, so ``H_0 = w_0 E`` and ``H_{p+1} = w_{p+1} (H_p +
 f_p(H_p))``. The stream ``g_p = H_p / c_p`` is never rescaled: ``g_0 = E`` (the embeddings are

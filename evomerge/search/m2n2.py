@@ -73,12 +73,13 @@ b. **From scratch** (:func:`scratch_search`; the digits setting of the paper: 19
      driver's resume).
    * *In-process batched evaluation.* The children of a generation are evaluated by one batched
      forward (:class:`FlatDigitsMLP`), no merge engine, no queue.
-   * *Batched writes.* The caller's ``on_batch`` receives every evaluated generation; the driver's
-     :func:`evomerge.execution.scratch.run_scratch` buffers them and writes one Optuna trial per
-     ``record_every`` evaluations (default 500: 100 trials for 50k evaluations) holding all their
-     records and bits, on Optuna's journal file (2.4 ms per trial measured here, SQLite 20 ms).
-     Each evaluation is recorded; a crash loses at most the unwritten buffer, which resume
-     evaluates again (deterministically: same children, same scores).
+   * *Batched writes.* The caller's ``on_batch`` receives every evaluated generation; the
+     from-scratch runner's :func:`evomerge.reproductions.scratch.run_scratch` buffers them and
+     writes one Optuna trial per ``record_every`` evaluations (default 500: 100 trials for 50k
+     evaluations) holding all their records and bits, on Optuna's journal file (2.4 ms per
+     trial measured here, SQLite 20 ms). Each evaluation is recorded; a crash loses at most the
+     unwritten buffer, which resume evaluates again (deterministically: same children, same
+     scores).
 """
 
 from __future__ import annotations

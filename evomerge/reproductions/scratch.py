@@ -1,5 +1,9 @@
 """From-scratch searches on the reference digits setting, recorded compactly, resumable by replay.
 
+A reproduction of the paper's from-scratch experiment, not a merge: it has its own config
+(``setting:``), run-directory layout (one journal study per seed) and in-process loop, so it lives
+beside the merge driver rather than in :mod:`evomerge.execution`.
+
 The genome is all 19,210 weights of the reference MLP (:class:`evomerge.search.m2n2.FlatDigitsMLP`),
 so these runs do not go through the merge driver (whose trials hold ``x`` as Optuna params and
 whose workers build recipes): they evaluate each generation in-process with one batched forward
@@ -84,6 +88,21 @@ def seed_journals(run_dir: Path) -> dict[int, Path]:
     prefix = SEED_DIR.format(seed="")
     return {int(p.parent.name.removeprefix(prefix)): p
             for p in sorted(Path(run_dir).glob(f"{prefix}*/{JOURNAL}"))}
+
+
+def scratch_storage(run_dir: Path, seed: int | None) -> tuple[Any, str]:
+    """A from-scratch run's journal study for ``seed`` (None: the first seed) and its path.
+
+    Raises FileNotFoundError before the run has written a journal, ValueError for a seed the run
+    does not have.
+    """
+    logs = seed_journals(run_dir)
+    if not logs:
+        raise FileNotFoundError(f"{run_dir}: no seed_<s>/study.log yet (has the run started?)")
+    if seed is not None and seed not in logs:
+        raise ValueError(f"seed {seed}: {run_dir} has seeds {', '.join(map(str, logs))}")
+    log = logs[seed if seed is not None else min(logs)]
+    return journal(log), str(log)
 
 
 def check_config(config: Mapping[str, Any], where: str = "config") -> dict[str, Any]:

@@ -1,6 +1,8 @@
-"""The weights space: M2N2's crossover on the sources' flattened parameters (issue 15).
+"""The weights space (kind ``weights``): M2N2's crossover on the sources' flattened parameters
+(issue 15).
 
-Not a box of merge coefficients (:mod:`evomerge.spaces`) nor a layer path (:mod:`evomerge.dfs`):
+Not a box of merge coefficients (:mod:`evomerge.spaces.ps`) nor a layer path
+(:mod:`evomerge.spaces.dfs`):
 a candidate is a *member*, a per-segment linear combination of the experiment's K sources over
 their float parameters laid out in one fixed order (:mod:`evomerge.merge.segments`). The space
 gives the search what it needs and nothing of the models:
@@ -11,12 +13,14 @@ gives the search what it needs and nothing of the models:
 * ``x``: the fixed-length record of a member's making (:data:`~evomerge.merge.segments.RECORD`:
   ``source, parent_a, parent_b, split, mix``), the store's named parameters and what a resume
   compares; the member itself reaches the driver in ``Candidate.meta["member"]``;
-* :meth:`BoundWeightSpace.decode_member`: member -> :class:`~evomerge.recipe.SegmentRecipe`
-  (plain data; workers build it with the resident sources, ``evomerge merge`` exports it).
+* :meth:`BoundWeightSpace.decode`: a candidate (its record and its member) ->
+  :class:`~evomerge.recipe.SegmentRecipe` (plain data; workers build it with the resident sources,
+  ``evomerge merge`` exports it).
 
-It pairs with M2N2 only (``strategy: {name: m2n2, crossover: weights}``; ``crossover`` defaults
-to ``weights`` here), and refuses an IRT-``reduced:`` fitness: calibration scores a design of a
-space's points, and a record names parents rather than a point (:func:`pairing_problems`).
+It pairs with M2N2 only (``strategy: {name: m2n2, crossover: weights}``; the bound space implies
+``crossover: weights`` and its ``geometry``), and refuses an IRT-``reduced:`` fitness:
+calibration scores a design of a space's points, and a record names parents rather than a point
+(:func:`pairing_problems`).
 
 Experiment syntax::
 
@@ -32,27 +36,22 @@ from collections.abc import Mapping, Sequence
 from typing import Any, Literal
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import ConfigDict, Field
 
-from evomerge.config_io import format_errors
 from evomerge.merge.segments import RECORD, PrefixGram, source_member, source_record
 from evomerge.recipe.segments import Layout, Member, SegmentRecipe, layout_of
+from evomerge.spaces.base import BindTarget, Bound, KindedSpace, short_names, space_kind
 
-__all__ = ["BoundWeightSpace", "WeightSpace", "is_weight_space", "pairing_problems"]
+__all__ = ["BoundWeightSpace", "WeightSpace", "pairing_problems"]
 
 FLOAT_CODES = ("F64", "F32", "F16", "BF16")
 
 
-def is_weight_space(space: Any) -> bool:
-    """Whether an experiment's ``space`` field is ``{kind: weights, ...}``."""
-    return isinstance(space, Mapping) and space.get("kind") == "weights"
-
-
 def pairing_problems(space: Any, strategy: str, options: Mapping[str, Any],
                      fitness_options: Mapping[str, Any]) -> list[str]:
-    """Every mismatch between the weights space, M2N2's crossover and the fitness, one line each,
-    each naming both ways out."""
-    weights = is_weight_space(space)
+    """Every mismatch between an experiment's ``space`` (the weights kind or another), M2N2's
+    crossover and the fitness, one line each, each naming both ways out."""
+    weights = space_kind(space) == "weights"
     crossover = options.get("crossover")
     problems = []
     if weights and strategy != "m2n2":
@@ -75,7 +74,7 @@ def pairing_problems(space: Any, strategy: str, options: Mapping[str, Any],
     return problems
 
 
-class WeightSpace(BaseModel):
+class WeightSpace(KindedSpace):
     """A weights space definition (see the module docstring)."""
 
     model_config = ConfigDict(frozen=True, extra="forbid")
@@ -85,12 +84,9 @@ class WeightSpace(BaseModel):
     dtype: Literal["float32", "float16", "bfloat16"] | None = None
     description: str = ""
 
-    @classmethod
-    def from_dict(cls, data: Mapping[str, Any], *, where: str = "space") -> WeightSpace:
-        try:
-            return cls.model_validate(dict(data))
-        except ValidationError as exc:
-            raise ValueError(f"{where}: invalid weights space:\n{format_errors(exc)}") from None
+    def bind_to(self, target: BindTarget) -> BoundWeightSpace:
+        """The space over an experiment's models (the protocol of :mod:`evomerge.spaces.base`)."""
+        return self.bind(target.sources, target.budget, target.tensors)
 
     def bind(self, sources: Mapping[str, str], budget: int,
              tensors: Mapping[str, Any]) -> BoundWeightSpace:
@@ -111,9 +107,11 @@ class WeightSpace(BaseModel):
                                 budget)
 
 
-class BoundWeightSpace:
+class BoundWeightSpace(Bound):
     """The weights space over concrete sources: record names and bounds, the geometry, and
     members decoded into recipes."""
+
+    kind = "weights"
 
     def __init__(self, space: WeightSpace, labels: Sequence[str], refs: Sequence[str],
                  layout: Layout, budget: int) -> None:
@@ -128,12 +126,15 @@ class BoundWeightSpace:
         self._geometry: PrefixGram | None = None
 
     @property
-    def dim(self) -> int:
-        return len(self.names)
-
-    @property
     def method(self) -> str:
         return "segments"
+
+    def model_names(self) -> dict[str, str]:
+        return short_names(self.refs, self.labels)
+
+    def implied_options(self) -> dict[str, Any]:
+        """M2N2 crosses members with the space's Gram oracle (loaded on first use)."""
+        return {"crossover": "weights", "geometry": self.geometry}
 
     @property
     def geometry(self) -> PrefixGram:
@@ -150,23 +151,26 @@ class BoundWeightSpace:
         """One record per source: that source alone (``init: sources``)."""
         return [source_record(k) for k in range(len(self.refs))]
 
-    def decode_member(self, member: Member) -> SegmentRecipe:
+    def _member_recipe(self, member: Member) -> SegmentRecipe:
         """The recipe of a member (its coefficients in source order)."""
         if member.size != self.layout.size or member.coefs.shape[1] != len(self.refs):
             raise ValueError(f"member: {member.size} parameters over {member.coefs.shape[1]} "
                              f"sources, the space {self.layout.size} over {len(self.refs)}")
         return SegmentRecipe.of_member(member, self.refs, self.layout, self.space.dtype)
 
-    def decode(self, x: Sequence[float]) -> SegmentRecipe:
-        """A source's record decodes alone; a child's names parents, so its member (which the
-        strategy makes and passes in ``Candidate.meta``) is what decodes (:meth:`decode_member`)."""
+    def decode(self, x: Sequence[float], meta: Mapping[str, Any] | None = None) -> SegmentRecipe:
+        """The recipe of a candidate: its member (``meta["member"]``, which M2N2 makes and passes
+        in ``Candidate.meta``) when it has one; else its record ``x``, which decodes alone only
+        for a source's record (a child's names parents)."""
+        if meta and "member" in meta:
+            return self._member_recipe(meta["member"])
         x = np.asarray(x, dtype=float)
         k = x[0] if x.shape == (len(RECORD),) else -1
         if k != int(k) or not 0 <= k < len(self.refs) or np.any(x[1:] != [-1, -1, 0, 0]):
             raise ValueError(f"x: {x.tolist()} is the record of a crossover child; it decodes "
                              "from its member (Candidate.meta['member']), made by M2N2 from the "
                              "archive")
-        return self.decode_member(source_member(int(k), len(self.refs), self.layout.size))
+        return self._member_recipe(source_member(int(k), len(self.refs), self.layout.size))
 
     def __repr__(self) -> str:
         return (f"BoundWeightSpace(sources={list(self.labels)}, "

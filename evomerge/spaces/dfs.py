@@ -1,4 +1,5 @@
-"""The DFS (data-flow space) genome of Sakana's evolutionary model merge: a path through layers.
+"""The DFS (data-flow space) genome of Sakana's evolutionary model merge: a path through layers
+(space kind ``dfs``).
 
 Sakana's DFS (Akiba et al. 2024, "Evolutionary Optimization of Model Merging Recipes")
 lays out all layers of the layer sources -- here the ``n`` sources' ``L`` blocks each, one model
@@ -74,12 +75,12 @@ from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import ConfigDict, Field, field_validator
 
-from evomerge.config_io import format_errors
 from evomerge.merge.layerstack import fold_scales
 from evomerge.recipe import LayerRecipe, LayerSlice, MergeRecipe, RecipeError
 from evomerge.recipe.layers import HOP_FORMS, HopForm, hop_form
+from evomerge.spaces.base import BindTarget, Bound, KindedSpace, short_names
 
 __all__ = ["LAYER_SCALES_LIMIT", "SCALE_FORMS", "BoundDfsSpace", "DfsSpace", "hop_matrix",
            "scale_names"]
@@ -138,7 +139,7 @@ def hop_matrix(form: str, coords: np.ndarray, n_models: int, num_layers: int) ->
     return out
 
 
-class DfsSpace(BaseModel):
+class DfsSpace(KindedSpace):
     """A DFS genome definition (see the module docstring)."""
 
     model_config = ConfigDict(frozen=True, extra="forbid")
@@ -176,12 +177,10 @@ class DfsSpace(BaseModel):
                              "(1 = no scaling must be reachable)")
         return value
 
-    @classmethod
-    def from_dict(cls, data: Mapping[str, Any], *, where: str = "space") -> DfsSpace:
-        try:
-            return cls.model_validate(dict(data))
-        except ValidationError as exc:
-            raise ValueError(f"{where}: invalid dfs space:\n{format_errors(exc)}") from None
+    def bind_to(self, target: BindTarget) -> BoundDfsSpace:
+        """The space over an experiment's models (the protocol of :mod:`evomerge.spaces.base`)."""
+        return self.bind(target.sources, target.num_layers, target.model_type,
+                         loaded=target.paths)
 
     def bind(self, sources: Mapping[str, str], num_layers: int, model_type: str | None,
              *, loaded: Sequence[str] = ()) -> BoundDfsSpace:
@@ -239,9 +238,11 @@ def _resolved(path: str) -> str:
     return str(Path(path).expanduser().resolve())
 
 
-class BoundDfsSpace:
+class BoundDfsSpace(Bound):
     """A DFS space over concrete layer sources: ``dim``, bounds, names, ``x0`` and ``decode``.
     ``scales`` is the hop-scale form in use (the space's, or the default resolved)."""
+
+    kind = "dfs"
 
     def __init__(self, space: DfsSpace, scales: str, labels: Sequence[str], refs: Sequence[str],
                  num_layers: int, form: HopForm | None,
@@ -271,12 +272,11 @@ class BoundDfsSpace:
         self.start_point = np.array(x0)
 
     @property
-    def dim(self) -> int:
-        return len(self.names)
-
-    @property
     def method(self) -> str:
         return "dfs"
+
+    def model_names(self) -> dict[str, str]:
+        return short_names(self.refs, self.labels)
 
     def source_points(self) -> list[np.ndarray]:
         """One point per layer source: its own blocks in order, W = 1 (that model exactly)."""
@@ -311,7 +311,8 @@ class BoundDfsSpace:
             row = 1 + layer
         return out
 
-    def decode(self, x: Sequence[float]) -> LayerRecipe:
+    def decode(self, x: Sequence[float], meta: Mapping[str, Any] | None = None) -> LayerRecipe:
+        """The layer stack of path ``x`` (``meta`` is not read)."""
         path = self.path(x)
         scales = fold_scales([hop for _, _, hop in path])
         slices: list[LayerSlice] = []

@@ -1,4 +1,5 @@
-"""Search spaces: a real vector ``x`` in box bounds <-> a :class:`~evomerge.recipe.MergeRecipe`.
+"""Parameter spaces (kind ``ps``): a real vector ``x`` in box bounds <-> a
+:class:`~evomerge.recipe.MergeRecipe`.
 
 A :class:`SearchSpace` is the genome *definition*, independent of any model: a merge method, the
 method parameters that are searched (each at a granularity, with bounds), and the parameters held
@@ -59,6 +60,7 @@ from pydantic import BaseModel, ConfigDict, ValidationError, field_validator, mo
 
 from evomerge.merge.methods import METHODS, MergeMethod, get_method
 from evomerge.config_io import format_errors, read_yaml
+from evomerge.spaces.base import BindTarget, Bound, SpaceError
 from evomerge.recipe.mergekit_config import (
     DTYPES,
     Conditional,
@@ -79,13 +81,9 @@ __all__ = [
 ]
 
 #: The catalog of reusable spaces (a source checkout's top-level ``search_spaces/``).
-CATALOG_DIR = Path(__file__).resolve().parents[1] / "search_spaces"
+CATALOG_DIR = Path(__file__).resolve().parents[2] / "search_spaces"
 
 Per = Literal["global", "source", "layer", "filter"]
-
-
-class SpaceError(ValueError):
-    """A search space that cannot be used; the message names the file and the field."""
 
 
 # --------------------------------------------------------------------------------------------
@@ -237,6 +235,14 @@ class SearchSpace(BaseModel):
         data = read_yaml(path, SpaceError, "search-space")
         return cls.from_dict(data, where=str(path))
 
+    @classmethod
+    def from_config(cls, config: str | Path | Mapping[str, Any]) -> "SearchSpace":
+        """An experiment's ``space``: a catalog name or file (:func:`load_space`), or a mapping
+        (its ``kind: ps``, if written, dropped)."""
+        if not isinstance(config, Mapping):
+            return load_space(config)
+        return cls.from_dict({k: v for k, v in config.items() if k != "kind"}, where="space")
+
     def to_dict(self) -> dict[str, Any]:
         return self.model_dump(mode="json", exclude_defaults=True) | {"method": self.method}
 
@@ -258,6 +264,11 @@ class SearchSpace(BaseModel):
         """
         return BoundSpace(self, base_model, sources, num_layers, non_layer_tensors,
                           tensor_names=tensor_names)
+
+    def bind_to(self, target: BindTarget) -> "BoundSpace":
+        """The space over an experiment's models (the protocol of :mod:`evomerge.spaces.base`)."""
+        return self.bind(target.base, list(target.sources.values()), target.num_layers,
+                         target.non_layer_tensors)
 
 
 def _check_space(space: SearchSpace) -> list[str]:
@@ -380,13 +391,15 @@ class _Slot:
         return f"{loc}.{self.param}"
 
 
-class BoundSpace:
+class BoundSpace(Bound):
     """A :class:`SearchSpace` over concrete models: ``dim``, bounds, names, decode and encode.
 
     ``inputs`` are the models that carry per-source values, in recipe order: the sources, plus,
     for methods where the base is an ordinary weighted input (``linear``), the base when it is not
     already a source (mergekit's semantics; bind with ``base_model=None`` to leave it out).
     """
+
+    kind = "ps"
 
     def __init__(self, space: SearchSpace, base_model: str | Path | None,
                  sources: Sequence[str | Path], num_layers: int,
@@ -478,14 +491,6 @@ class BoundSpace:
     # ---- geometry ----------------------------------------------------------------------------
 
     @property
-    def dim(self) -> int:
-        return len(self.names)
-
-    @property
-    def bounds(self) -> tuple[np.ndarray, np.ndarray]:
-        return self.lower, self.upper
-
-    @property
     def method(self) -> str:
         return self.space.method
 
@@ -499,8 +504,9 @@ class BoundSpace:
 
     # ---- decode / encode ---------------------------------------------------------------------
 
-    def decode(self, x: Sequence[float]) -> MergeRecipe:
-        """The recipe at point ``x`` (pure: no state is read or written besides ``x``)."""
+    def decode(self, x: Sequence[float], meta: Mapping[str, Any] | None = None) -> MergeRecipe:
+        """The recipe at point ``x`` (pure: no state is read or written besides ``x``; ``meta``
+        is not read)."""
         x = self._check_x(x)
         space, method = self.space, self.space.merge_method
         global_params: dict[str, Any] = copy.deepcopy(dict(space.fixed))
@@ -553,6 +559,12 @@ class BoundSpace:
                 x[slot.start: slot.start + slot.size] = value
             points.append(x)
         return points
+
+    def model_names(self) -> dict[str, str]:
+        names = dict(zip(self.inputs, self.labels))
+        if self.base_model and self.base_model not in names:
+            names[self.base_model] = Path(self.base_model).name or self.base_model
+        return names
 
     def encode(self, recipe: MergeRecipe) -> np.ndarray:
         """The point whose decode is ``recipe``; ValueError naming the field that does not fit."""
