@@ -207,7 +207,7 @@ def experiment(zoo, run_dir, budget: int) -> dict:
 def count_items(monkeypatch) -> dict[str, int]:
     """Item evaluations on the search split, by who asked: a trial (Evaluator.evaluate), the
     calibration (score_items) or the report."""
-    from evomerge.execution.worker import Evaluator
+    from evomerge.execution.evaluator import Evaluator
     from evomerge.fitness.lm import LMFitness
 
     counts = {"trial": 0, "calibration": 0, "other": 0}
@@ -236,7 +236,7 @@ def count_items(monkeypatch) -> dict[str, int]:
 
 
 def trials_of(run_dir) -> list:
-    from evomerge.execution.driver import Plan
+    from evomerge.execution.plan import Plan
     from evomerge.experiment import Experiment
     from evomerge.store import Store
 
