@@ -245,6 +245,7 @@ def plot(rows: list[dict[str, Any]], result: dict[str, Any]) -> None:
         axes[1].errorbar([r["wall_s"]["mean"] for r in arm_rows], mean, yerr=std, marker="o",
                          capsize=3, label=arm)
     axes[0].set_xscale("log")
+    axes[0].minorticks_off()
     axes[0].set_xticks(result["budgets"], [str(b) for b in result["budgets"]])
     axes[0].set_xlabel("candidates")
     axes[1].set_xlabel("wall seconds (2 runs at a time on 2 cores)")

@@ -1,9 +1,10 @@
 #!/usr/bin/env python
 """PS, M2N2, DFS and PS+DFS on the tiny-LM zoo: each method's best against every source, held out.
 
-Runs the shipped experiments as a user would (``Experiment.from_yaml(...).run()``), each into
-``--out/<name>`` (reused when its ``summary.json`` already holds the experiment's budget, so a
-table can be rebuilt without re-running), and tabulates from their ``summary.json``:
+Runs the shipped experiments as a user would (``run_experiment(Experiment.from_yaml(...))``,
+what ``evomerge run`` does), each into ``--out/<name>`` (reused when its ``summary.json``
+already holds the experiment's budget, so a table can be rebuilt without re-running), and
+tabulates from their ``summary.json``:
 
 * ``experiments/tinylm_ps_cmaes.yaml``: PS (DARE-TIES per block group, CMA-ES, IRT anchors);
 * ``experiments/tinylm_m2n2.yaml``: M2N2 over the experts;
