@@ -274,7 +274,7 @@ def test_budget_accounting_counts_every_item_evaluation_once(learning_zoo, tmp_p
             assert n == anchors
     assert facts["scored_in_full"] == sum(scored_in_full(t, reduced=True) for t in trials)
     assert 4 < facts["scored_in_full"] < 16  # some raced, some not
-    assert [f["after_generation"] for f in facts["fits"]][0] == 0
+    assert facts["fits"][0]["after_generation"] == 0
     # the best is among the trials scored in full or the re-scored estimates, by full score
     best = next(t for t in trials if t.number == summary["best"]["trial"])
     exact = {t.number: t.values[0] for t in trials if scored_in_full(t, reduced=True)}
