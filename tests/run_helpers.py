@@ -82,12 +82,20 @@ def subprocess_env() -> dict[str, str]:
     return env
 
 
+def _sigint_as_on_a_terminal() -> None:
+    """In the child: SIGINT handled by default. Tests run in the background (``pytest &`` in a
+    script) ignore SIGINT, as POSIX has shells start background commands, and children inherit
+    that; a command tested for how it stops on Ctrl-C would then never see it."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def start(args: list[str], log: Path) -> subprocess.Popen:
     """Start a command in its own session (so its children can be killed as a group), with
-    stdout+stderr in ``log`` (a file, never a pipe that could fill up and block it)."""
+    stdout+stderr in ``log`` (a file, never a pipe that could fill up and block it), and Ctrl-C
+    (SIGINT) as a terminal delivers it, however the tests were started."""
     handle = open(log, "wb")  # noqa: SIM115 - closed with the process by the caller's wait
     proc = subprocess.Popen(args, stdout=handle, stderr=subprocess.STDOUT, env=subprocess_env(),
-                            start_new_session=True)
+                            start_new_session=True, preexec_fn=_sigint_as_on_a_terminal)
     handle.close()
     return proc
 

@@ -75,7 +75,7 @@ class _OomEvaluator:
         self.objectives = [Objective("acc", "maximize")]
         self.calls = 0
 
-    def evaluate(self, recipe):
+    def evaluate(self, recipe, fidelity=None):
         self.calls += 1
         time.sleep(0.5)  # a few heartbeats
         if self.calls == 1:
