@@ -220,7 +220,7 @@ def _rescore(complete: list[FrozenTrial], objectives: list[Objective], evaluator
     rows = []
     scored = [((_score(t, objectives), *_earliest(t)), t) for t in full]
     for trial in track(top, "re-scoring the best estimates on all search items",
-                       enabled=progress, unit="trial"):
+                       enabled=progress and bool(top), unit="trial"):
         model = evaluator.build(parse_recipe(trial.user_attrs[META]["recipe"]))
         values = objs(evaluator.inner.evaluate(model, "search"))
         rows.append({"trial": trial.number, "estimate": dict(zip(values, trial.values)),
