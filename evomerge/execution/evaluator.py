@@ -11,13 +11,13 @@ from __future__ import annotations
 import inspect
 import time
 from collections.abc import Mapping, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import torch
 
 from evomerge.execution.devices import describe, resolve_device
-from evomerge.execution.reduction import Reductions, is_fixed, load_reduction
+from evomerge.execution.reduction import Reductions
 from evomerge.experiment import Experiment
 from evomerge.fitness.base import DTYPES, EvalResult, Fitness, Objective, fitness_class
 from evomerge.fitness.function import FitnessFactory, fitness_factory
@@ -26,9 +26,6 @@ from evomerge.merge.export import export_dtype
 from evomerge.merge.layerstack import LayerStack, ResidentSources
 from evomerge.merge.segments import build_into
 from evomerge.recipe import LayerRecipe, MergeRecipe, SegmentRecipe
-
-if TYPE_CHECKING:  # scipy and scikit-learn load with a reduced fitness only
-    from evomerge.fitness.irt import Reduction
 
 __all__ = ["Evaluator", "evaluator_for", "fitness_for"]
 
@@ -47,7 +44,6 @@ class Evaluator:
     def __init__(self, model_paths: list[str], fitness: str | FitnessFactory,
                  fitness_options: Mapping[str, Any], base_model: str | None,
                  device: str | torch.device = "cpu",
-                 reduction: tuple[Reduction, str] | None = None,
                  dtype: str = "auto", engine: Mapping[str, Any] | None = None,
                  reductions: Reductions | None = None) -> None:
         self.device = torch.device(device)
@@ -59,45 +55,32 @@ class Evaluator:
         placement = describe(self.device, self.dtype)  # its device and dtype, as spelled there
         factory = fitness_class(fitness) if isinstance(fitness, str) else fitness
         takes = inspect.signature(factory).parameters
-        #: the fitness as configured; ``fitness`` is what the search sees (maybe IRT-reduced)
+        #: the fitness as configured; searches see it through :meth:`search_fitness`
         self.inner: Fitness = factory(
             base_model=base_model or model_paths[0],
             **{k: placement[k] for k in ("device", "dtype")
                if k in takes and k not in fitness_options},
             **fitness_options)
-        self.fitness: Fitness = self.inner
-        if reduction is not None:
-            self.reduce(*reduction)
-        #: the run's fitted reductions by key, for trials that name theirs (see ``evaluate``)
+        #: the run's fitted reductions (an IRT-reduced run's), by key (see ``search_fitness``)
         self.reductions = reductions
         self._reduced: dict[str, Fitness] = {}
-        self.model = self.fitness.new_model().to(self.device)
+        self.model = self.inner.new_model().to(self.device)
         #: what this worker records with each trial it evaluates (see devices.describe)
         self.placement = describe(self.device, next(self.model.parameters()).dtype)
         self._stack: LayerStack | None = None
 
-    def reduce(self, reduction: Reduction, estimator: str) -> None:
-        """Score searches on the reduction's anchor items only (see evomerge.fitness.reduced)."""
-        from evomerge.fitness.reduced import ReducedFitness
-
-        self.fitness = ReducedFitness(self.inner, reduction, estimator)
-
     def search_fitness(self, fidelity: Mapping[str, Any] | None) -> Fitness:
-        """What scores a trial enqueued with ``fidelity`` (see
-        :mod:`evomerge.execution.reduction`): ``{"full": true}`` every search item,
-        ``{"reduction": key, ...}`` that fitted reduction's anchors, None the configured
-        fitness (runs recorded before trials named their fidelity)."""
+        """What scores on the search items at ``fidelity`` (a trial's, see
+        :mod:`evomerge.execution.reduction`): the configured fitness for a run without
+        reduction and for ``{"full": true}``; ``{"reduction": key, ...}`` that fit's anchors;
+        None the run's latest fit (the sources' estimates, and trials recorded before trials
+        named their fit)."""
         from evomerge.fitness.reduced import ReducedFitness
 
-        if fidelity is None:
-            return self.fitness
-        key = fidelity.get("reduction")
-        if key is None:
+        if self.reductions is None or (fidelity is not None and "reduction" not in fidelity):
             return self.inner
+        key = self.reductions.latest_key() if fidelity is None else fidelity["reduction"]
         if key not in self._reduced:
-            if self.reductions is None:
-                raise ValueError(f"trial names reduction {key!r}, but this evaluator was "
-                                 "built without the run's reductions")
             self._reduced[key] = ReducedFitness(self.inner, *self.reductions.load(key))
         return self._reduced[key]
 
@@ -144,7 +127,7 @@ class Evaluator:
 
     @property
     def objectives(self) -> list[Objective]:
-        return self.fitness.objectives
+        return self.inner.objectives
 
     def evaluate(self, recipe: MergeRecipe | LayerRecipe, split: str = "search",
                  fidelity: Mapping[str, Any] | None = None
@@ -154,19 +137,21 @@ class Evaluator:
         started = time.perf_counter()
         model = self.build(recipe)
         built = time.perf_counter()
-        if split == "search" and fidelity is not None:
+        if split != "search":  # held out: always every item
+            result = self.inner.evaluate(model, split)
+        else:
             fitness = self.search_fitness(fidelity)
-            race = fidelity.get("race")
+            race = (fidelity or {}).get("race")
             result = (fitness.evaluate(model, split, race=race) if race is not None
                       else fitness.evaluate(model, split))
-        else:
-            result = self.fitness.evaluate(model, split)
         return result, {"build_s": built - started, "eval_s": time.perf_counter() - built}
 
     def evaluate_source(self, path: str, split: str = "search") -> EvalResult:
-        """Score an input model as it is (no merge)."""
+        """Score an input model as it is (no merge); on ``search`` as the run's latest fit
+        estimates it, in an IRT-reduced run."""
         self.merger.copy(path, into=self.model)
-        return self.fitness.evaluate(self.model, split)
+        fitness = self.search_fitness(None) if split == "search" else self.inner
+        return fitness.evaluate(self.model, split)
 
 
 def evaluator_for(experiment: Experiment, slot: int = 0, device: str | None = None,
@@ -180,11 +165,9 @@ def evaluator_for(experiment: Experiment, slot: int = 0, device: str | None = No
     paths = ([models.base] if models.base else []) + list(models.sources.values())
     spec = experiment.fitness.reduced
     reduced = reduced and spec is not None
-    fitted = load_reduction(experiment.run_path, spec) if reduced and is_fixed(
-        experiment.run_path) else None
     where = resolve_device(device or experiment.executor.device, slot)
     return Evaluator(paths, fitness_for(experiment), experiment.fitness.options, models.base,
-                     device=where, reduction=fitted, dtype=models.dtype,
+                     device=where, dtype=models.dtype,
                      engine=experiment.engine.options(),
                      reductions=Reductions(experiment.run_path, spec.estimator)
                      if reduced else None)

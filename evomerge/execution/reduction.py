@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import gc
 import json
-import os
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -59,35 +58,29 @@ if TYPE_CHECKING:  # the driver's: it hands calibration its plan and a way to bu
 REDUCTION_FILE = Path("irt") / "reduction.json"
 
 
-def load_reduction(run_dir: Path, spec: ReducedSpec) -> tuple[Reduction, str]:
-    """The run's latest fitted reduction and estimator, for ``Evaluator(reduction=...)``."""
-    path = Path(run_dir) / REDUCTION_FILE
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} is missing: the driver writes it before any trial is "
-                                "enqueued (is the run directory shared with this worker?)")
-    return Reduction.from_dict(json.loads(path.read_text())), spec.estimator
-
-
-def is_fixed(run_dir: Path) -> bool:
-    """Whether the run has a fitted ``reduction.json`` its trials may use without naming it
-    (runs recorded before trials carried their fidelity)."""
-    return (Path(run_dir) / REDUCTION_FILE).is_file()
-
-
 class Reductions:
-    """A worker's view of the run's fits: ``load(key) -> (Reduction, estimator)``."""
+    """A worker's view of the run's fits: ``load(key) -> (Reduction, estimator)``, for a fit's
+    key (``fit-KEY.json``) or :meth:`latest_key` (``reduction.json``, the latest fit)."""
 
     def __init__(self, run_dir: Path, estimator: str) -> None:
         self.directory = Path(run_dir) / REDUCTION_FILE.parent
         self.estimator = estimator
 
+    def latest_key(self) -> str:
+        """The latest fit's key, as of now (the driver rewrites ``reduction.json`` at each
+        fit)."""
+        path = self.directory / REDUCTION_FILE.name
+        return f"latest@{path.stat().st_mtime_ns}" if path.is_file() else "latest@missing"
+
     def load(self, key: str) -> tuple[Reduction, str]:
-        path = self.directory / f"fit-{key}.json"
+        latest = key.startswith("latest@")
+        path = self.directory / (REDUCTION_FILE.name if latest else f"fit-{key}.json")
         if not path.is_file():
             raise FileNotFoundError(f"{path} is missing: the driver writes each fit before it "
                                     "enqueues a trial that uses it (is the run directory "
                                     "shared with this worker?)")
-        return Reduction.from_dict(json.loads(path.read_text())["reduction"]), self.estimator
+        data = json.loads(path.read_text())
+        return Reduction.from_dict(data if latest else data["reduction"]), self.estimator
 
 
 def resolve_spec(plan: Plan, spec: ReducedSpec) -> ReducedSpec:
@@ -217,14 +210,13 @@ class Schedule:
                 "fits": list(self.fits)}
 
     def _fit(self) -> None:
+        from evomerge.report import write_atomic  # the driver's: workers never fit
+
         responses = {t: np.stack(rows) for t, rows in self._rows.items()}
         reduction, self.key = fit_reduction(responses, self.num_endpoints, self.spec,
                                             self.cache_dir)
         self.reduction = reduction
-        path = self.cache_dir.parent / REDUCTION_FILE
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(json.dumps(reduction.to_dict()))
-        os.replace(tmp, path)
+        write_atomic(self.cache_dir / REDUCTION_FILE.name, json.dumps(reduction.to_dict()))
         self.fits.append({"after_generation": self.generations - 1, "key": self.key,
                           "rows": len(next(iter(responses.values())))})
 
