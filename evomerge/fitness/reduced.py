@@ -169,10 +169,9 @@ class ReducedSpec:
             refit = 1.5 if self.refit is None else (None if self.refit is False else self.refit)
         design = (40 if warmup == 0 else 0) if self.design is None else self.design
         rescore = (0 if race is not None else 8) if self.rescore is None else self.rescore
-        spec = replace(self, warmup=warmup, race=race, refit=refit, design=design,
+        # replace validates the new spec: warmup 0 with design 0 is refused here too
+        return replace(self, warmup=warmup, race=race, refit=refit, design=design,
                        rescore=rescore)
-        spec.__post_init__()  # warmup 0 with design 0 is refused here too
-        return spec
 
 
 def check_reducible(fitness: Any, name: str | None = None) -> None:
