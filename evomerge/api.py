@@ -87,6 +87,7 @@ class Summary:
     fitness_reduction: dict[str, Any] | None = None  # IRT-reduced runs
     item_evaluations: dict[str, int] | None = None  # calibration, search, rescore, total
     resume: dict[str, Any] | None = None  # what the latest resume did
+    budget_items: int | None = None  # the item-evaluation cap, when the experiment set one
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> Summary:
@@ -103,7 +104,7 @@ class Summary:
             storage=data["storage"], timing=data["timing"], devices=data["devices"],
             base=data.get("base"), fitness_reduction=data.get("fitness_reduction"),
             item_evaluations=data.get("item_evaluations"),
-            resume=data.get("resume"))
+            resume=data.get("resume"), budget_items=data.get("budget_items"))
 
     @classmethod
     def read(cls, run_dir: str | Path) -> Summary:

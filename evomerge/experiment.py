@@ -280,7 +280,12 @@ def _field_line(field: str, message: str) -> str:
 
 
 class Experiment(BaseModel):
-    """A search. ``budget`` counts evaluated candidates (failed ones included)."""
+    """A search. ``budget`` counts evaluated candidates (failed ones included).
+    ``budget_items`` (optional) caps what they cost instead, in item evaluations (an IRT
+    reduction's calibration included): the run starts no generation once it has spent that
+    many, so a reduced run's cheap candidates buy more search than a full one's. The first
+    generation always runs (a run needs a best), and the last may end past the cap by its own
+    items."""
 
     model_config = ConfigDict(frozen=True, extra="forbid")
     name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
@@ -289,6 +294,7 @@ class Experiment(BaseModel):
     fitness: FitnessConfig
     strategy: Named
     budget: int = Field(gt=0)
+    budget_items: int | None = Field(None, gt=0)
     seed: int = 0
     executor: Executor = Executor()
     engine: Engine = Engine()

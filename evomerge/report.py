@@ -323,6 +323,7 @@ def finish_run(plan: Plan, store: Store, evaluator: Evaluator, *, wall_s: float,
         "n_failed": sum(t.state == TrialState.FAIL for t in trials),
         "wall_s": round(wall_s, 3),
         "budget": experiment.budget,
+        **({"budget_items": experiment.budget_items} if experiment.budget_items else {}),
         "objectives": [{"name": o.name, "direction": o.direction} for o in objectives],
         "best": {"trial": best.number, "objectives": dict(zip(names, best.values)),
                  "rule": best_rule(objectives, len(rescored), reduction),
@@ -536,6 +537,11 @@ def print_summary(summary: dict[str, Any], console: Any) -> None:
             f"{reduced.get('items_per_candidate', '?')} anchor items of "
             f"{reduced.get('full_items', '?')}, what the search saw; search (full): every "
             "search item; held-out: every held-out item.")
+    spent = (summary.get("item_evaluations") or {}).get("total")
+    if spent and (reduced or summary.get("budget_items")):
+        cap = summary.get("budget_items")
+        caption.append(f"Item evaluations spent: {spent:,}"
+                       + (f" (budget_items {cap:,})." if cap else "."))
     table = Table(title=f"{summary['experiment']}: {summary['n_trials']} trials "
                         f"({summary['n_failed']} failed) in {summary['wall_s']:.1f} s",
                   title_justify="left", caption=escape(" ".join(caption)),

@@ -92,6 +92,15 @@ def test_function_fitness_finds_the_registered_fitness_best(zoo, tmp_path):
     assert "name: test_api:accuracy" in recorded and "classes" not in recorded
 
 
+def test_budget_items_needs_a_fitness_that_scores_items(zoo, tmp_path):
+    """A function fitness returns objectives only: an item budget would never be reached, so it
+    is refused before the run directory exists."""
+    data = {**experiment_data("cmaes", zoo, tmp_path / "fn", budget=BUDGET), "budget_items": 100}
+    with pytest.raises(ExperimentError, match=r"budget_items: .* scores no items"):
+        evomerge.run(data, fitness=accuracy)
+    assert not (tmp_path / "fn").exists()
+
+
 def test_strategy_class_runs_as_its_registered_twin(zoo, tmp_path):
     data = experiment_data("cmaes", zoo, tmp_path / "reg", budget=BUDGET)
     registered = run_in_process({**data, "strategy": {"name": "random", "popsize": 8}})

@@ -51,6 +51,12 @@ def test_thresholds_and_promising_follow_each_objectives_direction():
     assert not promising({"acc": 0.54, "loss": 1.06}, thresholds, objectives)
     # an objective with no full score yet has no threshold
     assert race_thresholds({}, {}, 0.05, objectives) == {}
+    # the previous generation's median, where it is below (above) best - (+) margin: the
+    # better half of a generation is raced too
+    assert race_thresholds({"acc": 0.6, "loss": 1.0}, {}, 0.05, objectives,
+                           {"acc": 0.5, "loss": 1.2}) == pytest.approx({"acc": 0.5, "loss": 1.2})
+    assert race_thresholds({"acc": 0.6, "loss": 1.0}, {}, 0.05, objectives,
+                           {"acc": 0.58, "loss": 1.01}) == pytest.approx({"acc": 0.55, "loss": 1.05})
 
 
 def test_spec_defaults_depend_on_whether_the_strategy_selects_per_item():
@@ -176,6 +182,8 @@ def test_the_schedule_warms_up_fits_races_and_refits(tmp_path):
     schedule.observe(gen)
     assert schedule.errors["acc"] == pytest.approx([0.02])
     assert schedule.best == {"acc": 0.5}
+    assert schedule.median == {"acc": 0.3}  # of exact scores and estimates alike
+    assert schedule.fidelity()["race"] == pytest.approx({"acc": 0.3})  # below 0.5 - RACE_PRIOR
     assert len(schedule.fits) == 1  # 7 rows < 1.5 x 6
     schedule.observe([trial(0.45, rows(), {"full": True}, {}) for _ in range(2)])
     assert [f["rows"] for f in schedule.fits] == [6, 9]  # 9 >= 1.5 x 6: refit
@@ -187,8 +195,8 @@ def test_the_schedule_warms_up_fits_races_and_refits(tmp_path):
 # ---- end to end: budget accounting and resume ----------------------------------------------------
 
 
-def experiment(zoo, run_dir, budget: int) -> dict:
-    return {
+def experiment(zoo, run_dir, budget: int, **fields) -> dict:
+    return {**fields,
         "name": "tinylm_schedule",
         "models": {"base": str(zoo / "base"),
                    "sources": {t: str(zoo / f"expert_{t}") for t in ("reverse", "sort")}},
@@ -283,9 +291,19 @@ def test_budget_accounting_counts_every_item_evaluation_once(learning_zoo, tmp_p
     assert facts["best_search_full"]["mean_acc"] == pytest.approx(exact[best.number])
 
 
+@pytest.fixture(scope="module")
+def whole(learning_zoo, tmp_path_factory):
+    """An uninterrupted four-generation run (16 candidates): what resumed runs must equal."""
+    import evomerge
+
+    run_dir = tmp_path_factory.mktemp("whole") / "run"
+    evomerge.run(experiment(learning_zoo, run_dir, budget=16))
+    return run_dir
+
+
 @pytest.mark.slow
-def test_a_resumed_run_evaluates_no_slot_twice_and_replays_the_schedule(learning_zoo, tmp_path,
-                                                                        monkeypatch):
+def test_a_resumed_run_evaluates_no_slot_twice_and_replays_the_schedule(learning_zoo, whole,
+                                                                        tmp_path, monkeypatch):
     """Two generations, then resumed to four: only the new generations' slots are evaluated,
     calibration is not repeated, and every trial (value, fidelity, racing thresholds) equals
     an uninterrupted four-generation run's."""
@@ -293,13 +311,12 @@ def test_a_resumed_run_evaluates_no_slot_twice_and_replays_the_schedule(learning
     from evomerge.execution.driver import run_experiment
     from evomerge.experiment import Experiment
 
-    evomerge.run(experiment(learning_zoo, tmp_path / "whole", budget=16))
     evomerge.run(experiment(learning_zoo, tmp_path / "part", budget=8))
     counts = count_items(monkeypatch)
     run_experiment(Experiment.from_run_dir(tmp_path / "part", budget=16), resume=True,
                    progress=False)
 
-    whole, part = trials_of(tmp_path / "whole"), trials_of(tmp_path / "part")
+    whole, part = trials_of(whole), trials_of(tmp_path / "part")
     assert len(part) == 16  # each slot once
     assert counts["calibration"] == 0
     resumed = [t for t in part if t.user_attrs[META]["generation"] >= 2]
@@ -309,3 +326,43 @@ def test_a_resumed_run_evaluates_no_slot_twice_and_replays_the_schedule(learning
         assert a.values == b.values
         assert a.user_attrs[META]["fidelity"] == b.user_attrs[META]["fidelity"]
         assert a.user_attrs[RESULT].get("fidelity") == b.user_attrs[RESULT].get("fidelity")
+
+
+@pytest.mark.slow
+def test_budget_items_ends_the_run_at_the_first_generation_that_reaches_it(learning_zoo, whole,
+                                                                         tmp_path, monkeypatch):
+    """The cap is the item evaluations of calibration plus the first two generations of an
+    uncapped run (the same trials: the cap only decides where to stop): the capped run stops
+    after exactly those two generations, reports the cap, resumes to the same stop without
+    evaluating anything, and, resumed with a larger cap, goes on to the uncapped run's trials."""
+    import evomerge
+    from evomerge.execution.driver import run_experiment
+    from evomerge.experiment import Experiment
+    from evomerge.store import items_scored
+
+    calibration = json.loads((whole / "summary.json").read_text())[
+        "item_evaluations"]["calibration"]
+    whole = trials_of(whole)
+    assert calibration == 2 * 2 * 16  # two sources on 2 x 16 items
+    cap = calibration + sum(items_scored(t) for t in whole[:8])
+
+    capped = evomerge.run(experiment(learning_zoo, tmp_path / "capped", budget=16,
+                                     budget_items=cap))
+    assert capped.n_trials == 8 and capped.budget_items == cap
+    spent = capped.item_evaluations
+    assert spent["calibration"] + spent["search"] == cap
+    for a, b in zip(whole, trials_of(tmp_path / "capped")):
+        assert a.values == b.values
+
+    counts = count_items(monkeypatch)  # a resume replays the stop: nothing is evaluated
+    run_experiment(Experiment.from_run_dir(tmp_path / "capped"), resume=True, progress=False)
+    assert counts["trial"] == counts["calibration"] == 0
+    assert len(trials_of(tmp_path / "capped")) == 8
+
+    # one item more than two generations spent: a third generation starts, then the run stops
+    run_experiment(Experiment.from_run_dir(tmp_path / "capped", budget_items=cap + 1),
+                   resume=True, progress=False)
+    resumed = trials_of(tmp_path / "capped")
+    assert len(resumed) == 12
+    for a, b in zip(whole, resumed):
+        assert a.values == b.values

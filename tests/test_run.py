@@ -197,6 +197,30 @@ def test_cli_run_prints_the_final_table_and_overrides_budget_and_seed(zoo, tmp_p
     assert recorded["seed"] == 3 and recorded["budget"] == 16
 
 
+def test_cli_budget_items_ends_a_full_evaluation_run_after_the_generation_that_reaches_it(
+        zoo, tmp_path):
+    """Digits scores every search image per candidate (no reduction): a cap of 2.5
+    generations' items ends the run after its third generation."""
+    path = tmp_path / "exp.yaml"
+    path.write_text(yaml.safe_dump(experiment(zoo, tmp_path, budget=16)))
+    assert CliRunner().invoke(app, ["run", str(path)]).exit_code == 0
+    per_candidate = json.loads((tmp_path / "run" / "summary.json").read_text())[
+        "item_evaluations"]["search"] // 16
+    cap = int(2.5 * 8 * per_candidate)
+    result = CliRunner().invoke(app, ["run", str(path), "--budget", "40", "--budget-items",
+                                      str(cap), "--run-dir", str(tmp_path / "capped")])
+    assert result.exit_code == 0, result.output
+    summary = json.loads((tmp_path / "capped" / "summary.json").read_text())
+    assert summary["n_trials"] == 24 and summary["budget"] == 40
+    assert summary["budget_items"] == cap
+    assert summary["item_evaluations"]["total"] == 24 * per_candidate
+    assert "item budget reached" in result.output
+    assert f"Item evaluations spent: {24 * per_candidate:,} (budget_items {cap:,})" in \
+        " ".join(result.output.split())
+    recorded = yaml.safe_load((tmp_path / "capped" / "experiment.yaml").read_text())
+    assert recorded["budget_items"] == cap
+
+
 def test_cli_run_reports_a_bad_experiment_with_exit_code_2(zoo, tmp_path):
     path = tmp_path / "exp.yaml"
     path.write_text(yaml.safe_dump(experiment(zoo, tmp_path, budget=-1)))

@@ -61,6 +61,11 @@ def run(
     budget: int | None = typer.Option(None, "--budget", min=1, show_default=False,
                                          help="Evaluations to run \\[default: the experiment's "
                                               "budget]."),
+    budget_items: int | None = typer.Option(
+        None, "--budget-items", min=1, show_default=False,
+        help="Also stop starting generations once the run spent this many item evaluations "
+             "(an IRT reduction's calibration included), so cheap reduced candidates buy more "
+             "search \\[default: the experiment's budget_items, else no cap]."),
     seed: int | None = typer.Option(None, "--seed", show_default=False,
                                        help="Seed of the strategy \\[default: the experiment's "
                                             "seed]."),
@@ -74,6 +79,9 @@ def run(
 
     scratch = scratch_config(experiment_file)
     if scratch is not None:  # a from-scratch config (`setting:`), not a merge
+        if budget_items is not None:
+            fail(ValueError("--budget-items: a from-scratch config scores no items to count; "
+                            "use --budget"))
         if budget is not None:
             scratch["budget"] = budget
         if seed is not None:
@@ -83,6 +91,7 @@ def run(
         return
     try:
         experiment = Experiment.from_yaml(experiment_file, budget=budget, seed=seed,
+                                          budget_items=budget_items,
                                           run_dir=str(run_dir) if run_dir else None)
     except ExperimentError as exc:
         fail(exc)

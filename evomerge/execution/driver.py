@@ -42,7 +42,7 @@ from evomerge.recipe import LayerRecipe, MergeRecipe, SegmentRecipe
 from evomerge.search import Strategy
 from evomerge.spaces.base import Bound
 from evomerge.store import (EXPERIMENT, INTERRUPTED, RESULT, STORE_ARGS, RunOwnedError, Slot,
-                            Store, explain_write_errors, x_of)
+                            Store, explain_write_errors, items_scored, x_of)
 
 RUN_FILE = "run.json"  # RUN_DIR/run.json: {"run_id", "study"}: the run's identity
 
@@ -97,7 +97,7 @@ def _run_locked(plan: Plan, resume: bool, progress: bool,
         raise ExperimentError(f"resume: {exc}" if resume else str(exc)) from None
     _claim(store, run_dir, resume)
     report.write_provenance(run_dir, plan.experiment, resumed=resume)
-    resumed = _resume_facts(store, plan.experiment.budget) if resume else None
+    resumed = _resume_facts(store, plan.experiment) if resume else None
     if resumed is not None:
         _say(progress, resumed["line"])
     store.set_finished(False)
@@ -114,9 +114,11 @@ def _run_locked(plan: Plan, resume: bool, progress: bool,
     executor = make_executor(plan.experiment, plan.store_args)
     budget = plan.experiment.budget
     before = _previous_summary(run_dir) if resume else None
+    calibration = reduction["calibration_models"] * reduction["full_items"] if reduction else 0
     with report.progress_bar(budget, enabled=progress) as bar:
         try:
-            strategy = _search(plan, store, executor, bar, on_trial, schedule)
+            strategy = _search(plan, store, executor, bar, on_trial, schedule,
+                               items_spent=calibration, say=lambda line: _say(progress, line))
         except RunOwnedError as exc:
             raise ExperimentError(str(exc)) from None
         finally:
@@ -162,15 +164,18 @@ def _claim(store: Store, run_dir: Path, resume: bool) -> str:
     return run_id
 
 
-def _resume_facts(store: Store, budget: int) -> dict[str, Any]:
+def _resume_facts(store: Store, experiment: Experiment) -> dict[str, Any]:
     """Mark the trials a dead run left RUNNING as interrupted; what the resume starts from:
     ``replayed`` (finished slots, told from the store), ``interrupted`` (marked now), ``left``
-    (slots still to evaluate) and the line that says so."""
+    (slots still to evaluate, at most: ``budget_items`` may end the run first) and the line
+    that says so."""
+    budget = experiment.budget
     interrupted = len(store.fail_interrupted())
     replayed = sum(t.state.is_finished() for t in store.slots().values())
     left = max(budget - replayed, 0)
     line = (f"resume: replayed {replayed} trial{'s' * (replayed != 1)} from the store, "
-            f"{interrupted} marked failed as interrupted (evaluated again), {left} of "
+            f"{interrupted} marked failed as interrupted (evaluated again), "
+            f"{'at most ' if experiment.budget_items else ''}{left} of "
             f"{budget} slot{'s' * (budget != 1)} left")
     return {"replayed": replayed, "interrupted": interrupted, "left": left, "line": line}
 
@@ -226,12 +231,15 @@ def _note(space: Bound, recipe: MergeRecipe | LayerRecipe | SegmentRecipe,
 
 
 def _search(plan: Plan, store: Store, executor: Executor, bar: Any,
-            on_trial: Callable[[int, int], None] | None, schedule: Schedule | None = None
-            ) -> Strategy:
+            on_trial: Callable[[int, int], None] | None, schedule: Schedule | None = None,
+            items_spent: int = 0, say: Callable[[str], None] = lambda line: None) -> Strategy:
     """Ask, enqueue, evaluate and tell until the budget is spent; the told strategy. With an
-    IRT-reduced fitness, ``schedule`` says which items each generation is scored on."""
+    IRT-reduced fitness, ``schedule`` says which items each generation is scored on. With
+    ``budget_items``, no generation starts once the item evaluations (``items_spent`` before
+    the search, then every finished trial's) reached it: decided from whole generations, so a
+    resume replays the same stop."""
     experiment = plan.experiment
-    budget = experiment.budget
+    budget, budget_items = experiment.budget, experiment.budget_items
     strategy = plan.new_strategy()
     stored = store.slots()  # read once: what a previous (killed) run left
     done = sum(t.state.is_finished() for t in stored.values())
@@ -240,6 +248,10 @@ def _search(plan: Plan, store: Store, executor: Executor, bar: Any,
         best.add(t)
     generation = asked = 0
     while asked < budget:
+        if budget_items is not None and generation > 0 and items_spent >= budget_items:
+            say(f"item budget reached: {items_spent:,} item evaluations (budget_items "
+                f"{budget_items:,}) after {asked} of {budget} candidates")
+            break
         candidates = strategy.ask()  # may be fewer than popsize (pymoo drops duplicates)
         size = min(len(candidates), budget - asked)
         asked += size
@@ -292,6 +304,7 @@ def _search(plan: Plan, store: Store, executor: Executor, bar: Any,
                                   candidates[k].meta, fidelity)
         trials = [finished[tid] for tid in ids]
         done += len(trials) - already
+        items_spent += sum(items_scored(t) for t in trials)
         for t in trials:
             best.add(t)
         bar.update(done, best.text())

@@ -145,4 +145,8 @@ def _objectives(fitness_cls: FitnessFactory, experiment: Experiment) -> list[Obj
         message = str(exc)
         raise ExperimentError(message if message.startswith("fitness") else
                               f"fitness: {message}") from None
+    if experiment.budget_items is not None and not callable(getattr(fitness, "num_items", None)):
+        raise ExperimentError(f"budget_items: the {experiment.fitness.name!r} fitness scores no "
+                              "items to count (it has no num_items()); give the budget in "
+                              "candidates only")
     return list(fitness.objectives)

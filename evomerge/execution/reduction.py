@@ -12,9 +12,11 @@ How a reduced run spends its evaluations (:class:`Schedule`, the block's fields 
    are the rows the IRT model is fit on: calibration spends no evaluation the search does not
    use.
 3. Every later candidate is scored on the fitted anchors; when its estimate comes within the
-   racing margin of the best full score of the earlier generations, on the remaining items
-   too (racing): the search and the final pick rank the promising candidates by exact scores,
-   and each raced candidate measures the estimator's error (the ``auto`` margin) and adds a row.
+   racing margin of the best full score of the earlier generations, or reaches the previous
+   generation's median score, on the remaining items too (racing): the strategy ranks the
+   better half of a generation (a population strategy's parents) and the final pick the
+   contenders by exact scores, and each raced candidate measures the estimator's error (the
+   ``auto`` margin) and adds a row.
 4. The IRT model is refit on all rows scored in full whenever they grew by ``refit``.
 
 Every decision is made between generations from finished trials only, and written into each
@@ -160,6 +162,7 @@ class Schedule:
         self.fits: list[dict[str, Any]] = []  # after which generation, on how many rows
         self.best: dict[str, float] = {}  # best full score per objective
         self.errors: dict[str, list[float]] = {o.name: [] for o in self.objectives}
+        self.median: dict[str, float] = {}  # the last generation's, exact or estimated
         self.generations = 0
         if spec.warmup == 0:
             self._fit()
@@ -172,7 +175,7 @@ class Schedule:
         out: dict[str, Any] = {"reduction": self.key}
         if self.spec.race is not None and self.best:
             out["race"] = race_thresholds(self.best, self.errors, self.spec.race,
-                                          self.objectives)
+                                          self.objectives, self.median)
         return out
 
     def observe(self, trials: Sequence[FrozenTrial]) -> None:
@@ -191,6 +194,10 @@ class Schedule:
                 self.best[o.name] = better(self.best.get(o.name, value), value)
                 if "estimate" in result:
                     self.errors[o.name].append(result["estimate"][o.name] - value)
+        values = [t.values for t in trials if t.state == TrialState.COMPLETE]
+        if values:
+            self.median = {o.name: float(np.median([v[k] for v in values]))
+                           for k, o in enumerate(self.objectives)}
         self.generations += 1
         rows = len(next(iter(self._rows.values())))
         if self.key is None:

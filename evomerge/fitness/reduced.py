@@ -84,8 +84,9 @@ class ReducedSpec:
     - design: candidates drawn from the run's space (:func:`calibration_design`: uniform, or
       around a DFS space's start path) scored in full before the search, only to calibrate.
     - race: after the warmup a candidate is scored on the anchors; when its estimate comes
-      within ``race`` of the best full score of the earlier generations it is scored on the
-      remaining items too, and the search and the final pick see its exact score. ``auto``:
+      within ``race`` of the best full score of the earlier generations, or reaches the previous
+      generation's median, it is scored on the remaining items too, and the search and the
+      final pick see its exact score. ``auto``:
       twice the estimator's measured error (root mean square of estimate minus full score over
       the last :data:`RACE_WINDOW` raced candidates; :data:`RACE_PRIOR` until 5 were). None:
       never (every candidate keeps its estimate).
@@ -282,15 +283,21 @@ def race_margin(errors: Sequence[float], race: float | str) -> float:
 
 
 def race_thresholds(best: Mapping[str, float], errors: Mapping[str, Sequence[float]],
-                    race: float | str, objectives: Sequence[Objective]) -> dict[str, float]:
+                    race: float | str, objectives: Sequence[Objective],
+                    median: Mapping[str, float] | None = None) -> dict[str, float]:
     """Per objective with a full score so far: its best full score, less (maximize) or plus
-    (minimize) the margin (:func:`race_margin`)."""
+    (minimize) the margin (:func:`race_margin`); or, when lower (higher), the previous
+    generation's ``median`` score: a population-based strategy selects parents from the
+    better half of each generation, so that half is ranked by exact scores too."""
     out = {}
+    median = median or {}
     for o in objectives:
         if o.name in best:
             margin = race_margin(errors.get(o.name, ()), race)
-            out[o.name] = best[o.name] - margin if o.direction == "maximize" \
-                else best[o.name] + margin
+            if o.direction == "maximize":
+                out[o.name] = min(best[o.name] - margin, median.get(o.name, np.inf))
+            else:
+                out[o.name] = max(best[o.name] + margin, median.get(o.name, -np.inf))
     return out
 
 
