@@ -179,8 +179,9 @@ class Schedule:
         return out
 
     def observe(self, trials: Sequence[FrozenTrial]) -> None:
-        """A finished generation (slot order): its full scores (best, estimator error, rows),
-        then a fit when the warmup ends or the rows grew by ``refit``."""
+        """A finished generation (slot order): its full scores (best, estimator error, rows)
+        and its median score (exact and estimated alike: the next racing threshold), then a fit
+        when the warmup ends or the rows grew by ``refit``."""
         for t in trials:
             if t.state != TrialState.COMPLETE or not scored_in_full(t, reduced=True):
                 continue
