@@ -101,7 +101,8 @@ def run(
 def resume(run_dir: Path = typer.Argument(..., metavar="RUN_DIR", show_default=False,
                                           help="A run directory, e.g. runs/digits_cmaes.")) -> None:
     """Continue a run that was interrupted: replay the stored trials into the seeded strategy
-    and evaluate only what is missing; the run ends with exactly the budgeted trials.
+    and evaluate only what is missing; the run ends with exactly the budgeted trials (or where
+    the run's budget_items ends it, as the interrupted run would have).
 
     The experiment is RUN_DIR/experiment.yaml (written by [green]evomerge run[/green]); the
     trials go to the run's study and the summary, recipe, best model and plots to RUN_DIR, as
