@@ -318,12 +318,13 @@ def markdown(result: dict[str, Any]) -> str:
              (f"`experiments/tinylm_ps_cmaes.yaml` (CMA-ES, popsize 12, 40 DARE-TIES "
              f"coefficients), seeds {result['seeds']}, one run per arm and seed, "
              f"{result['jobs']} at a time, on {result['cpu']} (load average "
-             f"{result['loadavg_start']} at the start). Held-out: mean exact match of the "
+             f"{result['loadavg_start'] or 0:.2f} at the start). Held-out: mean exact match of the "
              "arm's pick on 1,200 held-out items. Items: item evaluations spent (calibration + "
              "trials + final re-scoring). `full`: every candidate on all 1,200 search items; "
              "`fixed`: the reduction shipped before (sources + 40 random merges calibrate "
              "once, 60 anchors per candidate, top 8 re-scored); `default`: warmup generation "
-             "in full, anchors + racing, refits."), "",
+             "in full, then anchors, raced to every item when the estimate reaches the previous "
+             "generation's median or comes near the best full score, refits."), "",
              (f"Held-out, {TOP} best: the mean held-out score of the arm's {TOP} best "
              "candidates by full search score (its pick among them), a measure of how good the "
              "search's best region is with less of the single pick's judging noise (1,200 "
