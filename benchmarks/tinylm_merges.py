@@ -167,8 +167,10 @@ def markdown(result: dict[str, Any]) -> str:
               "(runs reused from earlier invocations keep their own wall time)"),
              ("- Held-out mean exact match over add, reverse, sort and translate (1,200 items), "
               "from each run's `summary.json` (`final`). `search`: the winner on all 1,200 search "
-              "items (PS and M2N2 search on 60 IRT anchors and re-score their 8 best estimates "
-              "in full at the end; DFS and PS+DFS search on all search items). `ps` is the "
+              "items (PS searches on 60 IRT anchors after a warmup generation in full and races "
+              "promising candidates to every item; M2N2 searches on 60 anchors and re-scores its "
+              "8 best estimates in full at the end; DFS and PS+DFS search on all search items). "
+              "`ps` is the "
               "shipped PS merge (the PS winner) that PS+DFS routes through; the last column is "
               "the gain over the strongest model in the run's table (for PS+DFS: its own "
               "starting point). DFS rows: `W over layers` is Sakana's hop-scale matrix indexed by "
