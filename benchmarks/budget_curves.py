@@ -205,7 +205,6 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     budgets = sorted(args.budgets)
     jobs = [(arm, seed) for seed in args.seeds for arm in ARMS]
     began = time.time()
-    load = loadavg()
     long_jobs = [(arm, seed) for seed in args.long_seeds for arm in ARMS] if args.long else []
     with ProcessPoolExecutor(args.jobs, mp_context=get_context("spawn")) as pool:
         futures = [pool.submit(run_arm, arm, seed, budgets, args.out) for arm, seed in jobs]
@@ -213,6 +212,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                         for arm, seed in long_jobs]
         curves = [f.result() for f in futures]
         long_curves = [f.result() for f in long_futures]
+    # each run's own start (a reused run was timed when it ran, not now)
+    loads = [json.loads((args.out / f"{arm}_s{seed}" / "started.json").read_text())["loadavg"]
+             for arm, seed in jobs]
+    load = [min(x for x in loads if x is not None), max(x for x in loads if x is not None)] \
+        if any(x is not None for x in loads) else None
     rows = []
     for arm in ARMS:
         for i, n in enumerate(budgets):
@@ -320,8 +324,9 @@ def markdown(result: dict[str, Any]) -> str:
     lines = [START, "## Search efficiency at every budget (`benchmarks/budget_curves.py`)", "",
              (f"`experiments/tinylm_ps_cmaes.yaml` (CMA-ES, popsize 12, 40 DARE-TIES "
              f"coefficients), seeds {result['seeds']}, one run per arm and seed, "
-             f"{result['jobs']} at a time, on {result['cpu']} (load average "
-             f"{result['loadavg_start'] or 0:.2f} at the start). Held-out: mean exact match of the "
+             f"{result['jobs']} at a time, on {result['cpu']} (1-min load average "
+             f"{_load(result['loadavg_start'])} when the runs started). Held-out: mean exact "
+             "match of the "
              "arm's pick on 1,200 held-out items. Items: item evaluations spent (calibration + "
              "trials + final re-scoring). `full`: every candidate on all 1,200 search items; "
              "`fixed`: the reduction shipped before (sources + 40 random merges calibrate "
@@ -359,6 +364,10 @@ def markdown(result: dict[str, Any]) -> str:
         lines += ["", f"Default >= {LONG_TARGET}: {'ok' if long['target_ok'] else 'MISSED'}."]
     lines += ["", "![held-out vs candidates and wall time](budget_curves.png)", "", END]
     return "\n".join(lines)
+
+
+def _load(load: list[float] | None) -> str:
+    return "unknown" if load is None else f"{load[0]:.2f} to {load[1]:.2f}"
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
