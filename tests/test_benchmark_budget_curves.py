@@ -1,0 +1,61 @@
+"""benchmarks/budget_curves.py's arithmetic on hand-made curves: the targets compare the default
+with full evaluation seed by seed (mean difference and its standard error, worked by hand), full
+evaluation "at equal time" is its best found by the default's wall time, and a mean difference of
+exactly zero is a tie, not a win. (The runs themselves are the shipped experiment, measured by
+the script; too long for a test.)"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+import budget_curves
+
+
+def curve(arm: str, seed: int, heldout: list[float], wall: list[float],
+          records: list[tuple[float, float]] = ()) -> dict:
+    return {"arm": arm, "seed": seed,
+            "points": [{"n": n, "heldout": h, "wall_s": w}
+                       for n, h, w in zip((50, 100), heldout, wall)],
+            "records": [{"wall_s": w, "heldout": h} for w, h in records]}
+
+
+def test_targets_are_same_seed_differences_with_their_standard_error():
+    curves = [
+        # seed 0: full found 0.50 at 10 s, 0.58 at 60 s, 0.61 at 95 s
+        curve("full", 0, [0.58, 0.61], [60, 95], [(10, 0.50), (60, 0.58), (95, 0.61)]),
+        curve("default", 0, [0.60, 0.60], [40, 70]),
+        # seed 1: full found 0.55 at 20 s, 0.62 at 90 s
+        curve("full", 1, [0.55, 0.62], [45, 90], [(20, 0.55), (90, 0.62)]),
+        curve("default", 1, [0.55, 0.63], [50, 80]),
+    ]
+    first, second = budget_curves.targets(curves, [50, 100])
+    # equal candidates at 50: differences +0.02 and 0.00 -> mean 0.01, std 0.0141, se 0.01
+    assert first["equal_candidates"] == pytest.approx(0.01)
+    assert first["equal_candidates_se"] == pytest.approx(np.std([0.02, 0.0], ddof=1) / np.sqrt(2))
+    # equal time at 50: full's best by 40 s is 0.50 (seed 0), by 50 s 0.55 (seed 1)
+    assert first["equal_time"] == pytest.approx(((0.60 - 0.50) + (0.55 - 0.55)) / 2)
+    # at 100: equal candidates -0.01 and +0.01 -> 0; equal time: by 70 s 0.58, by 80 s 0.55
+    assert second["equal_candidates"] == pytest.approx(0.0)
+    assert second["equal_time"] == pytest.approx(((0.60 - 0.58) + (0.63 - 0.55)) / 2)
+    assert first["equal_candidates_ok"] and first["equal_time_ok"]
+
+
+def test_a_mean_difference_of_exactly_zero_is_a_tie():
+    # 0.1 + 0.2 - 0.3 is 5.6e-17 in floating point: the same scores must not count as a win
+    curves = [curve("full", 0, [0.3, 0.3], [10, 20], [(10, 0.3)]),
+              curve("default", 0, [0.1 + 0.2, 0.3], [10, 20])]
+    tie = budget_curves.targets(curves, [50, 100])[0]
+    assert tie["equal_time"] > 0  # the float noise the check must see through
+    assert not tie["equal_time_ok"] and tie["equal_candidates_ok"]
+
+
+def test_equal_time_is_full_evaluations_first_best_when_it_had_found_nothing_yet():
+    full = curve("full", 0, [0.5, 0.6], [30, 60], [(30, 0.5), (60, 0.6)])
+    assert budget_curves.equal_time(full, 10) == 0.5  # generous to full evaluation
+    assert budget_curves.equal_time(full, 59.9) == 0.5
+    assert budget_curves.equal_time(full, 60) == 0.6
