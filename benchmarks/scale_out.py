@@ -500,7 +500,8 @@ def run_simulation(url: str, n_workers: int, generations: int, mean_s: float, si
         if not ready.acquire(timeout=120):
             raise RuntimeError("simulated worker processes did not start within 120 s")
     plan = SimpleNamespace(
-        experiment=SimpleNamespace(budget=n_workers * generations, max_fail_share=0.5,
+        experiment=SimpleNamespace(budget=n_workers * generations, budget_items=None,
+                                   max_fail_share=0.5,
                                    run_path=Path(tempfile.gettempdir())),  # cmaes writes none
         space=SimSpace(), objectives=[Objective(SIM_OBJECTIVE, "maximize")],
         new_strategy=lambda: make_strategy("cmaes", lower=[0.0] * SIM_DIM,

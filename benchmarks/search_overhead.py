@@ -280,7 +280,7 @@ def _plan(n: int):
     from evomerge.search import make_strategy
 
     return SimpleNamespace(
-        experiment=SimpleNamespace(budget=n, max_fail_share=0.5),
+        experiment=SimpleNamespace(budget=n, budget_items=None, max_fail_share=0.5),
         space=_Space(),
         objectives=[Objective(OBJECTIVE, "maximize")],
         new_strategy=lambda: make_strategy("cmaes", lower=[0.0] * DIM, upper=[1.0] * DIM,
