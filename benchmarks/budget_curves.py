@@ -38,7 +38,7 @@ load; completed runs under ``--out`` are reused. Needs the zoo: ``evomerge zoo b
 
 Usage::
 
-    python benchmarks/budget_curves.py --write-results    # 5 seeds x 3 arms + 600: ~2 h on 2 cores
+    python benchmarks/budget_curves.py --write-results    # 5 seeds x 3 arms + 600: ~50 min, 2 idle cores
     python benchmarks/budget_curves.py --budgets 24 48 --seeds 0 --long 0 --out /tmp/bc  # smoke
 """
 
