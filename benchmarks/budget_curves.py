@@ -66,6 +66,8 @@ FIXED = {"design": 40, "warmup": 0, "race": False, "refit": False, "rescore": 8}
 PLOT = Path(__file__).resolve().parent / "budget_curves.png"
 #: How many of a pick's runners-up (by full search score) the lower-noise column averages.
 TOP = 10
+#: What each point of a curve measures (averaged over seeds per arm and budget).
+MEASURES = ("heldout", "heldout_top", "items", "wall_s")
 #: Bumped when a curve gains a field: older cached curves are re-read from their runs.
 CURVE_VERSION = 2
 #: Differences of means of held-out scores (counts / 1,200) closer than this are ties.
@@ -159,29 +161,23 @@ def read_curve(arm: str, seed: int, budgets: list[int], run_dir: Path, started: 
     fr = summary.get("fitness_reduction") or {}
     calibration = summary["item_evaluations"]["calibration"]
 
-    def pick(n: int) -> tuple[int, int]:
-        """The arm's best among the first n trials (ties: earliest) and the re-scores it took."""
+    def ranked(n: int) -> tuple[list[int], int]:
+        """Among the first n trials, those whose full search score the arm knows, best first
+        (ties: earliest; the first is the arm's pick), and the re-scores knowing them took
+        (``fixed``: its ``rescore`` best estimates, scored in full at the end)."""
         if arm == "fixed":
             top = sorted(range(n), key=lambda i: (-values[i], i))[:fr["rescore"]]
-            return max(top, key=lambda i: (score(i, "search"), -i)), len(top)
-        known = [i for i in range(n) if full_known[i]]
-        return max(known, key=lambda i: (values[i], -i)), 0
-
-    def top(n: int) -> list[int]:
-        """The TOP best full search scores among the first n trials (the arm's own: ``fixed``
-        knows full scores of its re-scored candidates only)."""
-        if arm == "fixed":
-            known = sorted(range(n), key=lambda i: (-values[i], i))[:fr["rescore"]]
-            return sorted(known, key=lambda i: (-score(i, "search"), i))[:TOP]
-        known = [i for i in range(n) if full_known[i]]
-        return sorted(known, key=lambda i: (-values[i], i))[:TOP]
+            return sorted(top, key=lambda i: (-score(i, "search"), i)), len(top)
+        return sorted((i for i in range(n) if full_known[i]), key=lambda i: (-values[i], i)), 0
 
     points = []
     for n in budgets:
-        best, rescored = pick(n)
+        order, rescored = ranked(n)
+        best = order[0]
         rescore_s = rescored * (float(np.mean(timed)) if timed else 0.0)
         points.append({"n": n, "trial": trials[best].number, "heldout": score(best, "heldout"),
-                       "heldout_top": float(np.mean([score(i, "heldout") for i in top(n)])),
+                       "heldout_top": float(np.mean([score(i, "heldout")
+                                                     for i in order[:TOP]])),
                        "items": int(calibration + items[n - 1] + rescored * fr.get(
                            "full_items", 0)),
                        "wall_s": elapsed[n - 1] + rescore_s})
@@ -215,15 +211,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     # each run's own start (a reused run was timed when it ran, not now)
     loads = [json.loads((args.out / f"{arm}_s{seed}" / "started.json").read_text())["loadavg"]
              for arm, seed in jobs]
-    load = [min(x for x in loads if x is not None), max(x for x in loads if x is not None)] \
-        if any(x is not None for x in loads) else None
+    known = [x for x in loads if x is not None]
+    load = [min(known), max(known)] if known else None
     rows = []
     for arm in ARMS:
         for i, n in enumerate(budgets):
             pts = [c["points"][i] for c in curves if c["arm"] == arm]
-            row = {"arm": arm, "n": n, **{k: _stats([p[k] for p in pts])
-                                          for k in ("heldout", "heldout_top", "items",
-                                                    "wall_s")}}
+            row = {"arm": arm, "n": n, **{k: _stats([p[k] for p in pts]) for k in MEASURES}}
             if arm == "default":
                 row["full_at_equal_time"] = _stats(
                     [p["full_at_equal_time"] for p in paired(curves, i)])
@@ -233,8 +227,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
               "jobs": args.jobs, "wall_s": round(time.time() - began, 1)}
     if long_curves:
         long_rows = [{"arm": arm, **{k: _stats([c["points"][0][k] for c in long_curves
-                                                if c["arm"] == arm])
-                                     for k in ("heldout", "heldout_top", "items", "wall_s")}}
+                                                if c["arm"] == arm]) for k in MEASURES}}
                      for arm in ARMS]
         default = next(r for r in long_rows if r["arm"] == "default")["heldout"]["mean"]
         result["long"] = {"n": args.long, "seeds": list(args.long_seeds), "rows": long_rows,
