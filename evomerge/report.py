@@ -237,9 +237,15 @@ def item_evaluations(trials: list[FrozenTrial], reduction: dict[str, Any] | None
     estimates), and their ``total``. The report's own scores (sources, held-out) are not
     counted."""
     full = reduction["full_items"] if reduction else 0
-    spent = {"calibration": reduction["calibration_models"] * full if reduction else 0,
+    spent = {"calibration": calibration_items(reduction),
              "search": sum(items_scored(t) for t in trials), "rescore": rescored * full}
     return {**spent, "total": sum(spent.values())}
+
+
+def calibration_items(reduction: dict[str, Any] | None) -> int:
+    """Item evaluations an IRT reduction's calibration spent before the search (its sources
+    and design merges, each on every search item); 0 without one."""
+    return reduction["calibration_models"] * reduction["full_items"] if reduction else 0
 
 
 def write_strategy_report(strategy: Strategy, run_dir: Path) -> None:

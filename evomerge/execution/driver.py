@@ -114,11 +114,11 @@ def _run_locked(plan: Plan, resume: bool, progress: bool,
     executor = make_executor(plan.experiment, plan.store_args)
     budget = plan.experiment.budget
     before = _previous_summary(run_dir) if resume else None
-    calibration = reduction["calibration_models"] * reduction["full_items"] if reduction else 0
     with report.progress_bar(budget, enabled=progress) as bar:
         try:
             strategy = _search(plan, store, executor, bar, on_trial, schedule,
-                               items_spent=calibration, say=lambda line: _say(progress, line))
+                               items_spent=report.calibration_items(reduction),
+                               say=lambda line: _say(progress, line))
         except RunOwnedError as exc:
             raise ExperimentError(str(exc)) from None
         finally:
