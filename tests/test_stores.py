@@ -32,6 +32,7 @@ from evomerge.store import (
     INTERRUPTED,
     OWNER,
     RESULT,
+    Slot,
     Store,
     check_heartbeat,
     decode_scores,
@@ -310,3 +311,41 @@ def test_processes_opening_one_fresh_sqlite_database_at_once_all_succeed(tmp_pat
         for k in range(3):
             path = str(tmp_path / f"fresh{k}.db")
             assert pool.map(_open_fresh, [path] * 6) == ["ok"] * 6
+
+
+# ---- parameters go in with the trial ------------------------------------------------------------
+
+
+def test_a_waiting_trial_has_its_parameters_and_the_claim_writes_none(url, study, monkeypatch):
+    """enqueue writes the candidate's parameters with the trial in one transaction: a WAITING
+    trial already shows them (read back through a fresh Optuna study), and pop's claim writes
+    no parameter (per-parameter writes were 0.06 s of every 40-parameter trial on SQLite)."""
+    store = Store(url, study, ["maximize"], [0.0] * 3, [1.0] * 3, param_names=["a", "b", "c"])
+    x = np.array([0.25, 0.5, 1.0])
+    store.enqueue(x, Slot(0, 0), {"merge_method": "linear"})
+    waiting = optuna.load_study(study_name=study, storage=store.storage).trials[0]
+    assert waiting.state == TrialState.WAITING and waiting.params == {"a": 0.25, "b": 0.5,
+                                                                      "c": 1.0}
+    writes = []
+    monkeypatch.setattr(type(store.storage), "set_trial_param",
+                        lambda self, *args: writes.append(args))
+    claim = store.pop()
+    assert writes == [] and claim.trial.params == waiting.params
+    assert store.finish(claim, [0.75])
+    done = optuna.load_study(study_name=study, storage=store.storage).trials[0]
+    assert done.state == TrialState.COMPLETE and done.params == waiting.params
+    assert x_of(done, store.names).tolist() == x.tolist()
+
+
+def test_a_trial_enqueued_without_parameters_gets_them_at_its_claim(tmp_path):
+    """A run enqueued by an older evomerge (parameters as Optuna's ``fixed_params``, set at the
+    claim) resumes: its waiting trial's parameters are written when a worker claims it."""
+    url = f"sqlite:///{tmp_path / 'study.db'}"
+    store = Store(url, "old", ["maximize"], [0.0] * 2, [1.0] * 2, param_names=["a", "b"])
+    store.study.enqueue_trial({"a": 0.1, "b": 0.9},
+                              user_attrs={"evomerge": {"generation": 0, "index": 0}})
+    assert store.study.trials[0].params == {}
+    claim = store.pop()
+    assert claim.trial.params == {"a": 0.1, "b": 0.9}
+    assert optuna.load_study(study_name="old", storage=url).trials[0].params == {"a": 0.1,
+                                                                                 "b": 0.9}
