@@ -541,8 +541,14 @@ def print_summary(summary: dict[str, Any], console: Any) -> None:
         caption.append(
             f"search (IRT estimate): the {reduced.get('estimator', 'IRT')} estimate from "
             f"{reduced.get('items_per_candidate', '?')} anchor items of "
-            f"{reduced.get('full_items', '?')}, what the search saw; search (full): every "
-            "search item; held-out: every held-out item.")
+            f"{reduced.get('full_items', '?')}; search (full): every search item; held-out: "
+            "every held-out item.")
+        full_n = reduced.get("scored_in_full")
+        if full_n is not None:
+            scored = summary["n_trials"] - summary["n_failed"]
+            caption.append(f"The search saw full scores for {full_n} of its {scored} candidates "
+                           "(warmup and racing) and estimates for the rest." if full_n else
+                           f"The search saw estimates for all its {scored} candidates.")
     spent = (summary.get("item_evaluations") or {}).get("total")
     if spent and (reduced or summary.get("budget_items")):
         cap = summary.get("budget_items")

@@ -134,7 +134,7 @@ def summary(reduced: bool) -> dict:
     if reduced:
         data["fitness_reduction"] = {
             "estimator": "gp-irt", "items_per_candidate": 20, "full_items": 60,
-            "best_search_full": {"add": 0.85, "sort": 0.75},
+            "best_search_full": {"add": 0.85, "sort": 0.75}, "scored_in_full": 3,
             "sources_search_full": {"s1": {"add": 0.45, "sort": 0.2}}}
     return data
 
@@ -158,7 +158,12 @@ def test_reduced_table_labels_the_estimate_and_adds_the_full_rescore():
     assert "0.4500" in source and "0.5000" in source
     caption = " ".join(text.split())
     assert "by its full re-score on all search items, among the 4 best by their IRT" in caption
-    assert "search (IRT estimate): the gp-irt estimate from 20 anchor items of 60" in caption
+    assert "search (IRT estimate): the gp-irt estimate from 20 anchor items of 60;" in caption
+    assert ("The search saw full scores for 3 of its 8 candidates (warmup and racing) and "
+            "estimates for the rest.") in caption
+    data = summary(reduced=True)
+    data["fitness_reduction"]["scored_in_full"] = 0  # no warmup, no racing: the old schedule
+    assert "The search saw estimates for all its 8 candidates." in " ".join(printed(data).split())
     assert "Best recipe: /r/best_recipe.yaml" in text and "Best model:  /r/best_model/" in text
 
 
