@@ -89,10 +89,7 @@ class Evaluator:
         (DFS) assembled by reference over the resident models."""
         if isinstance(recipe, LayerRecipe):
             return self._stack_for(recipe).build(recipe)
-        if isinstance(recipe, SegmentRecipe):  # an M2N2 weight-space member
-            build_into(recipe, self.merger, self.model)
-            return self.model
-        self.merger.build(recipe, into=self.model)
+        self._merge_into_model(recipe)
         return self.model
 
     def materialise(self, recipe: MergeRecipe | LayerRecipe
@@ -101,8 +98,7 @@ class Evaluator:
         base's (a layer stack's depth)."""
         if isinstance(recipe, LayerRecipe):
             return self._stack_for(recipe).materialise(recipe)
-        built = (build_into(recipe, self.merger, self.model) if isinstance(recipe, SegmentRecipe)
-                 else self.merger.build(recipe, into=self.model))
+        built = self._merge_into_model(recipe)
         # by the checkpoints' names (GPT-NeoX: embed_out, not the class's lm_head); a tied half
         # the checkpoints store anyway as the model holds it (the merged embeddings); tensors
         # the model does not keep (old buffers such as Pythia's attention masks) as the base
@@ -111,6 +107,12 @@ class Evaluator:
         base = self.merger.state(getattr(recipe, "base_model", None) or self.merger.paths[0])
         return {n: (built[n] if n in built else own[n] if n in own else base[n]).detach()
                 for n in self.merger.names}, {}
+
+    def _merge_into_model(self, recipe: MergeRecipe | SegmentRecipe) -> dict[str, torch.Tensor]:
+        """A weight-space merge written into the evaluator's model; the tensors it built."""
+        if isinstance(recipe, SegmentRecipe):  # an M2N2 weight-space member
+            return build_into(recipe, self.merger, self.model)
+        return self.merger.build(recipe, into=self.model)
 
     def _stack_for(self, recipe: LayerRecipe) -> LayerStack:
         """The layer stacker, with the recipe's ``merged`` models (PS+DFS) built once each."""
