@@ -40,7 +40,7 @@ load; completed runs under ``--out`` are reused. Needs the zoo: ``evomerge zoo b
 
 Usage::
 
-    python benchmarks/budget_curves.py --write-results    # 5 seeds x 3 arms + 600: ~50 min, 2 idle cores
+    python benchmarks/budget_curves.py --write-results    # 5 seeds x 3 arms + 3 at 600: ~65 min
     python benchmarks/budget_curves.py --budgets 24 48 --seeds 0 --long 0 --out /tmp/bc  # smoke
 """
 
@@ -395,7 +395,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--long", type=int, default=600,
                    help="also run every arm at this budget for --long-seeds (0: don't); the "
                         "shipped experiment's own budget, where the issue sets an absolute target")
-    p.add_argument("--long-seeds", type=int, nargs="+", default=[0])
+    p.add_argument("--long-seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--jobs", type=int, default=2, help="runs at a time")
     p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
     p.add_argument("--write-results", action="store_true",
