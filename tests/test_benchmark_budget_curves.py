@@ -1,7 +1,7 @@
 """benchmarks/budget_curves.py's arithmetic on hand-made curves: the targets compare the default
 with full evaluation seed by seed (mean difference and its standard error, worked by hand), full
-evaluation "at equal time" is its best found by the default's wall time, and a mean difference of
-exactly zero is a tie, not a win. (The runs themselves are the shipped experiment, measured by
+evaluation "at equal time" ("at equal items") is its best found by the default's wall time (item
+evaluations), and a mean difference of exactly zero is a tie, not a win. (The runs themselves are the shipped experiment, measured by
 the script; too long for a test.)"""
 
 from __future__ import annotations
@@ -17,21 +17,23 @@ import budget_curves
 
 
 def curve(arm: str, seed: int, heldout: list[float], wall: list[float],
-          records: list[tuple[float, float]] = ()) -> dict:
+          records: list[tuple[float, float]] = (), items: list[int] = (0, 0)) -> dict:
+    """Full evaluation's records: (wall s, held-out); each record's candidate costs 100 items."""
     return {"arm": arm, "seed": seed,
-            "points": [{"n": n, "heldout": h, "wall_s": w}
-                       for n, h, w in zip((50, 100), heldout, wall)],
-            "records": [{"wall_s": w, "heldout": h} for w, h in records]}
+            "points": [{"n": n, "heldout": h, "wall_s": w, "items": i}
+                       for n, h, w, i in zip((50, 100), heldout, wall, items)],
+            "records": [{"wall_s": w, "heldout": h, "items": 100 * (k + 1)}
+                        for k, (w, h) in enumerate(records)]}
 
 
 def test_targets_are_same_seed_differences_with_their_standard_error():
     curves = [
         # seed 0: full found 0.50 at 10 s, 0.58 at 60 s, 0.61 at 95 s
         curve("full", 0, [0.58, 0.61], [60, 95], [(10, 0.50), (60, 0.58), (95, 0.61)]),
-        curve("default", 0, [0.60, 0.60], [40, 70]),
+        curve("default", 0, [0.60, 0.60], [40, 70], items=[250, 300]),
         # seed 1: full found 0.55 at 20 s, 0.62 at 90 s
         curve("full", 1, [0.55, 0.62], [45, 90], [(20, 0.55), (90, 0.62)]),
-        curve("default", 1, [0.55, 0.63], [50, 80]),
+        curve("default", 1, [0.55, 0.63], [50, 80], items=[150, 200]),
     ]
     first, second = budget_curves.targets(curves, [50, 100])
     # equal candidates at 50: differences +0.02 and 0.00 -> mean 0.01, std 0.0141, se 0.01
@@ -43,6 +45,11 @@ def test_targets_are_same_seed_differences_with_their_standard_error():
     assert second["equal_candidates"] == pytest.approx(0.0)
     assert second["equal_time"] == pytest.approx(((0.60 - 0.58) + (0.63 - 0.55)) / 2)
     assert first["equal_candidates_ok"] and first["equal_time_ok"]
+    # equal items at 50: full's 2nd record (200 items) by 250 items (seed 0: 0.58), its 1st
+    # (100 items) by 150 (seed 1: 0.55); at 100: 3rd record by 300 (0.61), 2nd by 200 (0.62)
+    assert first["equal_items"] == pytest.approx(((0.60 - 0.58) + (0.55 - 0.55)) / 2)
+    assert second["equal_items"] == pytest.approx(((0.60 - 0.61) + (0.63 - 0.62)) / 2)
+    assert second["equal_items_se"] == pytest.approx(np.std([-0.01, 0.01], ddof=1) / np.sqrt(2))
 
 
 def test_a_mean_difference_of_exactly_zero_is_a_tie():
@@ -54,8 +61,10 @@ def test_a_mean_difference_of_exactly_zero_is_a_tie():
     assert not tie["equal_time_ok"] and tie["equal_candidates_ok"]
 
 
-def test_equal_time_is_full_evaluations_first_best_when_it_had_found_nothing_yet():
+def test_full_at_equal_time_or_items_is_its_first_best_when_it_had_found_nothing_yet():
     full = curve("full", 0, [0.5, 0.6], [30, 60], [(30, 0.5), (60, 0.6)])
-    assert budget_curves.equal_time(full, 10) == 0.5  # generous to full evaluation
-    assert budget_curves.equal_time(full, 59.9) == 0.5
-    assert budget_curves.equal_time(full, 60) == 0.6
+    assert budget_curves.full_at(full, "wall_s", 10) == 0.5  # generous to full evaluation
+    assert budget_curves.full_at(full, "wall_s", 59.9) == 0.5
+    assert budget_curves.full_at(full, "wall_s", 60) == 0.6
+    assert budget_curves.full_at(full, "items", 199) == 0.5
+    assert budget_curves.full_at(full, "items", 200) == 0.6
