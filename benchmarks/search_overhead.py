@@ -19,7 +19,7 @@ three loops evaluate the same number ``n`` of candidates:
   "space" decodes ``x`` into a real 50-number task-arithmetic ``MergeRecipe`` (two sources, a
   25-value weight gradient each), and the "evaluator" reads ``x`` back from that recipe and
   returns the objective, its timings and a 64-item 0/1 score vector (as a real fitness does).
-  Every trial is enqueued, popped (params written) and finished through ``Store``.
+  Every trial is enqueued (params written with it), popped and finished through ``Store``.
 
 ``ratio_vs_bare_optuna = evomerge_ms_per_trial / bare_optuna_ms_per_trial``; the issue's target is
 <= 1.10 on every storage. Timed: the loops only (study/Store creation excluded on both sides).
