@@ -85,7 +85,8 @@ def write_provenance(run_dir: Path, experiment: Experiment, *, resumed: bool) ->
 class LogLines:
     """Progress as plain lines on stdout, for logs: one at the start, then at most one per
     ``interval`` seconds (a step that changed nothing is repeated only when ``interval`` > 0,
-    as a heartbeat), and the last step always, e.g.
+    as a heartbeat), and the last step always, again when its best changed (the driver learns
+    the last generation's best after its last trial was counted), e.g.
     ``[02:14:07] trials 40/600, best acc 0.5120, 12.3 s/trial, elapsed 00:08:13, ETA 01:55:10``.
     The rate counts only the steps done since this object was made (a resumed run's replayed
     trials took no time now)."""
@@ -99,6 +100,7 @@ class LogLines:
         self.started = clock()
         self.first: int | None = None  # steps done at the first update
         self.shown: int | None = None  # steps done at the last line
+        self.shown_best: str | None = None  # and its best
         self.last = -float("inf")
 
     def update(self, done: int, best: str | None = None) -> None:
@@ -106,9 +108,9 @@ class LogLines:
         if self.first is None:
             self.first = done
         due = now - self.last >= self.interval and (done != self.shown or self.interval > 0)
-        if due or (done >= self.total and done != self.shown):
+        if due or (done >= self.total and (done, best) != (self.shown, self.shown_best)):
             print(self.line(done, best, now), file=sys.stdout, flush=True)
-            self.shown, self.last = done, now
+            self.shown, self.shown_best, self.last = done, best, now
 
     def line(self, done: int, best: str | None, now: float) -> str:
         parts = [f"[{time.strftime('%H:%M:%S')}] {self.label} {done}/{self.total}"]

@@ -59,6 +59,21 @@ def test_interval_zero_gives_a_line_per_change_and_no_repeats(capsys):
         "trials 0/3", "trials 1/3", "trials 2/3", "trials 3/3"]
 
 
+def test_the_last_step_is_shown_again_when_its_best_changed(capsys):
+    """The driver counts the last generation's trials as they finish and learns their best when
+    the generation is complete: the final line must not keep the best from before it."""
+    clock = Clock()
+    log = LogLines("trials", 36, interval=30, clock=clock)
+    log.update(0, "-")
+    clock.now = 20
+    log.update(36, "mean_acc 0.5542 full, 0.4878 est")
+    log.update(36, "mean_acc 0.5625 full, 0.4878 est")
+    log.update(36, "mean_acc 0.5625 full, 0.4878 est")
+    out = lines_of(capsys)
+    assert [line.split(", best ")[1].split(",")[0] if ", best " in line else "-"
+            for line in out] == ["-", "mean_acc 0.5542 full", "mean_acc 0.5625 full"]
+
+
 def test_the_rate_counts_only_steps_done_now(capsys):
     """A resumed run starts at its replayed trials: they took no time in this process."""
     clock = Clock()
