@@ -337,6 +337,21 @@ def test_a_waiting_trial_has_its_parameters_and_the_claim_writes_none(url, study
     assert x_of(done, store.names).tolist() == x.tolist()
 
 
+def test_a_point_past_the_bounds_is_stored_as_proposed_not_refused(tmp_path):
+    """A strategy's float overshoot past a bound is no param of the distribution: it is
+    enqueued as fixed params, claimed, and its value kept (Optuna warns), as before."""
+    url = f"sqlite:///{tmp_path / 'study.db'}"
+    store = Store(url, "past", ["maximize"], [0.0] * 2, [1.0] * 2, param_names=["a", "b"])
+    x = np.array([0.5, 1.0 + 1e-12])
+    store.enqueue(x, Slot(0, 0), {"merge_method": "linear"})
+    with pytest.warns(UserWarning, match="out of range"):
+        claim = store.pop()
+    assert claim.trial.params == {"a": 0.5, "b": 1.0 + 1e-12}
+    assert store.finish(claim, [0.5])
+    done = optuna.load_study(study_name="past", storage=url).trials[0]
+    assert x_of(done, store.names).tolist() == x.tolist()
+
+
 def test_a_trial_enqueued_without_parameters_gets_them_at_its_claim(tmp_path):
     """A run enqueued by an older evomerge (parameters as Optuna's ``fixed_params``, set at the
     claim) resumes: its waiting trial's parameters are written when a worker claims it."""
