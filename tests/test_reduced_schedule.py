@@ -316,13 +316,13 @@ def test_a_resumed_run_evaluates_no_slot_twice_and_replays_the_schedule(learning
     run_experiment(Experiment.from_run_dir(tmp_path / "part", budget=16), resume=True,
                    progress=False)
 
-    whole, part = trials_of(whole), trials_of(tmp_path / "part")
+    reference, part = trials_of(whole), trials_of(tmp_path / "part")
     assert len(part) == 16  # each slot once
     assert counts["calibration"] == 0
     resumed = [t for t in part if t.user_attrs[META]["generation"] >= 2]
     assert counts["trial"] == sum(sum(v["n"] for v in t.user_attrs[RESULT]["item_scores"]
                                       .values()) for t in resumed)
-    for a, b in zip(whole, part):
+    for a, b in zip(reference, part):
         assert a.values == b.values
         assert a.user_attrs[META]["fidelity"] == b.user_attrs[META]["fidelity"]
         assert a.user_attrs[RESULT].get("fidelity") == b.user_attrs[RESULT].get("fidelity")
@@ -342,16 +342,16 @@ def test_budget_items_ends_the_run_at_the_first_generation_that_reaches_it(learn
 
     calibration = json.loads((whole / "summary.json").read_text())[
         "item_evaluations"]["calibration"]
-    whole = trials_of(whole)
+    uncapped = trials_of(whole)
     assert calibration == 2 * 2 * 16  # two sources on 2 x 16 items
-    cap = calibration + sum(items_scored(t) for t in whole[:8])
+    cap = calibration + sum(items_scored(t) for t in uncapped[:8])
 
     capped = evomerge.run(experiment(learning_zoo, tmp_path / "capped", budget=16,
                                      budget_items=cap))
     assert capped.n_trials == 8 and capped.budget_items == cap
     spent = capped.item_evaluations
     assert spent["calibration"] + spent["search"] == cap
-    for a, b in zip(whole, trials_of(tmp_path / "capped")):
+    for a, b in zip(uncapped, trials_of(tmp_path / "capped")):
         assert a.values == b.values
 
     counts = count_items(monkeypatch)  # a resume replays the stop: nothing is evaluated
@@ -364,5 +364,5 @@ def test_budget_items_ends_the_run_at_the_first_generation_that_reaches_it(learn
                    resume=True, progress=False)
     resumed = trials_of(tmp_path / "capped")
     assert len(resumed) == 12
-    for a, b in zip(whole, resumed):
+    for a, b in zip(uncapped, resumed):
         assert a.values == b.values
