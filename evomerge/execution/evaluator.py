@@ -135,7 +135,8 @@ class Evaluator:
                  fidelity: Mapping[str, Any] | None = None
                  ) -> tuple[EvalResult, dict[str, float]]:
         """Build and score ``recipe``; on ``search``, at the trial's ``fidelity``
-        (:meth:`search_fitness`; a reduction's ``race`` thresholds go to its evaluate)."""
+        (:meth:`search_fitness`; a reduction's ``race`` and ``race_full`` thresholds go to its
+        evaluate)."""
         started = time.perf_counter()
         model = self.build(recipe)
         built = time.perf_counter()
@@ -143,9 +144,8 @@ class Evaluator:
             result = self.inner.evaluate(model, split)
         else:
             fitness = self.search_fitness(fidelity)
-            race = (fidelity or {}).get("race")
-            result = (fitness.evaluate(model, split, race=race) if race is not None
-                      else fitness.evaluate(model, split))
+            racing = {k: v for k, v in (fidelity or {}).items() if k in ("race", "race_full")}
+            result = fitness.evaluate(model, split, **racing)
         return result, {"build_s": built - started, "eval_s": time.perf_counter() - built}
 
     def evaluate_source(self, path: str, split: str = "search") -> EvalResult:

@@ -13,15 +13,20 @@ How a reduced run spends its evaluations (:class:`Schedule`, the block's fields 
    use.
 3. Every later candidate is scored on the fitted anchors; when its estimate comes within the
    racing margin of the best full score of the earlier generations, or reaches the previous
-   generation's median score, on the remaining items too (racing): the strategy ranks the
-   better half of a generation (a population strategy's parents) and the final pick the
-   contenders by exact scores, and each raced candidate measures the estimator's error (the
-   ``auto`` margin) and adds a row.
+   generation's median score, on a fixed random half of the remaining items too (racing), and
+   when the estimate from those (``race_stages: 2``; with 1, straight to every item) comes
+   within the second stage's own margin of the best full score, on the other half: the
+   strategy ranks the better half of a generation (a population strategy's parents) by close
+   estimates or exact scores and the final pick the contenders by exact scores. Each stage's
+   error is measured on the candidates that went further (the anchors' against the half's
+   estimate or the full score, the half's against the full score: the ``auto`` margins), and
+   each candidate scored in full adds a row.
 4. The IRT model is refit on all rows scored in full whenever they grew by ``refit``.
 
 Every decision is made between generations from finished trials only, and written into each
 trial when it is enqueued (``meta["fidelity"]``: ``{"full": true}``, or ``{"reduction": KEY,
-"race": {objective: threshold}}``), so any executor's workers follow it (they read fit KEY from
+"race": {objective: threshold}, "race_full": {objective: threshold}}``), so any executor's
+workers follow it (they read fit KEY from
 ``RUN_DIR/irt/fit-KEY.json``: :class:`Reductions`), and a resumed run replays the same
 decisions from the store. The latest fit is also written to ``RUN_DIR/irt/reduction.json``.
 Held-out scores at the end of a run are always full evaluations.
@@ -114,7 +119,7 @@ def calibrate_run(plan: Plan, new_evaluator: Callable[[], Evaluator], *, progres
                         rows, len(experiment.models.sources))
     facts = {"estimator": spec.estimator, "anchors_per_task": spec.anchors,
              "design_merges": spec.design, "design": design, "warmup": spec.warmup,
-             "race": spec.race, "refit": spec.refit,
+             "race": spec.race, "race_stages": spec.race_stages, "refit": spec.refit,
              "calibration_models": len(experiment.models.sources) + spec.design,
              "full_items": sum(np.shape(y)[1] for y in rows.values()),
              "rescore": spec.rescore}
@@ -161,7 +166,10 @@ class Schedule:
         self.reduction: Reduction | None = None
         self.fits: list[dict[str, Any]] = []  # after which generation, on how many rows
         self.best: dict[str, float] = {}  # best full score per objective
+        # estimate - better score, per racing stage: the anchors' (against the half's estimate
+        # or the full score) and the racing half's (against the full score)
         self.errors: dict[str, list[float]] = {o.name: [] for o in self.objectives}
+        self.errors_half: dict[str, list[float]] = {o.name: [] for o in self.objectives}
         self.median: dict[str, float] = {}  # the last generation's, exact or estimated
         self.generations = 0
         if spec.warmup == 0:
@@ -176,16 +184,25 @@ class Schedule:
         if self.spec.race is not None and self.best:
             out["race"] = race_thresholds(self.best, self.errors, self.spec.race,
                                           self.objectives, self.median)
+            if self.spec.race_stages == 2:
+                out["race_full"] = race_thresholds(self.best, self.errors_half, self.spec.race,
+                                                   self.objectives)
         return out
 
     def observe(self, trials: Sequence[FrozenTrial]) -> None:
-        """A finished generation (slot order): its full scores (best, estimator error, rows)
-        and its median score (exact and estimated alike: the next racing threshold), then a fit
-        when the warmup ends or the rows grew by ``refit``."""
+        """A finished generation (slot order): its full scores (best, each racing stage's
+        error, rows) and its median score (exact and estimated alike: the next racing
+        threshold), then a fit when the warmup ends or the rows grew by ``refit``."""
         for t in trials:
-            if t.state != TrialState.COMPLETE or not scored_in_full(t, reduced=True):
+            if t.state != TrialState.COMPLETE:
                 continue
             result = t.user_attrs.get(RESULT, {})
+            half = result.get("estimate_half")
+            if not scored_in_full(t, reduced=True):
+                if half is not None and "estimate" in result:  # raced, stopped after half
+                    for o in self.objectives:
+                        self.errors[o.name].append(result["estimate"][o.name] - half[o.name])
+                continue
             scores = {task: decode_scores(v) for task, v in result.get("item_scores", {}).items()}
             if set(scores) == set(self._rows):
                 for task, row in scores.items():
@@ -195,6 +212,8 @@ class Schedule:
                 self.best[o.name] = better(self.best.get(o.name, value), value)
                 if "estimate" in result:
                     self.errors[o.name].append(result["estimate"][o.name] - value)
+                if half is not None:
+                    self.errors_half[o.name].append(half[o.name] - value)
         values = [t.values for t in trials if t.state == TrialState.COMPLETE]
         if values:
             self.median = {o.name: float(np.median([v[k] for v in values]))

@@ -36,9 +36,9 @@ from evomerge.fitness.irt import ESTIMATORS, Reduction, estimate
 from evomerge.recipe import MergeRecipe
 
 __all__ = ["RACE_PRIOR", "RACE_WINDOW", "ReducedFitness", "ReducedSpec", "SubsetFitness",
-           "cached_responses", "calibrate", "calibration_design", "check_reducible", "fit_reduction",
-           "fit_settings",
-           "local_design", "promising", "race_margin", "race_thresholds", "random_merges",
+           "cached_responses", "calibrate", "calibration_design", "check_reducible",
+           "extrapolate", "fit_reduction", "fit_settings", "in_item_order", "local_design",
+           "promising", "race_margin", "race_thresholds", "racing_half", "random_merges",
            "response_matrix", "source_recipe", "uniform_design", "validate"]
 
 #: Scores recipes on the full search items: one ``{task: per-item scores}`` per recipe, in order.
@@ -90,6 +90,13 @@ class ReducedSpec:
       twice the estimator's measured error (root mean square of estimate minus full score over
       the last :data:`RACE_WINDOW` raced candidates; :data:`RACE_PRIOR` until 5 were). None:
       never (every candidate keeps its estimate).
+    - race_stages: 2 races in two steps: a raced candidate is first scored on a fixed random
+      half of the remaining items (:meth:`ReducedFitness.evaluate`), which estimates its score
+      with a fraction of the anchors' error; only when that estimate too comes within the
+      margin of the best full score (measured for this stage alone; the median does not count
+      here) is it scored on the other half. The strategy ranks the better half of a
+      generation by these close estimates, and full scores go to the final pick's contenders.
+      1: straight from the anchors to every item.
     - refit: refit the IRT model, on every row scored in full so far, whenever the rows grew by
       this factor since the last fit. None: fit once.
     - rescore: at the end, score this many best estimates that were not scored in full on
@@ -98,7 +105,7 @@ class ReducedSpec:
     None means "chosen for the strategy" (:meth:`resolved`): a strategy that selects per item
     (M2N2) needs the same anchors for the whole run, so it keeps one calibration before the
     search (warmup 0, 40 design merges, no racing, no refit, rescore 8); every other strategy
-    gets warmup 1, no design, racing ``auto``, refit 1.5 and no rescore.
+    gets warmup 1, no design, racing ``auto`` in 2 stages, refit 1.5 and no rescore.
     """
 
     estimator: str = "gp-irt"
@@ -110,6 +117,7 @@ class ReducedSpec:
     rescore: int | None = None
     warmup: int | None = None
     race: float | str | None = None
+    race_stages: int | None = None
     refit: float | None = None
 
     def __post_init__(self) -> None:
@@ -118,15 +126,18 @@ class ReducedSpec:
             raise ValueError(f"{where}.estimator: unknown {self.estimator!r}; "
                              f"known: {', '.join(ESTIMATORS)}")
         for name, low in (("anchors", 1), ("design", 0), ("dim", 1), ("rescore", 0),
-                          ("warmup", 0)):
+                          ("warmup", 0), ("race_stages", 1)):
             value = getattr(self, name)
-            if value is None and name in ("design", "rescore", "warmup"):
+            if value is None and name in ("design", "rescore", "warmup", "race_stages"):
                 continue
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
                 raise ValueError(f"{where}.{name}: expected an integer >= {low}, got {value!r}")
         if self.features not in ("irt", "correctness"):
             raise ValueError(f"{where}.features: expected 'irt' or 'correctness', "
                              f"got {self.features!r}")
+        if self.race_stages is not None and self.race_stages > 2:
+            raise ValueError(f"{where}.race_stages: expected 1 (anchors, then every item) or 2 "
+                             f"(anchors, half the other items, the rest), got {self.race_stages}")
         race = self.race
         if not (race is None or race is False or race == "auto" or (
                 isinstance(race, (int, float)) and not isinstance(race, bool) and race >= 0)):
@@ -158,6 +169,8 @@ class ReducedSpec:
         if item_selecting:
             bad = [f"{k}: {v}" for k, v in (("warmup", self.warmup), ("race", self.race),
                                              ("refit", self.refit)) if v not in (*off, 0)]
+            if self.race_stages not in (None, 1):
+                bad.append(f"race_stages: {self.race_stages}")
             if bad:
                 raise ValueError(
                     f"fitness.reduced: {', '.join(bad)}: a strategy that selects per item "
@@ -170,9 +183,11 @@ class ReducedSpec:
             refit = 1.5 if self.refit is None else (None if self.refit is False else self.refit)
         design = (40 if warmup == 0 else 0) if self.design is None else self.design
         rescore = (0 if race is not None else 8) if self.rescore is None else self.rescore
+        stages = (2 if race is not None else 1) if self.race_stages is None else \
+            self.race_stages
         # replace validates the new spec: warmup 0 with design 0 is refused here too
         return replace(self, warmup=warmup, race=race, refit=refit, design=design,
-                       rescore=rescore)
+                       rescore=rescore, race_stages=stages)
 
 
 def check_reducible(fitness: Any, name: str | None = None) -> None:
@@ -194,8 +209,9 @@ def check_reducible(fitness: Any, name: str | None = None) -> None:
 class ReducedFitness(Fitness):
     """``inner`` scored on the reduction's anchors during search, in full on ``heldout``.
 
-    The returned ``item_scores`` on ``search`` are the anchor answers (per task, in ascending
-    item order), so everything downstream that reads per-item scores sees what was evaluated.
+    The returned ``item_scores`` on ``search`` are the answers to the items evaluated (per
+    task, in ascending item order: the anchors, the anchors and the racing half, or every item),
+    so everything downstream that reads per-item scores sees what was evaluated.
     """
 
     def __init__(self, inner: SubsetFitness, reduction: Reduction, estimator: str) -> None:
@@ -216,6 +232,8 @@ class ReducedFitness(Fitness):
         self.objectives = list(inner.objectives)
         self._anchors = reduction.anchor_items()
         self._rest = {t: np.setdiff1d(np.arange(sizes[t]), a) for t, a in self._anchors.items()}
+        self._half = {t: racing_half(t, rest) for t, rest in self._rest.items()}
+        self._other = {t: np.setdiff1d(rest, self._half[t]) for t, rest in self._rest.items()}
 
     def new_model(self) -> torch.nn.Module:
         return self.inner.new_model()
@@ -231,34 +249,67 @@ class ReducedFitness(Fitness):
         return self.reduction.estimate(self.estimator, anchor_scores)
 
     def evaluate(self, model: torch.nn.Module, split: str = "search", *,
-                 race: Mapping[str, float] | None = None) -> EvalResult:
-        """On ``search``: the anchors' answers and the estimate; with ``race`` (objective ->
+                 race: Mapping[str, float] | None = None,
+                 race_full: Mapping[str, float] | None = None) -> EvalResult:
+        """On ``search``: the anchors' answers and the estimate. With ``race`` (objective ->
         threshold, from :func:`race_thresholds`), a candidate whose estimate reaches a
         threshold is scored on the remaining items too and gets its exact score and full item
-        rows. ``info`` says which (``fidelity``: ``anchors`` or ``full``) and holds the
-        estimate, so a driver can measure the estimator's error on the raced candidates."""
+        rows; with ``race_full`` as well, it is first scored on the racing half of them
+        (:func:`racing_half`) and goes on to the other half only when the estimate from the
+        anchors and that half (:func:`extrapolate`) reaches a ``race_full`` threshold.
+        ``info`` says which (``fidelity``: ``anchors``, ``half`` or ``full``) and holds the
+        estimates (``estimate``, ``estimate_half``), so a driver can measure each stage's
+        error on the candidates that went further."""
         if split != "search":
             return self.inner.evaluate(model, split)
-        result = self.inner.evaluate(model, split, items=self._anchors)
-        estimate = self.inner.objectives_from_task_scores(self.estimate(result.item_scores))
+        anchors = self.inner.evaluate(model, split, items=self._anchors).item_scores
+        estimate = self.inner.objectives_from_task_scores(self.estimate(anchors))
         info: dict[str, Any] = {"fidelity": "anchors", "estimate": estimate}
         if race is None or not promising(estimate, race, self.objectives):
-            return EvalResult(estimate, result.item_scores, info)
-        rest = self.inner.evaluate(model, split, items=self._rest)
-        rows = {t: _interleave(self._anchors[t], result.item_scores[t], self._rest[t],
-                               rest.item_scores[t]) for t in self._anchors}
+            return EvalResult(estimate, anchors, info)
+        parts = {t: [(self._anchors[t], a)] for t, a in anchors.items()}
+        stages = [self._rest] if race_full is None else [self._half, self._other]
+        for i, items in enumerate(stages):
+            answers = self.inner.evaluate(model, split, items=items).item_scores
+            for t in parts:
+                parts[t].append((items[t], answers[t]))
+            if i == 0 and race_full is not None:
+                half = self.inner.objectives_from_task_scores(
+                    {t: extrapolate(p, len(self._other[t])) for t, p in parts.items()})
+                info["estimate_half"] = half
+                if not promising(half, race_full, self.objectives):
+                    return EvalResult(half, {t: in_item_order(p) for t, p in parts.items()},
+                                      {**info, "fidelity": "half"})
+        rows = {t: in_item_order(p) for t, p in parts.items()}
         exact = self.inner.objectives_from_task_scores({t: float(r.mean()) for t, r in rows.items()})
         return EvalResult(exact, rows, {**info, "fidelity": "full"})
 
 
-def _interleave(anchors: np.ndarray, answers: np.ndarray, rest: np.ndarray,
-                more: np.ndarray) -> np.ndarray:
-    """One task's full row (item order) from the anchors' and the other items' answers
-    (each in ascending item order, as the inner fitness returns them)."""
-    row = np.empty(len(anchors) + len(rest))
-    row[np.sort(anchors)] = answers
-    row[rest] = more
-    return row
+def racing_half(task: str, rest: np.ndarray) -> np.ndarray:
+    """A task's racing half: half (rounded up) of its non-anchor items ``rest``, drawn at random
+    with a seed from the task's name, so every worker draws the same half of the same items.
+    Random, so that its mean answer estimates the other half's without bias."""
+    seed = int.from_bytes(hashlib.sha256(task.encode()).digest()[:8], "little")
+    rng = np.random.default_rng(seed)
+    return np.sort(rng.choice(rest, size=(len(rest) + 1) // 2, replace=False))
+
+
+def extrapolate(parts: Sequence[tuple[np.ndarray, np.ndarray]], unseen: int) -> float:
+    """A task's score estimated from ``parts`` (item indices, their answers), the last of them a
+    random sample of the items not in the others, when ``unseen`` items were not scored: the
+    answers given, plus the sample's mean answer for each unseen item, over all items."""
+    given = sum(float(np.sum(a)) for _, a in parts)
+    total = sum(len(i) for i, _ in parts) + unseen
+    sample = parts[-1][1]
+    return (given + unseen * (float(np.mean(sample)) if len(sample) else 0.0)) / total
+
+
+def in_item_order(parts: Sequence[tuple[np.ndarray, np.ndarray]]) -> np.ndarray:
+    """One task's answers in ascending item order, from ``parts`` (item indices, their answers
+    in ascending item order, as the inner fitness returns them)."""
+    items = np.concatenate([np.sort(np.asarray(i)) for i, _ in parts])
+    answers = np.concatenate([np.asarray(a, dtype=float) for _, a in parts])
+    return answers[np.argsort(items, kind="stable")]
 
 
 def promising(estimate: Mapping[str, float], thresholds: Mapping[str, float],
