@@ -11,7 +11,7 @@ experts: CMA-ES over 40 DARE-TIES coefficients, popsize 12), run as a user runs 
   the IRT model once, every candidate is scored on 60 anchor items, the 8 best estimates are
   re-scored in full at the end;
 * ``default``: the shipped experiment, with ``fitness.reduced``'s defaults (warmup 1, racing
-  ``auto``, refit 1.5; see ``evomerge.execution.reduction``).
+  ``auto`` in 2 stages, refit 1.5; see ``evomerge.execution.reduction``).
 
 A run's candidates come in a fixed order that does not depend on the budget (CMA-ES's
 generations; a racing threshold and a refit use earlier generations only), so the run with the
@@ -354,8 +354,10 @@ def markdown(result: dict[str, Any]) -> str:
              "every candidate on all 1,200 search items; "
              "`fixed`: the reduction shipped before (sources + 40 random merges calibrate "
              "once, 60 anchors per candidate, top 8 re-scored); `default`: warmup generation "
-             "in full, then anchors, raced to every item when the estimate reaches the previous "
-             "generation's median or comes near the best full score, refits."), "",
+             "in full, then anchors, raced to a random half of the other items when the "
+             "estimate reaches the previous generation's median or comes near the best full "
+             "score, and to the rest when the estimate from those still comes near it; "
+             "refits."), "",
              (f"Held-out, {TOP} best: the mean held-out score of the arm's {TOP} best "
              "candidates by full search score (its pick among them), a measure of how good the "
              "search's best region is with less of the single pick's judging noise (1,200 "

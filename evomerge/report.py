@@ -369,6 +369,8 @@ def finish_run(plan: Plan, store: Store, evaluator: Evaluator, *, wall_s: float,
             "best_search_estimate": estimate if estimate is not None or scored_in_full(
                 best, reduced=True) else dict(zip(names, best.values)),
             "scored_in_full": sum(scored_in_full(t, reduced=True) for t in complete),
+            "scored_on_half": sum(t.user_attrs.get(RESULT, {}).get("fidelity") == "half"
+                                  for t in complete),
             "sources_search_full": sources_full, "rescored": rescored}
     write_atomic(run_dir / SUMMARY, json.dumps(summary, indent=2))
     plots = plot_run(run_dir, complete, pareto, objectives, sources, best=best,
@@ -548,8 +550,12 @@ def print_summary(summary: dict[str, Any], console: Any) -> None:
         full_n = reduced.get("scored_in_full")
         if full_n is not None:
             scored = summary["n_trials"] - summary["n_failed"]
+            half_n = reduced.get("scored_on_half") or 0
+            half = (f", estimates from the anchors and half the other items for {half_n}"
+                    if half_n else "")
             caption.append(f"The search saw full scores for {full_n} of its {scored} candidates "
-                           "(warmup and racing) and estimates for the rest." if full_n else
+                           f"(warmup and racing){half} and anchor estimates for the rest."
+                           if full_n else
                            f"The search saw estimates for all its {scored} candidates.")
     spent = (summary.get("item_evaluations") or {}).get("total")
     if spent and (reduced or summary.get("budget_items")):

@@ -19,9 +19,12 @@ from evomerge.fitness.reduced import (
     RACE_PRIOR,
     ReducedFitness,
     ReducedSpec,
+    extrapolate,
+    in_item_order,
     promising,
     race_margin,
     race_thresholds,
+    racing_half,
 )
 from evomerge.store import META, RESULT, encode_scores, scored_in_full
 
@@ -66,14 +69,21 @@ def test_spec_defaults_depend_on_whether_the_strategy_selects_per_item():
     m2n2 = spec.resolved(item_selecting=True)
     assert (m2n2.warmup, m2n2.design, m2n2.race, m2n2.refit, m2n2.rescore) == (
         0, 40, None, None, 8)
+    assert spec.resolved().race_stages == 2 and m2n2.race_stages == 1
+    assert ReducedSpec(race_stages=1).resolved().race_stages == 1
     off = ReducedSpec(race=False, refit=False).resolved()
     assert (off.race, off.refit, off.rescore) == (None, None, 8)  # estimates: the guard is on
+    assert off.race_stages == 1
+    with pytest.raises(ValueError, match=r"race_stages: 2.*selects per item"):
+        ReducedSpec(race_stages=2).resolved(item_selecting=True)
     with pytest.raises(ValueError, match=r"warmup: 1, refit: 2.*selects per item"):
         ReducedSpec(warmup=1, refit=2.0).resolved(item_selecting=True)
     with pytest.raises(ValueError, match="nothing to fit"):
         ReducedSpec(warmup=0, design=0)
     for bad, match in (({"race": -0.1}, "race"), ({"race": "fast"}, "race"),
-                       ({"refit": 1.0}, "refit"), ({"warmup": -1}, "warmup")):
+                       ({"refit": 1.0}, "refit"), ({"warmup": -1}, "warmup"),
+                       ({"race_stages": 0}, "race_stages"), ({"race_stages": 3}, "race_stages"),
+                       ({"race_stages": True}, "race_stages")):
         with pytest.raises(ValueError, match=match):
             ReducedSpec.from_dict(bad)
 
@@ -137,6 +147,69 @@ def test_a_raced_candidate_gets_its_exact_score_and_full_rows():
     assert [sorted(c["a"]) for c in inner.calls] == [[1, 4], [0, 2, 3, 5]]
 
 
+def test_racing_in_two_stages_scores_a_fixed_random_half_then_the_other_half():
+    a = np.array([1, 0, 1, 1, 0, 1, 1, 0, 1, 1, 1, 0], float)
+    b = np.array([0, 0, 1, 1, 1, 0, 1, 1], float)
+    red = reduction_for({"a": [1, 4], "b": [2]}, {"a": 12, "b": 8})
+    inner = Table({"a": a, "b": b})
+    fitness = ReducedFitness(inner, red, "gp-irt")
+    estimate = fitness.evaluate(None).objectives["acc"]
+    half = {t: racing_half(t, np.setdiff1d(np.arange(len(v)), anchors))
+            for (t, v), anchors in zip({"a": a, "b": b}.items(), ([1, 4], [2]))}
+    assert [len(h) for h in half.values()] == [5, 4]  # of 10 and 7 non-anchor items, rounded up
+    # the same half on every call and every worker: drawn from the task's name
+    np.testing.assert_array_equal(fitness._half["a"], half["a"])
+
+    # the estimate from the anchors and the half: what was answered, plus the half's mean
+    # answer for each of the other items
+    def by_hand(table, anchors, h):
+        other = len(table) - len(anchors) - len(h)
+        return (table[anchors].sum() + table[h].sum() + other * table[h].mean()) / len(table)
+
+    from_half = (by_hand(a, [1, 4], half["a"]) + by_hand(b, [2], half["b"])) / 2
+    inner.calls.clear()
+    stopped = fitness.evaluate(None, race={"acc": estimate}, race_full={"acc": from_half + 0.01})
+    assert stopped.info == {"fidelity": "half", "estimate": {"acc": estimate},
+                            "estimate_half": {"acc": pytest.approx(from_half)}}
+    assert stopped.objectives["acc"] == pytest.approx(from_half)
+    seen = {"a": np.union1d([1, 4], half["a"]), "b": np.union1d([2], half["b"])}
+    for task, table in (("a", a), ("b", b)):  # the answers given, in item order
+        np.testing.assert_array_equal(stopped.item_scores[task], table[seen[task]])
+    assert [sorted(c["a"]) for c in inner.calls] == [[1, 4], sorted(half["a"])]
+
+    inner.calls.clear()
+    raced = fitness.evaluate(None, race={"acc": estimate}, race_full={"acc": from_half})
+    assert raced.info["fidelity"] == "full"
+    assert raced.objectives["acc"] == pytest.approx((a.mean() + b.mean()) / 2)
+    np.testing.assert_array_equal(raced.item_scores["a"], a)
+    np.testing.assert_array_equal(raced.item_scores["b"], b)
+    # every item scored once: anchors, the half, the other half
+    calls = [sorted(c["a"]) for c in inner.calls]
+    assert calls[:2] == [[1, 4], sorted(half["a"])]
+    assert sorted(calls[0] + calls[1] + calls[2]) == list(range(12))
+
+    # below the first stage's threshold: the anchors alone, as with one stage
+    assert fitness.evaluate(None, race={"acc": estimate + 0.01},
+                            race_full={"acc": 0.0}).info["fidelity"] == "anchors"
+
+
+def test_the_racing_half_is_a_random_half_and_extrapolates_without_bias():
+    rest = np.arange(3, 1003)
+    h = racing_half("add", rest)
+    assert len(h) == 500 and len(np.unique(h)) == 500 and np.all(np.isin(h, rest))
+    assert list(h) == sorted(h)
+    np.testing.assert_array_equal(h, racing_half("add", rest))
+    assert not np.array_equal(h, racing_half("sort", rest))
+    # not the first or every other item: a draw whose mean index is near the middle
+    assert abs(h.mean() - rest.mean()) < 3 * rest.std() / np.sqrt(500)
+    # extrapolate: answers given (anchors 1 + 0, half 1 + 1 + 0 = 2), the half's mean (2/3)
+    # for each of 4 unseen items, over 2 + 3 + 4 = 9 items
+    parts = [(np.array([0, 5]), np.array([1.0, 0.0])), (np.array([1, 2, 8]),
+                                                        np.array([1.0, 1.0, 0.0]))]
+    assert extrapolate(parts, 4) == pytest.approx((1 + 2 + 4 * 2 / 3) / 9)
+    assert list(in_item_order(parts)) == [1.0, 1.0, 1.0, 0.0, 0.0]  # items 0, 1, 2, 5, 8
+
+
 # ---- the schedule, on hand-made trials -----------------------------------------------------------
 
 
@@ -190,6 +263,54 @@ def test_the_schedule_warms_up_fits_races_and_refits(tmp_path):
     assert schedule.fidelity()["race"] == pytest.approx({"acc": 0.5 - RACE_PRIOR})
     latest = json.loads((cache / "reduction.json").read_text())
     assert Reduction.from_dict(latest).to_dict() == schedule.reduction.to_dict()
+
+
+def test_each_racing_stage_has_its_own_threshold_and_measured_error(tmp_path):
+    from evomerge.execution.reduction import Schedule
+
+    rng = np.random.default_rng(2)
+    n = 30
+
+    def rows() -> dict[str, np.ndarray]:
+        return {"t": (rng.random(n) < 0.5).astype(float)}
+
+    sources = {"t": np.stack([rows()["t"] for _ in range(2)])}
+    cache = tmp_path / "irt"
+    cache.mkdir()
+    for stages in (1, 2):
+        spec = ReducedSpec(anchors=3, dim=1, refit=False, race_stages=stages).resolved()
+        schedule = Schedule(spec, MAX, cache, sources, num_endpoints=2)
+        schedule.observe([trial(0.4, rows(), {"full": True}, {}) for _ in range(3)])
+        first = schedule.fidelity()
+        assert ("race_full" in first) == (stages == 2)
+    # the second stage's threshold: best - its margin, never the median
+    assert first["race_full"] == pytest.approx({"acc": 0.4 - RACE_PRIOR})
+    half = {"t": np.zeros(16)}  # anchors + the racing half: no row
+    gen = [trial(0.46, half, first, {"fidelity": "half", "estimate": {"acc": 0.5},
+                                     "estimate_half": {"acc": 0.46}}),
+           trial(0.45, rows(), first, {"fidelity": "full", "estimate": {"acc": 0.41},
+                                       "estimate_half": {"acc": 0.47}}),
+           trial(0.1, {"t": np.zeros(3)}, first, {"fidelity": "anchors",
+                                                   "estimate": {"acc": 0.1}})]
+    schedule.observe(gen)
+    # the anchors' error against the better score known: the half's estimate, the full score
+    assert schedule.errors["acc"] == pytest.approx([0.5 - 0.46, 0.41 - 0.45])
+    assert schedule.errors_half["acc"] == pytest.approx([0.47 - 0.45])
+    assert schedule.best == {"acc": 0.45}  # the half's 0.46 is an estimate
+    assert len(schedule._rows["t"]) == 2 + 3 + 1  # sources, warmup, the one scored in full
+    assert schedule.median == {"acc": 0.45}
+    nxt = schedule.fidelity()
+    assert nxt["race"] == pytest.approx({"acc": 0.45 - RACE_PRIOR})
+    assert nxt["race_full"] == pytest.approx({"acc": 0.45 - RACE_PRIOR})
+
+
+def test_the_progress_line_keeps_full_scores_and_estimates_apart():
+    from evomerge.execution.driver import _Best
+
+    best = _Best(MAX)
+    for value, fidelity in ((0.4, None), (0.5, "full"), (0.7, "half"), (0.6, "anchors")):
+        best.add(trial(value, {}, {}, {} if fidelity is None else {"fidelity": fidelity}))
+    assert best.text() == "acc 0.5000 full, 0.7000 est"
 
 
 # ---- end to end: budget accounting and resume ----------------------------------------------------

@@ -175,8 +175,12 @@ def test_reduced_table_labels_the_estimate_and_adds_the_full_rescore():
     assert "by its full re-score on all search items, among the 4 best by their IRT" in caption
     assert "search (IRT estimate): the gp-irt estimate from 20 anchor items of 60;" in caption
     assert ("The search saw full scores for 3 of its 8 candidates (warmup and racing) and "
-            "estimates for the rest.") in caption
+            "anchor estimates for the rest.") in caption
     data = summary(reduced=True)
+    data["fitness_reduction"]["scored_on_half"] = 2  # racing in two stages
+    assert ("The search saw full scores for 3 of its 8 candidates (warmup and racing), "
+            "estimates from the anchors and half the other items for 2 and anchor estimates "
+            "for the rest.") in " ".join(printed(data).split())
     data["fitness_reduction"]["scored_in_full"] = 0  # no warmup, no racing: the old schedule
     assert "The search saw estimates for all its 8 candidates." in " ".join(printed(data).split())
     assert "Best recipe: /r/best_recipe.yaml" in text and "Best model:  /r/best_model/" in text

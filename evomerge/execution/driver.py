@@ -331,8 +331,9 @@ def _enqueue(store: Store, space: Bound, x: np.ndarray, slot: Slot,
 
 class _Best:
     """Best-so-far for the progress bar, tracked locally (no store scan per trial). In an
-    IRT-reduced run a full score and an estimate from anchors are not the same measure: the
-    best of each is shown apart (``mean_acc 0.6012 full, 0.6240 est``)."""
+    IRT-reduced run a full score and an estimate (from the anchors, or the anchors and the
+    racing half) are not the same measure: the best of each is shown apart (``mean_acc 0.6012
+    full, 0.6240 est``)."""
 
     def __init__(self, objectives: list[Objective]) -> None:
         self.objectives = objectives
@@ -344,7 +345,7 @@ class _Best:
             return
         v = trial.values[0]
         better = max if self.objectives[0].direction == "maximize" else min
-        if trial.user_attrs.get(RESULT, {}).get("fidelity") == "anchors":
+        if trial.user_attrs.get(RESULT, {}).get("fidelity") in ("anchors", "half"):
             self.estimate = v if self.estimate is None else better(self.estimate, v)
         else:
             self.value = v if self.value is None else better(self.value, v)
