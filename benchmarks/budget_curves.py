@@ -3,13 +3,15 @@
 
 The experiment is ``experiments/tinylm_ps_cmaes.yaml`` (Sakana's PS merge of the four tiny-LM
 experts: CMA-ES over 40 DARE-TIES coefficients, popsize 12), run as a user runs it
-(``evomerge.run``) in three ways, each for ``--seeds`` and up to the largest budget:
+(``evomerge.run``) in four ways, each for ``--seeds`` and up to the largest budget:
 
 * ``full``: no ``reduced:`` block: every candidate scored on all 1,200 search items;
 * ``fixed``: the reduction evomerge shipped before (``design: 40, warmup: 0, race: off,
   refit: off, rescore: 8``): 4 sources + 40 random merges scored in full before the search fit
   the IRT model once, every candidate is scored on 60 anchor items, the 8 best estimates are
   re-scored in full at the end;
+* ``one_stage``: the default but racing in one step (``race_stages: 1``: from the anchors
+  straight to every item), the default before racing had two stages;
 * ``default``: the shipped experiment, with ``fitness.reduced``'s defaults (warmup 1, racing
   ``auto`` in 2 stages, refit 1.5; see ``evomerge.execution.reduction``).
 
@@ -43,7 +45,7 @@ load; completed runs under ``--out`` are reused. Needs the zoo: ``evomerge zoo b
 
 Usage::
 
-    python benchmarks/budget_curves.py --write-results    # 5 seeds x 3 arms + 3 at 600: ~65 min
+    python benchmarks/budget_curves.py --write-results    # 5 seeds x 4 arms + 3 at 600: ~85 min
     python benchmarks/budget_curves.py --budgets 24 48 --seeds 0 --long 0 --out /tmp/bc  # smoke
 """
 
@@ -66,7 +68,7 @@ from _results import cpu_name, loadavg, run_main
 REPO = Path(__file__).resolve().parents[1]
 EXPERIMENT = REPO / "experiments" / "tinylm_ps_cmaes.yaml"
 START, END = "<!-- budget_curves:start -->", "<!-- budget_curves:end -->"
-ARMS = ("full", "fixed", "default")
+ARMS = ("full", "fixed", "one_stage", "default")
 FIXED = {"design": 40, "warmup": 0, "race": False, "refit": False, "rescore": 8}
 PLOT = Path(__file__).resolve().parent / "budget_curves.png"
 #: How many of a pick's runners-up (by full search score) the lower-noise column averages.
@@ -89,6 +91,8 @@ def experiment(arm: str, seed: int, budget: int, run_dir: Path) -> dict[str, Any
     reduced = data["fitness"].pop("reduced")
     if arm == "fixed":
         data["fitness"]["reduced"] = {**reduced, **FIXED}
+    elif arm == "one_stage":
+        data["fitness"]["reduced"] = {**reduced, "race_stages": 1}
     elif arm == "default":
         data["fitness"]["reduced"] = reduced
     base = REPO / "models" / "tiny-lm"
@@ -353,7 +357,9 @@ def markdown(result: dict[str, Any]) -> str:
              "`full`'s scores of the sources, which the other arms did at their start). `full`: "
              "every candidate on all 1,200 search items; "
              "`fixed`: the reduction shipped before (sources + 40 random merges calibrate "
-             "once, 60 anchors per candidate, top 8 re-scored); `default`: warmup generation "
+             "once, 60 anchors per candidate, top 8 re-scored); `one_stage`: the default racing "
+             "from the anchors straight to every item (`race_stages: 1`, the default before "
+             "two stages); `default`: warmup generation "
              "in full, then anchors, raced to a random half of the other items when the "
              "estimate reaches the previous generation's median or comes near the best full "
              "score, and to the rest when the estimate from those still comes near it; "
