@@ -268,21 +268,25 @@ class ReducedFitness(Fitness):
         if race is None or not promising(estimate, race, self.objectives):
             return EvalResult(estimate, anchors, info)
         parts = {t: [(self._anchors[t], a)] for t, a in anchors.items()}
-        stages = [self._rest] if race_full is None else [self._half, self._other]
-        for i, items in enumerate(stages):
-            answers = self.inner.evaluate(model, split, items=items).item_scores
-            for t in parts:
-                parts[t].append((items[t], answers[t]))
-            if i == 0 and race_full is not None:
-                half = self.inner.objectives_from_task_scores(
-                    {t: extrapolate(p, len(self._other[t])) for t, p in parts.items()})
-                info["estimate_half"] = half
-                if not promising(half, race_full, self.objectives):
-                    return EvalResult(half, {t: in_item_order(p) for t, p in parts.items()},
-                                      {**info, "fidelity": "half"})
+        if race_full is not None:
+            self._score_more(model, self._half, parts)
+            half = self.inner.objectives_from_task_scores(
+                {t: extrapolate(p, len(self._other[t])) for t, p in parts.items()})
+            info["estimate_half"] = half
+            if not promising(half, race_full, self.objectives):
+                return EvalResult(half, {t: in_item_order(p) for t, p in parts.items()},
+                                  {**info, "fidelity": "half"})
+        self._score_more(model, self._rest if race_full is None else self._other, parts)
         rows = {t: in_item_order(p) for t, p in parts.items()}
         exact = self.inner.objectives_from_task_scores({t: float(r.mean()) for t, r in rows.items()})
         return EvalResult(exact, rows, {**info, "fidelity": "full"})
+
+    def _score_more(self, model: torch.nn.Module, items: Mapping[str, np.ndarray],
+                    parts: dict[str, list[tuple[np.ndarray, np.ndarray]]]) -> None:
+        """Score ``items`` (per task) on the search split; add (items, answers) to ``parts``."""
+        answers = self.inner.evaluate(model, "search", items=items).item_scores
+        for t, scored in parts.items():
+            scored.append((items[t], answers[t]))
 
 
 def racing_half(task: str, rest: np.ndarray) -> np.ndarray:
