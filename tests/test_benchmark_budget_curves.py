@@ -68,3 +68,26 @@ def test_full_at_equal_time_or_items_is_its_first_best_when_it_had_found_nothing
     assert budget_curves.full_at(full, "wall_s", 60) == 0.6
     assert budget_curves.full_at(full, "items", 199) == 0.5
     assert budget_curves.full_at(full, "items", 200) == 0.6
+
+
+def test_the_absolute_target_is_checked_on_the_shipped_seed_and_on_the_mean():
+    """The shipped experiment's seed is 0: its run is the one a user gets."""
+    def point(arm, seed, heldout):
+        return {"arm": arm, "seed": seed, "records": [{"wall_s": 1, "items": 1, "heldout": 0.5}],
+                "points": [{"n": 600, "heldout": heldout, "wall_s": 9, "items": 9}]}
+
+    curves = [point("full", 0, 0.648), point("default", 0, 0.652),
+              point("full", 1, 0.644), point("default", 1, 0.646),
+              point("full", 2, 0.640), point("default", 2, 0.634)]
+    out = budget_curves.long_targets(curves)
+    assert out["shipped_seed"] == 0
+    assert out["shipped"] == {"full": 0.648, "default": 0.652} and out["shipped_ok"]
+    assert not out["target_ok"]  # mean (0.652 + 0.646 + 0.634) / 3 = 0.644
+    # same-seed differences +0.004, +0.002, -0.006: mean 0, standard error std / sqrt(3)
+    assert out["vs_full"] == pytest.approx(0.0, abs=1e-12) and out["vs_full_ok"]
+    assert out["vs_full_se"] == pytest.approx(np.std([0.004, 0.002, -0.006], ddof=1) / np.sqrt(3))
+    # exactly the target counts (0.65 as a mean of counts / 1,200 may come out 0.6499999...)
+    assert budget_curves.long_targets([point("full", 0, 0.6), point("default", 0, 0.65)])[
+        "shipped_ok"]
+    assert budget_curves.long_targets([point("full", 5, 0.6), point("default", 5, 0.7)])[
+        "shipped"] is None  # the shipped seed was not run
