@@ -13,6 +13,7 @@ import optuna
 import pytest
 from optuna.trial import TrialState
 
+from evomerge.execution.reduction import Reductions
 from evomerge.fitness.base import EvalResult, Objective
 from evomerge.fitness.irt import Reduction
 from evomerge.fitness.reduced import (
@@ -391,18 +392,29 @@ def test_budget_accounting_counts_every_item_evaluation_once(learning_zoo, tmp_p
     assert spent["total"] == spent["calibration"] + spent["search"] + spent["rescore"]
     facts = summary["fitness_reduction"]
     assert spent["rescore"] == len(facts["rescored"]) * full
-    # the warmup generation in full; then each trial is anchors only or every item
+    # the warmup generation in full; then each trial is anchors only, the anchors and the
+    # racing half (per task: half the other 16 - anchors items, rounded up), or every item
     anchors = facts["items_per_candidate"]
+    reductions = Reductions(tmp_path / "run", "gp-irt")
     for t in trials:
-        n = sum(v["n"] for v in t.user_attrs[RESULT]["item_scores"].values())
+        result = t.user_attrs[RESULT]
+        n = sum(v["n"] for v in result["item_scores"].values())
         if t.user_attrs[META]["generation"] == 0:
             assert t.user_attrs[META]["fidelity"] == {"full": True} and n == full
         elif scored_in_full(t, reduced=True):
-            assert n == full and "estimate" in t.user_attrs[RESULT]
+            assert n == full and "estimate" in result and "estimate_half" in result
+        elif result["fidelity"] == "half":
+            fit, _ = reductions.load(t.user_attrs[META]["fidelity"]["reduction"])
+            assert {task: v["n"] for task, v in result["item_scores"].items()} == {
+                task: len(a) + (16 - len(a) + 1) // 2 for task, a in fit.anchor_items().items()}
+            assert t.values[0] == result["estimate_half"]["mean_acc"]
         else:
-            assert n == anchors
+            assert result["fidelity"] == "anchors" and n == anchors
     assert facts["scored_in_full"] == sum(scored_in_full(t, reduced=True) for t in trials)
-    assert 4 < facts["scored_in_full"] < 16  # some raced, some not
+    halves = sum(t.user_attrs[RESULT]["fidelity"] == "half" for t in trials[4:])
+    assert facts["scored_on_half"] == halves
+    # some raced to every item, some stopped after the half, some at the anchors
+    assert facts["scored_in_full"] > 4 and halves > 0 and facts["scored_in_full"] + halves < 16
     assert facts["fits"][0]["after_generation"] == 0
     # the best is among the trials scored in full or the re-scored estimates, by full score
     best = next(t for t in trials if t.number == summary["best"]["trial"])
