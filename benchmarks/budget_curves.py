@@ -157,7 +157,7 @@ def read_curve(arm: str, seed: int, budgets: list[int], run_dir: Path, started: 
     def score(i: int, split: str) -> float:
         if (i, split) not in cache:
             began = time.perf_counter()
-            recipe = parse_recipe(trials[i].user_attrs[META]["recipe"])
+            recipe = parse_recipe(in_this_checkout(trials[i].user_attrs[META]["recipe"]))
             result, _ = evaluator.evaluate(recipe, split)
             cache[(i, split)] = result.objectives["mean_acc"]
             if split == "search":
@@ -213,6 +213,20 @@ def read_curve(arm: str, seed: int, budgets: list[int], run_dir: Path, started: 
     return {"version": CURVE_VERSION, "arm": arm, "seed": seed, "budget": budget,
             "points": points, "records": records,
             "n_full": int(sum(full_known)), "fits": len(fr.get("fits", []))}
+
+
+def in_this_checkout(recipe: dict[str, Any]) -> dict[str, Any]:
+    """A stored recipe with its tiny-LM models in this checkout's zoo: a run made from another
+    checkout of the same repository (a git worktree) names that checkout's ``models/``."""
+    zoo = REPO / "models" / "tiny-lm"
+
+    def here(path: str) -> str:
+        return str(zoo / Path(path).name) if Path(path).parent.name == zoo.name else path
+
+    out = {**recipe, "models": [{**m, "model": here(m["model"])} for m in recipe["models"]]}
+    if recipe.get("base_model"):
+        out["base_model"] = here(recipe["base_model"])
+    return out
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:

@@ -91,3 +91,17 @@ def test_the_absolute_target_is_checked_on_the_shipped_seed_and_on_the_mean():
         "shipped_ok"]
     assert budget_curves.long_targets([point("full", 5, 0.6), point("default", 5, 0.7)])[
         "shipped"] is None  # the shipped seed was not run
+
+
+def test_a_run_made_in_another_checkout_is_read_with_this_checkouts_zoo():
+    zoo = budget_curves.REPO / "models" / "tiny-lm"
+    recipe = {"merge_method": "dare_ties", "base_model": "/elsewhere/models/tiny-lm/base",
+              "models": [{"model": "/elsewhere/models/tiny-lm/expert_add",
+                          "parameters": {"weight": 0.5}},
+                         {"model": "/data/other/expert_x", "parameters": {"weight": 0.5}}]}
+    moved = budget_curves.in_this_checkout(recipe)
+    assert moved["base_model"] == str(zoo / "base")
+    assert [m["model"] for m in moved["models"]] == [str(zoo / "expert_add"),
+                                                     "/data/other/expert_x"]
+    assert moved["models"][0]["parameters"] == {"weight": 0.5}
+    assert recipe["base_model"] == "/elsewhere/models/tiny-lm/base"  # the stored one unchanged
