@@ -42,7 +42,7 @@ from evomerge.recipe import LayerRecipe, MergeRecipe, SegmentRecipe
 from evomerge.search import Strategy
 from evomerge.spaces.base import Bound
 from evomerge.store import (EXPERIMENT, INTERRUPTED, RESULT, STORE_ARGS, RunOwnedError, Slot,
-                            Store, explain_write_errors, items_scored, x_of)
+                            Store, explain_write_errors, items_scored, scored_in_full, x_of)
 
 RUN_FILE = "run.json"  # RUN_DIR/run.json: {"run_id", "study"}: the run's identity
 
@@ -345,7 +345,7 @@ class _Best:
             return
         v = trial.values[0]
         better = max if self.objectives[0].direction == "maximize" else min
-        if trial.user_attrs.get(RESULT, {}).get("fidelity") in ("anchors", "half"):
+        if not scored_in_full(trial, reduced=False):  # an estimate the trial says it is
             self.estimate = v if self.estimate is None else better(self.estimate, v)
         else:
             self.value = v if self.value is None else better(self.value, v)
